@@ -1,0 +1,3 @@
+from medhpm.cli import main
+
+main()

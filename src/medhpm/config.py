@@ -1,0 +1,329 @@
+"""Typed configs for every stage, resolved as: code defaults -> YAML file -> ``key=value`` overrides.
+
+A YAML file is either a packaged name (``demo``, ``btcv_paper``, ... in ``medhpm/configs``) or a path.
+Unknown keys and wrong types are errors that name the key and suggest the closest existing one;
+impossible values (a width not divisible by the heads, an ROI not divisible by the patch, a mask ratio
+outside (0, 1)) are errors that name the key and say what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    # Where the data is: a datalist JSON, an nnU-Net raw folder, a BTCV download folder, a plain folder
+    # of NIfTI files / DICOM series, or "phantom" (generated into the run folder).
+    dataset: str = "phantom"
+    format: str = "auto"  # auto | msd | nnunet | btcv | folder
+    split: str = "transunet"  # BTCV only: transunet (18/12) | monai (24/6)
+    phantom_cases: int = 12  # only when dataset == "phantom"
+    phantom_seed: int = 0
+    # Preprocessing recipe of PROTOCOL.md
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    a_min: float = -175.0
+    a_max: float = 250.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+    crop_foreground: bool = True
+    roi: tuple[int, int, int] = (96, 96, 96)
+    crop: str = "label"  # label (pos:neg crops, needs labels) | random
+    num_samples: int = 4  # crops per volume per iteration
+    pos: float = 1.0
+    neg: float = 1.0
+    flip_prob: float = 0.2
+    rot90_prob: float = 0.2
+    intensity_scale_prob: float = 0.1
+    intensity_shift_prob: float = 0.1
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    # Validation subset drawn from the TRAINING cases (never the test cases)
+    val_cases: int = 2
+    # Loading at scale
+    cache: str = "none"  # none | memory | disk
+    cache_dir: str = ""
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    extra_unlabelled: list[str] = field(default_factory=list)  # extra scans for label-free pre-training
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "base"  # micro | tiny | small | base
+    patch_size: int = 16
+    in_chans: int = 1
+    pos_embed: str = "sincos"  # sincos (fixed) | learnable
+    # pre-training decoders (ALGORITHM.md section 1)
+    decoder_dim: int = 384
+    decoder_depth: int = 8
+    decoder_heads: int = 12
+    # UNETR
+    feature_size: int = 16
+    skip_blocks: tuple[int, int, int] = (3, 6, 9)
+    norm_name: str = "instance"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "hpm"  # mae | hpm | no_lpred | no_learn_to_mask
+    epochs: int = 100
+    steps_per_epoch: int = 0  # 0: one pass over the training volumes
+    batch_size: int = 4  # volumes per step per process (each gives data.num_samples crops... see docs)
+    accum_steps: int = 1
+    lr: float = 1.5e-4
+    lr_ref_batch: int = 4  # lr is scaled by effective_batch / lr_ref_batch
+    min_lr: float = 0.0
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 5.0
+    mask_ratio: float = 0.75
+    alpha_0: float = 0.0
+    alpha_T: float = 0.5
+    lambda_pred: float = 1.0
+    pred_loss: str = "relative"  # relative (eq. 1 ranking) | absolute
+    norm_pix_loss: bool = True
+    ema_m_start: float = 0.999
+    ema_m_end: float = 0.9999
+    ema_ramp_epochs: float = 100.0
+    nonfinite: str = "stop"  # stop | skip
+    figure_every: int = 0  # epochs between reconstruction figures (0: first and last only)
+    checkpoint_every: int = 1  # epochs between 'last' checkpoints
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    steps_per_epoch: int = 0
+    batch_size: int = 4
+    accum_steps: int = 1
+    lr: float = 8e-4
+    lr_ref_batch: int = 4
+    min_lr: float = 0.0
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    clip_grad: float = 1.0
+    num_classes: int = 14  # including background
+    reported: str = "btcv8"  # classes to report: btcv8 | btcv13 | NAME=VALUE,...
+    val_every: int = 5
+    val_overlap: float = 0.5
+    use_teacher: bool = False
+    allow_partial_init: bool = False
+    nonfinite: str = "stop"
+    checkpoint_every: int = 1
+
+
+@dataclass
+class EvalConfig:
+    overlap: float = 0.5
+    blend: str = "gaussian"  # gaussian | constant
+    sw_batch_size: int = 4
+    output_on_cpu: bool = True
+    save_probabilities: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    deterministic: bool = False
+    threads: int = 0  # torch intra-op threads on CPU; 0 = library default
+    log_every: int = 1  # steps between JSON-lines log records
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def packaged_configs() -> list[str]:
+    """Names of the YAML configs shipped inside the package."""
+    root = resources.files("medhpm") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        text, where = path.read_text(), str(path)
+    else:
+        res = resources.files("medhpm") / "configs" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            close = difflib.get_close_matches(name_or_path, packaged_configs(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"no packaged config named {name_or_path!r} (packaged: {', '.join(packaged_configs())})."
+                f"{hint} Give a path to a .yaml file to use your own."
+            )
+        text, where = res.read_text(), f"packaged config {name_or_path!r}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections, not {type(data).__name__}")
+    return data, where
+
+
+def _known_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_known_keys(type(default), full + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    keys = _known_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # compare the last part too: "pretrain.lamda_pred" -> "pretrain.lambda_pred"
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[m[0]]] if m else []
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _merge(base, other, where: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        if "not in struct" in msg or "Key '" in msg and "not" in msg:
+            raise ConfigError(f"unknown config key {key!r} in {where}.{_suggest(key)}") from None
+        raise ConfigError(f"bad value for config key {key!r} in {where}: {msg}") from None
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Resolve a config: defaults, then the YAML (packaged name or path), then ``key=value`` overrides."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    if name_or_path:
+        data, where = _read_yaml(name_or_path)
+        cfg = _merge(cfg, OmegaConf.create(data), where)
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value (e.g. pretrain.epochs=10)")
+            key = item.split("=", 1)[0]
+            # Short forms that users type most: method=hpm -> pretrain.method=hpm
+            if key in _SHORTCUTS:
+                item = _SHORTCUTS[key] + item[len(key):]
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command-line override {item!r}")
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj  # type: ignore[return-value]
+
+
+_SHORTCUTS = {"method": "pretrain.method", "seed": "seed", "preset": "model.preset", "roi": "data.roi"}
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> Config:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    cfg = _merge(cfg, OmegaConf.create(data), "stored config")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    from medhpm.runtime.io import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation of values that parse but cannot work
+
+METHODS = ("mae", "hpm", "no_lpred", "no_learn_to_mask")
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"config key {key!r}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    from medhpm.models.vit import PRESETS  # models own the preset table
+
+    d, m, p, f = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
+    _check(m.preset in PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(PRESETS)}")
+    width, heads = PRESETS[m.preset]["embed_dim"], PRESETS[m.preset]["num_heads"]
+    _check(width % heads == 0, "model.preset", f"width {width} is not divisible by {heads} heads")
+    _check(m.patch_size > 0, "model.patch_size", "must be positive")
+    _check(len(d.roi) == 3 and all(r > 0 for r in d.roi), "data.roi", "must be three positive sizes")
+    _check(
+        all(r % m.patch_size == 0 for r in d.roi),
+        "data.roi",
+        f"{tuple(d.roi)} is not divisible by the patch size {m.patch_size} in every axis",
+    )
+    _check(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
+           f"decoder width {m.decoder_dim} is not divisible by {m.decoder_heads} heads")
+    _check(all(s > 0 for s in d.spacing), "data.spacing", "must be positive (mm)")
+    _check(d.a_max > d.a_min, "data.a_max", f"HU window [{d.a_min}, {d.a_max}] is empty")
+    _check(d.format in ("auto", "msd", "nnunet", "btcv", "folder"), "data.format",
+           "must be auto, msd, nnunet, btcv or folder")
+    _check(d.crop in ("label", "random"), "data.crop", "must be 'label' or 'random'")
+    _check(d.cache in ("none", "memory", "disk"), "data.cache", "must be none, memory or disk")
+    _check(d.num_samples >= 1, "data.num_samples", "must be at least 1")
+    _check(p.method in METHODS, "pretrain.method", f"{p.method!r} is not one of {', '.join(METHODS)}")
+    _check(0.0 < p.mask_ratio < 1.0, "pretrain.mask_ratio", f"{p.mask_ratio} is outside (0, 1)")
+    for k in ("alpha_0", "alpha_T"):
+        _check(0.0 <= getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in [0, 1]")
+    for k in ("ema_m_start", "ema_m_end"):
+        _check(0.0 <= getattr(p, k) < 1.0, f"pretrain.{k}", "must lie in [0, 1)")
+    _check(p.pred_loss in ("relative", "absolute"), "pretrain.pred_loss", "must be relative or absolute")
+    for sec, name in ((p, "pretrain"), (f, "finetune")):
+        _check(sec.epochs >= 1, f"{name}.epochs", "must be at least 1")
+        _check(sec.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
+        _check(sec.accum_steps >= 1, f"{name}.accum_steps", "must be at least 1")
+        _check(sec.lr > 0, f"{name}.lr", "must be positive")
+        _check(sec.nonfinite in ("stop", "skip"), f"{name}.nonfinite", "must be stop or skip")
+    _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
+    _check(0.0 <= f.drop_path < 1.0, "finetune.drop_path", "must lie in [0, 1)")
+    _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")
+    _check(0.0 <= cfg.evaluate.overlap < 1.0, "evaluate.overlap", "must lie in [0, 1)")
+    _check(cfg.runtime.precision in ("auto", "fp32", "bf16"), "runtime.precision", "must be auto, fp32 or bf16")
+    return cfg

@@ -1,0 +1,352 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+The loop is short and calls named steps (``build_model``, ``train_step``, ``after_optimizer_step``,
+``end_of_epoch``, ``checkpoint_state``); a stage overrides steps, never copies the loop.
+
+Reproducibility: every epoch re-seeds torch, NumPy, Python and the MONAI transforms from
+``(seed, epoch)`` and the sampler is told the epoch, so an epoch is a function of the weights at its
+start. A run killed mid-epoch and resumed from ``last.pt`` (written at every epoch end) therefore repeats
+that epoch exactly and, in ``--deterministic`` CPU mode, ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhpm import __version__
+from medhpm.config import Config, save_config, to_dict
+from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
+from medhpm.runtime.distributed import DistInfo, cleanup, init_distributed, unwrap
+from medhpm.runtime.io import atomic_write_text, check_writable
+from medhpm.runtime.logging import MetricLogger
+from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
+from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN or infinite loss; a checkpoint was written first."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why."""
+
+
+def echo(msg: str, info: DistInfo | None = None) -> None:
+    if info is None or info.is_main:
+        print(msg, flush=True)
+
+
+class Trainer:
+    """Base class: subclasses set ``stage`` and implement the model/data steps."""
+
+    stage = "train"
+
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(out_dir)
+        self.resume = resume
+        self.sec = getattr(cfg, self.stage)  # the stage's own config section (pretrain / finetune)
+        self.start_epoch = 0
+        self.global_step = 0
+        self.best_metric = -math.inf
+        self.skipped_steps = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ steps a stage implements
+    def build_data(self):  # -> training DataLoader
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model, lr: float) -> list[dict]:
+        raise NotImplementedError
+
+    def train_step(self, batch, epoch_f: float) -> tuple[torch.Tensor, dict]:
+        """Forward one micro-batch; returns the loss to back-propagate and scalars to log."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, epoch_f: float) -> dict:
+        """Runs after every optimizer step (the EMA teacher update lives here). Returns scalars to log."""
+        return {}
+
+    def end_of_epoch(self, epoch: int, stats: dict) -> dict:
+        """Validation, figures. Returns scalars to log; may set ``self.is_best``."""
+        return {}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def model_args(self) -> dict:
+        return {}
+
+    def transforms_spec(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.runtime.device)
+        self.device = pick_device(cfg.runtime.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device(f"cuda:{self.dist.local_rank}")
+        self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
+        configure_threads(cfg.runtime.threads)
+        if self.dist.is_main:
+            check_writable(self.run_dir)  # full disk / read-only folder: fail now, not after an epoch
+            if not self.resume and (self.run_dir / "last.pt").exists():
+                raise TrainingError(
+                    f"{self.run_dir} already holds a run (last.pt). Use --resume {self.run_dir} to continue "
+                    "it, or choose another --out folder."
+                )
+        seed_everything(cfg.seed, cfg.runtime.deterministic)
+        self.loader = self.build_data()
+        model = self.build_model().to(self.device)
+        self.model = model
+        self.effective_batch = self.sec.batch_size * self.sec.accum_steps * self.dist.world_size
+        self.base_lr = scaled_lr(self.sec.lr, self.effective_batch, self.sec.lr_ref_batch)
+        self.optimizer = torch.optim.AdamW(self.param_groups(model, self.base_lr), lr=self.base_lr,
+                                           betas=tuple(self.sec.betas))
+        if self.resume:
+            self._restore()
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.ddp = model
+        if cfg.runtime.compile:
+            self.ddp = torch.compile(self.ddp)
+        self.steps_per_epoch = self.sec.steps_per_epoch or max(len(self.loader) // self.sec.accum_steps, 1)
+        self.logger = MetricLogger(self.run_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / f"config_{self.stage}.yaml")
+        n_params = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
+        echo(
+            f"[{self.stage}] device {self.device}, precision {self.amp_dtype or torch.float32}, world size "
+            f"{self.dist.world_size}; {n_params / 1e6:.2f} M trainable parameters\n"
+            f"[{self.stage}] effective batch {self.effective_batch} = {self.sec.batch_size} per step x "
+            f"{self.sec.accum_steps} accumulation x {self.dist.world_size} processes; lr {self.sec.lr:g} x "
+            f"{self.effective_batch}/{self.sec.lr_ref_batch} = {self.base_lr:.3g}; {self.steps_per_epoch} "
+            f"optimizer steps per epoch, {self.sec.epochs} epochs",
+            self.dist,
+        )
+
+    def _restore(self) -> None:
+        path = self.run_dir / "last.pt"
+        if not path.exists():
+            raise TrainingError(f"cannot resume: {path} does not exist")
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("stage") != self.stage:
+            raise TrainingError(f"cannot resume: {path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.global_step = int(state["step"])
+        self.best_metric = float(state.get("best_metric", -math.inf))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.history = list(state.get("history", []))
+        set_rng_state(state.get("rng", {}))
+        self.load_extra_state(state)
+        echo(f"[{self.stage}] resumed from {path} at epoch {self.start_epoch} (step {self.global_step})", self.dist)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        self.setup()
+        try:
+            if self.start_epoch >= self.sec.epochs:
+                echo(f"[{self.stage}] nothing to do: all {self.sec.epochs} epochs are done", self.dist)
+            for epoch in range(self.start_epoch, self.sec.epochs):
+                self._seed_epoch(epoch)
+                t0 = time.time()
+                stats = self.train_one_epoch(epoch)
+                stats["epoch_time"] = time.time() - t0
+                self.is_best = False
+                stats.update(self.end_of_epoch(epoch, stats))
+                stats["epoch"] = epoch
+                self.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+                self.logger.log({"kind": "epoch", **stats}, step=epoch, prefix=f"{self.stage}/epoch/")
+                last = epoch == self.sec.epochs - 1
+                if last or (epoch + 1) % max(self.sec.checkpoint_every, 1) == 0:
+                    self.save("last", epoch)
+                if self.is_best:
+                    self.save("best", epoch)
+            if self.sec.epochs > 0 and self.start_epoch < self.sec.epochs:
+                self.save("final", self.sec.epochs - 1)
+            self.on_finish()
+        finally:
+            if hasattr(self, "logger"):
+                self.logger.close()
+            cleanup(self.dist)
+        return self.run_dir
+
+    def on_finish(self) -> None:
+        pass
+
+    def _seed_epoch(self, epoch: int) -> None:
+        s = (self.cfg.seed * 100003 + epoch * 7919 + 17) % 2**31
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s + self.dist.rank)
+        ds = getattr(self.loader, "dataset", None)
+        tr = getattr(ds, "transform", None)
+        if tr is not None and hasattr(tr, "set_random_state"):
+            tr.set_random_state(seed=(s + 1000 * self.dist.rank) % 2**31)
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        gen = getattr(self.loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(s)
+
+    def _batches(self):
+        """Yield micro-batches for one epoch: ``steps_per_epoch * accum_steps`` of them."""
+        need = self.steps_per_epoch * self.sec.accum_steps
+        n = 0
+        while n < need:
+            t_data = time.time()
+            for batch in self.loader:
+                yield batch, time.time() - t_data
+                n += 1
+                if n >= need:
+                    return
+                t_data = time.time()
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        model, opt, sec = self.ddp, self.optimizer, self.sec
+        model.train()
+        accum = sec.accum_steps
+        sums: dict[str, float] = {}
+        count = 0
+        data_time = compute_time = 0.0
+        bar = self._progress(epoch)
+        opt.zero_grad(set_to_none=True)
+        for i, (batch, dt) in enumerate(self._batches()):
+            data_time += dt
+            t0 = time.time()
+            epoch_f = epoch + (i // accum) / self.steps_per_epoch
+            lr = cosine_lr(epoch_f, self.base_lr, sec.min_lr, sec.warmup_epochs, sec.epochs)
+            set_lr(opt, lr)
+            sync = (i + 1) % accum == 0
+            ctx = model.no_sync() if (self.dist.enabled and not sync and hasattr(model, "no_sync")) else _null()
+            with ctx:
+                with autocast(self.device, self.amp_dtype):
+                    loss, logs = self.train_step(batch, epoch_f)
+                loss = loss.float()
+                if not torch.isfinite(loss):
+                    if self._nonfinite(epoch, logs):
+                        opt.zero_grad(set_to_none=True)
+                        continue
+                (loss / accum).backward()
+            if not sync:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), sec.clip_grad or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.global_step += 1
+            logs.update(self.after_optimizer_step(epoch_f))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            compute_time += time.time() - t0
+            logs.update(loss=float(loss), lr=lr, grad_norm=float(grad_norm))
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            if self.global_step % max(self.cfg.runtime.log_every, 1) == 0:
+                self.logger.log({"kind": "step", "epoch": epoch, "step": self.global_step, **logs,
+                                 "data_time": dt, "compute_time": time.time() - t0},
+                                step=self.global_step, prefix=f"{self.stage}/")
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats.update(data_time=data_time, compute_time=compute_time, steps=count, skipped_steps=self.skipped_steps)
+        return stats
+
+    def _progress(self, epoch: int):
+        if not (self.cfg.runtime.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, desc=f"{self.stage} {epoch + 1}/{self.sec.epochs}",
+                    leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def _nonfinite(self, epoch: int, logs: dict) -> bool:
+        """Skip the step (returns True) or write a checkpoint and stop, naming the step."""
+        if self.sec.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.logger.log({"kind": "skip", "epoch": epoch, "step": self.global_step,
+                             "skipped_steps": self.skipped_steps, **logs})
+            return True
+        path = self.save("nonfinite", epoch - 1) if self.dist.is_main else None
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch + 1}, optimizer step {self.global_step + 1} "
+            f"({', '.join(f'{k}={v}' for k, v in logs.items() if isinstance(v, float))}). The weights "
+            f"before this step were saved to {path}. Lower the lr, check the data "
+            f"(medhpm data check), or set {self.stage}.nonfinite=skip."
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "format": "medhpm-checkpoint",
+            "version": __version__,
+            "stage": self.stage,
+            "epoch": epoch,
+            "step": self.global_step,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": "cosine", "base_lr": self.base_lr, "warmup_epochs": self.sec.warmup_epochs,
+                          "min_lr": self.sec.min_lr, "epochs": self.sec.epochs},
+            "model_args": self.model_args(),
+            "config": to_dict(self.cfg),
+            "transforms": self.transforms_spec(),
+            "rng": rng_state(),
+            "best_metric": self.best_metric,
+            "skipped_steps": self.skipped_steps,
+            "history": self.history,
+            "world_size": self.dist.world_size,
+            **self.extra_state(),
+        }
+
+    def save(self, name: str, epoch: int) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = self.run_dir / f"{name}.pt"
+        save_checkpoint(self.checkpoint_state(epoch), path)
+        return path
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def write_run_summary(run_dir: Path, summary: dict) -> None:
+    import json
+
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+
+
+def env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
