@@ -1,0 +1,336 @@
+"""selfMedHPM self-pre-training: one trainer for every method of the paper's Tables 1 and 3.
+
+| method             | masking                       | L_pred | EMA teacher |
+|--------------------|-------------------------------|--------|-------------|
+| mae                | random                        | off    | none        |
+| no_lpred           | random (= mae, Table 3 row 1) | off    | none        |
+| no_learn_to_mask   | random                        | on     | none        |
+| hpm                | hard patches, alpha_0->alpha_T| on     | EMA         |
+
+One iteration (ALGORITHM.md section 2): teacher pass on the full volume -> predicted difficulty
+(skipped while the curriculum asks for no hard patch) -> mask -> student reconstructs the masked patches
+and predicts their losses -> L = L_rec + lambda_pred * L_pred -> AdamW step -> EMA update.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from medhpm import __version__
+from medhpm.config import Config
+from medhpm.models import HPMPretrainModel, build_encoder
+from medhpm.pretrain.ema import EMATeacher, momentum_at
+from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.runtime.distributed import unwrap
+from medhpm.runtime.loop import Trainer, echo
+
+METHOD_SWITCHES = {
+    # method: (loss predictor + L_pred, hard-patch masking from an EMA teacher)
+    "mae": (False, False),
+    "no_lpred": (False, False),
+    "no_learn_to_mask": (True, False),
+    "hpm": (True, True),
+}
+
+
+def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
+    use_pred, _ = METHOD_SWITCHES[cfg.pretrain.method]
+    encoder = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi), patch_size=cfg.model.patch_size,
+                            in_chans=cfg.model.in_chans, pos_embed=cfg.model.pos_embed,
+                            grad_checkpointing=cfg.model.grad_checkpointing)
+    return HPMPretrainModel(
+        encoder,
+        decoder_dim=cfg.model.decoder_dim,
+        decoder_depth=cfg.model.decoder_depth,
+        decoder_heads=cfg.model.decoder_heads,
+        predictor=use_pred,
+        norm_pix_loss=cfg.pretrain.norm_pix_loss,
+        prediction_loss="ranking" if cfg.pretrain.pred_loss == "relative" else "absolute",
+    )
+
+
+def make_teacher(student: HPMPretrainModel) -> EMATeacher:
+    """The EMA teacher. Only its encoder, projection and loss predictor are ever run, so it carries no
+    reconstructor: the masks it yields are unchanged, and each EMA update and checkpoint is lighter."""
+    return EMATeacher(student, drop=TEACHER_UNUSED)
+
+
+TEACHER_UNUSED = ("decoder_blocks", "decoder_norm", "decoder_pred")
+
+
+def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alpha: float, mask_ratio: float,
+                       lambda_pred: float, use_pred: bool) -> tuple[torch.Tensor, dict]:
+    """One selfMedHPM iteration up to the loss (ALGORITHM.md section 2, steps 1 to 7).
+
+    ``student`` is the (possibly DDP-wrapped) :class:`HPMPretrainModel`; ``teacher`` its EMA copy or
+    None. ``x`` (B, C, H, W, D). Returns the loss to back-propagate and scalars to log (plus the
+    teacher's scores and the mask under ``_scores``/``_mask`` when patches were mined).
+    """
+    n_tokens = unwrap(student).encoder.num_patches
+    n_hard = int(alpha * num_masked(n_tokens, mask_ratio)) if teacher is not None else 0
+    logs: dict = {"alpha": alpha, "n_hard": n_hard}
+    if n_hard == 0:  # no teacher pass while the curriculum asks for no hard patch
+        mask = random_mask(x.shape[0], n_tokens, mask_ratio, device=x.device)
+    else:
+        with torch.inference_mode():  # the teacher never needs a graph
+            scores = teacher.model.predict_difficulty(x)  # (B, N)
+        scores = scores.clone()  # a normal tensor again, for topk/scatter outside inference mode
+        mask = hard_patch_mask(scores, mask_ratio, alpha)
+        logs["_scores"], logs["_mask"] = scores, mask
+    out = student(x, mask)
+    loss = out["loss_rec"]
+    logs["loss_rec"] = float(out["loss_rec"])
+    if use_pred and out["loss_pred"] is not None:
+        loss = loss + lambda_pred * out["loss_pred"]
+        logs["loss_pred"] = float(out["loss_pred"])
+    return loss, logs
+
+
+def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg) -> dict:
+    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3)."""
+    from medhpm.models import patchify
+
+    d = data_cfg
+    with torch.no_grad():
+        mean_int = patchify(x.float(), patch_size).mean(-1)  # (B, N) in [b_min, b_max]
+        hu = d.a_min + (mean_int - d.b_min) / (d.b_max - d.b_min) * (d.a_max - d.a_min)
+        hard = torch.zeros_like(mask)
+        hard.scatter_(1, torch.topk(scores, n_hard, dim=1).indices, True)
+        rand = mask & ~hard
+        out = {"hu_hard_mean": float(hu[hard].mean())}
+        if rand.any():
+            out["hu_random_mean"] = float(hu[rand].mean())
+    return out
+
+
+class PretrainTrainer(Trainer):
+    stage = "pretrain"
+
+    def __init__(self, cfg: Config, out_dir, resume: bool = False):
+        super().__init__(cfg, out_dir, resume)
+        self.use_pred, self.use_teacher = METHOD_SWITCHES[cfg.pretrain.method]
+        self.teacher: EMATeacher | None = None
+
+    # ------------------------------------------------------------------ data
+    def build_data(self):
+        from medhpm.data.datalist import load_datalist
+        from medhpm.data.dataset import make_dataset, make_loader
+        from medhpm.data.sources import resolve_dataset
+        from medhpm.data.transforms import pretrain_transforms
+
+        d = self.cfg.data
+        if self.cfg.pretrain.batch_size % d.num_samples:
+            raise ValueError(
+                f"config key 'pretrain.batch_size' ({self.cfg.pretrain.batch_size}) must be a multiple of "
+                f"'data.num_samples' ({d.num_samples}): each volume gives num_samples crops per step"
+            )
+        src = resolve_dataset(d, self.run_dir.parent if self.cfg.data.dataset == "phantom" else self.run_dir)
+        dl = load_datalist(src, format=d.format, split=d.split)
+        # self-pre-training uses the TRAINING scans only (paper section 1), plus any extra label-free scans
+        entries = list(dl["training"])
+        for extra in d.extra_unlabelled:
+            entries += [{"image": e["image"], "case": e["case"]} for e in load_datalist(extra, format="folder")["training"]]
+        labelled = all("label" in e for e in entries)
+        self.entries = entries
+        self.labelled = labelled
+        transform = pretrain_transforms(d, labelled=labelled)
+        ds = make_dataset(entries, transform, d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
+        sampler = None
+        if self.dist.enabled:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+        volumes = self.cfg.pretrain.batch_size // d.num_samples
+        return make_loader(ds, batch_size=volumes, shuffle=sampler is None, num_workers=d.num_workers,
+                           seed=self.cfg.seed, sampler=sampler, prefetch_factor=d.prefetch_factor)
+
+    def transforms_spec(self) -> dict:
+        from medhpm.data.transforms import transforms_spec
+
+        return transforms_spec(self.cfg.data)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self):
+        model = build_pretrain_model(self.cfg)
+        if self.use_teacher:
+            # starts as a copy of the randomly initialised student (ALGORITHM.md section 1)
+            self.teacher = make_teacher(model)
+        self.num_patches = model.encoder.num_patches
+        self.num_masked = num_masked(self.num_patches, self.cfg.pretrain.mask_ratio)
+        return model
+
+    def setup(self):
+        super().setup()
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def param_groups(self, model, lr):
+        from medhpm.segment.layer_decay import param_groups_weight_decay
+
+        return param_groups_weight_decay(model, lr, self.cfg.pretrain.weight_decay)
+
+    def model_args(self) -> dict:
+        return {"pretrain_model": unwrap(self.model).config(), "encoder": unwrap(self.model).encoder.config(),
+                "method": self.cfg.pretrain.method}
+
+    # ------------------------------------------------------------------ one iteration
+    def alpha(self, epoch_f: float) -> float:
+        p = self.cfg.pretrain
+        if not self.use_teacher:
+            return 0.0
+        return curriculum_alpha(int(epoch_f), p.epochs, p.alpha_0, p.alpha_T)
+
+    def train_step(self, batch, epoch_f):
+        x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)  # (B, 1, H, W, D)
+        p = self.cfg.pretrain
+        loss, logs = pretrain_iteration(self.ddp, self.teacher, x, alpha=self.alpha(epoch_f),
+                                        mask_ratio=p.mask_ratio, lambda_pred=p.lambda_pred,
+                                        use_pred=self.use_pred)
+        if logs.get("n_hard", 0) > 0 and self.global_step % max(self.cfg.runtime.log_every, 1) == 0:
+            logs.update(mined_patch_stats(x, logs.pop("_scores"), logs.pop("_mask"), logs["n_hard"],
+                                          self.cfg.model.patch_size, self.cfg.data))
+        logs.pop("_scores", None)
+        logs.pop("_mask", None)
+        return loss, logs
+
+    def after_optimizer_step(self, epoch_f):
+        if self.teacher is None:
+            return {}
+        p = self.cfg.pretrain
+        m = momentum_at(epoch_f, p.ema_m_start, p.ema_m_end, p.ema_ramp_epochs)
+        self.teacher.update(self.model, m)  # after the optimizer step, buffers included
+        return {"ema_momentum": m}
+
+    # ------------------------------------------------------------------ epochs, figures, checkpoints
+    def end_of_epoch(self, epoch, stats):
+        every = self.cfg.pretrain.figure_every
+        last = epoch == self.cfg.pretrain.epochs - 1
+        if self.dist.is_main and (epoch == 0 or last or (every and (epoch + 1) % every == 0)):
+            try:
+                self.write_figure(epoch)
+            except Exception as e:  # a figure must never cost the run
+                echo(f"[pretrain] figure skipped: {e}")
+        echo(
+            f"[pretrain] epoch {epoch + 1}/{self.cfg.pretrain.epochs}: loss_rec {stats.get('loss_rec', float('nan')):.4f}"
+            + (f", loss_pred {stats['loss_pred']:.4f}" if "loss_pred" in stats else "")
+            + f", alpha {self.alpha(epoch):.3f}, {stats['epoch_time']:.1f}s "
+            f"(data {stats['data_time']:.1f}s, compute {stats['compute_time']:.1f}s)",
+            self.dist,
+        )
+        return {"alpha": self.alpha(epoch)}
+
+    def figure_input(self) -> torch.Tensor:
+        """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
+        if not hasattr(self, "_fig_x"):
+            from medhpm.data.transforms import val_transforms
+            from monai.transforms import CenterSpatialCrop, SpatialPad
+
+            item = val_transforms(self.cfg.data, labelled=False)({"image": self.entries[0]["image"]})
+            img = item["image"]
+            img = SpatialPad(self.cfg.data.roi)(CenterSpatialCrop(self.cfg.data.roi)(img))
+            self._fig_x = torch.as_tensor(img).as_subclass(torch.Tensor)[None].float()
+        return self._fig_x.to(self.device)
+
+    def write_figure(self, epoch: int) -> Path:
+        from medhpm.viz.reconstruction import pretrain_figure
+
+        model = unwrap(self.model)
+        x = self.figure_input()
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        alpha = self.alpha(epoch)
+        scores = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                scores = self.teacher.model.predict_difficulty(x).cpu()
+            mask = hard_patch_mask(scores, self.cfg.pretrain.mask_ratio, alpha, generator=g)
+        else:
+            mask = random_mask(1, self.num_patches, self.cfg.pretrain.mask_ratio, generator=g)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            rec = model.reconstruct_full(x, mask.to(self.device))
+        model.train(was)
+        path = self.run_dir / "figures" / f"reconstruction_epoch{epoch + 1:04d}.png"
+        pretrain_figure(
+            original=x[0, 0].cpu().numpy(), masked=rec["masked_input"][0, 0].cpu().numpy(),
+            recon=rec["recon"][0, 0].cpu().numpy(), pasted=rec["pasted"][0, 0].cpu().numpy(),
+            difficulty=None if scores is None else scores[0].numpy(), mask=mask[0].cpu().numpy(),
+            grid=model.encoder.grid_size, patch_size=model.patch_size, out_png=path,
+            title=f"{self.cfg.pretrain.method} epoch {epoch + 1}, alpha {alpha:.2f}",
+            n_hard_mask=int(alpha * self.num_masked),
+        )
+        import shutil
+
+        shutil.copyfile(path, self.run_dir / "figures" / "reconstruction_latest.png")
+        return path
+
+    def extra_state(self) -> dict:
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def load_extra_state(self, state):
+        if self.teacher is not None:
+            if state.get("teacher") is None:
+                raise ValueError("cannot resume an hpm run from a checkpoint without an EMA teacher")
+            self.teacher.load_state_dict(state["teacher"])
+
+    def on_finish(self):
+        if self.dist.is_main:
+            from medhpm.runtime.loop import write_run_summary
+
+            write_run_summary(self.run_dir, {"stage": "pretrain", "method": self.cfg.pretrain.method,
+                                             "epochs": self.cfg.pretrain.epochs, "steps": self.global_step,
+                                             "history": self.history, "version": __version__})
+
+
+def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
+    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures)."""
+    return PretrainTrainer(cfg, out_dir, resume=resume).run()
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False) -> Path:
+    """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+    from medhpm.runtime.io import atomic_write_text, atomic_write_with
+
+    state = load_checkpoint(ckpt)
+    if state.get("stage") != "pretrain":
+        raise CheckpointError(f"{ckpt} is not a pre-training checkpoint (stage {state.get('stage')!r})")
+    key = "teacher" if use_teacher else "model"
+    if state.get(key) is None:
+        raise CheckpointError(f"{ckpt} holds no {key} weights (the teacher exists only for method hpm)")
+    enc = {k[len("encoder."):]: v.contiguous() for k, v in state[key].items() if k.startswith("encoder.")}
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    atomic_write_with(out, lambda tmp: save_file(enc, str(tmp), metadata={"format": "pt"}))
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    cfg = state["config"]
+    data = cfg["data"]
+    sidecar = {
+        "format": "medhpm-encoder",
+        "package_version": __version__,
+        "preset": cfg["model"]["preset"],
+        "patch_size": cfg["model"]["patch_size"],
+        "roi": data["roi"],
+        "spacing": data["spacing"],
+        "orientation": data["orientation"],
+        "hu_window": [data["a_min"], data["a_max"]],
+        "normalisation": {"clip": [data["a_min"], data["a_max"]], "scale_to": [data["b_min"], data["b_max"]]},
+        "method": cfg["pretrain"]["method"],
+        "epochs": int(state["epoch"]) + 1,
+        "weights": "teacher" if use_teacher else "student",
+        "encoder_args": state["model_args"]["encoder"],
+        "transforms": state.get("transforms", {}),
+        "sha256": sha,
+    }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2))
+    return out
