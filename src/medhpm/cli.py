@@ -122,6 +122,194 @@ def data_check(
     raise typer.Exit(0 if report.ok else 1)
 
 
+# ---------------------------------------------------------------------------------------------- training
+_CONFIG_HELP = "A packaged config name (demo, btcv_paper, smwb_paper, ...) or a path to a YAML file."
+_OVERRIDES_HELP = "Config overrides as key=value, e.g. pretrain.epochs=10 method=mae."
+
+
+def _load_cfg(config: str, overrides: Optional[List[str]], deterministic: bool = False):
+    from medhpm.config import load_config
+
+    ov = list(overrides or [])
+    if deterministic:
+        ov.append("runtime.deterministic=true")
+    return load_config(config, ov)
+
+
+def _default_out(stage: str, cfg) -> Path:
+    import time
+
+    return Path("runs") / f"{stage}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def pretrain(
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+    config: str = typer.Option("demo", "--config", "-c", help=_CONFIG_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/pretrain-NAME-TIME)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels and seeds (CPU: identical losses)."),
+):
+    """Self-pre-train a 3D ViT as a masked autoencoder (method=hpm|mae|no_lpred|no_learn_to_mask).
+
+    Several GPUs: torchrun --nproc_per_node 4 -m medhpm.cli pretrain --config btcv_paper --out runs/pt
+    """
+    from medhpm.pretrain.trainer import pretrain as run_pretrain
+
+    if resume is not None:
+        cfg = _resume_cfg(resume, "pretrain", overrides, deterministic)
+        out = resume
+    else:
+        cfg = _load_cfg(config, overrides, deterministic)
+        out = out or _default_out("pretrain", cfg)
+    run = run_pretrain(cfg, out, resume=resume is not None)
+    typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
+
+
+def _resume_cfg(run_dir: Path, stage: str, overrides, deterministic):
+    """The resumed run's own resolved config; overrides may only extend it (e.g. more epochs)."""
+    from medhpm.config import load_config
+
+    path = Path(run_dir) / f"config_{stage}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (is {run_dir} a {stage} run folder?)")
+    ov = list(overrides or [])
+    if deterministic:
+        ov.append("runtime.deterministic=true")
+    return load_config(str(path), ov)
+
+
+@app.command("export-encoder")
+def export_encoder_cmd(
+    ckpt: Path = typer.Argument(..., help="A pre-training checkpoint (final.pt, last.pt, best.pt)."),
+    out: Path = typer.Option(..., "-o", "--out", help="encoder.safetensors to write (a .json sidecar goes beside it)."),
+    teacher: bool = typer.Option(False, "--teacher", help="Export the EMA teacher's encoder instead of the student's."),
+):
+    """Export the pre-trained encoder as safetensors with a JSON sidecar (metadata, sha256)."""
+    from medhpm.pretrain.trainer import export_encoder
+
+    path = export_encoder(ckpt, out, use_teacher=teacher)
+    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+@app.command()
+def finetune(
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+    config: str = typer.Option("demo", "--config", "-c", help=_CONFIG_HELP),
+    init: str = typer.Option("none", "--init", help="Pre-training checkpoint, encoder.safetensors, MONAI UNETR / SelfMedMAE / 2D ViT checkpoint, or none."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/finetune-NAME-TIME)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
+    teacher: bool = typer.Option(False, "--teacher", help="Initialise from the EMA teacher's encoder."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Accept an encoder load with missing keys."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels and seeds."),
+):
+    """Fine-tune UNETR for segmentation from a pre-trained encoder (or from scratch with --init none)."""
+    from medhpm.segment.trainer import finetune as run_finetune
+
+    ov = list(overrides or [])
+    if teacher:
+        ov.append("finetune.use_teacher=true")
+    if allow_partial:
+        ov.append("finetune.allow_partial_init=true")
+    if resume is not None:
+        cfg = _resume_cfg(resume, "finetune", ov, deterministic)
+        out = resume
+    else:
+        cfg = _load_cfg(config, ov, deterministic)
+        out = out or _default_out("finetune", cfg)
+    run = run_finetune(cfg, out, init=init, resume=resume is not None)
+    typer.echo(f"fine-tuning finished: {run} (best.pt, final.pt, metrics.jsonl)")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder."),
+    input: Path = typer.Option(..., "-i", "--input", help="A NIfTI file, a folder of them, a DICOM series folder, or a datalist JSON."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for the label maps (NAME.nii.gz)."),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the checkpoint's config)."),
+    blend: Optional[str] = typer.Option(None, help="gaussian | constant"),
+    sw_batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write class probabilities (NAME_probs.nii.gz)."),
+    gpu_output: bool = typer.Option(False, "--gpu-output", help="Keep the stitched output on the GPU (faster, more memory)."),
+    split: str = typer.Option("test", help="Datalist split to predict when --input is a datalist."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Segment new scans; writes label maps in each scan's own shape, affine and orientation."""
+    from medhpm.segment.predict import Predictor
+
+    pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
+                                   output_on_cpu=not gpu_output)
+    results = pr.predict_path(input, out, save_probabilities=probabilities, split=split)
+    failed = [r for r in results if not r["ok"]]
+    for r in results:
+        status = "ok" if r["ok"] else f"FAILED: {r['error']}"
+        typer.echo(f"{r['input']} -> {r.get('output', '-')}: {status}")
+    typer.echo(f"{len(results) - len(failed)} of {len(results)} scans segmented into {out}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Predicted label map, folder of them, or a datalist."),
+    label: Path = typer.Option(..., "--label", help="Ground-truth label map, folder of them, or a datalist."),
+    classes: str = typer.Option("btcv8", "--classes", help="btcv8 | btcv13 | NAME=VALUE,..."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for metrics.json, metrics.csv and table.md."),
+    method: str = typer.Option("model", help="Row name in the Table-1-style table."),
+):
+    """Per-case, per-organ Dice and HD95 (mm); a Table-1-style Markdown table."""
+    from medhpm.evaluate.run import evaluate_predictions
+
+    res = evaluate_predictions(pred, label, classes, out, method=method) if _accepts_method() else \
+        evaluate_predictions(pred, label, classes, out)
+    mean = res["summary"]["mean"]
+    typer.echo(f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
+               f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md")
+    table = Path(out) / "table.md"
+    if table.exists():
+        typer.echo(table.read_text())
+
+
+def _accepts_method() -> bool:
+    import inspect
+
+    from medhpm.evaluate.run import evaluate_predictions
+
+    return "method" in inspect.signature(evaluate_predictions).parameters
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+@viz_app.command("pretrain")
+def visualize_pretrain(
+    ckpt: Path = typer.Argument(..., help="A pre-training checkpoint."),
+    image: Path = typer.Option(..., "--image", help="A CT scan (NIfTI file or DICOM folder)."),
+    out: Path = typer.Option(..., "-o", "--out", help="PNG to write."),
+    seed: int = typer.Option(0, help="Seed of the random part of the mask."),
+):
+    """Original, masked input, reconstruction, predicted difficulty and HPM's mask on orthogonal slices."""
+    from medhpm.viz.reconstruction import visualize_pretrain_checkpoint
+
+    path = visualize_pretrain_checkpoint(ckpt, image, out, seed=seed)
+    typer.echo(f"wrote {path}")
+
+
+@viz_app.command("segmentation")
+def visualize_segmentation(
+    image: Path = typer.Option(..., "--image", help="The CT scan (NIfTI)."),
+    label: Optional[Path] = typer.Option(None, "--label", help="Ground-truth label map."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="Predicted label map."),
+    out: Path = typer.Option(..., "-o", "--out", help="PNG to write."),
+    classes: str = typer.Option("btcv13", "--classes", help="Legend names: btcv8 | btcv13 | NAME=VALUE,..."),
+):
+    """Slices with ground truth and prediction overlaid (paper Fig. 4 style)."""
+    from medhpm.viz.overlay import segmentation_figure_from_files
+
+    path = segmentation_figure_from_files(image, label, pred, out, classes=classes)
+    typer.echo(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _triple(text: Optional[str], kind, name: str):
     if text is None:

@@ -1,0 +1,251 @@
+"""Prediction on new scans, written back in each scan's OWN geometry.
+
+The chain stored in the checkpoint (load, orient, resample, window, crop, pad) is applied, UNETR runs by
+sliding window, and MONAI's ``Invertd`` undoes the chain, so the label map has exactly the input's shape,
+affine and orientation. The same :class:`Predictor` serves the command line and notebooks::
+
+    from medhpm.segment.predict import Predictor
+    p = Predictor.from_checkpoint("runs/ft/best.pt")
+    labels = p.predict_file("scan.nii.gz", "out/")          # writes out/scan.nii.gz
+    arr, affine = p.predict_array_file("scan.nii.gz")       # or keep it in memory
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhpm.config import Config, from_dict
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.device import autocast, autocast_dtype, pick_device
+
+
+def case_name(path: str | Path) -> str:
+    p = Path(path)
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+class Predictor:
+    """Sliding-window UNETR prediction with the checkpoint's own preprocessing, inverted on output."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, classes: dict[int, str] | None = None,
+                 device: str = "auto", overlap: float | None = None, blend: str | None = None,
+                 sw_batch_size: int | None = None, output_on_cpu: bool = True):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.classes = classes or {}
+        self.overlap = cfg.evaluate.overlap if overlap is None else float(overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+        self.blend = blend or cfg.evaluate.blend
+        if self.blend not in ("gaussian", "constant"):
+            raise ValueError(f"blend must be gaussian or constant, got {self.blend!r}")
+        self.sw_batch_size = sw_batch_size or cfg.evaluate.sw_batch_size
+        self.output_on_cpu = output_on_cpu
+        self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
+        from medhpm.data.transforms import predict_transforms
+
+        self.transform = predict_transforms(cfg.data)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", expect: Config | None = None, **kw) -> "Predictor":
+        """Rebuild the model and its preprocessing from a fine-tuning checkpoint.
+
+        ``expect``: a config to compare with the checkpoint's metadata (preset, patch size, ROI,
+        spacing, HU window, classes); a mismatch raises an error that explains it.
+        """
+        from medhpm.models.unetr import build_unetr
+
+        state = load_checkpoint(path)
+        if state.get("stage") != "finetune":
+            raise CheckpointError(
+                f"{path} is a {state.get('stage')!r} checkpoint; prediction needs a fine-tuning checkpoint "
+                "(best.pt or final.pt of `medhpm finetune`)")
+        cfg = from_dict(state["config"])
+        if expect is not None:
+            check_compatible(cfg, expect, path)
+        args = state["model_args"]
+        u = args["unetr"]
+        model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
+                            drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
+        model.load_state_dict(state["model"])
+        classes = {int(k): v for k, v in args.get("classes", {}).items()}
+        return cls(model, cfg, classes=classes, device=device, **kw)
+
+    # ------------------------------------------------------------------ core
+    @torch.no_grad()
+    def _infer(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` (1, H, W, D) preprocessed -> softmax probabilities (C, H, W, D)."""
+        from monai.inferers import sliding_window_inference
+
+        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float().to(self.device)
+        with autocast(self.device, self.amp_dtype):
+            logits = sliding_window_inference(
+                x, tuple(self.cfg.data.roi), self.sw_batch_size, self.model, overlap=self.overlap,
+                mode=self.blend, sw_device=self.device,
+                device=torch.device("cpu") if self.output_on_cpu else self.device)
+        return torch.softmax(logits.float(), dim=1)[0]
+
+    def predict_item(self, source: str | Path, want_probabilities: bool = False) -> dict:
+        """Preprocess, infer and invert one scan. Returns dict(label (X,Y,Z) uint8, affine, probs?)."""
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        data = self.transform({"image": str(source)})
+        img = data["image"]
+        probs = self._infer(img)  # (C, h, w, d) in preprocessed space
+        out = {"label_pre": probs.argmax(0, keepdim=True).to(torch.uint8)}
+        keys = ["pred"]
+        data["pred"] = MetaTensor(out["label_pre"].float(), affine=img.affine, meta=dict(img.meta))
+        data["pred"].applied_operations = list(img.applied_operations)
+        nearest = [True]
+        if want_probabilities:
+            data["probs"] = MetaTensor(probs, affine=img.affine, meta=dict(img.meta))
+            data["probs"].applied_operations = list(img.applied_operations)
+            keys.append("probs")
+            nearest.append(False)
+        inv = Invertd(keys=keys, transform=self.transform, orig_keys=["image"] * len(keys),
+                      nearest_interp=nearest, to_tensor=True)
+        data = inv(data)
+        label = torch.as_tensor(data["pred"]).as_subclass(torch.Tensor)[0].round().to(torch.uint8).numpy()
+        res = {"label": label, "affine": _original_affine(data), "meta": data["image"].meta}
+        if want_probabilities:
+            res["probs"] = torch.as_tensor(data["probs"]).as_subclass(torch.Tensor).numpy().astype(np.float32)
+        return res
+
+    def predict_file(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
+                     name: str | None = None) -> Path:
+        """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``."""
+        import nibabel as nib
+
+        from medhpm.runtime.io import atomic_save_nifti
+
+        source = Path(source)
+        if not source.exists():
+            raise FileNotFoundError(f"input scan {source} does not exist")
+        res = self.predict_item(source, want_probabilities=save_probabilities)
+        name = name or case_name(source)
+        out_dir = Path(out_dir)
+        label, affine = res["label"], res["affine"]
+        ref = _reference_header(source)
+        if ref is not None:  # NIfTI input: keep its exact header geometry (qform/sform codes, shape)
+            if tuple(ref.shape[:3]) != label.shape:
+                raise RuntimeError(f"internal error: prediction shape {label.shape} differs from {source} "
+                                   f"{tuple(ref.shape[:3])}")
+            hdr = ref.header.copy()
+            hdr.set_data_dtype(np.uint8)
+            img = nib.Nifti1Image(label, ref.affine, hdr)
+            img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
+            img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
+        else:
+            img = nib.Nifti1Image(label, affine)
+        img.header["descrip"] = b"medhpm prediction"
+        path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
+        if save_probabilities:
+            pr = np.moveaxis(res["probs"], 0, -1)  # (X, Y, Z, C)
+            atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
+        return path
+
+    def predict_path(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
+                     split: str = "test") -> list[dict]:
+        """Segment a file, a folder of NIfTI files / DICOM series, or a datalist's split.
+
+        A scan that fails is reported (``ok`` False, ``error``) and the others still run.
+        """
+        from medhpm.runtime.io import check_writable
+
+        check_writable(out_dir)
+        items = _list_inputs(Path(source), split)
+        results = []
+        for src, name in items:
+            try:
+                path = self.predict_file(src, out_dir, save_probabilities, name=name)
+                results.append({"input": str(src), "output": str(path), "ok": True})
+            except Exception as e:  # one bad scan must not stop the others
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                results.append({"input": str(src), "ok": False, "error": msg,
+                                "traceback": traceback.format_exc()})
+        return results
+
+
+def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
+    if not source.exists():
+        raise FileNotFoundError(f"input {source} does not exist")
+    if source.is_file() and source.suffix == ".json":
+        from medhpm.data.datalist import load_datalist
+
+        dl = load_datalist(source, format="msd")
+        entries = dl.get(split) or []
+        if not entries:
+            raise ValueError(f"datalist {source} has no {split!r} entries to predict")
+        return [(Path(e["image"]), e.get("case") or case_name(e["image"])) for e in entries]
+    if source.is_file():
+        return [(source, case_name(source))]
+    if _is_dicom_folder(source):
+        return [(source, source.name)]
+    items = []
+    for p in sorted(source.iterdir()):
+        if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
+            items.append((p, case_name(p)))
+        elif p.is_dir() and _is_dicom_folder(p):
+            items.append((p, p.name))
+    if not items:
+        raise ValueError(f"{source} holds no NIfTI files or DICOM series to predict")
+    return items
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    for p in sorted(folder.iterdir())[:20]:
+        if p.is_file():
+            try:
+                with open(p, "rb") as fh:
+                    fh.seek(128)
+                    if fh.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def _reference_header(source: Path):
+    if source.is_file() and (source.name.endswith(".nii") or source.name.endswith(".nii.gz")):
+        import nibabel as nib
+
+        return nib.load(str(source))
+    return None
+
+
+def _original_affine(data) -> np.ndarray:
+    meta = data["image"].meta
+    aff = meta.get("original_affine", meta.get("affine"))
+    return np.asarray(torch.as_tensor(aff).cpu().numpy(), dtype=np.float64)
+
+
+def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
+    """Explain every difference between a checkpoint's metadata and the config it is used with."""
+    pairs = [
+        ("model.preset", ckpt_cfg.model.preset, cfg.model.preset),
+        ("model.patch_size", ckpt_cfg.model.patch_size, cfg.model.patch_size),
+        ("data.roi", tuple(ckpt_cfg.data.roi), tuple(cfg.data.roi)),
+        ("data.spacing", tuple(ckpt_cfg.data.spacing), tuple(cfg.data.spacing)),
+        ("data HU window", (ckpt_cfg.data.a_min, ckpt_cfg.data.a_max), (cfg.data.a_min, cfg.data.a_max)),
+        ("finetune.num_classes", ckpt_cfg.finetune.num_classes, cfg.finetune.num_classes),
+    ]
+    diffs = [f"{k}: checkpoint {a}, config {b}" for k, a, b in pairs if a != b]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
+
+
+def write_results_json(results: list[dict], path: str | Path) -> None:
+    from medhpm.runtime.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps([{k: v for k, v in r.items() if k != "traceback"} for r in results], indent=2))

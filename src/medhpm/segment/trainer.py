@@ -1,0 +1,218 @@
+"""UNETR fine-tuning from a pre-trained encoder (paper section 2; ALGORITHM.md section 4).
+
+Initialisation (``init``): a pre-training checkpoint (student encoder, or the teacher's with
+``finetune.use_teacher``), an exported ``encoder.safetensors``, a MONAI UNETR / SelfMedMAE / 2D ViT
+checkpoint (see ``medhpm.models.transfer``), or ``none`` (UNETR from scratch). AdamW with layer-wise lr
+decay, DiceCE over all classes, validation by sliding window every ``val_every`` epochs on a subset of the
+TRAINING cases (never the test cases); the best checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from medhpm import __version__
+from medhpm.config import Config
+from medhpm.runtime.distributed import unwrap
+from medhpm.runtime.loop import Trainer, echo
+
+
+def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
+    """UNETR around the configured encoder (preset, patch size, ROI from the config)."""
+    from medhpm.models import build_encoder
+    from medhpm.models.unetr import build_unetr
+
+    if encoder_args is None:
+        encoder_args = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi),
+                                     patch_size=cfg.model.patch_size, in_chans=cfg.model.in_chans).config()
+    return build_unetr(encoder_args, out_channels=cfg.finetune.num_classes, feature_size=cfg.model.feature_size,
+                       drop_path=cfg.finetune.drop_path, skip_blocks=tuple(cfg.model.skip_blocks),
+                       norm_name=cfg.model.norm_name, img_size=tuple(cfg.data.roi))
+
+
+class FinetuneTrainer(Trainer):
+    stage = "finetune"
+
+    def __init__(self, cfg: Config, out_dir, init: str | None = None, resume: bool = False):
+        super().__init__(cfg, out_dir, resume)
+        self.init = None if (init in (None, "", "none")) else str(init)
+        self.load_report = None
+
+    # ------------------------------------------------------------------ data
+    def build_data(self):
+        from medhpm.data.datalist import load_datalist, split_validation
+        from medhpm.data.dataset import make_dataset, make_loader
+        from medhpm.data.sources import resolve_dataset
+        from medhpm.data.transforms import train_transforms
+
+        d = self.cfg.data
+        if self.cfg.finetune.batch_size % d.num_samples:
+            raise ValueError(
+                f"config key 'finetune.batch_size' ({self.cfg.finetune.batch_size}) must be a multiple of "
+                f"'data.num_samples' ({d.num_samples}): each volume gives num_samples crops per step"
+            )
+        src = resolve_dataset(d, self.run_dir.parent if d.dataset == "phantom" else self.run_dir)
+        dl = load_datalist(src, format=d.format, split=d.split)
+        missing = [e.get("image") for e in dl["training"] if "label" not in e]
+        if missing:
+            raise ValueError(f"fine-tuning needs labels; {len(missing)} training scans of {src} have none "
+                             f"(e.g. {missing[0]})")
+        train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
+        self.datalist, self.train_entries, self.val_entries = dl, train, val
+        self.dataset_path = str(src)
+        ds = make_dataset(train, train_transforms(d), d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
+        sampler = None
+        if self.dist.enabled:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+        return make_loader(ds, batch_size=self.cfg.finetune.batch_size // d.num_samples, shuffle=sampler is None,
+                           num_workers=d.num_workers, seed=self.cfg.seed, sampler=sampler,
+                           prefetch_factor=d.prefetch_factor)
+
+    def transforms_spec(self) -> dict:
+        from medhpm.data.transforms import transforms_spec
+
+        return transforms_spec(self.cfg.data)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self):
+        from monai.losses import DiceCELoss
+
+        from medhpm.models.transfer import load_encoder_weights
+
+        model = build_segmentation_model(self.cfg)
+        if self.init and not self.resume:
+            self.load_report = load_encoder_weights(
+                model, self.init, use_teacher=self.cfg.finetune.use_teacher,
+                allow_partial=self.cfg.finetune.allow_partial_init, img_size=tuple(self.cfg.data.roi))
+            echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
+        elif not self.init:
+            echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        return model
+
+    def param_groups(self, model, lr):
+        from medhpm.segment.layer_decay import param_groups_layer_decay
+
+        return param_groups_layer_decay(model, lr, self.cfg.finetune.weight_decay, self.cfg.finetune.layer_decay)
+
+    def model_args(self) -> dict:
+        from medhpm.evaluate.classes import parse_classes
+
+        m = unwrap(self.model)
+        c = self.cfg
+        return {
+            "encoder": m.encoder.config(),
+            "unetr": {"out_channels": c.finetune.num_classes, "feature_size": c.model.feature_size,
+                      "skip_blocks": list(c.model.skip_blocks), "norm_name": c.model.norm_name},
+            "num_classes": c.finetune.num_classes,
+            "classes": {str(k): v for k, v in self.class_names().items()},
+            "reported": {str(k): v for k, v in parse_classes(c.finetune.reported).items()},
+            "init": self.init or "none",
+        }
+
+    def class_names(self) -> dict[int, str]:
+        labels = getattr(self, "datalist", {}).get("labels") or {}
+        names = {int(k): str(v) for k, v in labels.items() if int(k) > 0}
+        return {k: names.get(k, f"class_{k}") for k in range(1, self.cfg.finetune.num_classes)}
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, batch, epoch_f):
+        x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
+        y = batch["label"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
+        if not hasattr(self, "_label_checked"):
+            top = int(y.max())
+            if top >= self.cfg.finetune.num_classes:
+                raise ValueError(f"label value {top} in the training data exceeds finetune.num_classes="
+                                 f"{self.cfg.finetune.num_classes} (classes 0..{self.cfg.finetune.num_classes - 1})")
+            self._label_checked = True
+        logits = self.ddp(x)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            loss = self.loss_fn(logits.float(), y.float())
+        return loss, {"loss_dice_ce": float(loss)}
+
+    # ------------------------------------------------------------------ validation
+    def end_of_epoch(self, epoch, stats):
+        out = {}
+        f = self.cfg.finetune
+        last = epoch == f.epochs - 1
+        if self.val_entries and ((epoch + 1) % max(f.val_every, 1) == 0 or last):
+            dice = self.validate()
+            out.update(dice)
+            metric = dice["val_dice"]
+            if metric > self.best_metric:
+                self.best_metric = metric
+                self.is_best = True
+            out["best_val_dice"] = self.best_metric
+        msg = f"[finetune] epoch {epoch + 1}/{f.epochs}: loss {stats.get('loss', float('nan')):.4f}"
+        if "val_dice" in out:
+            msg += f", val Dice {out['val_dice']:.3f} (best {self.best_metric:.3f})"
+        echo(msg + f", {stats['epoch_time']:.1f}s", self.dist)
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean Dice over the reported organs on the validation subset (preprocessed space)."""
+        from monai.inferers import sliding_window_inference
+        from monai.metrics import DiceMetric
+        from monai.networks.utils import one_hot
+
+        from medhpm.data.transforms import val_transforms
+        from medhpm.evaluate.classes import parse_classes
+
+        model = unwrap(self.model)
+        model.eval()
+        if not hasattr(self, "_val_items"):
+            tr = val_transforms(self.cfg.data, labelled=True)
+            self._val_items = [tr(dict(e)) for e in self.val_entries]
+        reported = [k for k in parse_classes(self.cfg.finetune.reported) if k < self.cfg.finetune.num_classes]
+        metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        per_case = []
+        from medhpm.runtime.device import autocast
+
+        for item in self._val_items:
+            x = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)[None].to(self.device)
+            y = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[None].long()
+            with autocast(self.device, self.amp_dtype):
+                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.evaluate.sw_batch_size,
+                                                  model, overlap=self.cfg.finetune.val_overlap, mode="gaussian")
+            pred = logits.float().argmax(1, keepdim=True).cpu()
+            nc = self.cfg.finetune.num_classes
+            d = metric(one_hot(pred, nc), one_hot(y, nc))  # (1, nc-1), NaN where the organ is absent
+            per_case.append(d[0])
+        model.train()
+        allc = torch.stack(per_case)  # (cases, nc-1)
+        cols = [k - 1 for k in reported]
+        sub = allc[:, cols]
+        mean = float(torch.nanmean(sub)) if torch.isfinite(sub).any() else 0.0
+        out = {"val_dice": mean}
+        for k in reported:
+            col = allc[:, k - 1]
+            if torch.isfinite(col).any():
+                out[f"val_dice_{k}"] = float(torch.nanmean(col))
+        return out
+
+    def on_finish(self):
+        if self.dist.is_main:
+            from medhpm.runtime.loop import write_run_summary
+
+            write_run_summary(self.run_dir, {
+                "stage": "finetune", "init": self.init or "none", "epochs": self.cfg.finetune.epochs,
+                "steps": self.global_step, "best_val_dice": self.best_metric, "history": self.history,
+                "validation_cases": [e.get("case") for e in self.val_entries],
+                "training_cases": [e.get("case") for e in self.train_entries],
+                "dataset": self.dataset_path, "version": __version__,
+                "load_report": None if self.load_report is None else json.loads(json.dumps(
+                    {"loaded": len(self.load_report.loaded), "missing": list(self.load_report.missing),
+                     "unexpected": list(self.load_report.unexpected)})),
+            })
+
+
+def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:
+    """Fine-tune UNETR as configured; returns the run folder."""
+    return FinetuneTrainer(cfg, out_dir, init=init, resume=resume).run()
