@@ -310,6 +310,48 @@ def visualize_segmentation(
     typer.echo(f"wrote {path}")
 
 
+# ---------------------------------------------------------------------------------------------- main job
+@app.command()
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="A smoke run in about 3 minutes (fewer phantoms and epochs)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+):
+    """No data needed: phantoms -> HPM pre-training -> UNETR fine-tuning -> prediction -> evaluation -> report.html."""
+    from medhpm.pipeline import run_demo
+
+    report = run_demo(out, quick=quick, overrides=overrides)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def experiment(
+    config: str = typer.Option("demo_experiment", "--config", "-c", help="demo_experiment | btcv_paper | smwb_paper | a YAML path."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment folder (default runs/experiment-NAME)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of the base config, key=value."),
+):
+    """Methods x seeds with the same budget, then Table-1 and Table-3 style comparisons; resumable."""
+    from medhpm.experiment import run_experiment
+
+    path = run_experiment(config, out, overrides=overrides)
+    typer.echo(f"results: {path}")
+
+
+@app.command("run-stages", hidden=True)
+def run_stages_cmd(
+    config: Path = typer.Option(..., "--config"),
+    method: str = typer.Option(..., "--method"),
+    dataset: Path = typer.Option(..., "--dataset"),
+    out: Path = typer.Option(..., "--out"),
+    init: Optional[str] = typer.Option(None, "--init"),
+):
+    """One experiment run (used by `medhpm experiment`, one process per run)."""
+    from medhpm.config import load_config
+    from medhpm.pipeline import run_stages
+
+    run_stages(load_config(str(config)), out, method, dataset, init=init)
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _triple(text: Optional[str], kind, name: str):
     if text is None:

@@ -109,6 +109,7 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    architecture: str = "unetr"  # unetr | dynunet (the CNN reference row, always from scratch)
     epochs: int = 100
     steps_per_epoch: int = 0
     batch_size: int = 4
@@ -321,6 +322,7 @@ def validate(cfg: Config) -> Config:
         _check(sec.accum_steps >= 1, f"{name}.accum_steps", "must be at least 1")
         _check(sec.lr > 0, f"{name}.lr", "must be positive")
         _check(sec.nonfinite in ("stop", "skip"), f"{name}.nonfinite", "must be stop or skip")
+    _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
     _check(0.0 <= f.drop_path < 1.0, "finetune.drop_path", "must lie in [0, 1)")
     _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")

@@ -82,10 +82,10 @@ def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alp
         logs["_scores"], logs["_mask"] = scores, mask
     out = student(x, mask)
     loss = out["loss_rec"]
-    logs["loss_rec"] = float(out["loss_rec"])
+    logs["loss_rec"] = float(out["loss_rec"].detach())
     if use_pred and out["loss_pred"] is not None:
         loss = loss + lambda_pred * out["loss_pred"]
-        logs["loss_pred"] = float(out["loss_pred"])
+        logs["loss_pred"] = float(out["loss_pred"].detach())
     return loss, logs
 
 
@@ -127,7 +127,7 @@ class PretrainTrainer(Trainer):
                 f"config key 'pretrain.batch_size' ({self.cfg.pretrain.batch_size}) must be a multiple of "
                 f"'data.num_samples' ({d.num_samples}): each volume gives num_samples crops per step"
             )
-        src = resolve_dataset(d, self.run_dir.parent if self.cfg.data.dataset == "phantom" else self.run_dir)
+        src = resolve_dataset(d, self.run_dir)
         dl = load_datalist(src, format=d.format, split=d.split)
         # self-pre-training uses the TRAINING scans only (paper section 1), plus any extra label-free scans
         entries = list(dl["training"])
@@ -226,10 +226,10 @@ class PretrainTrainer(Trainer):
     def figure_input(self) -> torch.Tensor:
         """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
         if not hasattr(self, "_fig_x"):
-            from medhpm.data.transforms import val_transforms
+            from medhpm.data.transforms import predict_transforms
             from monai.transforms import CenterSpatialCrop, SpatialPad
 
-            item = val_transforms(self.cfg.data, labelled=False)({"image": self.entries[0]["image"]})
+            item = predict_transforms(self.cfg.data)({"image": self.entries[0]["image"]})
             img = item["image"]
             img = SpatialPad(self.cfg.data.roi)(CenterSpatialCrop(self.cfg.data.roi)(img))
             self._fig_x = torch.as_tensor(img).as_subclass(torch.Tensor)[None].float()
@@ -281,7 +281,9 @@ class PretrainTrainer(Trainer):
         if self.dist.is_main:
             from medhpm.runtime.loop import write_run_summary
 
-            write_run_summary(self.run_dir, {"stage": "pretrain", "method": self.cfg.pretrain.method,
+            from medhpm.segment.trainer import peak_memory
+
+            write_run_summary(self.run_dir, {**peak_memory(self.device), "stage": "pretrain", "method": self.cfg.pretrain.method,
                                              "epochs": self.cfg.pretrain.epochs, "steps": self.global_step,
                                              "history": self.history, "version": __version__})
 

@@ -75,8 +75,13 @@ class Predictor:
             check_compatible(cfg, expect, path)
         args = state["model_args"]
         u = args["unetr"]
-        model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
-                            drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
+        if args.get("architecture", "unetr") == "dynunet":
+            from medhpm.segment.trainer import build_dynunet
+
+            model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
+        else:
+            model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
+                                drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
         model.load_state_dict(state["model"])
         classes = {int(k): v for k, v in args.get("classes", {}).items()}
         return cls(model, cfg, classes=classes, device=device, **kw)

@@ -20,9 +20,25 @@ from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo
 
 
+def build_dynunet(in_channels: int, out_channels: int, roi):
+    """MONAI DynUNet sized for the ROI: the paper's CNN (U-Net) reference row, trained from scratch."""
+    from monai.networks.nets import DynUNet
+
+    # 3x3x3 kernels; stride 2 while every axis stays >= 8 voxels (at most 5 down-samplings)
+    strides, size = [1], list(roi)
+    while len(strides) < 6 and all(s // 2 >= 4 for s in size):
+        strides.append(2)
+        size = [s // 2 for s in size]
+    return DynUNet(3, in_channels, out_channels, kernel_size=[3] * len(strides), strides=strides,
+                   upsample_kernel_size=strides[1:], norm_name="instance", res_block=True)
+
+
 def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
-    """UNETR around the configured encoder (preset, patch size, ROI from the config)."""
+    """UNETR around the configured encoder (preset, patch size, ROI from the config), or DynUNet."""
     from medhpm.models import build_encoder
+
+    if cfg.finetune.architecture == "dynunet":
+        return build_dynunet(cfg.model.in_chans, cfg.finetune.num_classes, tuple(cfg.data.roi))
     from medhpm.models.unetr import build_unetr
 
     if encoder_args is None:
@@ -54,7 +70,7 @@ class FinetuneTrainer(Trainer):
                 f"config key 'finetune.batch_size' ({self.cfg.finetune.batch_size}) must be a multiple of "
                 f"'data.num_samples' ({d.num_samples}): each volume gives num_samples crops per step"
             )
-        src = resolve_dataset(d, self.run_dir.parent if d.dataset == "phantom" else self.run_dir)
+        src = resolve_dataset(d, self.run_dir)
         dl = load_datalist(src, format=d.format, split=d.split)
         missing = [e.get("image") for e in dl["training"] if "label" not in e]
         if missing:
@@ -86,10 +102,13 @@ class FinetuneTrainer(Trainer):
         from medhpm.models.transfer import load_encoder_weights
 
         model = build_segmentation_model(self.cfg)
+        if self.cfg.finetune.architecture != "unetr" and self.init:
+            raise ValueError(f"finetune.architecture={self.cfg.finetune.architecture} has no ViT encoder to "
+                             f"initialise; use --init none")
         if self.init and not self.resume:
             self.load_report = load_encoder_weights(
                 model, self.init, use_teacher=self.cfg.finetune.use_teacher,
-                allow_partial=self.cfg.finetune.allow_partial_init, img_size=tuple(self.cfg.data.roi))
+                allow_partial=self.cfg.finetune.allow_partial_init)
             echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
         elif not self.init:
             echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
@@ -97,8 +116,10 @@ class FinetuneTrainer(Trainer):
         return model
 
     def param_groups(self, model, lr):
-        from medhpm.segment.layer_decay import param_groups_layer_decay
+        from medhpm.segment.layer_decay import param_groups_layer_decay, param_groups_weight_decay
 
+        if self.cfg.finetune.architecture != "unetr":
+            return param_groups_weight_decay(model, lr, self.cfg.finetune.weight_decay)
         return param_groups_layer_decay(model, lr, self.cfg.finetune.weight_decay, self.cfg.finetune.layer_decay)
 
     def model_args(self) -> dict:
@@ -107,9 +128,10 @@ class FinetuneTrainer(Trainer):
         m = unwrap(self.model)
         c = self.cfg
         return {
-            "encoder": m.encoder.config(),
+            "architecture": c.finetune.architecture,
+            "encoder": m.encoder.config() if hasattr(m, "encoder") else None,
             "unetr": {"out_channels": c.finetune.num_classes, "feature_size": c.model.feature_size,
-                      "skip_blocks": list(c.model.skip_blocks), "norm_name": c.model.norm_name},
+                      "skip_blocks": list(getattr(m, "skip_blocks", c.model.skip_blocks)), "norm_name": c.model.norm_name},
             "num_classes": c.finetune.num_classes,
             "classes": {str(k): v for k, v in self.class_names().items()},
             "reported": {str(k): v for k, v in parse_classes(c.finetune.reported).items()},
@@ -134,7 +156,7 @@ class FinetuneTrainer(Trainer):
         logits = self.ddp(x)
         with torch.autocast(device_type=self.device.type, enabled=False):
             loss = self.loss_fn(logits.float(), y.float())
-        return loss, {"loss_dice_ce": float(loss)}
+        return loss, {"loss_dice_ce": float(loss.detach())}
 
     # ------------------------------------------------------------------ validation
     def end_of_epoch(self, epoch, stats):
@@ -168,7 +190,7 @@ class FinetuneTrainer(Trainer):
         model = unwrap(self.model)
         model.eval()
         if not hasattr(self, "_val_items"):
-            tr = val_transforms(self.cfg.data, labelled=True)
+            tr = val_transforms(self.cfg.data)
             self._val_items = [tr(dict(e)) for e in self.val_entries]
         reported = [k for k in parse_classes(self.cfg.finetune.reported) if k < self.cfg.finetune.num_classes]
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
@@ -202,6 +224,7 @@ class FinetuneTrainer(Trainer):
             from medhpm.runtime.loop import write_run_summary
 
             write_run_summary(self.run_dir, {
+                **peak_memory(self.device),
                 "stage": "finetune", "init": self.init or "none", "epochs": self.cfg.finetune.epochs,
                 "steps": self.global_step, "best_val_dice": self.best_metric, "history": self.history,
                 "validation_cases": [e.get("case") for e in self.val_entries],
@@ -211,6 +234,17 @@ class FinetuneTrainer(Trainer):
                     {"loaded": len(self.load_report.loaded), "missing": list(self.load_report.missing),
                      "unexpected": list(self.load_report.unexpected)})),
             })
+
+
+def peak_memory(device) -> dict:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the max resident set size."""
+    if getattr(device, "type", "cpu") == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_kind": "cuda_max_allocated"}
+    import resource
+
+    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_kind": "cpu_max_rss"}
 
 
 def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:

@@ -100,7 +100,7 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
     from monai.transforms import CenterSpatialCrop, SpatialPad
 
     from medhpm.config import from_dict
-    from medhpm.data.transforms import val_transforms
+    from medhpm.data.transforms import predict_transforms
     from medhpm.models import HPMPretrainModel
     from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
     from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
@@ -117,7 +117,7 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
         teacher = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
         teacher.load_state_dict(state["teacher"], strict=False)  # the teacher carries no reconstructor
         teacher.eval()
-    item = val_transforms(cfg.data, labelled=False)({"image": str(image)})
+    item = predict_transforms(cfg.data)({"image": str(image)})
     roi = tuple(cfg.data.roi)
     x = torch.as_tensor(SpatialPad(roi)(CenterSpatialCrop(roi)(item["image"]))).as_subclass(torch.Tensor)
     x = x[None].float()

@@ -1,0 +1,123 @@
+"""Training curves and the self-contained HTML report (PNG figures embedded as data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from medhpm.runtime.io import atomic_path, atomic_write_text
+from medhpm.runtime.logging import read_metrics
+
+
+def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "training curves") -> Path:
+    """Plot per-epoch losses (and validation Dice when present) of several run folders side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []  # (title, [(label, xs, ys)])
+    for name, run in runs.items():
+        recs = [r for r in read_metrics(Path(run) / "metrics.jsonl") if r.get("kind") == "epoch"]
+        if not recs:
+            continue
+        xs = [r["epoch"] + 1 for r in recs]
+        lines = []
+        for key in ("loss_rec", "loss_pred", "loss"):
+            ys = [r.get(key) for r in recs]
+            if any(y is not None for y in ys) and not (key == "loss" and "loss_rec" in recs[0]):
+                lines.append((key, xs, ys))
+        panels.append((f"{name}: losses", lines, "loss"))
+        val = [(r["epoch"] + 1, r["val_dice"]) for r in recs if r.get("val_dice") is not None]
+        if val:
+            panels.append((f"{name}: validation Dice", [("val Dice (reported organs)", [v[0] for v in val],
+                                                          [v[1] for v in val])], "Dice"))
+    if not panels:
+        raise ValueError("no epoch records found in the given run folders")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (t, lines, ylab) in zip(axes[0], panels):
+        for label, xs, ys in lines:
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+        ax.set_title(t, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylab)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _md_table_to_html(md: str) -> str:
+    rows = [r.strip() for r in md.strip().splitlines() if r.strip().startswith("|")]
+    rows = [r for r in rows if not set(r.replace("|", "").strip()) <= set("-: ")]
+    if not rows:
+        return f"<pre>{html.escape(md)}</pre>"
+    out = ["<table>"]
+    for i, r in enumerate(rows):
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        tag = "th" if i == 0 else "td"
+        out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}.note{color:#555;font-size:.9em}
+details{margin:.4em 0}
+"""
+
+
+def write_report(out_html: str | Path, title: str, sections: list[dict]) -> Path:
+    """Write one self-contained HTML page.
+
+    ``sections``: dicts with ``title`` and any of ``text`` (paragraph), ``table_md`` (Markdown table),
+    ``table`` (list of rows, first row the header), ``images`` (list of (path, caption)), ``pre`` (text
+    shown verbatim, e.g. a config), ``details`` (list of (summary, pre-text)).
+    """
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for sec in sections:
+        parts.append(f"<h2>{html.escape(sec['title'])}</h2>")
+        if sec.get("text"):
+            parts.append(f"<p>{html.escape(sec['text'])}</p>")
+        if sec.get("table_md"):
+            parts.append(_md_table_to_html(sec["table_md"]))
+        if sec.get("table"):
+            rows = sec["table"]
+            parts.append("<table>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(str(c))}</{'th' if i == 0 else 'td'}>"
+                                 for c in row) + "</tr>" for i, row in enumerate(rows)) + "</table>")
+        for path, cap in sec.get("images", []):
+            if Path(path).exists():
+                parts.append(_img(Path(path), cap))
+        if sec.get("pre"):
+            parts.append(f"<pre>{html.escape(sec['pre'])}</pre>")
+        for summary, text in sec.get("details", []):
+            parts.append(f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>")
+        if sec.get("note"):
+            parts.append(f"<p class='note'>{html.escape(sec['note'])}</p>")
+    parts.append("</body></html>")
+    return atomic_write_text(out_html, "\n".join(parts))
+
+
+def json_pretty(path: str | Path) -> str:
+    return json.dumps(json.loads(Path(path).read_text()), indent=2)
