@@ -51,13 +51,18 @@ def random_mask(
     mask_ratio: float,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Uniformly random mask (MAE): each sample hides ``M`` of its ``N`` tokens.
+
+    ``noise``: optional pre-drawn uniform ``(B, N)`` ranks (the trainer draws them for the GLOBAL batch
+    so that masks do not depend on the number of processes).
 
     ``generator`` (optional) must live on ``device``. Returns bool ``(B, N)``, True = masked.
     """
     k = num_visible(num_patches, mask_ratio)
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)  # (B, N)
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device, generator=generator)  # (B, N)
     visible = torch.argsort(noise, dim=1)[:, :k]  # (B, K)
     return _mask_from_visible(visible, batch, num_patches)
 
@@ -67,6 +72,7 @@ def hard_patch_mask(
     mask_ratio: float,
     alpha: float,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HPM's easy-to-hard mask from predicted per-patch difficulty.
 
@@ -95,7 +101,10 @@ def hard_patch_mask(
 
     # rand in [0, 1) ranks the ordinary patches at random; a hard patch gets 2.0 so it sorts last and
     # can never be among the K lowest (visible) ones.
-    rank = torch.rand(batch, n, device=scores.device, generator=generator)  # (B, N)
+    if noise is None:
+        rank = torch.rand(batch, n, device=scores.device, generator=generator)  # (B, N)
+    else:  # pre-drawn uniform ranks (B, N); cloned because the hard patches are written into them
+        rank = noise.to(scores.device).clone()
     if n_hard > 0:
         hard = torch.topk(scores.detach().float(), n_hard, dim=1).indices  # (B, n_hard)
         rank.scatter_(1, hard, 2.0)

@@ -62,23 +62,24 @@ TEACHER_UNUSED = ("decoder_blocks", "decoder_norm", "decoder_pred")
 
 
 def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alpha: float, mask_ratio: float,
-                       lambda_pred: float, use_pred: bool) -> tuple[torch.Tensor, dict]:
+                       lambda_pred: float, use_pred: bool, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One selfMedHPM iteration up to the loss (ALGORITHM.md section 2, steps 1 to 7).
 
     ``student`` is the (possibly DDP-wrapped) :class:`HPMPretrainModel`; ``teacher`` its EMA copy or
-    None. ``x`` (B, C, H, W, D). Returns the loss to back-propagate and scalars to log (plus the
+    None. ``x`` (B, C, H, W, D); ``noise`` optional uniform (B, N) ranks for the random part of the mask.
+    Returns the loss to back-propagate and scalars to log (plus the
     teacher's scores and the mask under ``_scores``/``_mask`` when patches were mined).
     """
     n_tokens = unwrap(student).encoder.num_patches
     n_hard = int(alpha * num_masked(n_tokens, mask_ratio)) if teacher is not None else 0
     logs: dict = {"alpha": alpha, "n_hard": n_hard}
     if n_hard == 0:  # no teacher pass while the curriculum asks for no hard patch
-        mask = random_mask(x.shape[0], n_tokens, mask_ratio, device=x.device)
+        mask = random_mask(x.shape[0], n_tokens, mask_ratio, device=x.device, noise=noise)
     else:
         with torch.inference_mode():  # the teacher never needs a graph
             scores = teacher.model.predict_difficulty(x)  # (B, N)
         scores = scores.clone()  # a normal tensor again, for topk/scatter outside inference mode
-        mask = hard_patch_mask(scores, mask_ratio, alpha)
+        mask = hard_patch_mask(scores, mask_ratio, alpha, noise=noise)
         logs["_scores"], logs["_mask"] = scores, mask
     out = student(x, mask)
     loss = out["loss_rec"]
@@ -138,14 +139,14 @@ class PretrainTrainer(Trainer):
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
         ds = make_dataset(entries, transform, d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
-        sampler = None
-        if self.dist.enabled:
-            from torch.utils.data.distributed import DistributedSampler
+        # a DistributedSampler also for one process, so the order of volumes in the global batch is the
+        # same whatever the number of processes
+        from torch.utils.data.distributed import DistributedSampler
 
-            sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=False)
         volumes = self.cfg.pretrain.batch_size // d.num_samples
-        return make_loader(ds, batch_size=volumes, shuffle=sampler is None, num_workers=d.num_workers,
+        return make_loader(ds, batch_size=volumes, shuffle=False, num_workers=d.num_workers,
                            seed=self.cfg.seed, sampler=sampler, prefetch_factor=d.prefetch_factor)
 
     def transforms_spec(self) -> dict:
@@ -189,7 +190,7 @@ class PretrainTrainer(Trainer):
         p = self.cfg.pretrain
         loss, logs = pretrain_iteration(self.ddp, self.teacher, x, alpha=self.alpha(epoch_f),
                                         mask_ratio=p.mask_ratio, lambda_pred=p.lambda_pred,
-                                        use_pred=self.use_pred)
+                                        use_pred=self.use_pred, noise=self.mask_noise(x.shape[0]))
         if logs.get("n_hard", 0) > 0 and self.global_step % max(self.cfg.runtime.log_every, 1) == 0:
             logs.update(mined_patch_stats(x, logs.pop("_scores"), logs.pop("_mask"), logs["n_hard"],
                                           self.cfg.model.patch_size, self.cfg.data))
@@ -197,7 +198,21 @@ class PretrainTrainer(Trainer):
         logs.pop("_mask", None)
         return loss, logs
 
+    def mask_noise(self, local_batch: int) -> torch.Tensor:
+        """Uniform ranks for this micro-batch's masks, drawn for the GLOBAL batch from (seed, micro-step)
+        and sliced to this process's samples: the masks, and so the run, do not depend on the number of
+        processes (a 2-process run equals a 1-process run with the same global batch)."""
+        self._micro = getattr(self, "_micro", 0) + 1
+        w, r, ns = self.dist.world_size, self.dist.rank, self.cfg.data.num_samples
+        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.global_step * 9_973 + self._micro) % 2**63)
+        noise = torch.rand(local_batch * w, self.num_patches, generator=g)  # (B_global, N)
+        # DistributedSampler gives rank r the volumes r, r+w, r+2w, ... of the global batch order
+        vols = local_batch // ns
+        idx = ((w * torch.arange(vols)[:, None] + r) * ns + torch.arange(ns)[None, :]).flatten()
+        return noise[idx].to(self.device)
+
     def after_optimizer_step(self, epoch_f):
+        self._micro = 0
         if self.teacher is None:
             return {}
         p = self.cfg.pretrain

@@ -25,8 +25,8 @@ from medhpm import __version__
 from medhpm.config import Config, save_config, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
-from medhpm.runtime.distributed import DistInfo, cleanup, init_distributed, unwrap
-from medhpm.runtime.io import atomic_write_text, check_writable
+from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
+from medhpm.runtime.io import atomic_write_text, check_writable, remove_stale_temps
 from medhpm.runtime.logging import MetricLogger
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
@@ -111,6 +111,9 @@ class Trainer:
                     f"{self.run_dir} already holds a run (last.pt). Use --resume {self.run_dir} to continue "
                     "it, or choose another --out folder."
                 )
+            # half-written checkpoints of a killed run (.last.pt.PID.XXXXXXXX.tmp): as large as a checkpoint
+            for folder in (self.run_dir, self.run_dir / "figures"):
+                remove_stale_temps(folder, keep_own=False)
         seed_everything(cfg.seed, cfg.runtime.deterministic)
         self.loader = self.build_data()
         model = self.build_model().to(self.device)
@@ -119,6 +122,8 @@ class Trainer:
         self.base_lr = scaled_lr(self.sec.lr, self.effective_batch, self.sec.lr_ref_batch)
         self.optimizer = torch.optim.AdamW(self.param_groups(model, self.base_lr), lr=self.base_lr,
                                            betas=tuple(self.sec.betas))
+        if self.dist.is_main:  # room for a checkpoint and its temporary copy, known now that the model is built
+            check_writable(self.run_dir, need_bytes=max(50 * 2**20, 2 * self._checkpoint_bytes()))
         if self.resume:
             self._restore()
         if self.dist.enabled:
@@ -143,6 +148,21 @@ class Trainer:
             self.dist,
         )
 
+    def _checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: model, AdamW's two moments, tensors of ``extra_state``."""
+        def nbytes(obj) -> int:
+            if torch.is_tensor(obj):
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, dict):
+                return sum(nbytes(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(nbytes(v) for v in obj)
+            return 0
+
+        model = unwrap(self.model)
+        moments = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        return nbytes(model.state_dict()) + moments + nbytes(self.extra_state())
+
     def _restore(self) -> None:
         path = self.run_dir / "last.pt"
         if not path.exists():
@@ -160,6 +180,34 @@ class Trainer:
         set_rng_state(state.get("rng", {}))
         self.load_extra_state(state)
         echo(f"[{self.stage}] resumed from {path} at epoch {self.start_epoch} (step {self.global_step})", self.dist)
+        old = (state.get("config") or {}).get(self.stage) or {}
+        old_batch = int(old.get("batch_size", 0)) * int(old.get("accum_steps", 1)) * int(state.get("world_size", 1))
+        new_batch = self.sec.batch_size * self.sec.accum_steps * self.dist.world_size
+        if old_batch and old_batch != new_batch:
+            echo(f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
+                 f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
+                 self.dist)
+        if self.dist.is_main:
+            self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """Drop the log records of the epochs that are about to be redone (work after ``last.pt`` that a
+        kill threw away), so metrics.jsonl reads as one uninterrupted run."""
+        import json
+
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] >= self.start_epoch:
+                continue
+            keep.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -244,7 +292,10 @@ class Trainer:
                 with autocast(self.device, self.amp_dtype):
                     loss, logs = self.train_step(batch, epoch_f)
                 loss = loss.float()
-                if not torch.isfinite(loss):
+                # the global batch's loss: every rank logs it and takes the same skip/stop decision
+                # (one rank skipping backward() while the others wait in DDP's all-reduce would hang)
+                loss_value = self._reduce_losses(loss.detach(), logs)
+                if not math.isfinite(loss_value):
                     if self._nonfinite(epoch, logs):
                         opt.zero_grad(set_to_none=True)
                         continue
@@ -252,6 +303,10 @@ class Trainer:
             if not sync:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), sec.clip_grad or float("inf"))
+            if not torch.isfinite(grad_norm):  # a finite loss with inf/NaN gradients would poison the weights
+                if self._nonfinite(epoch, {**logs, "grad_norm": float(grad_norm)}, what="gradient"):
+                    opt.zero_grad(set_to_none=True)
+                    continue
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -259,7 +314,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             compute_time += time.time() - t0
-            logs.update(loss=float(loss), lr=lr, grad_norm=float(grad_norm))
+            logs.update(loss=loss_value, lr=lr, grad_norm=float(grad_norm))
             for k, v in logs.items():
                 if isinstance(v, (int, float)):
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -269,7 +324,7 @@ class Trainer:
                                  "data_time": dt, "compute_time": time.time() - t0},
                                 step=self.global_step, prefix=f"{self.stage}/")
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -285,16 +340,29 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, desc=f"{self.stage} {epoch + 1}/{self.sec.epochs}",
                     leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
-    def _nonfinite(self, epoch: int, logs: dict) -> bool:
+    def _reduce_losses(self, loss: torch.Tensor, logs: dict) -> float:
+        """Mean over the processes of the loss and of the ``loss*`` scalars in ``logs`` (updated in place);
+        returns the loss. A ``loss*`` key must be logged by every rank or by none (config, not data)."""
+        if not self.dist.enabled:
+            return float(loss)
+        keys = sorted(k for k, v in logs.items() if k.startswith("loss") and isinstance(v, float))
+        t = torch.tensor([float(loss)] + [logs[k] for k in keys], dtype=torch.float64, device=self.device)
+        t = all_reduce_mean(t, self.dist).cpu()
+        for k, v in zip(keys, t[1:].tolist()):
+            logs[k] = v
+        return float(t[0])
+
+    def _nonfinite(self, epoch: int, logs: dict, what: str = "loss") -> bool:
         """Skip the step (returns True) or write a checkpoint and stop, naming the step."""
         if self.sec.nonfinite == "skip":
             self.skipped_steps += 1
             self.logger.log({"kind": "skip", "epoch": epoch, "step": self.global_step,
-                             "skipped_steps": self.skipped_steps, **logs})
+                             "skipped_steps": self.skipped_steps, "what": what, **logs})
             return True
         path = self.save("nonfinite", epoch - 1) if self.dist.is_main else None
+        barrier(self.dist)  # the other ranks stop only once the checkpoint is written
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch + 1}, optimizer step {self.global_step + 1} "
+            f"non-finite {what} at epoch {epoch + 1}, optimizer step {self.global_step + 1} "
             f"({', '.join(f'{k}={v}' for k, v in logs.items() if isinstance(v, float))}). The weights "
             f"before this step were saved to {path}. Lower the lr, check the data "
             f"(medhpm data check), or set {self.stage}.nonfinite=skip."

@@ -1,5 +1,8 @@
 """UNETR fine-tuning from a pre-trained encoder (paper section 2; ALGORITHM.md section 4).
 
+Validation uses the datalist's labelled ``validation`` split when it has one, else ``data.val_cases``
+cases drawn from the training split; test cases are never seen.
+
 Initialisation (``init``): a pre-training checkpoint (student encoder, or the teacher's with
 ``finetune.use_teacher``), an exported ``encoder.safetensors``, a MONAI UNETR / SelfMedMAE / 2D ViT
 checkpoint (see ``medhpm.models.transfer``), or ``none`` (UNETR from scratch). AdamW with layer-wise lr
@@ -76,17 +79,23 @@ class FinetuneTrainer(Trainer):
         if missing:
             raise ValueError(f"fine-tuning needs labels; {len(missing)} training scans of {src} have none "
                              f"(e.g. {missing[0]})")
-        train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
+        # validation: the datalist's own labelled "validation" split when it has one (a split the user
+        # chose, disjoint from "test"), else data.val_cases drawn from the training cases
+        given = [e for e in dl.get("validation", []) if "label" in e]
+        if given:
+            train, val = list(dl["training"]), given
+        else:
+            train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
         ds = make_dataset(train, train_transforms(d), d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
-        sampler = None
-        if self.dist.enabled:
-            from torch.utils.data.distributed import DistributedSampler
+        # a DistributedSampler also for one process, so the order of volumes in the global batch is the
+        # same whatever the number of processes
+        from torch.utils.data.distributed import DistributedSampler
 
-            sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
-        return make_loader(ds, batch_size=self.cfg.finetune.batch_size // d.num_samples, shuffle=sampler is None,
+        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=False)
+        return make_loader(ds, batch_size=self.cfg.finetune.batch_size // d.num_samples, shuffle=False,
                            num_workers=d.num_workers, seed=self.cfg.seed, sampler=sampler,
                            prefetch_factor=d.prefetch_factor)
 
