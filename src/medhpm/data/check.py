@@ -1,0 +1,337 @@
+"""``medhpm data check``: read every case of a data set and report what would break or mislead training.
+
+Errors make a case unusable (missing or unreadable file, 2D/4D image, image and label on different
+grids, non-integer or undeclared label values, NaN/inf, a constant image, implausible voxel spacing,
+values far outside any CT range, the same scan in two splits). Warnings do not (intensities that do not
+look like HU, scans smaller than the ROI at the target spacing, which get padded). Every problem is
+listed, not only the first. Files are read with the same loader as the training chains
+(:func:`medhpm.data.io.load_image`), reoriented to RAS so that a DICOM series and its NIfTI label map
+are compared in world space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from medhpm.data.datalist import SPLITS, DataError, load_datalist
+
+__all__ = ["Finding", "CheckReport", "check_dataset", "HU_LIMITS", "SPACING_LIMITS"]
+
+HU_LIMITS = (-4000.0, 40000.0)  # beyond these no CT scale (incl. extended-range) reaches
+SPACING_LIMITS = (0.1, 10.0)  # mm; outside: a wrong header unit or not a CT volume
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" (case unusable) | "warning"
+    split: str  # training | validation | test | "" (whole data set)
+    case: str
+    file: str
+    problem: str
+
+    def line(self) -> str:
+        where = f"{self.split}/{self.case}" if self.case else "data set"
+        return f"{self.severity.upper():7s} {where}: {self.file}: {self.problem}"
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_dataset`: ``findings`` (all problems), per-case ``cases`` and a ``summary``."""
+
+    source: str
+    data_format: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    cases: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def add(self, severity: str, split: str, case: str, file: str, problem: str) -> None:
+        self.findings.append(Finding(severity, split, case, str(file), problem))
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def unusable(self) -> list[tuple[str, str]]:
+        """(split, case) of the cases with at least one error."""
+        seen: list[tuple[str, str]] = []
+        for f in self.errors:
+            if f.case and (f.split, f.case) not in seen:
+                seen.append((f.split, f.case))
+        return seen
+
+    @property
+    def ok(self) -> bool:
+        """False when any case (or the data set itself) has an error."""
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "format": self.data_format,
+            "ok": self.ok,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "unusable_cases": [f"{s}/{c}" for s, c in self.unusable],
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+            "cases": self.cases,
+            "summary": self.summary,
+        }
+
+    def format(self) -> str:
+        """Human-readable report: summary, then every error and warning, then the verdict."""
+        s = self.summary
+        lines = [f"data check: {self.source}" + (f" (format {self.data_format})" if self.data_format else "")]
+        if s:
+            counts = s.get("cases", {})
+            lab = s.get("labelled", {})
+            lines.append("cases: " + ", ".join(f"{k} {counts.get(k, 0)} ({lab.get(k, 0)} labelled)" for k in SPLITS))
+            if s.get("spacing_mm"):
+                lo, hi = s["spacing_mm"]["min"], s["spacing_mm"]["max"]
+                lines.append("spacing (mm, RAS axes): " + ", ".join(
+                    f"{ax} {a:.3g}-{b:.3g}" for ax, a, b in zip("xyz", lo, hi)))
+            if s.get("shape"):
+                lo, hi = s["shape"]["min"], s["shape"]["max"]
+                lines.append("size (voxels): " + ", ".join(f"{ax} {a}-{b}" for ax, a, b in zip("xyz", lo, hi)))
+            if s.get("shape_at_target"):
+                lo, hi = s["shape_at_target"]["min"], s["shape_at_target"]["max"]
+                lines.append(f"size at {tuple(s['target_spacing'])} mm: " + ", ".join(
+                    f"{ax} {a}-{b}" for ax, a, b in zip("xyz", lo, hi)) + f" (ROI {tuple(s['roi'])})")
+            if s.get("intensity"):
+                lines.append(f"intensity: {s['intensity']['min']:.1f} to {s['intensity']['max']:.1f}")
+            if s.get("labels"):
+                lines.append("label voxels (cases):")
+                for v, info in s["labels"].items():
+                    name = f" {info['name']}" if info.get("name") else ""
+                    lines.append(f"  {v}{name}: {info['voxels']} ({info['cases']})")
+        for f in self.errors + self.warnings:
+            lines.append(f.line())
+        n = sum(s.get("cases", {}).values()) if s else 0
+        if self.ok:
+            lines.append(f"OK: all {n} cases usable" + (f", {len(self.warnings)} warning(s)" if self.warnings else ""))
+        else:
+            bad = len(self.unusable)
+            extra = "" if bad else " (the data set itself has errors)"
+            lines.append(f"NOT OK: {bad} of {n} cases unusable, {len(self.errors)} error(s), "
+                         f"{len(self.warnings)} warning(s){extra}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _read(path: str):
+    from medhpm.data.io import load_image
+
+    return load_image(path, orientation="RAS")
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def _values(vals: Sequence, limit: int = 8) -> str:
+    vals = list(vals)
+    s = ", ".join(f"{v:g}" for v in vals[:limit])
+    return s + (f", ... ({len(vals)} values)" if len(vals) > limit else "")
+
+
+def _check_image(rep: CheckReport, split: str, case: str, path: str, arr: np.ndarray, affine: np.ndarray,
+                 info: dict) -> None:
+    err = lambda msg: rep.add("error", split, case, path, msg)  # noqa: E731
+    warn = lambda msg: rep.add("warning", split, case, path, msg)  # noqa: E731
+    sp = _spacing(affine)
+    info["shape"] = [int(s) for s in arr.shape]
+    info["spacing"] = [round(float(s), 4) for s in sp]
+    if not np.all(np.isfinite(affine)):
+        err("the affine (voxel-to-world matrix) holds NaN or infinite values")
+    elif np.any(sp < SPACING_LIMITS[0]) or np.any(sp > SPACING_LIMITS[1]):
+        err(f"implausible voxel spacing {tuple(round(float(s), 4) for s in sp)} mm (expected "
+            f"{SPACING_LIMITS[0]}-{SPACING_LIMITS[1]} mm): check the header's units and pixdim")
+    a = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float32)
+    finite = np.isfinite(a)
+    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    if n_nan or n_inf:
+        err(f"{n_nan} NaN and {n_inf} infinite voxel(s)")
+    if not finite.any():
+        return
+    vals = a[finite]
+    lo, hi = float(vals.min()), float(vals.max())
+    info["min"], info["max"] = lo, hi
+    if hi == lo:
+        err(f"constant image (every voxel is {lo:g})")
+        return
+    if hi > HU_LIMITS[1]:
+        err(f"maximum {hi:g} lies above {HU_LIMITS[1]:g}: not a CT intensity scale")
+    if lo < HU_LIMITS[0]:
+        # Some scanners and converters fill the outside of the field of view with one value such as
+        # -32768; the HU clip maps it to air, so that alone does not make the case unusable.
+        below = vals[vals < HU_LIMITS[0]]
+        if np.all(below == lo):
+            warn(f"{below.size} voxel(s) at {lo:g} (below {HU_LIMITS[0]:g}): presumably a fill value outside "
+                 "the field of view; the HU clip treats it as air")
+            vals_in = vals[vals >= HU_LIMITS[0]]
+            lo = float(vals_in.min()) if vals_in.size else lo
+        else:
+            err(f"minimum {lo:g} lies below {HU_LIMITS[0]:g}: not a CT intensity scale")
+    reasons = []
+    if hi - lo < 10:
+        reasons.append(f"range {hi - lo:g} < 10")
+    if hi < 100:
+        reasons.append(f"maximum {hi:g} < 100 (no bone or contrast)")
+    if lo > -500:
+        reasons.append(f"minimum {lo:g} > -500 (no air)")
+    if reasons:
+        warn(f"intensities [{lo:g}, {hi:g}] do not look like Hounsfield units ({'; '.join(reasons)}); "
+             "the HU window clip may erase the image (already normalised? missing rescale intercept?)")
+
+
+def _check_label(rep: CheckReport, split: str, case: str, path: str, lab: np.ndarray, laff: np.ndarray,
+                 img_shape: Optional[tuple], img_aff: Optional[np.ndarray], declared: dict, num_classes: Optional[int],
+                 tol: float, info: dict) -> None:
+    err = lambda msg: rep.add("error", split, case, path, msg)  # noqa: E731
+    if img_shape is not None and tuple(lab.shape) != tuple(img_shape):
+        err(f"label shape {tuple(lab.shape)} differs from the image's {tuple(img_shape)} (both in RAS order)")
+    elif img_aff is not None:
+        diff = float(np.max(np.abs(np.asarray(laff) - np.asarray(img_aff))))
+        if not np.isfinite(diff) or diff > tol:
+            err(f"label geometry differs from the image's (largest affine difference {diff:.4g} mm > {tol:g}): "
+                "the label map does not lie on the image's voxel grid")
+    a = lab
+    if np.issubdtype(a.dtype, np.floating):
+        fin = np.isfinite(a)
+        if not fin.all():
+            err(f"{int((~fin).sum())} NaN/infinite label voxel(s)")
+            a = np.where(fin, a, 0)
+        frac = a != np.round(a)
+        if frac.any():
+            err(f"{int(frac.sum())} label voxel(s) are not integers (e.g. {float(a[frac].flat[0]):g}): a label "
+                "map must hold class numbers (was it resampled with linear interpolation?)")
+        a = np.round(a)
+    values, counts = np.unique(a.astype(np.int64), return_counts=True)
+    info["labels"] = {int(v): int(c) for v, c in zip(values, counts)}
+    neg = [int(v) for v in values if v < 0]
+    if neg:
+        err(f"negative label values {_values(neg)}")
+    if num_classes is not None:
+        over = [int(v) for v in values if v >= num_classes]
+        if over:
+            err(f"label values {_values(over)} exceed the {num_classes} classes (0-{num_classes - 1})")
+    if declared:
+        undeclared = [int(v) for v in values if int(v) not in declared and v >= 0]
+        if undeclared:
+            err(f"label values {_values(undeclared)} are not in the datalist's labels "
+                f"({_values(sorted(declared))})")
+
+
+def check_dataset(
+    source: str | os.PathLike,
+    num_classes: Optional[int] = None,
+    roi: Sequence[int] = (96, 96, 96),
+    spacing: Optional[Sequence[float]] = None,
+    format: str = "auto",
+    split: str = "transunet",
+    geometry_tol: float = 1e-3,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+) -> CheckReport:
+    """Read every case of ``source`` (any format of :func:`load_datalist`) and report its problems.
+
+    ``num_classes`` (incl. background) and the datalist's labels bound the label values. ``roi`` and
+    ``spacing`` (the training voxel size in mm; None = native) give the size under which a scan is
+    padded (a warning). ``geometry_tol`` (mm) bounds the difference of image and label affines.
+    ``progress(i, n, case)`` is called before each case. Never raises for a bad file: it is reported.
+    """
+    rep = CheckReport(source=str(source))
+    try:
+        dl = load_datalist(source, format=format, split=split, check_paths=False)
+    except DataError as e:
+        rep.add("error", "", "", str(source), str(e))
+        return rep
+    rep.data_format = dl["format"]
+    declared = dict(dl.get("labels") or {})
+    roi = tuple(int(r) for r in roi)
+    target = tuple(float(s) for s in spacing) if spacing is not None else None
+
+    todo = [(s, e) for s in SPLITS for e in dl[s]]
+    for i, (s, e) in enumerate(todo):
+        case = e["case"]
+        if progress is not None:
+            progress(i, len(todo), case)
+        info: dict[str, Any] = {"split": s, "case": case, "image": e["image"], "label": e.get("label")}
+        rep.cases.append(info)
+        img_shape = img_aff = None
+        for key in ("image", "label"):
+            path = e.get(key)
+            if path is None:
+                continue
+            if not os.path.exists(path):
+                rep.add("error", s, case, path, f"{key} file does not exist")
+                continue
+            try:
+                arr, aff, _ = _read(path)
+            except Exception as ex:  # a bad file is a finding, never a crash of the check
+                msg = str(ex)
+                if path in msg:  # our DataErrors name the file; don't repeat it
+                    msg = msg.replace(f"{path}: ", "").replace(path, "this file")
+                rep.add("error", s, case, path, f"{key}: {msg}")
+                continue
+            if key == "image":
+                _check_image(rep, s, case, path, arr, aff, info)
+                img_shape, img_aff = arr.shape, aff
+                sp = _spacing(aff)
+                size = np.asarray(arr.shape, dtype=float)
+                if target is not None:
+                    size = np.floor(size * sp / np.asarray(target) + 1e-6)
+                info["shape_at_target"] = [int(x) for x in size]
+                small = [f"{ax} {int(n)} < {r}" for ax, n, r in zip("xyz", size, roi) if n < r]
+                if small:
+                    at = f"at {target} mm" if target else "at its own spacing"
+                    rep.add("warning", s, case, path, f"smaller than the ROI {at} ({', '.join(small)}): "
+                            "it will be padded")
+            else:
+                _check_label(rep, s, case, path, arr, aff, img_shape, img_aff, declared, num_classes,
+                             geometry_tol, info)
+            del arr
+        info["usable"] = not any(f.severity == "error" and f.case == case and f.split == s for f in rep.findings)
+    rep.summary = _summary(dl, rep, declared, roi, target)
+    return rep
+
+
+def _summary(dl: dict, rep: CheckReport, declared: dict, roi: tuple, target: Optional[tuple]) -> dict:
+    cases = rep.cases
+    out: dict[str, Any] = {
+        "cases": {s: len(dl[s]) for s in SPLITS},
+        "labelled": {s: sum(1 for e in dl[s] if e.get("label")) for s in SPLITS},
+        "usable_cases": sum(1 for c in cases if c.get("usable")),
+        "roi": list(roi),
+        "target_spacing": list(target) if target else None,
+    }
+    sp = np.array([c["spacing"] for c in cases if "spacing" in c])
+    if sp.size:
+        out["spacing_mm"] = {"min": sp.min(0).round(4).tolist(), "max": sp.max(0).round(4).tolist()}
+    sh = np.array([c["shape"] for c in cases if "shape" in c])
+    if sh.size:
+        out["shape"] = {"min": sh.min(0).tolist(), "max": sh.max(0).tolist()}
+    st = np.array([c["shape_at_target"] for c in cases if "shape_at_target" in c])
+    if st.size and target:
+        out["shape_at_target"] = {"min": st.min(0).tolist(), "max": st.max(0).tolist()}
+    lows = [c["min"] for c in cases if "min" in c]
+    if lows:
+        out["intensity"] = {"min": min(lows), "max": max(c["max"] for c in cases if "max" in c)}
+    labels: dict[int, dict] = {}
+    for c in cases:
+        for v, n in c.get("labels", {}).items():
+            d = labels.setdefault(v, {"name": declared.get(v, ""), "voxels": 0, "cases": 0})
+            d["voxels"] += n
+            d["cases"] += 1
+    out["labels"] = {v: labels[v] for v in sorted(labels)}
+    return out

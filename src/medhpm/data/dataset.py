@@ -1,0 +1,191 @@
+"""Datasets and loaders: MONAI Dataset / CacheDataset / PersistentDataset chosen by ``data.cache``.
+
+* ``none``: every item is loaded and preprocessed on every access.
+* ``memory``: the deterministic head of the chain (up to the first random transform) is computed once
+  per case and kept in RAM (``CacheDataset``).
+* ``disk``: the same head is stored as one file per case under ``data.cache_dir`` (``PersistentDataset``);
+  the file name hashes the case's paths with their size and modification time and the chain's
+  deterministic parameters, so editing a scan or changing the spacing never serves a stale item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import warnings
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.data.utils import worker_init_fn as _monai_worker_init_fn
+from monai.transforms import Compose, RandomizableTrait, Transform
+
+from medhpm.config import DataConfig
+from medhpm.runtime.io import atomic_path
+
+__all__ = ["make_dataset", "make_loader", "seed_worker", "item_hash", "chain_hash"]
+
+CACHE_FORMAT = 1  # bump when the layout of cached items changes
+
+
+def item_hash(item: Any) -> bytes:
+    """Cache key of a datalist entry: its JSON, plus size and mtime of every path it names."""
+    def stat(v: Any) -> Any:
+        if isinstance(v, str) and os.path.exists(v):
+            st = os.stat(v)
+            return [v, st.st_size, st.st_mtime_ns]
+        if isinstance(v, dict):
+            return {str(k): stat(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [stat(x) for x in v]
+        return v if isinstance(v, (int, float, bool, type(None))) else str(v)
+
+    blob = json.dumps(stat(item), sort_keys=True).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest().encode("utf-8")
+
+
+def _flat(transform: Any) -> list:
+    # not Compose.flatten(): it builds a new Compose, whose constructor re-seeds the shared transforms
+    if isinstance(transform, Compose):
+        return [t for sub in transform.transforms for t in _flat(sub)]
+    return [transform]
+
+
+def _deterministic_head(transform: Any) -> list:
+    head = []
+    for t in _flat(transform):
+        if isinstance(t, RandomizableTrait) or not isinstance(t, Transform):
+            break
+        head.append(t)
+    return head
+
+
+def chain_hash(transform: Any, cfg: DataConfig) -> str:
+    """Hash of what the cached (deterministic) head computes: its transforms and their keys, and the
+    chain parameters (the spec attached by medhpm.data.transforms, else those of ``cfg``)."""
+    from medhpm.data.transforms import DETERMINISTIC_FIELDS, transforms_spec
+
+    spec = getattr(transform, "medhpm_spec", None) or transforms_spec(cfg)
+    head = [[type(t).__name__, sorted(map(str, getattr(t, "keys", ())))] for t in _deterministic_head(transform)]
+    blob = {
+        "cache_format": CACHE_FORMAT,
+        "params": {k: spec.get(k) for k in DETERMINISTIC_FIELDS},
+        "head": head,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _DiskCacheDataset(PersistentDataset):
+    """PersistentDataset whose cache files are written atomically next to their final name and which
+    recomputes (instead of failing on) a cache file it cannot read."""
+
+    def _cachecheck(self, item_transformed):
+        assert self.cache_dir is not None
+        name = f"{self.hash_func(item_transformed).decode('utf-8')}-{self.transform_hash}.pt"
+        hashfile = self.cache_dir / name
+        if hashfile.is_file():
+            try:
+                # Our own files, written by this class: weights_only=False is needed to restore the
+                # MetaTensor metadata (affine, applied operations) that inverting a prediction uses.
+                return torch.load(hashfile, weights_only=False)
+            except Exception as e:
+                warnings.warn(f"cache file {hashfile} is unreadable ({type(e).__name__}); recomputing it")
+                try:
+                    hashfile.unlink()
+                except OSError:
+                    pass
+        out = self._pre_transform(deepcopy(item_transformed))
+        try:
+            with atomic_path(hashfile, suffix=".pt") as tmp:
+                torch.save(out, tmp, pickle_protocol=self.pickle_protocol)
+        except OSError as e:  # a full or read-only disk slows the run down but does not stop it
+            warnings.warn(f"could not write cache file {hashfile}: {e}")
+        return out
+
+
+def make_dataset(
+    entries: Sequence[dict],
+    transform: Callable,
+    cfg: DataConfig,
+    cache_dir: Optional[str | os.PathLike] = None,
+) -> Dataset:
+    """Dataset over datalist ``entries`` with ``transform``, cached as ``cfg.cache`` says.
+
+    ``cache_dir`` overrides ``cfg.cache_dir`` for ``cache == "disk"`` (one of them must be set).
+    Memory caching runs the deterministic head at construction (``cfg.num_workers`` threads).
+    """
+    data = [dict(e) for e in entries]
+    mode = cfg.cache
+    if mode == "none":
+        return Dataset(data, transform)
+    if mode == "memory":
+        return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, int(cfg.num_workers)),
+                            progress=False)
+    if mode == "disk":
+        folder = cache_dir or cfg.cache_dir
+        if not folder:
+            raise ValueError("data.cache=disk needs a folder: set data.cache_dir (or pass cache_dir)")
+        folder = Path(folder).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the cache folder {folder} (data.cache_dir): {e.strerror or e}") from None
+        ds = _DiskCacheDataset(data, transform, cache_dir=folder, hash_func=item_hash, track_meta=True)
+        ds.transform_hash = chain_hash(transform, cfg)
+        return ds
+    raise ValueError(f"data.cache must be none, memory or disk, got {mode!r}")
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: seeds MONAI's random transforms (as MONAI's own worker_init_fn does)
+    and Python's and NumPy's global generators from the worker's torch seed, which the loader derives
+    from its generator; runs are then repeatable for a given seed and number of workers."""
+    _monai_worker_init_fn(worker_id)
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    sampler: Optional[torch.utils.data.Sampler] = None,
+    prefetch_factor: int = 2,
+    drop_last: bool = False,
+    pin_memory: Optional[bool] = None,
+    persistent_workers: Optional[bool] = None,
+) -> DataLoader:
+    """MONAI DataLoader with ``list_data_collate`` (a chain that returns ``num_samples`` crops per
+    volume gives batches of ``batch_size * num_samples``) and seeded shuffling and workers.
+
+    With a ``sampler`` (e.g. DistributedSampler) ``shuffle`` is left to the sampler.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    kwargs: dict[str, Any] = dict(
+        batch_size=batch_size,
+        shuffle=bool(shuffle) if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=list_data_collate,
+        worker_init_fn=seed_worker,
+        generator=gen,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+    )
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor
+        kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
+    return DataLoader(dataset, **kwargs)

@@ -1,0 +1,289 @@
+"""Loading one CT volume (a NIfTI file or a folder holding one DICOM series) through MONAI's readers.
+
+The transform chains load with :class:`LoadCTd` and the data check and tools with :func:`load_image`;
+both go through :func:`read_volume`, so every part of the package sees the same array and geometry.
+
+What MONAI's readers lack and is added here (each a CT-specific safety check):
+* a DICOM folder with several series is an error naming them (``PydicomReader`` would stack them all);
+* DICOM slices are ordered by their position along the slice normal, not by InstanceNumber (which
+  follows the acquisition and need not be spatial), and duplicate or missing slices are errors;
+* 2D images and multi-volume (4D) images are errors; a trailing singleton 4th dimension is squeezed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import ImageReader, MetaTensor, NibabelReader, PydicomReader
+from monai.transforms import LoadImage, MapTransform, Orientation
+from monai.utils import ensure_tuple
+
+from medhpm.data.datalist import DataError, dicom_files_in, is_dicom_file, is_nifti
+
+__all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path"]
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """A NIfTI file, a DICOM file or a folder (possibly a DICOM series)."""
+    p = Path(path)
+    return p.is_dir() or is_nifti(p) or p.suffix.lower() == ".dcm" or is_dicom_file(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM series
+
+
+class DicomSeriesReader(PydicomReader):
+    """``PydicomReader`` for one series per folder, with the slices in spatial order.
+
+    Reading a folder checks that all DICOM files (found by the 'DICM' marker, any extension) belong to
+    one SeriesInstanceUID, share orientation, pixel spacing and size, and are evenly spaced along the
+    slice normal; the slices are then given InstanceNumbers in that order on the in-memory copies, since
+    ``PydicomReader`` stacks by InstanceNumber and takes the slice direction from the first and last.
+    """
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        names = ensure_tuple(filename)
+        return len(names) == 1 and (Path(names[0]).is_dir() or is_dicom_file(names[0]))
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
+        import pydicom
+
+        names = ensure_tuple(data)
+        if len(names) != 1:
+            raise DataError(f"{names}: give one DICOM series folder (or file) per image")
+        path = Path(names[0])
+        kw = {**self.kwargs, **kwargs}
+        self.has_series = False
+        if not path.is_dir():
+            ds = _dcmread(path, kw)
+            if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+                raise DataError(f"{path}: multi-frame DICOM is not supported (no per-slice geometry is read); "
+                                "convert it to NIfTI, e.g. with dcm2niix")
+            self.filenames = [str(path)]
+            return ds
+        files = dicom_files_in(path)
+        if not files:
+            raise DataError(f"{path}: no DICOM files in this folder (files with 'DICM' at byte 128)")
+        slices = []
+        for f in files:
+            ds = _dcmread(f, kw)
+            if "PixelData" in ds:  # skip non-image objects (e.g. a structured report) of the study
+                slices.append((ds, str(f)))
+        if not slices:
+            raise DataError(f"{path}: none of its {len(files)} DICOM files holds pixel data")
+        by_uid: dict[str, int] = {}
+        for ds, _ in slices:
+            uid = str(getattr(ds, "SeriesInstanceUID", "<no SeriesInstanceUID>"))
+            by_uid[uid] = by_uid.get(uid, 0) + 1
+        if len(by_uid) > 1:
+            listing = ", ".join(f"{uid} ({n} files)" for uid, n in sorted(by_uid.items()))
+            raise DataError(
+                f"DICOM folder {path} holds {len(by_uid)} series (SeriesInstanceUID {listing}); "
+                "put each series in its own folder"
+            )
+        if len(slices) > 1:
+            slices = _spatial_order(path, slices)
+        for rank, (ds, _) in enumerate(slices, start=1):
+            ds.InstanceNumber = rank
+        if len(slices) == 1:
+            self.filenames = [slices[0][1]]
+            return slices[0][0]
+        self.has_series = True
+        self.filenames = [[f for _, f in slices]]
+        return [ds for ds, _ in slices]
+
+
+def _dcmread(path: Path, kw: dict):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path), **kw)
+    except Exception as e:  # truncated or non-DICOM file: name it
+        raise DataError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from e
+
+
+def _spatial_order(folder: Path, slices: list) -> list:
+    """Sort (dataset, file) pairs by position along the slice normal; refuse inconsistent series."""
+    first = slices[0][0]
+    need = ("ImageOrientationPatient", "ImagePositionPatient")
+    for ds, f in slices:
+        lacking = [t for t in need if t not in ds]
+        if lacking:
+            raise DataError(f"DICOM folder {folder}: {Path(f).name} lacks {', '.join(lacking)}; "
+                            "the slice geometry cannot be derived")
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    shape = (int(first.Rows), int(first.Columns))
+    psp = np.asarray(getattr(first, "PixelSpacing", (1.0, 1.0)), dtype=float)
+    for ds, f in slices[1:]:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
+            raise DataError(f"DICOM folder {folder}: slices with different ImageOrientationPatient "
+                            f"({Path(f).name}); a series must have one orientation")
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise DataError(f"DICOM folder {folder}: slices of different sizes ({shape} and "
+                            f"{(int(ds.Rows), int(ds.Columns))} in {Path(f).name})")
+        if not np.allclose(np.asarray(getattr(ds, "PixelSpacing", (1.0, 1.0)), dtype=float), psp, atol=1e-4):
+            raise DataError(f"DICOM folder {folder}: slices with different PixelSpacing ({Path(f).name})")
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.array([float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal)) for ds, _ in slices])
+    order = np.argsort(pos, kind="stable")
+    pos = pos[order]
+    gaps = np.diff(pos)
+    if np.any(gaps < 1e-3):
+        i = int(np.argmin(gaps))
+        raise DataError(
+            f"DICOM folder {folder}: {Path(slices[order[i]][1]).name} and {Path(slices[order[i + 1]][1]).name} "
+            f"lie at the same position ({pos[i]:.3f} mm along the normal): duplicate slices or several "
+            "acquisitions in one series"
+        )
+    step = float(np.median(gaps))
+    if np.max(np.abs(gaps - step)) > 0.01 * step + 1e-3:  # tolerance for rounding in the DS strings
+        raise DataError(
+            f"DICOM folder {folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm, "
+            "missing slices?); the volume cannot be stacked on a regular grid"
+        )
+    return [slices[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------------------
+# One reader for CT volumes
+
+
+@dataclass
+class _Read:
+    # read() hands this to get_data(): the inner reader keeps per-read state, so one is made per read
+    reader: ImageReader
+    obj: Any
+    path: str
+
+
+class CTReader(ImageReader):
+    """MONAI ``ImageReader`` for one 3D CT volume: a NIfTI file or a DICOM series (folder or file).
+
+    ``get_data`` returns a 3D array (float32 for scaled/float data, integer types kept) and MONAI's
+    metadata (affine in RAS world coordinates). 2D images, single slices and images with several
+    volumes raise :class:`DataError` naming the file.
+    """
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        names = ensure_tuple(filename)
+        return len(names) == 1 and is_image_path(names[0])
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> _Read:
+        names = ensure_tuple(data)
+        if len(names) != 1:
+            raise DataError(f"{names}: one image per key is supported (single-channel CT)")
+        path = str(names[0])
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file or folder")
+        if is_nifti(path):
+            inner: ImageReader = NibabelReader(squeeze_non_spatial_dims=True)
+        elif os.path.isdir(path) or path.lower().endswith(".dcm") or is_dicom_file(path):
+            inner = DicomSeriesReader()
+        else:
+            raise DataError(f"{path}: not a NIfTI file (.nii, .nii.gz) nor a DICOM series folder")
+        try:
+            return _Read(inner, inner.read(path, **kwargs), path)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+
+    def get_data(self, img: _Read) -> tuple[np.ndarray, dict]:
+        try:  # nibabel and pydicom decode the voxels here: a truncated file fails now
+            arr, meta = img.reader.get_data(img.obj)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{img.path}: unreadable ({type(e).__name__}: {e})") from e
+        arr = np.asarray(arr)
+        spatial = tuple(int(s) for s in np.asarray(meta.get("spatial_shape", arr.shape)).ravel())
+        if arr.ndim == len(spatial) + 1:  # channel-last extra dimension
+            if arr.shape[-1] != 1:
+                raise DataError(
+                    f"{img.path}: 4D image {tuple(arr.shape)} with {arr.shape[-1]} volumes; medhpm needs "
+                    "one 3D CT volume per file (split the volumes into separate files)"
+                )
+            arr = arr[..., 0]
+            meta["original_channel_dim"] = float("nan")
+        if arr.ndim != 3 or len(spatial) != 3:
+            raise DataError(f"{img.path}: {arr.ndim}D image {tuple(arr.shape)}; medhpm needs a 3D CT volume")
+        if min(arr.shape) < 2:
+            raise DataError(f"{img.path}: a single slice {tuple(arr.shape)} (2D); medhpm needs a 3D CT volume")
+        if arr.dtype == np.float64:  # nibabel's scaled data: float32 halves the memory at no loss for CT
+            arr = arr.astype(np.float32)
+        return arr, meta
+
+
+@functools.lru_cache(maxsize=1)
+def _loader() -> LoadImage:
+    # LoadImage registers MONAI's default readers at construction; the GPU DICOM one logs a notice that
+    # does not concern us (we always pass CTReader at call time).
+    log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return LoadImage(image_only=True, dtype=None, ensure_channel_first=True)
+    finally:
+        log.setLevel(level)
+
+
+def read_volume(path: str | os.PathLike) -> MetaTensor:
+    """Load one CT volume as a channel-first MetaTensor (1, X, Y, Z) with MONAI metadata.
+
+    Raises DataError naming the file when it is missing, unreadable, 2D, 4D, or a DICOM folder with
+    several series.
+    """
+    return _loader()(str(path), reader=CTReader())
+
+
+def load_image(path: str | os.PathLike, orientation: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Load one CT volume: (array (X, Y, Z), affine (4, 4) voxel -> RAS mm, metadata dict).
+
+    ``orientation`` (e.g. "RAS") reorients the array and affine first, as the transform chains do.
+    The array is float32 for CT intensities read from DICOM or scaled NIfTI; integer types are kept.
+    """
+    img = read_volume(path)
+    if orientation:
+        img = Orientation(axcodes=orientation, labels=None)(img)  # labels from the MetaTensor space
+    arr = np.ascontiguousarray(img.array[0])
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return arr, affine, dict(img.meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dictionary transform used at the head of every chain
+
+
+class LoadCTd(MapTransform):
+    """Load the CT volumes named by ``keys`` (NIfTI files or DICOM series folders), channel first.
+
+    Images become float32; the keys in ``label_keys`` are rounded to integer values (float32), since a
+    label stored with a float scale factor may read as 0.9999999 and would be truncated to 0 later.
+    """
+
+    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = ("label",),
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_keys = tuple(ensure_tuple(label_keys))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = read_volume(d[key])
+            img = img.to(torch.float32)
+            if key in self.label_keys:
+                img = torch.round(img)
+            d[key] = img
+        return d

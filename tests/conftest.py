@@ -1,0 +1,131 @@
+"""Shared fixtures. Keep this small: fixtures are named after what they make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REAL_CT = Path(__file__).parent / "data" / "real_ct"
+
+
+def _synthetic_ct(shape, seed):
+    """Tiny CT-like volume in HU (air outside an elliptic body, soft tissue, an organ, a bone) and its
+    label map (1 organ, 2 bone). Returns (int16 image, uint8 label)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    cx, cy = rng.uniform(-0.15, 0.15, size=2)
+    img = np.full(shape, -1000.0)
+    lab = np.zeros(shape, np.uint8)
+    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 <= 1
+    img[body] = 40.0
+    organ = ((x - 0.3 - cx) / 0.3) ** 2 + ((y - cy) / 0.3) ** 2 + (z / 0.6) ** 2 <= 1
+    img[organ], lab[organ] = 90.0, 1
+    bone = ((x + 0.35) / 0.15) ** 2 + ((y + 0.2) / 0.15) ** 2 <= 1
+    img[bone], lab[bone] = 700.0, 2
+    img += rng.normal(0.0, 10.0, shape)
+    return np.round(img).astype(np.int16), lab
+
+
+@pytest.fixture
+def nifti_writer():
+    """write(path, array, spacing=(1.5, 1.5, 2.0), origin=(0, 0, 0), affine=None) -> path."""
+    import nibabel as nib
+
+    def write(path, array, spacing=(1.5, 1.5, 2.0), origin=(0.0, 0.0, 0.0), affine=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if affine is None:
+            affine = np.diag([*spacing, 1.0])
+            affine[:3, 3] = origin
+        nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def ct_case_writer(nifti_writer):
+    """write(image_path, label_path=None, shape=(40, 40, 24), spacing=(1.5, 1.5, 2.0), seed=0) writes a
+    synthetic CT (int16 HU) and optionally its label map (uint8: 0, 1 organ, 2 bone)."""
+
+    def write(image_path, label_path=None, shape=(40, 40, 24), spacing=(1.5, 1.5, 2.0), seed=0):
+        img, lab = _synthetic_ct(shape, seed)
+        nifti_writer(image_path, img, spacing)
+        if label_path is not None:
+            nifti_writer(label_path, lab, spacing)
+        return Path(image_path), (Path(label_path) if label_path is not None else None)
+
+    return write
+
+
+@pytest.fixture
+def synthetic_ct():
+    """make(shape=(40, 40, 24), seed=0) -> (int16 HU image, uint8 label)."""
+    return lambda shape=(40, 40, 24), seed=0: _synthetic_ct(shape, seed)
+
+
+@pytest.fixture
+def dicom_series_writer():
+    """write(folder, volume_hu (X, Y, Z), spacing=(sx, sy, sz), origin=(x0, y0, z0) in LPS mm,
+    series_uid=None, instance_numbers=None, suffix="") writes an uncompressed axial CT series.
+
+    Voxel (i, j, k) lies at LPS origin + (i*sx, j*sy, k*sz): slice k's pixel array is volume[:, :, k].T
+    (DICOM rows run along y). ``instance_numbers`` (one per slice) lets a test scramble their order.
+    """
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def write(folder, volume, spacing=(0.8, 0.8, 2.5), origin=(-20.0, -30.0, 100.0), series_uid=None,
+              instance_numbers=None, suffix=""):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        volume = np.asarray(volume)
+        series_uid = series_uid or generate_uid()
+        study_uid = generate_uid()
+        nz = volume.shape[2]
+        numbers = list(instance_numbers) if instance_numbers is not None else list(range(1, nz + 1))
+        paths = []
+        for k in range(nz):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            sop = generate_uid()
+            meta.MediaStorageSOPInstanceUID = sop
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            path = folder / f"slice_{series_uid[-6:]}_{k:03d}{suffix}"
+            ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = sop
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.Modality = "CT"
+            ds.PatientID = "synthetic"
+            ds.InstanceNumber = numbers[k]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(origin[2] + k * spacing[2])]
+            ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # (between rows, between columns)
+            ds.SliceThickness = float(spacing[2])
+            pix = (volume[:, :, k].T.astype(np.int32) + 1024).astype(np.int16)  # stored = HU - intercept
+            ds.Rows, ds.Columns = pix.shape
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1  # signed
+            ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+            ds.PixelData = np.ascontiguousarray(pix).tobytes()
+            ds.save_as(str(path), enforce_file_format=True)
+            paths.append(path)
+        assert pydicom.misc.is_dicom(str(paths[0]))
+        return folder
+
+    return write
+
+
+@pytest.fixture
+def real_abdomen_dicom():
+    """(dicom folder, label map) of the real abdominal CT fixture (TotalSegmentator, Apache-2.0)."""
+    base = REAL_CT / "abdomen_dicom"
+    if not (base / "labels_btcv13.nii.gz").exists():
+        pytest.skip("tests/data/real_ct/abdomen_dicom is missing")
+    return base / "dicom", base / "labels_btcv13.nii.gz"
