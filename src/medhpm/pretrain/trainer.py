@@ -280,7 +280,10 @@ class PretrainTrainer(Trainer):
         )
         import shutil
 
+        import matplotlib.image as mpimg
+
         shutil.copyfile(path, self.run_dir / "figures" / "reconstruction_latest.png")
+        self.logger.image("pretrain/reconstruction", mpimg.imread(str(path))[..., :3], epoch)
         return path
 
     def extra_state(self) -> dict:

@@ -1,0 +1,103 @@
+"""Tiny self-pre-training runs on phantoms: losses fall, checkpoints and figures appear, the exported
+encoder loads by name into a fresh encoder and into UNETR."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medhpm.config import load_config
+from medhpm.models import ViTEncoder
+from medhpm.pretrain.trainer import export_encoder, pretrain
+from medhpm.runtime.checkpoint import load_checkpoint
+from medhpm.runtime.logging import read_metrics
+
+from pipeline_settings import TINY
+
+
+def _epoch_means(run, key):
+    recs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "step" and key in r]
+    by_epoch = {}
+    for r in recs:
+        by_epoch.setdefault(r["epoch"], []).append(r[key])
+    return [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_phantoms, tmp_path_factory):
+    out = {}
+    for method in ("mae", "hpm"):
+        cfg = load_config("demo", TINY + [
+            f"data.dataset={tiny_phantoms}", f"pretrain.method={method}", "pretrain.epochs=4",
+            "pretrain.steps_per_epoch=6", "pretrain.lr=1e-3", "pretrain.alpha_0=0.3", "pretrain.alpha_T=0.5",
+        ])
+        out[method] = pretrain(cfg, tmp_path_factory.mktemp(f"pt_{method}"))
+    return out
+
+
+@pytest.mark.parametrize("method", ["mae", "hpm"])
+def test_losses_fall(runs, method):
+    rec = _epoch_means(runs[method], "loss_rec")
+    assert len(rec) == 4
+    assert rec[-1] < 0.9 * rec[0], rec
+    if method == "hpm":
+        pred = _epoch_means(runs[method], "loss_pred")
+        # the ranking loss starts at log(2) (no information) and must learn something
+        assert pred[0] == pytest.approx(np.log(2), abs=0.02)
+        assert pred[-1] < pred[0] - 0.01, pred
+        recs = read_metrics(runs[method] / "metrics.jsonl")
+        assert any("hu_hard_mean" in r for r in recs), "HU statistics of mined patches are logged"
+        assert all(0.999 > r["ema_momentum"] > 0 for r in recs if "ema_momentum" in r)
+    else:
+        assert not any("loss_pred" in r for r in read_metrics(runs[method] / "metrics.jsonl"))
+
+
+def test_run_folder_contents(runs):
+    run = runs["hpm"]
+    for name in ("last.pt", "final.pt", "config_pretrain.yaml", "summary.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert (run / "figures" / "reconstruction_latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = load_checkpoint(run / "final.pt")
+    assert state["stage"] == "pretrain" and state["epoch"] == 3
+    assert state["teacher"] is not None and not any(k.startswith("decoder_blocks") for k in state["teacher"])
+    assert state["transforms"]["roi"] == [32, 32, 32]
+    assert state["model_args"]["method"] == "hpm"
+    assert load_checkpoint(runs["mae"] / "final.pt")["teacher"] is None
+
+
+def test_exported_encoder_loads_by_name(runs, tmp_path):
+    state = load_checkpoint(runs["hpm"] / "final.pt")
+    path = export_encoder(runs["hpm"] / "final.pt", tmp_path / "enc.safetensors")
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["preset"] == "micro" and side["patch_size"] == 8 and side["method"] == "hpm"
+    assert side["hu_window"] == [-175.0, 250.0] and len(side["sha256"]) == 64
+    enc = ViTEncoder(**side["encoder_args"])
+    missing, unexpected = enc.load_state_dict(load_file(str(path)), strict=True)
+    assert not missing and not unexpected
+    student = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, student[k], rtol=0, atol=0)
+
+
+def test_transfer_into_unetr_keeps_encoder_outputs(runs, tmp_path):
+    from medhpm.models.transfer import load_encoder_weights
+    from medhpm.segment.trainer import build_segmentation_model
+
+    cfg = load_config("demo", TINY)
+    state = load_checkpoint(runs["hpm"] / "final.pt")
+    ref = ViTEncoder(**state["model_args"]["encoder"])
+    ref.load_state_dict({k[8:]: v for k, v in state["model"].items() if k.startswith("encoder.")})
+    ref.eval()
+    unetr = build_segmentation_model(cfg)
+    report = load_encoder_weights(unetr, runs["hpm"] / "final.pt")
+    assert report.missing == [] and report.unexpected == []
+    unetr.eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        a, _ = ref(x)
+        b, _ = unetr.encoder(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,97 @@
+"""Config precedence (defaults -> YAML -> key=value), errors that name the key, resolved config saved."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from medhpm.config import Config, ConfigError, from_dict, load_config, packaged_configs, save_config, to_dict
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
+    default = Config()
+    assert default.pretrain.mask_ratio == 0.75 and default.model.preset == "base"
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "small"}, "pretrain": {"epochs": 7, "mask_ratio": 0.6}}))
+    cfg = load_config(str(path))
+    assert (cfg.model.preset, cfg.pretrain.epochs, cfg.pretrain.mask_ratio) == ("small", 7, 0.6)
+    assert cfg.pretrain.lr == default.pretrain.lr  # untouched keys keep the code default
+    cfg = load_config(str(path), ["pretrain.epochs=9", "method=mae"])
+    assert (cfg.model.preset, cfg.pretrain.epochs, cfg.pretrain.method) == ("small", 9, "mae")
+
+
+def test_packaged_configs_resolve():
+    names = packaged_configs()
+    assert {"demo", "btcv_paper", "smwb_paper"} <= set(names)
+    btcv = load_config("btcv_paper")
+    assert btcv.model.preset == "base" and btcv.data.roi == (96, 96, 96) and btcv.pretrain.batch_size == 4
+    assert btcv.pretrain.lr == pytest.approx(1.5e-4) and btcv.pretrain.weight_decay == pytest.approx(0.05)
+    assert btcv.finetune.lr == pytest.approx(8e-4) and btcv.finetune.layer_decay == 0.75
+    assert btcv.finetune.drop_path == 0.1 and btcv.finetune.num_classes == 14 and btcv.data.split == "transunet"
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("pretrain.lamda_pred=2", "pretrain.lamda_pred", "pretrain.lambda_pred"),
+    ("data.spaceing=[1,1,1]", "data.spaceing", "data.spacing"),
+])
+def test_unknown_key_names_it_and_suggests(override, key, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert key in str(e.value) and hint in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("pretrain:\n  epochz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert "pretrain.epochz" in str(e.value) and "bad.yaml" in str(e.value) and "pretrain.epochs" in str(e.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["pretrain.epochs=ten"])
+    assert "pretrain.epochs" in str(e.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.roi=[60,64,64]", "data.roi"),
+    ("pretrain.mask_ratio=1.0", "pretrain.mask_ratio"),
+    ("pretrain.mask_ratio=0", "pretrain.mask_ratio"),
+    ("model.decoder_heads=5", "model.decoder_heads"),
+    ("model.preset=huge", "model.preset"),
+    ("pretrain.method=simmim", "pretrain.method"),
+])
+def test_impossible_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert key in str(e.value)
+
+
+def test_round_trip_and_saved_config(tmp_path):
+    cfg = load_config("demo", ["pretrain.epochs=3", "data.roi=[32,48,64]"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(str(path))
+    assert to_dict(again) == to_dict(cfg)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_cli_reports_unknown_key_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "pretrain", "--config", "demo", "pretrain.lamda_pred=2",
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "pretrain.lambda_pred" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_version_lists_the_stack():
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    import monai
+    import torch
+
+    assert f"torch {torch.__version__}" in r.stdout and f"monai {monai.__version__}" in r.stdout
+    assert "python 3." in r.stdout and "device cpu" in r.stdout and "cuda" in r.stdout
