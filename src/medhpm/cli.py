@@ -154,21 +154,45 @@ def pretrain(
 
     Several GPUs: torchrun --nproc_per_node 4 -m medhpm.cli pretrain --config btcv_paper --out runs/pt
     """
-    from medhpm.pretrain.trainer import pretrain as run_pretrain
-
+    # the config first: a typo is reported before the (slow) import of the training stack
     if resume is not None:
         cfg = _resume_cfg(resume, "pretrain", overrides, deterministic)
         out = resume
     else:
         cfg = _load_cfg(config, overrides, deterministic)
         out = out or _default_out("pretrain", cfg)
+    _preflight(cfg, "pretrain")
+    from medhpm.pretrain.trainer import pretrain as run_pretrain
+
     run = run_pretrain(cfg, out, resume=resume is not None)
     typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
 
 
+def _preflight(cfg, stage: str) -> None:
+    """Read the datalist and check its NIfTI headers (unreadable, 2D/4D, label off its image's grid) in about a
+    second, before the slow start of the training stack; the trainers check the same again."""
+    if cfg.data.dataset == "phantom":
+        return
+    from medhpm.data.datalist import load_datalist
+    from medhpm.data.headers import check_headers
+    from medhpm.data.sources import resolve_dataset
+
+    dl = load_datalist(resolve_dataset(cfg.data, "."), format=cfg.data.format, split=cfg.data.split)
+    if stage == "finetune":  # fine-tuning validates on the datalist's validation split when it has one
+        check_headers(list(dl["training"]) + list(dl.get("validation", [])), what="training and validation")
+    else:
+        check_headers(dl["training"])
+
+
+# config keys that only one stage's checkpoints depend on
+_STAGE_ONLY_KEYS = {"pretrain": ("model.decoder_", "pretrain."),
+                    "finetune": ("model.feature_size", "model.skip_blocks", "model.norm_name", "finetune.")}
+
+
 def _resume_cfg(run_dir: Path, stage: str, overrides, deterministic):
-    """The resumed run's own resolved config; overrides may only extend it (e.g. more epochs)."""
-    from medhpm.config import load_config
+    """The resumed run's own resolved config; overrides may only extend it (e.g. more epochs), never change
+    what its checkpoint depends on (model shape, ROI, spacing, HU window, classes, method)."""
+    from medhpm.config import CHECKPOINT_KEYS, ConfigError, differences, load_config
 
     path = Path(run_dir) / f"config_{stage}.yaml"
     if not path.is_file():
@@ -176,7 +200,17 @@ def _resume_cfg(run_dir: Path, stage: str, overrides, deterministic):
     ov = list(overrides or [])
     if deterministic:
         ov.append("runtime.deterministic=true")
-    return load_config(str(path), ov)
+    cfg = load_config(str(path), ov)
+    other = "finetune" if stage == "pretrain" else "pretrain"
+    keys = [k for k in CHECKPOINT_KEYS if not k.startswith(_STAGE_ONLY_KEYS[other])]
+    changed = differences(load_config(str(path)), cfg, keys)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the overrides change what its checkpoint was trained with "
+            f"({'; '.join(changed)}; see {path}). A resumed run keeps these; start a new run with another "
+            "--out instead"
+        )
+    return cfg
 
 
 @app.command("export-encoder")
@@ -204,8 +238,6 @@ def finetune(
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels and seeds."),
 ):
     """Fine-tune UNETR for segmentation from a pre-trained encoder (or from scratch with --init none)."""
-    from medhpm.segment.trainer import finetune as run_finetune
-
     ov = list(overrides or [])
     if teacher:
         ov.append("finetune.use_teacher=true")
@@ -217,6 +249,9 @@ def finetune(
     else:
         cfg = _load_cfg(config, ov, deterministic)
         out = out or _default_out("finetune", cfg)
+    _preflight(cfg, "finetune")
+    from medhpm.segment.trainer import finetune as run_finetune
+
     run = run_finetune(cfg, out, init=init, resume=resume is not None)
     typer.echo(f"fine-tuning finished: {run} (best.pt, final.pt, metrics.jsonl)")
 
@@ -383,6 +418,34 @@ def _user_errors():
     return tuple(errs)
 
 
+def _reportable(e: BaseException) -> Optional[BaseException]:
+    """The user error to report for ``e``: ``e`` itself, or the first user error it was raised from (MONAI
+    wraps an error of a transform in ``RuntimeError("applying transform ...")``); None for anything else,
+    which is a bug and keeps its traceback."""
+    errs = _user_errors()
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, errs):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__
+    return None
+
+
+def _message(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        return f"missing key {msg}"
+    if "Original Traceback" in msg:
+        # re-raised from a DataLoader worker: keep the original message, not the worker's traceback
+        for marker in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: "):
+            if marker in msg:
+                return msg.rsplit(marker, 1)[1].strip()
+        return msg.strip().splitlines()[-1]
+    return msg
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MEDHPM_DEBUG") == "1"
@@ -392,13 +455,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except _user_errors() as e:
-        if debug:
+    except Exception as e:
+        shown = _reportable(e)
+        if debug or shown is None:
             raise
-        msg = str(e).strip() or type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_message(shown)}", file=sys.stderr)
         sys.exit(2)
 
 

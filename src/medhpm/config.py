@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -74,7 +74,7 @@ class ModelConfig:
     decoder_heads: int = 12
     # UNETR
     feature_size: int = 16
-    skip_blocks: tuple[int, int, int] = (3, 6, 9)
+    skip_blocks: Optional[tuple[int, ...]] = None  # 1-based blocks for UNETR skips; None: (3, 6, 9) for patch 16
     norm_name: str = "instance"
     grad_checkpointing: bool = False
 
@@ -266,6 +266,34 @@ def from_dict(data: dict) -> Config:
     OmegaConf.set_struct(cfg, True)
     cfg = _merge(cfg, OmegaConf.create(data), "stored config")
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+# What a checkpoint's weights and preprocessing depend on: a run resumed (or a checkpoint used) with other
+# values of these keys would load mismatched tensors or see differently prepared data.
+CHECKPOINT_KEYS = (
+    "model.preset", "model.patch_size", "model.in_chans", "model.pos_embed", "model.decoder_dim",
+    "model.decoder_depth", "model.decoder_heads", "model.feature_size", "model.skip_blocks", "model.norm_name",
+    "data.roi", "data.spacing", "data.orientation", "data.a_min", "data.a_max", "data.b_min", "data.b_max",
+    "pretrain.method", "finetune.architecture", "finetune.num_classes",
+)
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``"model.preset"``); sequences as tuples."""
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return tuple(obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def differences(old: Config, new: Config, keys: Sequence[str] = CHECKPOINT_KEYS) -> list[str]:
+    """``"key: OLD -> NEW"`` for each of ``keys`` whose value differs between two configs."""
+    out = []
+    for key in keys:
+        a, b = get_key(old, key), get_key(new, key)
+        if a != b:
+            out.append(f"{key} {a!r} -> {b!r}")
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

@@ -6,6 +6,10 @@
 * ``disk``: the same head is stored as one file per case under ``data.cache_dir`` (``PersistentDataset``);
   the file name hashes the case's paths with their size and modification time and the chain's
   deterministic parameters, so editing a scan or changing the spacing never serves a stale item.
+
+Before anything is loaded, :func:`make_dataset` checks every NIfTI header of the entries
+(:func:`medhpm.data.headers.check_headers`); a case that fails in the chain later is reported as a ``DataError``
+naming its files and the first cause (not MONAI's "applying transform" chain).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from monai.data.utils import worker_init_fn as _monai_worker_init_fn
 from monai.transforms import Compose, RandomizableTrait, Transform
 
 from medhpm.config import DataConfig
+from medhpm.data.datalist import DataError
+from medhpm.data.headers import check_headers
 from medhpm.runtime.io import atomic_path
 
-__all__ = ["make_dataset", "make_loader", "seed_worker", "item_hash", "chain_hash"]
+__all__ = ["make_dataset", "make_loader", "seed_worker", "item_hash", "chain_hash", "case_error", "root_cause"]
 
 CACHE_FORMAT = 1  # bump when the layout of cached items changes
 
@@ -71,7 +77,13 @@ def chain_hash(transform: Any, cfg: DataConfig) -> str:
     from medhpm.data.transforms import DETERMINISTIC_FIELDS, transforms_spec
 
     spec = getattr(transform, "medhpm_spec", None) or transforms_spec(cfg)
-    head = [[type(t).__name__, sorted(map(str, getattr(t, "keys", ())))] for t in _deterministic_head(transform)]
+    head = []
+    for t in _deterministic_head(transform):
+        desc: list = [type(t).__name__, sorted(map(str, getattr(t, "keys", ())))]
+        checks = getattr(t, "checks", None)  # LoadCTd's checks: an item cached without them was never checked
+        if isinstance(checks, dict) and checks:
+            desc.append(checks)
+        head.append(desc)
     blob = {
         "cache_format": CACHE_FORMAT,
         "params": {k: spec.get(k) for k in DETERMINISTIC_FIELDS},
@@ -80,7 +92,58 @@ def chain_hash(transform: Any, cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _DiskCacheDataset(PersistentDataset):
+def root_cause(e: BaseException) -> BaseException:
+    """The exception under MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
+    seen = set()
+    while (isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None
+           and id(e) not in seen):
+        seen.add(id(e))
+        e = e.__cause__
+    return e
+
+
+def case_error(e: BaseException, item: Any) -> DataError:
+    """A :class:`DataError` for a datalist entry whose chain failed: the cause's own message when it is a
+    DataError (it names the file), else the case's files and the cause."""
+    root = root_cause(e)
+    if isinstance(root, DataError):
+        return DataError(str(root))
+    files = ""
+    if isinstance(item, dict):
+        files = ", ".join(f"{k} {item[k]}" for k in ("image", "label") if isinstance(item.get(k), str))
+        case = item.get("case")
+        files = f"case {case} ({files})" if case else files
+    first = (str(root).strip().splitlines() or [""])[0]
+    return DataError(f"cannot prepare {files or 'a case'}: {type(root).__name__}: {first}")
+
+
+class _NamedErrors:
+    """Mixin for MONAI datasets: a case whose chain fails raises a DataError that names it."""
+
+    def _transform(self, index):  # type: ignore[no-untyped-def]
+        try:
+            return super()._transform(index)  # type: ignore[misc]
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise case_error(e, self.data[index]) from e  # type: ignore[attr-defined]
+
+
+class _Dataset(_NamedErrors, Dataset):
+    pass
+
+
+class _CacheDataset(_NamedErrors, CacheDataset):
+    def _load_cache_item(self, idx: int):  # the deterministic head runs here, at construction
+        try:
+            return super()._load_cache_item(idx)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise case_error(e, self.data[idx]) from e
+
+
+class _DiskCacheDataset(_NamedErrors, PersistentDataset):
     """PersistentDataset whose cache files are written atomically next to their final name and which
     recomputes (instead of failing on) a cache file it cannot read."""
 
@@ -120,12 +183,13 @@ def make_dataset(
     Memory caching runs the deterministic head at construction (``cfg.num_workers`` threads).
     """
     data = [dict(e) for e in entries]
+    check_headers(data)  # unreadable headers, 2D/4D images, labels off their image's grid: before any training
     mode = cfg.cache
     if mode == "none":
-        return Dataset(data, transform)
+        return _Dataset(data, transform)
     if mode == "memory":
-        return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, int(cfg.num_workers)),
-                            progress=False)
+        return _CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, int(cfg.num_workers)),
+                             progress=False)
     if mode == "disk":
         folder = cache_dir or cfg.cache_dir
         if not folder:

@@ -8,6 +8,9 @@ What MONAI's readers lack and is added here (each a CT-specific safety check):
 * DICOM slices are ordered by their position along the slice normal, not by InstanceNumber (which
   follows the acquisition and need not be spatial), and duplicate or missing slices are errors;
 * 2D images and multi-volume (4D) images are errors; a trailing singleton 4th dimension is squeezed.
+* :class:`LoadCTd` checks what it loads (NaN/inf voxels, non-integer or out-of-range label values, a label
+  map off its image's grid, optionally a constant image), and :func:`check_headers` checks a datalist's
+  NIfTI headers before training (unreadable, 2D/4D, label grid); every error names the file.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from monai.transforms import LoadImage, MapTransform, Orientation
 from monai.utils import ensure_tuple
 
 from medhpm.data.datalist import DataError, dicom_files_in, is_dicom_file, is_nifti
+from medhpm.data.headers import check_headers, grid_problem  # noqa: F401  (re-exported)
 
-__all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path"]
+__all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path", "check_headers",
+           "grid_problem"]
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -271,19 +276,83 @@ class LoadCTd(MapTransform):
 
     Images become float32; the keys in ``label_keys`` are rounded to integer values (float32), since a
     label stored with a float scale factor may read as 0.9999999 and would be truncated to 0 later.
+
+    Each volume is checked as it is loaded, and a problem raises :class:`DataError` naming the file:
+    NaN or infinite voxels; label values that are not integers (more than 1e-3 off), negative, or (with
+    ``num_classes``) not below ``num_classes`` (the message names ``classes_key``); a label map that does not
+    lie on its image's voxel grid; and with ``reject_constant`` an image whose voxels all have one value.
     """
 
     def __init__(self, keys: KeysCollection, label_keys: KeysCollection = ("label",),
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False, num_classes: int | None = None,
+                 classes_key: str = "finetune.num_classes", reject_constant: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = tuple(ensure_tuple(label_keys))
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.classes_key = classes_key
+        self.reject_constant = bool(reject_constant)
+
+    @property
+    def checks(self) -> dict:
+        """The optional checks that are on (part of a disk cache's key: a cached item skips the loader)."""
+        out: dict[str, Any] = {}
+        if self.num_classes is not None:
+            out["num_classes"] = self.num_classes
+        if self.reject_constant:
+            out["reject_constant"] = True
+        return out
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
+        paths = {key: str(d[key]) for key in self.key_iterator(d)}
         for key in self.key_iterator(d):
             img = read_volume(d[key])
             img = img.to(torch.float32)
+            self._check(paths[key], img, is_label=key in self.label_keys)
             if key in self.label_keys:
                 img = torch.round(img)
             d[key] = img
+        images = [k for k in paths if k not in self.label_keys]
+        for lk in (k for k in paths if k in self.label_keys):
+            for ik in images[:1]:
+                msg = grid_problem(paths[ik], d[ik].shape[1:], _affine(d[ik]), paths[lk], d[lk].shape[1:],
+                                   _affine(d[lk]))
+                if msg:
+                    raise DataError(msg)
         return d
+
+    def _check(self, path: str, img: torch.Tensor, is_label: bool) -> None:
+        x = img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else img
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            raise DataError(f"{path}: {n_nan} NaN and {n_inf} infinite voxel(s); "
+                            f"{'a label map must hold class numbers' if is_label else 'CT intensities must be finite'}")
+        if x.numel() == 0:
+            return
+        if is_label:
+            off = (x - torch.round(x)).abs()
+            if float(off.max()) > 1e-3:
+                bad = off > 1e-3
+                raise DataError(
+                    f"{path}: {int(bad.sum())} label voxel(s) are not integers (e.g. {float(x[bad].flatten()[0]):g}): "
+                    "a label map must hold class numbers (was it resampled with linear interpolation?)")
+            lo, hi = int(torch.round(x.min())), int(torch.round(x.max()))
+            if lo < 0:
+                raise DataError(f"{path}: negative label value {lo}; label values must be >= 0")
+            if self.num_classes is not None and hi >= self.num_classes:
+                over = sorted(int(v) for v in torch.unique(torch.round(x)) if v >= self.num_classes)
+                shown = ", ".join(map(str, over[:8])) + (", ..." if len(over) > 8 else "")
+                raise DataError(
+                    f"{path}: label value(s) {shown} exceed {self.classes_key}={self.num_classes} (classes 0 to "
+                    f"{self.num_classes - 1}); raise {self.classes_key} or remap the labels")
+        elif self.reject_constant:
+            lo, hi = float(x.min()), float(x.max())
+            if lo == hi:
+                raise DataError(f"{path}: constant image (every voxel is {lo:g}); there is nothing to learn from it "
+                                "(an empty or wrongly converted scan?)")
+
+
+def _affine(img) -> np.ndarray:
+    aff = img.affine if isinstance(img, MetaTensor) else img.meta["affine"]
+    return np.asarray(torch.as_tensor(aff).cpu().numpy(), dtype=np.float64)

@@ -11,6 +11,10 @@ Training adds random ROI crops (``num_samples`` per volume: positive/negative ar
 axial plane and intensity scale/shift. Validation and prediction are the deterministic part only, so
 ``monai.transforms.Invertd`` with :func:`predict_transforms` maps a prediction back to the scan.
 
+``LoadCTd`` checks what it loads (NaN/inf, non-integer labels, a label map off its image's grid); the
+training chains (pretrain, train, val) also refuse a constant image and, given ``num_classes``, label values
+out of range. Each problem is a ``DataError`` naming the file.
+
 A chain is stored with every checkpoint as :func:`transforms_spec` (JSON) and rebuilt with
 :func:`transforms_from_spec`, so prediction runs exactly the chain the model was validated with.
 """
@@ -95,11 +99,12 @@ def _check(cfg: DataConfig) -> None:
         raise ValueError(f"data.num_samples must be at least 1, got {cfg.num_samples}")
 
 
-def _deterministic(cfg: DataConfig, keys: list[str]) -> list:
+def _deterministic(cfg: DataConfig, keys: list[str], num_classes: int | None = None, training: bool = False) -> list:
     roi = tuple(int(r) for r in cfg.roi)
     labelled = "label" in keys
     chain: list = [
-        LoadCTd(keys, label_keys=("label",)),
+        # training data must be finite, not constant, with integer labels below num_classes on the image's grid
+        LoadCTd(keys, label_keys=("label",), num_classes=num_classes, reject_constant=training),
         # labels=None: axis codes follow the MetaTensor's space (RAS for both our readers)
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
         Spacingd(keys, pixdim=tuple(float(s) for s in cfg.spacing),
@@ -151,24 +156,26 @@ def pretrain_transforms(cfg: DataConfig, labelled: bool = False) -> Compose:
     is loaded. Returns a Compose giving a list of ``cfg.num_samples`` dicts per volume."""
     _check(cfg)
     keys = ["image", "label"] if labelled else ["image"]
-    chain = _deterministic(cfg, keys) + _random(cfg, keys, label_crops=labelled and cfg.crop == "label")
+    chain = _deterministic(cfg, keys, training=True) + _random(cfg, keys, label_crops=labelled and cfg.crop == "label")
     return _finish(cfg, "pretrain_labelled" if labelled else "pretrain", chain, keys)
 
 
-def train_transforms(cfg: DataConfig) -> Compose:
+def train_transforms(cfg: DataConfig, num_classes: int | None = None) -> Compose:
     """Fine-tuning chain (image and label): ``cfg.num_samples`` random ROI crops per volume, each
-    {"image": (1, *roi) float32 in [b_min, b_max], "label": (1, *roi) float32 integer values}."""
+    {"image": (1, *roi) float32 in [b_min, b_max], "label": (1, *roi) float32 integer values}.
+    ``num_classes`` (``finetune.num_classes``): a label value not below it is an error naming the file."""
     _check(cfg)
     keys = ["image", "label"]
-    chain = _deterministic(cfg, keys) + _random(cfg, keys, label_crops=cfg.crop == "label")
+    chain = _deterministic(cfg, keys, num_classes, training=True) + _random(cfg, keys, label_crops=cfg.crop == "label")
     return _finish(cfg, "train", chain, keys)
 
 
-def val_transforms(cfg: DataConfig) -> Compose:
-    """Validation chain (image and label): the deterministic part, whole volumes, invertible."""
+def val_transforms(cfg: DataConfig, num_classes: int | None = None) -> Compose:
+    """Validation chain (image and label): the deterministic part, whole volumes, invertible.
+    ``num_classes`` as in :func:`train_transforms`."""
     _check(cfg)
     keys = ["image", "label"]
-    return _finish(cfg, "val", _deterministic(cfg, keys), keys)
+    return _finish(cfg, "val", _deterministic(cfg, keys, num_classes, training=True), keys)
 
 
 def predict_transforms(cfg: DataConfig) -> Compose:
@@ -179,16 +186,17 @@ def predict_transforms(cfg: DataConfig) -> Compose:
     return _finish(cfg, "predict", _deterministic(cfg, keys), keys)
 
 
-def build_transforms(cfg: DataConfig, kind: str) -> Compose:
-    """The chain of ``kind``: pretrain | pretrain_labelled | train | val | predict."""
+def build_transforms(cfg: DataConfig, kind: str, num_classes: int | None = None) -> Compose:
+    """The chain of ``kind``: pretrain | pretrain_labelled | train | val | predict (``num_classes``: train
+    and val only)."""
     if kind == "pretrain":
         return pretrain_transforms(cfg, labelled=False)
     if kind == "pretrain_labelled":
         return pretrain_transforms(cfg, labelled=True)
     if kind == "train":
-        return train_transforms(cfg)
+        return train_transforms(cfg, num_classes)
     if kind == "val":
-        return val_transforms(cfg)
+        return val_transforms(cfg, num_classes)
     if kind == "predict":
         return predict_transforms(cfg)
     raise ValueError(f"unknown transform chain {kind!r}; use one of {', '.join(KINDS)}")

@@ -166,8 +166,11 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
 def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"{what} file {path} does not exist.")
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # not NIfTI, truncated, corrupt gzip: name the file
+        raise ValueError(f"{what} file {path} is unreadable ({type(e).__name__}: {e}).") from None
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) as some writers store label maps
         data = data[..., 0]
     if data.ndim != 3:

@@ -269,7 +269,7 @@ def _read_source(source: str | Path | Mapping, use_teacher: bool) -> _Source:
                     "of weights; export the teacher instead or load the pre-training checkpoint."
                 )
             return _read_safetensors(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path} does not hold a state dict or checkpoint dict (found {type(obj).__name__}).")
 
@@ -297,6 +297,22 @@ def _read_source(source: str | Path | Mapping, use_teacher: bool) -> _Source:
     return _Source(label, None, dict(obj))
 
 
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``; a truncated, foreign or unsafe file is a ValueError naming it."""
+    import pickle
+    import zipfile
+
+    from medhpm.runtime.checkpoint import load_error_reason
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"Encoder weights file {path} is unreadable or truncated: {load_error_reason(e)}") from None
+    except pickle.UnpicklingError as e:  # weights_only refuses arbitrary pickled objects
+        raise ValueError(f"Encoder weights file {path} holds objects that cannot be loaded safely "
+                         f"(torch.load weights_only=True): {load_error_reason(e)}") from None
+
+
 def _read_safetensors(path: Path) -> _Source:
     from safetensors.torch import load_file  # imported here: only this source needs it
 
@@ -317,7 +333,12 @@ def _read_safetensors(path: Path) -> _Source:
         args = meta.get("encoder_args")
     else:
         notes.append(f"no sidecar {side.name} next to {path.name}: sha256 not verified, encoder config unknown")
-    return _Source(str(path), "medhpm-safetensors", load_file(str(path), device="cpu"), encoder_args=args, notes=notes)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"Encoder weights file {path} is not a readable safetensors file: {first}") from None
+    return _Source(str(path), "medhpm-safetensors", state, encoder_args=args, notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------------

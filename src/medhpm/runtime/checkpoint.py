@@ -28,6 +28,19 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def load_error_reason(e: BaseException) -> str:
+    """The telling part of a ``torch.load`` error, in one line: the first sentence of a damaged-file error, or
+    what ``weights_only`` refused (not torch's advice to load the file unsafely)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of its message
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0][:200]
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return first.split(". ")[0][:200]
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
@@ -42,11 +55,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {load_error_reason(e)}") from None
     except Exception as e:  # weights_only refuses arbitrary pickled objects: say so plainly
         raise CheckpointError(
             f"checkpoint {path} holds objects that cannot be loaded safely (weights_only=True): "
-            f"{str(e).splitlines()[0][:200]}"
+            f"{load_error_reason(e)}"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a medhpm checkpoint dict")

@@ -66,23 +66,40 @@ class Predictor:
         from medhpm.models.unetr import build_unetr
 
         state = load_checkpoint(path)
+        if state.get("format") != "medhpm-checkpoint" and "stage" not in state:
+            raise CheckpointError(
+                f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); "
+                "prediction needs best.pt or final.pt of `medhpm finetune`")
         if state.get("stage") != "finetune":
             raise CheckpointError(
                 f"{path} is a {state.get('stage')!r} checkpoint; prediction needs a fine-tuning checkpoint "
                 "(best.pt or final.pt of `medhpm finetune`)")
-        cfg = from_dict(state["config"])
+        lacking = [k for k in ("config", "model_args", "model") if not isinstance(state.get(k), dict)]
+        if lacking:
+            raise CheckpointError(f"fine-tuning checkpoint {path} lacks {', '.join(lacking)}: it is damaged or "
+                                  "was written by an incompatible medhpm version")
+        try:
+            cfg = from_dict(state["config"])
+        except ValueError as e:
+            raise CheckpointError(f"fine-tuning checkpoint {path} holds a config this medhpm cannot read: "
+                                  f"{e}") from None
         if expect is not None:
             check_compatible(cfg, expect, path)
         args = state["model_args"]
-        u = args["unetr"]
-        if args.get("architecture", "unetr") == "dynunet":
-            from medhpm.segment.trainer import build_dynunet
+        try:
+            u = args["unetr"]
+            if args.get("architecture", "unetr") == "dynunet":
+                from medhpm.segment.trainer import build_dynunet
 
-            model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
-        else:
-            model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
-                                drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
-        model.load_state_dict(state["model"])
+                model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
+            else:
+                model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
+                                    drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
+            model.load_state_dict(state["model"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"the weights in fine-tuning checkpoint {path} do not fit the model its metadata "
+                                  f"describes ({type(e).__name__}: {first})") from None
         classes = {int(k): v for k, v in args.get("classes", {}).items()}
         return cls(model, cfg, classes=classes, device=device, **kw)
 
@@ -176,8 +193,7 @@ class Predictor:
                 path = self.predict_file(src, out_dir, save_probabilities, name=name)
                 results.append({"input": str(src), "output": str(path), "ok": True})
             except Exception as e:  # one bad scan must not stop the others
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                results.append({"input": str(src), "ok": False, "error": msg,
+                results.append({"input": str(src), "ok": False, "error": _error_line(e),
                                 "traceback": traceback.format_exc()})
         return results
 
@@ -235,17 +251,26 @@ def _original_affine(data) -> np.ndarray:
     return np.asarray(torch.as_tensor(aff).cpu().numpy(), dtype=np.float64)
 
 
+def _error_line(e: BaseException) -> str:
+    """First line of the message of the error under MONAI's "applying transform" wrappers (it names the file)."""
+    from medhpm.data.dataset import root_cause
+
+    root = root_cause(e)
+    text = str(root).strip()
+    return text.splitlines()[0] if text else type(root).__name__
+
+
+# what a fine-tuning checkpoint's use depends on: model shape, preprocessing, classes
+COMPATIBLE_KEYS = ("model.preset", "model.patch_size", "data.roi", "data.spacing", "data.orientation",
+                   "data.a_min", "data.a_max", "data.b_min", "data.b_max", "finetune.num_classes")
+
+
 def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
     """Explain every difference between a checkpoint's metadata and the config it is used with."""
-    pairs = [
-        ("model.preset", ckpt_cfg.model.preset, cfg.model.preset),
-        ("model.patch_size", ckpt_cfg.model.patch_size, cfg.model.patch_size),
-        ("data.roi", tuple(ckpt_cfg.data.roi), tuple(cfg.data.roi)),
-        ("data.spacing", tuple(ckpt_cfg.data.spacing), tuple(cfg.data.spacing)),
-        ("data HU window", (ckpt_cfg.data.a_min, ckpt_cfg.data.a_max), (cfg.data.a_min, cfg.data.a_max)),
-        ("finetune.num_classes", ckpt_cfg.finetune.num_classes, cfg.finetune.num_classes),
-    ]
-    diffs = [f"{k}: checkpoint {a}, config {b}" for k, a, b in pairs if a != b]
+    from medhpm.config import get_key
+
+    diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}" for k in COMPATIBLE_KEYS
+             if get_key(ckpt_cfg, k) != get_key(cfg, k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
 

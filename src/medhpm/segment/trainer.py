@@ -48,7 +48,7 @@ def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
         encoder_args = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi),
                                      patch_size=cfg.model.patch_size, in_chans=cfg.model.in_chans).config()
     return build_unetr(encoder_args, out_channels=cfg.finetune.num_classes, feature_size=cfg.model.feature_size,
-                       drop_path=cfg.finetune.drop_path, skip_blocks=tuple(cfg.model.skip_blocks),
+                       drop_path=cfg.finetune.drop_path, skip_blocks=tuple(cfg.model.skip_blocks) if cfg.model.skip_blocks else None,
                        norm_name=cfg.model.norm_name, img_size=tuple(cfg.data.roi))
 
 
@@ -64,6 +64,7 @@ class FinetuneTrainer(Trainer):
     def build_data(self):
         from medhpm.data.datalist import load_datalist, split_validation
         from medhpm.data.dataset import make_dataset, make_loader
+        from medhpm.data.headers import check_headers
         from medhpm.data.sources import resolve_dataset
         from medhpm.data.transforms import train_transforms
 
@@ -88,7 +89,9 @@ class FinetuneTrainer(Trainer):
             train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
-        ds = make_dataset(train, train_transforms(d), d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
+        check_headers(val, what="validation")  # bad headers fail now, not after the first epoch
+        ds = make_dataset(train, train_transforms(d, self.cfg.finetune.num_classes), d,
+                          cache_dir=d.cache_dir or (self.run_dir / "cache"))
         # a DistributedSampler also for one process, so the order of volumes in the global batch is the
         # same whatever the number of processes
         from torch.utils.data.distributed import DistributedSampler
@@ -119,7 +122,7 @@ class FinetuneTrainer(Trainer):
                 model, self.init, use_teacher=self.cfg.finetune.use_teacher,
                 allow_partial=self.cfg.finetune.allow_partial_init)
             echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
-        elif not self.init:
+        elif not self.init and not self.resume:
             echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         return model
@@ -130,6 +133,11 @@ class FinetuneTrainer(Trainer):
         if self.cfg.finetune.architecture != "unetr":
             return param_groups_weight_decay(model, lr, self.cfg.finetune.weight_decay)
         return param_groups_layer_decay(model, lr, self.cfg.finetune.weight_decay, self.cfg.finetune.layer_decay)
+
+    def load_extra_state(self, state):
+        # a resumed run keeps the provenance of its initial weights (--init is not part of the config)
+        init = (state.get("model_args") or {}).get("init")
+        self.init = None if init in (None, "", "none") else str(init)
 
     def model_args(self) -> dict:
         from medhpm.evaluate.classes import parse_classes
@@ -199,7 +207,7 @@ class FinetuneTrainer(Trainer):
         model = unwrap(self.model)
         model.eval()
         if not hasattr(self, "_val_items"):
-            tr = val_transforms(self.cfg.data)
+            tr = val_transforms(self.cfg.data, self.cfg.finetune.num_classes)
             self._val_items = [tr(dict(e)) for e in self.val_entries]
         reported = [k for k in parse_classes(self.cfg.finetune.reported) if k < self.cfg.finetune.num_classes]
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
