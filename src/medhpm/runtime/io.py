@@ -2,12 +2,16 @@
 
 A crash (even SIGKILL) while writing leaves either the previous file or the new one, never a half-written
 file under the final name. Every output of medhpm goes through these helpers.
+
+The temporary file is named ``.NAME.PID.XXXXXXXX.tmp[SUFFIX]`` (hidden, never ``NAME`` itself): a SIGKILL
+can leave one behind, and :func:`remove_stale_temps` deletes those whose writer process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +27,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,7 +47,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+    # no extension on the temporary file: a half-written ``.last.pt.PID.X.tmp`` never matches ``*.pt``
+    with atomic_path(path, suffix="") as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -64,6 +69,41 @@ def atomic_save_nifti(img, path: str | Path) -> Path:
     import nibabel as nib
 
     return atomic_write_with(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
+
+
+def _pid_alive(pid: int, keep_own: bool = True) -> bool:
+    if pid == os.getpid():
+        return keep_own
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path, keep_own: bool = True) -> list[Path]:
+    """Delete temporary files of :func:`atomic_path` in ``folder`` (not below) whose writer process is no
+    longer running on this machine: what a SIGKILL during a checkpoint write leaves behind (as large as a
+    checkpoint). Files of live writers are kept. ``keep_own=False`` also deletes files named with this
+    process's id (a restarted container often reuses the dead writer's id): only call it so before this
+    process writes into ``folder``. Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m is None or not p.is_file() or _pid_alive(int(m.group("pid")), keep_own):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def check_writable(folder: str | Path, need_bytes: int = 50 * 1024 * 1024) -> Path:

@@ -126,6 +126,8 @@ class Trainer:
             check_writable(self.run_dir, need_bytes=max(50 * 2**20, 2 * self._checkpoint_bytes()))
         if self.resume:
             self._restore()
+        if self.dist.is_main:  # records of epochs about to be (re)done: a killed attempt's, a torn last line
+            self._trim_metrics()
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -166,7 +168,8 @@ class Trainer:
     def _restore(self) -> None:
         path = self.run_dir / "last.pt"
         if not path.exists():
-            raise TrainingError(f"cannot resume: {path} does not exist")
+            raise TrainingError(f"cannot resume: {path} does not exist (the run stopped before its first "
+                                f"checkpoint, or {self.run_dir} is not a run folder); start it again without --resume")
         state = load_checkpoint(path, map_location=self.device)
         if state.get("stage") != self.stage:
             raise TrainingError(f"cannot resume: {path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
@@ -187,12 +190,11 @@ class Trainer:
             echo(f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
                  f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
                  self.dist)
-        if self.dist.is_main:
-            self._trim_metrics()
 
     def _trim_metrics(self) -> None:
-        """Drop the log records of the epochs that are about to be redone (work after ``last.pt`` that a
-        kill threw away), so metrics.jsonl reads as one uninterrupted run."""
+        """Drop the log records of the epochs that are about to be (re)done: work after ``last.pt`` that a
+        kill threw away, or an earlier attempt that never wrote ``last.pt`` (a fresh start drops every
+        training record), so metrics.jsonl reads as one uninterrupted run."""
         import json
 
         path = self.run_dir / "metrics.jsonl"
@@ -226,11 +228,13 @@ class Trainer:
                 self.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
                 self.logger.log({"kind": "epoch", **stats}, step=epoch, prefix=f"{self.stage}/epoch/")
                 last = epoch == self.sec.epochs - 1
+                if self.is_best:  # before last.pt: a kill between the two must not leave best.pt stale
+                    self.save("best", epoch)
                 if last or (epoch + 1) % max(self.sec.checkpoint_every, 1) == 0:
                     self.save("last", epoch)
-                if self.is_best:
-                    self.save("best", epoch)
-            if self.sec.epochs > 0 and self.start_epoch < self.sec.epochs:
+            # also when a kill came between the last epoch's last.pt and final.pt: the resumed run has no
+            # epoch left to train but must still write final.pt (the state restored from last.pt)
+            if self.sec.epochs > 0 and (self.start_epoch < self.sec.epochs or not (self.run_dir / "final.pt").exists()):
                 self.save("final", self.sec.epochs - 1)
             self.on_finish()
         finally:
@@ -276,6 +280,8 @@ class Trainer:
         model.train()
         accum = sec.accum_steps
         sums: dict[str, float] = {}
+        micro: dict[str, float] = {}  # loss sums over the micro-batches of the optimizer step
+        n_micro = 0
         count = 0
         data_time = compute_time = 0.0
         bar = self._progress(epoch)
@@ -298,15 +304,26 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     if self._nonfinite(epoch, logs):
                         opt.zero_grad(set_to_none=True)
+                        micro, n_micro = {}, 0
                         continue
                 (loss / accum).backward()
+            n_micro += 1
+            for k, v in [("loss", loss_value), *logs.items()]:
+                if k.startswith("loss") and isinstance(v, float):
+                    micro[k] = micro.get(k, 0.0) + v
             if not sync:
+                compute_time += time.time() - t0
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), sec.clip_grad or float("inf"))
             if not torch.isfinite(grad_norm):  # a finite loss with inf/NaN gradients would poison the weights
                 if self._nonfinite(epoch, {**logs, "grad_norm": float(grad_norm)}, what="gradient"):
                     opt.zero_grad(set_to_none=True)
+                    micro, n_micro = {}, 0
                     continue
+            # the step's losses are the means over its micro-batches (all of the global batch)
+            logs.update({k: v / n_micro for k, v in micro.items()})
+            loss_value = logs.pop("loss")
+            micro, n_micro = {}, 0
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.global_step += 1

@@ -1,0 +1,170 @@
+"""Helpers of the scale and fault tests: run the real ``medhpm`` command line in subprocesses (plain
+Python or ``torchrun``) with tiny settings, read their logs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# Generous: a loaded 2-core CI machine may run several of these at once.
+RUN_TIMEOUT = 300
+
+
+def synthetic_case(seed: int, shape=(40, 40, 24)):
+    """int16 HU volume (air, an elliptic body, two organ blobs) and its uint8 label map (BTCV values:
+    1 spleen, 6 liver)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    img = np.full(shape, -1000.0)
+    lab = np.zeros(shape, np.uint8)
+    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 <= 1
+    img[body] = 30.0
+    cx, cy = rng.uniform(-0.1, 0.1, size=2)
+    liver = ((x + 0.35 - cx) / 0.3) ** 2 + ((y - cy) / 0.3) ** 2 + (z / 0.7) ** 2 <= 1
+    img[liver], lab[liver] = 100.0, 6
+    spleen = ((x - 0.4) / 0.18) ** 2 + ((y + 0.2 + cy) / 0.18) ** 2 + (z / 0.5) ** 2 <= 1
+    img[spleen], lab[spleen] = 60.0, 1
+    img += rng.normal(0.0, 15.0, shape)
+    return np.round(img).astype(np.int16), lab
+
+
+def tiny_overrides(dataset: Path, *more: str) -> list[str]:
+    """``key=value`` overrides for seconds-long runs on CPU; ``more`` (``key=value``) replace or add.
+
+    Every augmentation is off and the 32^3 crop is the whole padded volume, so the data a process sees
+    does not depend on its rank or on the random stream. The lr warm-up (10 epochs) outlasts every run
+    and alpha_0 == alpha_T, so the schedules do not depend on the number of epochs: a 2-epoch run
+    extended to 3 with ``--resume`` must equal a 3-epoch run. alpha > 0 from the start, so the EMA teacher
+    mines hard patches at every step."""
+    ov = {
+        "data.dataset": str(dataset),
+        "data.spacing": "[4,4,4]",
+        "data.roi": "[32,32,32]",
+        "data.crop": "random",
+        "data.num_samples": 1,
+        "data.val_cases": 1,
+        "data.flip_prob": 0.0,
+        "data.rot90_prob": 0.0,
+        "data.intensity_scale_prob": 0.0,
+        "data.intensity_shift_prob": 0.0,
+        "model.preset": "micro",
+        "model.patch_size": 16,
+        "model.decoder_dim": 24,
+        "model.decoder_depth": 1,
+        "model.decoder_heads": 4,
+        "model.feature_size": 8,
+        "pretrain.method": "hpm",
+        "pretrain.epochs": 2,
+        "pretrain.batch_size": 2,
+        "pretrain.lr": 1e-2,
+        "pretrain.warmup_epochs": 10,
+        "pretrain.alpha_0": 0.5,
+        "pretrain.alpha_T": 0.5,
+        "pretrain.ema_m_start": 0.9,
+        "pretrain.ema_m_end": 0.99,
+        "pretrain.ema_ramp_epochs": 10,
+        "finetune.epochs": 2,
+        "finetune.batch_size": 2,
+        "finetune.lr": 1e-2,
+        "finetune.warmup_epochs": 10,
+        "finetune.num_classes": 7,
+        "finetune.val_every": 1,
+        "finetune.drop_path": 0.0,
+        "evaluate.sw_batch_size": 1,
+        "runtime.device": "cpu",
+        "runtime.progress": "false",
+        "runtime.threads": 1,
+    }
+    for item in more:
+        key, value = item.split("=", 1)
+        ov[key] = value
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEDHPM_DEBUG="0")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def medhpm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "medhpm.cli", *args]
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    with socket.socket() as s:  # a free port (a --standalone rendezvous also works, this is simpler to debug)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "medhpm.cli", *args]
+
+
+def run(cmd: list[str], cwd: Path | None = None, check: bool = True, timeout: float = RUN_TIMEOUT):
+    p = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"command failed ({p.returncode}): {' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}"
+                             f"\n--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+def run_parallel(cmds: list[list[str]], check: bool = True, timeout: float = RUN_TIMEOUT):
+    """Run independent commands at the same time (their start-up, mostly imports, overlaps)."""
+    procs = [subprocess.Popen(c, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    out = []
+    try:
+        for c, p in zip(cmds, procs):
+            stdout, stderr = p.communicate(timeout=timeout)
+            res = subprocess.CompletedProcess(c, p.returncode, stdout, stderr)
+            if check and p.returncode != 0:
+                raise AssertionError(f"command failed ({p.returncode}): {' '.join(c)}\n--- stdout\n"
+                                     f"{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}")
+            out.append(res)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    from medhpm.runtime.logging import read_metrics
+
+    recs = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+def load_state(path: Path) -> dict:
+    from medhpm.runtime.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0, rtol: float = 0.0, what: str = "weights"):
+    import torch
+
+    assert a.keys() == b.keys(), f"{what}: different keys"
+    worst = (0.0, None)
+    for k in a:
+        ta, tb = a[k], b[k]
+        if not torch.is_tensor(ta):
+            continue
+        assert ta.shape == tb.shape, f"{what}[{k}]: shape {tuple(ta.shape)} vs {tuple(tb.shape)}"
+        if ta.is_floating_point():
+            d = float((ta - tb).abs().max()) if ta.numel() else 0.0
+            if d > worst[0]:
+                worst = (d, k)
+            assert torch.allclose(ta, tb, atol=atol, rtol=rtol), f"{what}[{k}] differs by up to {d:g}"
+        else:
+            assert torch.equal(ta, tb), f"{what}[{k}] differs"
+    return worst
