@@ -165,7 +165,8 @@ def pretrain(
     from medhpm.pretrain.trainer import pretrain as run_pretrain
 
     run = run_pretrain(cfg, out, resume=resume is not None)
-    typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
 
 
 def _preflight(cfg, stage: str) -> None:
@@ -253,7 +254,8 @@ def finetune(
     from medhpm.segment.trainer import finetune as run_finetune
 
     run = run_finetune(cfg, out, init=init, resume=resume is not None)
-    typer.echo(f"fine-tuning finished: {run} (best.pt, final.pt, metrics.jsonl)")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"fine-tuning finished: {run} (best.pt, final.pt, metrics.jsonl)")
 
 
 @app.command()

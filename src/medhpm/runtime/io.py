@@ -34,6 +34,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # the data must be on disk before the rename makes it visible
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; outputs get the permissions an ordinary write would give them
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
         with contextlib.suppress(OSError):  # directory entry durable too (not possible on every FS)
             dfd = os.open(path.parent, os.O_RDONLY)
@@ -44,6 +46,12 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
