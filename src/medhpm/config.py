@@ -42,7 +42,7 @@ class DataConfig:
     b_max: float = 1.0
     crop_foreground: bool = True
     roi: tuple[int, int, int] = (96, 96, 96)
-    crop: str = "label"  # label (pos:neg crops, needs labels) | random
+    crop: str = "label"  # label (pos:neg crops, needs labels) | classes (equal odds per organ) | random
     num_samples: int = 4  # crops per volume per iteration
     pos: float = 1.0
     neg: float = 1.0
@@ -122,6 +122,7 @@ class FinetuneConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = 0.75
     drop_path: float = 0.1
+    batch_dice: bool = True  # Dice over the whole batch (nnU-Net style): steadier for organs absent from a crop
     clip_grad: float = 1.0
     num_classes: int = 14  # including background
     reported: str = "btcv8"  # classes to report: btcv8 | btcv13 | NAME=VALUE,...
@@ -334,7 +335,7 @@ def validate(cfg: Config) -> Config:
     _check(d.a_max > d.a_min, "data.a_max", f"HU window [{d.a_min}, {d.a_max}] is empty")
     _check(d.format in ("auto", "msd", "nnunet", "btcv", "folder"), "data.format",
            "must be auto, msd, nnunet, btcv or folder")
-    _check(d.crop in ("label", "random"), "data.crop", "must be 'label' or 'random'")
+    _check(d.crop in ("label", "classes", "random"), "data.crop", "must be 'label', 'classes' or 'random'")
     _check(d.cache in ("none", "memory", "disk"), "data.cache", "must be none, memory or disk")
     _check(d.num_samples >= 1, "data.num_samples", "must be at least 1")
     _check(p.method in METHODS, "pretrain.method", f"{p.method!r} is not one of {', '.join(METHODS)}")

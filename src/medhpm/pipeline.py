@@ -17,7 +17,9 @@ from medhpm.runtime.io import atomic_write_text, check_writable
 QUICK_OVERRIDES = [
     "data.phantom_cases=6",
     "pretrain.epochs=2",
+    "pretrain.steps_per_epoch=10",
     "finetune.epochs=4",
+    "finetune.steps_per_epoch=10",
     "finetune.val_every=2",
 ]
 

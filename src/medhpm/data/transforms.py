@@ -30,6 +30,7 @@ from monai.transforms import (
     CropForegroundd,
     EnsureTyped,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -93,8 +94,8 @@ def _check(cfg: DataConfig) -> None:
             f"data.rot90_prob={cfg.rot90_prob} rotates in the first two axes, which needs roi[0] == roi[1] "
             f"(got roi {roi}); make them equal or set data.rot90_prob=0"
         )
-    if cfg.crop not in ("label", "random"):
-        raise ValueError(f"data.crop must be 'label' or 'random', got {cfg.crop!r}")
+    if cfg.crop not in ("label", "classes", "random"):
+        raise ValueError(f"data.crop must be 'label', 'classes' or 'random', got {cfg.crop!r}")
     if cfg.num_samples < 1:
         raise ValueError(f"data.num_samples must be at least 1, got {cfg.num_samples}")
 
@@ -122,10 +123,17 @@ def _deterministic(cfg: DataConfig, keys: list[str], num_classes: int | None = N
     return chain
 
 
-def _random(cfg: DataConfig, keys: list[str], label_crops: bool) -> list:
+def _random(cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: int | None = None) -> list:
     roi = tuple(int(r) for r in cfg.roi)
-    if label_crops:
-        crop: Any = RandCropByPosNegLabeld(
+    if label_crops and cfg.crop == "classes" and num_classes:
+        # centres drawn class by class with equal odds (nnU-Net-style oversampling of small organs);
+        # a class absent from a scan is skipped for that scan
+        crop: Any = RandCropByLabelClassesd(
+            keys, label_key="label", spatial_size=roi, num_classes=num_classes, num_samples=cfg.num_samples,
+            image_key="image", image_threshold=cfg.b_min, warn=False,
+        )
+    elif label_crops:
+        crop = RandCropByPosNegLabeld(
             keys, label_key="label", spatial_size=roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples,
             image_key="image", image_threshold=cfg.b_min,  # negative centres inside the body, not in air
         )
@@ -156,7 +164,8 @@ def pretrain_transforms(cfg: DataConfig, labelled: bool = False) -> Compose:
     is loaded. Returns a Compose giving a list of ``cfg.num_samples`` dicts per volume."""
     _check(cfg)
     keys = ["image", "label"] if labelled else ["image"]
-    chain = _deterministic(cfg, keys, training=True) + _random(cfg, keys, label_crops=labelled and cfg.crop == "label")
+    # class-balanced crops need the class count, which pre-training does not know: pos/neg crops there
+    chain = _deterministic(cfg, keys, training=True) + _random(cfg, keys, label_crops=labelled and cfg.crop != "random")
     return _finish(cfg, "pretrain_labelled" if labelled else "pretrain", chain, keys)
 
 
@@ -166,7 +175,8 @@ def train_transforms(cfg: DataConfig, num_classes: int | None = None) -> Compose
     ``num_classes`` (``finetune.num_classes``): a label value not below it is an error naming the file."""
     _check(cfg)
     keys = ["image", "label"]
-    chain = _deterministic(cfg, keys, num_classes, training=True) + _random(cfg, keys, label_crops=cfg.crop == "label")
+    chain = _deterministic(cfg, keys, num_classes, training=True) + _random(
+        cfg, keys, label_crops=cfg.crop != "random", num_classes=num_classes)
     return _finish(cfg, "train", chain, keys)
 
 

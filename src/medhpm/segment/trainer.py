@@ -124,7 +124,7 @@ class FinetuneTrainer(Trainer):
             echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
         elif not self.init and not self.resume:
             echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=self.cfg.finetune.batch_dice)
         return model
 
     def param_groups(self, model, lr):

@@ -1,0 +1,46 @@
+"""The README's main job at its smoke size: `medhpm demo --quick` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # every stage reports its time, and the run folder layout is printed at the end
+    for stage in ("phantom CT data", "self-pre-training (hpm)", "UNETR fine-tuning", "prediction of the test scans",
+                  "evaluation (Dice, HD95)", "figures and report"):
+        assert re.search(rf"=== {re.escape(stage)}: done in [0-9.]+ s ===", r.stdout), stage
+    assert "report.html" in r.stdout and "run folder" in r.stdout
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["total"] > 0
+
+    # predictions of the held-out test phantoms, each in its scan's own geometry
+    dl = json.loads((out / "phantom" / "dataset.json").read_text())
+    assert dl["test"]
+    for e in dl["test"]:
+        src = nib.load(str(out / "phantom" / e["image"]))
+        pred = nib.load(str(out / "predictions" / Path(e["image"]).name))
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["classes"]) == {"1", "2", "3", "4", "6", "7", "8", "11"}
+    assert "hd95" in json.dumps(metrics["conventions"]).lower()
+
+    # the report: one self-contained page with the figures embedded and the Table-1-style table
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert "Avg DSC / HD95" in html and "Spleen" in html and "Pancreas" in html
+    assert "Resolved configuration" in html and "Run times" in html
+    assert (out / "pretrain" / "encoder.safetensors").exists() and (out / "finetune" / "best.pt").exists()

@@ -1,0 +1,97 @@
+"""Tiny UNETR fine-tuning on phantoms, prediction in the scan's own geometry (phantoms and the real DICOM
+series), and evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medhpm.config import load_config
+from medhpm.runtime.logging import read_metrics
+from medhpm.segment.predict import Predictor
+from medhpm.segment.trainer import finetune
+
+from pipeline_settings import TINY
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "real_ct" / "abdomen_dicom"
+
+
+@pytest.fixture(scope="module")
+def ft_run(tiny_phantoms, tmp_path_factory):
+    cfg = load_config("demo", TINY + [
+        f"data.dataset={tiny_phantoms}", "finetune.epochs=6", "finetune.steps_per_epoch=8", "finetune.val_every=1",
+        "finetune.lr=6e-3", "finetune.layer_decay=0.9", "finetune.reported=btcv8", "data.crop=classes",
+    ])
+    return finetune(cfg, tmp_path_factory.mktemp("ft"), init="none")
+
+
+def test_finetune_lowers_loss_and_raises_validation_dice(ft_run):
+    epochs = [r for r in read_metrics(ft_run / "metrics.jsonl") if r.get("kind") == "epoch"]
+    assert len(epochs) == 6
+    assert epochs[-1]["loss"] < 0.85 * epochs[0]["loss"], [e["loss"] for e in epochs]
+    dice = [e["val_dice"] for e in epochs]
+    assert max(dice[1:]) > dice[0] + 0.02, dice
+    summary = json.loads((ft_run / "summary.json").read_text())
+    # the validation case is the datalist's own validation split, never a test case
+    dl = json.loads((Path(summary["dataset"])).read_text())
+    test_cases = {Path(e["image"]).name.split(".")[0] for e in dl["test"]}
+    assert not test_cases & set(summary["validation_cases"])
+    assert (ft_run / "best.pt").exists() and (ft_run / "final.pt").exists()
+
+
+def test_predict_phantom_keeps_geometry_and_evaluates(ft_run, tiny_phantoms, tmp_path):
+    pred_dir = tmp_path / "pred"
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(ft_run / "best.pt"),
+                        "-i", str(tiny_phantoms), "-o", str(pred_dir), "--probabilities"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    dl = json.loads(Path(tiny_phantoms).read_text())
+    for e in dl["test"]:
+        src = nib.load(str(Path(tiny_phantoms).parent / e["image"]))
+        out = nib.load(str(pred_dir / Path(e["image"]).name))
+        assert out.shape == src.shape
+        np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
+        assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
+        lab = np.asarray(out.dataobj)
+        assert lab.dtype == np.uint8 and lab.max() < 14
+        probs = nib.load(str(pred_dir / (Path(e["image"]).name.split(".")[0] + "_probs.nii.gz")))
+        assert probs.shape == (*src.shape, 14)
+        np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-3)
+    ev = subprocess.run([sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(pred_dir), "--label",
+                         str(tiny_phantoms), "--classes", "btcv8", "-o", str(tmp_path / "eval")],
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["classes"]) == {"1", "2", "3", "4", "6", "7", "8", "11"}
+    assert "| Method | Avg DSC / HD95 |" in (tmp_path / "eval" / "table.md").read_text()
+
+
+def test_predict_real_dicom_series_in_its_own_geometry(ft_run, tmp_path):
+    """The real DICOM series goes through predict and comes back on the grid of its own label map."""
+    p = Predictor.from_checkpoint(ft_run / "best.pt")
+    out = p.predict_file(REAL / "dicom", tmp_path, name="abdomen")
+    pred = nib.load(str(out))
+    ref = nib.load(str(REAL / "labels_btcv13.nii.gz"))  # written on the series' own grid (LPS)
+    assert pred.shape == ref.shape
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-3)
+    assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(ref.affine)
+
+
+def test_predict_reports_a_bad_file_and_goes_on(ft_run, tiny_phantoms, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    dl = json.loads(Path(tiny_phantoms).read_text())
+    good = Path(tiny_phantoms).parent / dl["test"][0]["image"]
+    (folder / "good.nii.gz").write_bytes(good.read_bytes())
+    (folder / "broken.nii.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(ft_run / "best.pt"),
+                        "-i", str(folder), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1
+    assert "broken.nii.gz" in r.stdout and "FAILED" in r.stdout
+    assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "broken.nii.gz").exists()
