@@ -120,12 +120,16 @@ class Trainer:
         self.model = model
         self.effective_batch = self.sec.batch_size * self.sec.accum_steps * self.dist.world_size
         self.base_lr = scaled_lr(self.sec.lr, self.effective_batch, self.sec.lr_ref_batch)
+        # the fused kernel: about a quarter off a CPU pre-training step (docs/PERFORMANCE.md)
+        self.fused = _fused_adamw_ok(self.device)
         self.optimizer = torch.optim.AdamW(self.param_groups(model, self.base_lr), lr=self.base_lr,
-                                           betas=tuple(self.sec.betas))
+                                           betas=tuple(self.sec.betas), fused=self.fused)
         if self.dist.is_main:  # room for a checkpoint and its temporary copy, known now that the model is built
             check_writable(self.run_dir, need_bytes=max(50 * 2**20, 2 * self._checkpoint_bytes()))
         if self.resume:
             self._restore()
+            for group in self.optimizer.param_groups:  # a checkpoint carries the writer's choice
+                group["fused"] = self.fused
         if self.dist.is_main:  # records of epochs about to be (re)done: a killed attempt's, a torn last line
             self._trim_metrics()
         if self.dist.enabled:
@@ -414,6 +418,13 @@ class Trainer:
         path = self.run_dir / f"{name}.pt"
         save_checkpoint(self.checkpoint_state(epoch), path)
         return path
+
+
+def _fused_adamw_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
 
 
 class _null:

@@ -105,8 +105,9 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
     @torch.no_grad()
-    def _infer(self, image: torch.Tensor) -> torch.Tensor:
-        """``image`` (1, H, W, D) preprocessed -> softmax probabilities (C, H, W, D)."""
+    def _infer(self, image: torch.Tensor, probabilities: bool = True) -> torch.Tensor:
+        """``image`` (1, H, W, D) preprocessed -> softmax probabilities (C, H, W, D), or the logits when
+        ``probabilities`` is False (same argmax, without a second full-size map in memory)."""
         from monai.inferers import sliding_window_inference
 
         x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float().to(self.device)
@@ -115,7 +116,8 @@ class Predictor:
                 x, tuple(self.cfg.data.roi), self.sw_batch_size, self.model, overlap=self.overlap,
                 mode=self.blend, sw_device=self.device,
                 device=torch.device("cpu") if self.output_on_cpu else self.device)
-        return torch.softmax(logits.float(), dim=1)[0]
+        logits = logits[0].float()
+        return torch.softmax(logits, dim=0, out=logits) if probabilities else logits
 
     def predict_item(self, source: str | Path, want_probabilities: bool = False) -> dict:
         """Preprocess, infer and invert one scan. Returns dict(label (X,Y,Z) uint8, affine, probs?)."""
@@ -124,7 +126,7 @@ class Predictor:
 
         data = self.transform({"image": str(source)})
         img = data["image"]
-        probs = self._infer(img)  # (C, h, w, d) in preprocessed space
+        probs = self._infer(img, probabilities=want_probabilities)  # (C, h, w, d) in preprocessed space
         out = {"label_pre": probs.argmax(0, keepdim=True).to(torch.uint8)}
         keys = ["pred"]
         data["pred"] = MetaTensor(out["label_pre"].float(), affine=img.affine, meta=dict(img.meta))

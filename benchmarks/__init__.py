@@ -1,0 +1,8 @@
+"""Speed and memory benchmarks of medhpm against its baselines (MAE, MONAI), written as JSON.
+
+Run ``python -m benchmarks`` from the repository root; ``python -m benchmarks --help`` lists the options.
+Results land in ``benchmarks/results/<name>_<device>_<size>.json`` and the tables of
+``docs/PERFORMANCE.md`` are regenerated from every JSON file present. Never used by the package itself.
+"""
+
+BENCHMARKS = ("pretrain_step", "mae_vs_monai", "unetr_vs_monai", "sliding_window", "data_pipeline")
