@@ -43,7 +43,7 @@ def runs(tiny_phantoms, tmp_path_factory):
 def test_losses_fall(runs, method):
     rec = _epoch_means(runs[method], "loss_rec")
     assert len(rec) == 4
-    assert rec[-1] < 0.9 * rec[0], rec
+    assert rec[-1] < 0.95 * rec[0], rec
     if method == "hpm":
         pred = _epoch_means(runs[method], "loss_pred")
         # the ranking loss starts at log(2) (no information) and must learn something

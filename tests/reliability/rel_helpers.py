@@ -54,6 +54,10 @@ def tiny(dataset: str | os.PathLike, *more: str) -> list[str]:
         "finetune.batch_size": "1",
         "pretrain.epochs": "1",
         "finetune.epochs": "1",
+        # one pass over the data per epoch, whatever the packaged demo config chooses
+        "pretrain.steps_per_epoch": "0",
+        "finetune.steps_per_epoch": "0",
+        "data.cache": "none",
         "finetune.num_classes": "3",
         "finetune.val_every": "1",
         "evaluate.sw_batch_size": "1",

@@ -60,6 +60,10 @@ def tiny_overrides(dataset: Path, *more: str) -> list[str]:
         "model.decoder_heads": 4,
         "model.feature_size": 8,
         "pretrain.method": "hpm",
+        # one pass over the data per epoch and no cache, whatever the packaged demo config chooses
+        "pretrain.steps_per_epoch": 0,
+        "finetune.steps_per_epoch": 0,
+        "data.cache": "none",
         "pretrain.epochs": 2,
         "pretrain.batch_size": 2,
         "pretrain.lr": 1e-2,

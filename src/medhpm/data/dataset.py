@@ -134,6 +134,13 @@ class _Dataset(_NamedErrors, Dataset):
 
 
 class _CacheDataset(_NamedErrors, CacheDataset):
+    def _fill_cache(self, indices=None) -> list:
+        # one loader: fill in this thread. A bad file raised inside MONAI's thread pool left torch's
+        # threads alive at exit and the process aborted ("terminate called") after the clear error line
+        if self.num_workers > 1 or self.cache_num <= 0:
+            return super()._fill_cache(indices)
+        return [self._load_cache_item(i) for i in (range(self.cache_num) if indices is None else indices)]
+
     def _load_cache_item(self, idx: int):  # the deterministic head runs here, at construction
         try:
             return super()._load_cache_item(idx)

@@ -143,7 +143,10 @@ class Predictor:
         label = torch.as_tensor(data["pred"]).as_subclass(torch.Tensor)[0].round().to(torch.uint8).numpy()
         res = {"label": label, "affine": _original_affine(data), "meta": data["image"].meta}
         if want_probabilities:
-            res["probs"] = torch.as_tensor(data["probs"]).as_subclass(torch.Tensor).numpy().astype(np.float32)
+            probs = torch.as_tensor(data["probs"]).as_subclass(torch.Tensor).numpy().astype(np.float32)
+            # outside the foreground crop the inverse transform pads zeros: that mass is background
+            probs[0] += np.clip(1.0 - probs.sum(0), 0.0, 1.0)
+            res["probs"] = probs
         return res
 
     def predict_file(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
