@@ -66,22 +66,8 @@ __all__ = [
     "write_phantom_dataset",
 ]
 
-BTCV_LABELS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal vein and splenic vein",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
+# one table of BTCV label names for the whole package (the datalist reader owns it)
+from medhpm.data.datalist import BTCV_LABELS  # noqa: E402
 
 # The eight organs that the segmentation protocol scores.
 PROTOCOL_ORGANS: tuple[int, ...] = (1, 2, 3, 4, 6, 7, 8, 11)
