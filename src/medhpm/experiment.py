@@ -74,6 +74,7 @@ def run_experiment(config: str, out: str | Path | None = None, overrides: list[s
     out = Path(out or Path("runs") / f"experiment-{spec['name']}")
     check_writable(out)
     cfg = load_config(spec["base"], list(spec["overrides"]) + list(overrides or []))
+    spec["command_line_overrides"] = list(overrides or [])
     atomic_write_text(out / "experiment.json", json.dumps(spec, indent=2))
     if cfg.data.dataset == "phantom":
         from medhpm.data.sources import resolve_dataset
@@ -164,7 +165,8 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict]) -> Pa
                           f"{max(mem) if mem else float('nan'):.0f} | {st / base if base else float('nan'):.2f} |")
     cost = "\n".join(cost_lines)
     n_seeds = len(spec["seeds"])
-    md = (f"# Experiment {spec['name']}\n\nBase config `{spec['base']}` with overrides {spec['overrides']}; "
+    md = (f"# Experiment {spec['name']}\n\nBase config `{spec['base']}` with overrides "
+          f"{list(spec['overrides']) + list(spec.get('command_line_overrides', []))}; "
           f"seeds {spec['seeds']} (cells: mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}).\n\n"
           f"## Table 1 style: per organ (DSC %) and average DSC / HD95 (mm)\n\n{table1}\n\n"
           f"## Table 3 style: ablation\n\n{table3}\n\n## Pre-training cost\n\n{cost}\n\n"
