@@ -118,16 +118,11 @@ class PretrainTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def build_data(self):
         from medhpm.data.datalist import load_datalist
-        from medhpm.data.dataset import make_dataset, make_loader
         from medhpm.data.sources import resolve_dataset
         from medhpm.data.transforms import pretrain_transforms
 
         d = self.cfg.data
-        if self.cfg.pretrain.batch_size % d.num_samples:
-            raise ValueError(
-                f"config key 'pretrain.batch_size' ({self.cfg.pretrain.batch_size}) must be a multiple of "
-                f"'data.num_samples' ({d.num_samples}): each volume gives num_samples crops per step"
-            )
+        self.check_batch_size()
         src = resolve_dataset(d, self.run_dir)
         dl = load_datalist(src, format=d.format, split=d.split)
         # self-pre-training uses the TRAINING scans only (paper section 1), plus any extra label-free scans
@@ -138,16 +133,7 @@ class PretrainTrainer(Trainer):
         self.entries = entries
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
-        ds = make_dataset(entries, transform, d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
-        # a DistributedSampler also for one process, so the order of volumes in the global batch is the
-        # same whatever the number of processes
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-                                     seed=self.cfg.seed, drop_last=False)
-        volumes = self.cfg.pretrain.batch_size // d.num_samples
-        return make_loader(ds, batch_size=volumes, shuffle=False, num_workers=d.num_workers,
-                           seed=self.cfg.seed, sampler=sampler, prefetch_factor=d.prefetch_factor)
+        return self.training_loader(entries, transform)
 
     def transforms_spec(self) -> dict:
         from medhpm.data.transforms import transforms_spec

@@ -83,6 +83,31 @@ class Trainer:
         """Validation, figures. Returns scalars to log; may set ``self.is_best``."""
         return {}
 
+    def check_batch_size(self) -> None:
+        """Each volume gives ``data.num_samples`` crops per step: the stage's batch must be a multiple."""
+        d, b = self.cfg.data, self.sec.batch_size
+        if b % d.num_samples:
+            raise ValueError(
+                f"config key '{self.stage}.batch_size' ({b}) must be a multiple of 'data.num_samples' "
+                f"({d.num_samples}): each volume gives num_samples crops per step"
+            )
+
+    def training_loader(self, entries: list[dict], transform):
+        """Dataset (cached as configured) and loader over ``entries``. A DistributedSampler is used also
+        for one process, so the order of volumes in the global batch is the same whatever the number of
+        processes."""
+        from torch.utils.data.distributed import DistributedSampler
+
+        from medhpm.data.dataset import make_dataset, make_loader
+
+        d = self.cfg.data
+        ds = make_dataset(entries, transform, d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
+        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=False)
+        return make_loader(ds, batch_size=self.sec.batch_size // d.num_samples, shuffle=False,
+                           num_workers=d.num_workers, seed=self.cfg.seed, sampler=sampler,
+                           prefetch_factor=d.prefetch_factor)
+
     def extra_state(self) -> dict:
         return {}
 

@@ -63,17 +63,12 @@ class FinetuneTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def build_data(self):
         from medhpm.data.datalist import load_datalist, split_validation
-        from medhpm.data.dataset import make_dataset, make_loader
         from medhpm.data.headers import check_headers
         from medhpm.data.sources import resolve_dataset
         from medhpm.data.transforms import train_transforms
 
         d = self.cfg.data
-        if self.cfg.finetune.batch_size % d.num_samples:
-            raise ValueError(
-                f"config key 'finetune.batch_size' ({self.cfg.finetune.batch_size}) must be a multiple of "
-                f"'data.num_samples' ({d.num_samples}): each volume gives num_samples crops per step"
-            )
+        self.check_batch_size()
         src = resolve_dataset(d, self.run_dir)
         dl = load_datalist(src, format=d.format, split=d.split)
         missing = [e.get("image") for e in dl["training"] if "label" not in e]
@@ -90,17 +85,7 @@ class FinetuneTrainer(Trainer):
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
         check_headers(val, what="validation")  # bad headers fail now, not after the first epoch
-        ds = make_dataset(train, train_transforms(d, self.cfg.finetune.num_classes), d,
-                          cache_dir=d.cache_dir or (self.run_dir / "cache"))
-        # a DistributedSampler also for one process, so the order of volumes in the global batch is the
-        # same whatever the number of processes
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-                                     seed=self.cfg.seed, drop_last=False)
-        return make_loader(ds, batch_size=self.cfg.finetune.batch_size // d.num_samples, shuffle=False,
-                           num_workers=d.num_workers, seed=self.cfg.seed, sampler=sampler,
-                           prefetch_factor=d.prefetch_factor)
+        return self.training_loader(train, train_transforms(d, self.cfg.finetune.num_classes))
 
     def transforms_spec(self) -> dict:
         from medhpm.data.transforms import transforms_spec
