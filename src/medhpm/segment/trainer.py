@@ -129,11 +129,12 @@ class FinetuneTrainer(Trainer):
 
         m = unwrap(self.model)
         c = self.cfg
+        skips = getattr(m, "skip_blocks", None)  # a DynUNet has none (model.skip_blocks may be unset too)
         return {
             "architecture": c.finetune.architecture,
             "encoder": m.encoder.config() if hasattr(m, "encoder") else None,
             "unetr": {"out_channels": c.finetune.num_classes, "feature_size": c.model.feature_size,
-                      "skip_blocks": list(getattr(m, "skip_blocks", c.model.skip_blocks)), "norm_name": c.model.norm_name},
+                      "skip_blocks": list(skips) if skips is not None else None, "norm_name": c.model.norm_name},
             "num_classes": c.finetune.num_classes,
             "classes": {str(k): v for k, v in self.class_names().items()},
             "reported": {str(k): v for k, v in parse_classes(c.finetune.reported).items()},
