@@ -122,10 +122,13 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
   (`monai_sdpa / monai` = 0.911) and with SDPA switched on in MONAI the two run at the same speed
   (`ours / monai_sdpa` = 0.998). On a compute-bound CPU there is no other inefficiency in MONAI to beat: 0.8
   needs about 20 % less work per step than MONAI does.
-* Less work is available in our encoder: embedding only the visible patches (prototype `ours_embed_visible`,
-  fix 2 below) takes **6.7 %** off our step (0.933). With fused AdamW on both sides the ratio is 0.921; with
+* Less work is available in our encoder: embedding only the visible patches (then a prototype,
+  `ours_embed_visible`; applied since, fix 2 below) takes **6.7 %** off our step (0.933). With fused AdamW on both sides the ratio is 0.921; with
   both fixes applied to us the estimate is 0.921 x 0.933 = 0.86 against MONAI with fused AdamW, and
   0.718 x 0.933 = 0.67 against MONAI with PyTorch's default AdamW (not an identical configuration any more).
+* Re-measured after fix 2 was applied (2026-11-26, `python -m benchmarks --only mae_vs_monai --threads 1
+  --no-memory`, same machine, not the recorded JSON below): ours / monai **0.853**, ours / ours_embed_all
+  (the old embedding) 0.926, ours / monai_sdpa 0.967. Still short of 0.8.
 * On a GPU the comparison could not be made at the trainers' precision: MONAI's model fails under bf16
   autocast (see the GPU run above).
 
@@ -154,7 +157,9 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
   boundaries. On a free machine workers overlap loading with the training step; a training step here
   (1.7 s for 2 crops) needs about 1 crop/s, far below any of these rates.
 
-### Recommended fixes for `src/` (none applied by the benchmarks; prototypes measured)
+### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
+Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
+`ours / ours_embed_all` (`ours_embed_all`: the old path, all patches embedded then gathered).
 1. **Fused AdamW** - `src/medhpm/runtime/loop.py`, the `torch.optim.AdamW(...)` call (line 123): add
    `fused=True` when the device is CUDA, or CPU with torch >= 2.4 (`pyproject` allows torch 2.2, so guard on
    the version; all parameters are floating point on one device). Same update rule, same state-dict layout.
@@ -166,8 +171,8 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
    `tokens = self.patch_embed(x) + self.pos_embed`, then the gather): when `ids_keep` is given, gather the
    patchified voxels `patchify(x, P)` at `ids_keep` first, then `F.linear(patches, W, b)` with the Conv3d
    weight as `W = weight.permute(0, 2, 3, 4, 1).reshape(D, -1)` (the patch voxel order `(ph, pw, pd, C)`),
-   plus the gathered `pos_embed`. Same tokens up to float rounding (the benchmark checks it against
-   `ViTEncoder.forward` when it builds the prototype, `benchmarks/mae_vs_monai.py:forward_embed_visible`).
+   plus the gathered `pos_embed`. Same tokens up to float rounding (now `PatchEmbed3d.embed_selected`;
+   `tests/models/test_vit.py` checks tokens and gradients against embedding all patches and gathering).
    Measured: **-6.7 %** of the mae step; the hpm
    student's encoder gets the same saving. The full-volume path (teacher, UNETR) is unchanged.
 3. **No second probability map** - `src/medhpm/segment/predict.py`, `Predictor._infer` (line 118,

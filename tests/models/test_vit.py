@@ -132,6 +132,41 @@ def test_ids_keep_gathers_position_embedding_first():
     assert sub.shape == (2, 2, 48)
 
 
+def test_embedding_only_kept_patches_matches_embedding_all_then_gathering():
+    """The visible-token path (patches gathered, then a matrix product) against the plain reference:
+    the Conv3d over the whole volume, plus the position embedding, gathered; outputs and gradients."""
+    torch.manual_seed(4)
+    enc = micro(in_chans=2)
+    enc.set_pos_embed_learnable(True)
+    x = torch.randn(2, 2, 16, 24, 8)
+    ids = torch.stack([torch.randperm(6)[:3], torch.randperm(6)[:3]])
+
+    def reference(e):
+        tokens = e.patch_embed.proj(x).flatten(2).transpose(1, 2) + e.pos_embed  # every patch
+        tokens = torch.stack([tokens[b, ids[b]] for b in range(2)])  # then keep the listed ones
+        for blk in e.blocks:
+            tokens = blk(tokens)
+        return e.norm(tokens)
+
+    ref_enc = micro(in_chans=2)
+    ref_enc.set_pos_embed_learnable(True)
+    ref_enc.load_state_dict(enc.state_dict())
+    out, _ = enc(x, ids_keep=ids)
+    ref = reference(ref_enc)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(out)  # not a sum of squares: after the final LayerNorm that is a constant
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"):
+        got = dict(enc.named_parameters())[name].grad
+        want = dict(ref_enc.named_parameters())[name].grad
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    # patches never kept get no gradient through the position embedding
+    dropped = sorted(set(range(6)) - set(ids.flatten().tolist()))
+    if dropped:
+        assert enc.pos_embed.grad[0, dropped].abs().max() == 0
+
+
 def test_grad_checkpointing_matches_plain():
     torch.manual_seed(3)
     enc = micro(grad_checkpointing=True)

@@ -228,6 +228,19 @@ class PatchEmbed3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W, D) -> (B, N, embed_dim)
         return self.proj(x).flatten(2).transpose(1, 2)
 
+    def embed_selected(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens of the patches ``ids`` (``(B, K)`` token indices) only: ``forward(x)`` gathered at ``ids``,
+        without embedding the patches that are dropped (a masked autoencoder keeps a quarter of them).
+
+        The convolution with stride = kernel is a matrix product per patch: the Conv3d weight
+        ``(D, C, ph, pw, pd)`` laid out in :func:`patchify`'s voxel order ``(ph, pw, pd, C)``.
+        """
+        w = self.proj.weight
+        p = w.shape[-1]
+        patches = patchify(x, p)  # (B, N, P^3 C)
+        patches = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, P^3 C)
+        return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
+
 
 def init_weights_mae(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform Linear weights, zero biases, LayerNorm ones/zeros."""
@@ -429,8 +442,8 @@ class ViTEncoder(nn.Module):
 
         Args:
             x: ``(B, C, H, W, D)`` with ``(H, W, D) == img_size``.
-            ids_keep: optional ``(B, K)`` long token indices to keep (the visible tokens). The position
-                embedding is added before gathering, so every kept token keeps its own position.
+            ids_keep: optional ``(B, K)`` long token indices to keep (the visible tokens). Only those
+                patches are embedded, each with its own position embedding.
             return_hidden: 1-based block numbers whose outputs (before the final norm) are returned, in
                 the order asked (UNETR uses ``(3, 6, 9)``).
         Returns:
@@ -447,12 +460,17 @@ class ViTEncoder(nn.Module):
         if bad:
             raise ValueError(f"return_hidden block numbers must be in 1..{self._depth}, got {bad}.")
 
-        tokens = self.patch_embed(x) + self.pos_embed  # (B, N, D)
-        if ids_keep is not None:
+        if ids_keep is None:
+            tokens = self.patch_embed(x) + self.pos_embed  # (B, N, D)
+        else:
             if ids_keep.dim() != 2 or ids_keep.shape[0] != x.shape[0]:
                 raise ValueError(f"ids_keep must be (B, K) with B={x.shape[0]}, got {tuple(ids_keep.shape)}.")
-            idx = ids_keep.long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, K, D)
-            tokens = torch.gather(tokens, 1, idx)  # (B, K, D)
+            ids = ids_keep.long()
+            # embed only the kept patches, each with its own position (the same tokens as embedding all
+            # of them and gathering, for about a quarter of the embedding's work under a 75 % mask)
+            pos = torch.gather(self.pos_embed.expand(x.shape[0], -1, -1), 1,
+                               ids.unsqueeze(-1).expand(-1, -1, self._embed_dim))
+            tokens = self.patch_embed.embed_selected(x, ids) + pos  # (B, K, D)
 
         outputs: dict[int, torch.Tensor] = {}
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
