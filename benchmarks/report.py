@@ -93,10 +93,10 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
   dtypes match, got Float for the destination and BFloat16 for the source", `masked_autoencoder_vit.py`
   line 204: it scatters bf16 tokens into a float32 buffer). A user of MONAI's model must pre-train it in
   float32 on a GPU; ours runs in bf16.
-* **Sliding window, 512 x 512 x 150** (300 windows of 96^3, base UNETR, bf16): ours 8.4 / 8.6 / 9.2 s per
-  volume vs MONAI 9.1 / 8.7 / 9.6 s over three rounds (from the run's log; the memory probes were cut by the
-  lease's time limit, so no JSON was written). About 30 ms a window: host-bound too (the stitching of the
-  probability map on the host).
+* **Sliding window, 512 x 512 x 150** (`sliding_window_cuda_paper.json`, a second short call on the same
+  day; 300 windows of 96^3, base UNETR, bf16): ours 10.3 s vs MONAI 11.3 s per volume (**0.908**); host peak
+  RSS 3195 vs 5004 MiB (we keep one probability map on the host, fix 3), CUDA peak 1672 vs 1704 MiB. About
+  35 ms a window: host-bound too (stitching the probability map on the host).
 
 ### 1. HPM vs MAE: 1.72x (base) and 2.15x (tiny) per step; the paper's "under 1.1x" is not reachable as specified
 * FLOPs first: an hpm step at alpha 0.5 does **2.32x** the FLOPs of an mae step (base, batch 2, 96^3:
