@@ -101,6 +101,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, overrides: list
     check_writable(out)
     ov = (QUICK_OVERRIDES if quick else []) + list(overrides or [])
     cfg = load_config("demo", ov)
+    _claim_demo_folder(out, quick, ov)
     t_start = time.time()
     stages = Stages(7)
     dataset = stages.run("phantom CT data", resolve_dataset, cfg.data, out)
@@ -114,6 +115,28 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, overrides: list
           f"{mean.get('dice_mean', float('nan')):.3f}, mean HD95 {mean.get('hd95_mean') or float('nan'):.1f} mm")
     print(_layout(out))
     return out / "report.html"
+
+
+def _claim_demo_folder(out: Path, quick: bool, ov: list[str]) -> None:
+    """A demo folder is resumable, so its finished stages are reused; refuse a folder that was started with
+    other settings (e.g. ``--quick`` first, then the default), whose results would be reported as this run's."""
+    mark = out / "demo_settings.json"
+    want = {"quick": quick, "overrides": list(ov)}
+    if mark.exists():
+        try:
+            have = json.loads(mark.read_text())
+        except ValueError as e:
+            raise ValueError(f"{mark}: unreadable demo settings ({e}); delete the folder or use --out") from e
+        if have != want:
+            raise ValueError(
+                f"{out} holds a demo run made with other settings ({mark}: {have}); this call asks for {want}. "
+                f"Its finished stages would be reused and reported as this run: use --out for a new folder "
+                f"or delete {out}.")
+    elif out.exists() and any((out / d).exists() for d in ("pretrain", "finetune", "evaluation")):
+        raise ValueError(f"{out} already holds training results without a {mark.name}; use --out for a new "
+                         f"folder or delete it.")
+    else:
+        atomic_write_text(mark, json.dumps(want, indent=2))
 
 
 def _layout(out: Path) -> str:

@@ -44,3 +44,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "Avg DSC / HD95" in html and "Spleen" in html and "Pancreas" in html
     assert "Resolved configuration" in html and "Run times" in html
     assert (out / "pretrain" / "encoder.safetensors").exists() and (out / "finetune" / "best.pt").exists()
+
+    # the folder is resumable, so a default demo into it must refuse rather than report the quick results
+    r2 = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--out", str(out)],
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode != 0
+    msg = r2.stdout + r2.stderr
+    assert "demo_settings.json" in msg and "'quick': True" in msg and "--out" in msg
+    assert json.loads((out / "evaluation" / "metrics.json").read_text()) == metrics  # nothing overwritten
