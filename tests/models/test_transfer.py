@@ -120,7 +120,7 @@ def test_pretrain_checkpoint_student_and_teacher(tmp_path, x):
 
 
 def test_real_hpm_model_state_dict_loads_with_its_decoders_ignored(tmp_path, x):
-    from medhpm.models.hpm import HPMPretrainModel
+    from medhpm.pretrain.model import HPMPretrainModel
 
     enc = make_encoder()
     hpm = HPMPretrainModel(enc, decoder_dim=12, decoder_depth=1, decoder_heads=2)

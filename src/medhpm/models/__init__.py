@@ -1,6 +1,6 @@
-"""Models: the 3D ViT encoder (shared by pre-training and UNETR) and the HPM pre-training wrapper."""
+"""Networks: the 3D ViT encoder (shared by pre-training and UNETR) and UNETR. The HPM pre-training model
+lives in ``medhpm.pretrain.model``, beside its losses."""
 
-from medhpm.models.hpm import HPMPretrainModel, mask_to_ids
 from medhpm.models.vit import (
     PRESETS,
     ViTEncoder,
@@ -17,6 +17,4 @@ __all__ = [
     "ViTEncoder",
     "build_encoder",
     "PRESETS",
-    "HPMPretrainModel",
-    "mask_to_ids",
 ]

@@ -21,7 +21,8 @@ import torch
 
 from medhpm import __version__
 from medhpm.config import Config
-from medhpm.models import HPMPretrainModel, build_encoder
+from medhpm.models import build_encoder, patchify
+from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
 from medhpm.runtime.distributed import unwrap
@@ -92,8 +93,6 @@ def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alp
 
 def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg) -> dict:
     """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3)."""
-    from medhpm.models import patchify
-
     d = data_cfg
     with torch.no_grad():
         mean_int = patchify(x.float(), patch_size).mean(-1)  # (B, N) in [b_min, b_max]

@@ -101,7 +101,7 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
 
     from medhpm.config import from_dict
     from medhpm.data.transforms import predict_transforms
-    from medhpm.models import HPMPretrainModel
+    from medhpm.pretrain.model import HPMPretrainModel
     from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
     from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 

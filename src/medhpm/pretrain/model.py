@@ -1,4 +1,4 @@
-"""HPM pre-training model: encoder f_theta + image reconstructor d_phi + difficulty predictor d_psi.
+"""The selfMedHPM pre-training model (beside its losses: it is pre-training, not a backbone): encoder f_theta + image reconstructor d_phi + difficulty predictor d_psi.
 
 Reads like the paper's Fig. 1 (one student; the teacher is an EMA copy of this whole module, see
 ``medhpm.pretrain.ema``)::
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from medhpm.models.vit import Block, ViTEncoder, init_weights_mae, patchify, sincos_pos_embed_3d, unpatchify
+from medhpm.pretrain.losses import absolute_loss, normalize_patches, ranking_loss, reconstruction_loss
 
 __all__ = ["HPMPretrainModel", "mask_to_ids"]
 
@@ -245,16 +246,12 @@ class HPMPretrainModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """L_rec: ``x`` (B, C, H, W, D), ``pred`` (B, M, P^3*C) at ``ids_masked`` (B, M)
         -> ``(scalar, per_patch (B, M))``, both float32."""
-        from medhpm.pretrain.losses import reconstruction_loss  # lazy: pretrain imports models
-
         target = _gather_tokens(self.patchify(x), ids_masked)  # (B, M, P^3*C)
         with torch.autocast(device_type=pred.device.type, enabled=False):
             return reconstruction_loss(pred.float(), target.float(), norm_pix_loss=self.norm_pix_loss)
 
     def prediction_loss(self, lp: torch.Tensor, per_patch_loss: torch.Tensor) -> torch.Tensor:
         """L_pred: ``lp`` (B, M) against the detached ``per_patch_loss`` (B, M), same token order."""
-        from medhpm.pretrain.losses import absolute_loss, ranking_loss  # lazy: pretrain imports models
-
         fn = ranking_loss if self.prediction_loss_kind == "ranking" else absolute_loss
         with torch.autocast(device_type=lp.device.type, enabled=False):
             return fn(lp.float(), per_patch_loss.detach().float())
@@ -311,8 +308,6 @@ class HPMPretrainModel(nn.Module):
             original visible patches with predicted masked patches; ``masked_input`` (B, C, H, W, D) the
             input with masked patches zeroed; ``mask`` (B, N).
         """
-        from medhpm.pretrain.losses import normalize_patches
-
         ids_keep, _ = mask_to_ids(mask)
         seq = self.decoder_input(self.forward_encoder(x, ids_keep), ids_keep)  # (B, N, Dd)
         pred = self.forward_decoder(seq, None).float()  # (B, N, P^3*C)

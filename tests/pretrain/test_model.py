@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from medhpm.models import HPMPretrainModel, ViTEncoder, mask_to_ids, patchify
+from medhpm.models import ViTEncoder, patchify
+from medhpm.pretrain.model import HPMPretrainModel, mask_to_ids
 from medhpm.pretrain import EMATeacher, random_mask
 
 IMG, P = (32, 32, 16), 8  # grid (4, 4, 2): N = 32
