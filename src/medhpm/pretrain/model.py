@@ -234,11 +234,15 @@ class HPMPretrainModel(nn.Module):
         """Teacher step: predicted per-patch loss of the whole volume, nothing masked.
 
         Encoder on all N tokens, projection, position, predictor; the reconstructor is not run.
-        ``x`` (B, C, H, W, D) -> ``(B, N)`` in token order (float32 for ranking with ``topk``).
+        ``x`` (B, C, H, W, D) -> ``(B, N)`` in token order.
+
+        Always computed in float32, also under a bf16 autocast: bf16 scores of a 216-token crop take only
+        about 180 distinct values, and ``topk`` would then choose among tied patches arbitrarily.
         """
-        latent = self.forward_encoder(x, None)  # (B, N, D)
-        seq = self.decoder_input(latent, None)  # (B, N, Dd)
-        return self.forward_predictor(seq, None).float()  # (B, N)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            latent = self.forward_encoder(x.float(), None)  # (B, N, D)
+            seq = self.decoder_input(latent, None)  # (B, N, Dd)
+            return self.forward_predictor(seq, None).float()  # (B, N)
 
     # -- 6. losses (float32 even under autocast) -----------------------------------------------------
     def reconstruction_loss(
