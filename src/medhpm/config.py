@@ -99,9 +99,12 @@ class PretrainConfig:
     lambda_pred: float = 1.0
     pred_loss: str = "relative"  # relative (eq. 1 ranking) | absolute
     norm_pix_loss: bool = True
-    ema_m_start: float = 0.999
-    ema_m_end: float = 0.9999
-    ema_ramp_epochs: float = 100.0
+    # EMA teacher: its averaging horizon 1/(1-m) as a SHARE of the run's optimizer steps, rising from
+    # ema_horizon_start to ema_horizon_end over the first ema_ramp of the run (HPM's ImageNet schedule,
+    # 0.999 -> 0.9999 over 100 of 200 epochs, in these terms; docs/method.md)
+    ema_horizon_start: float = 0.001
+    ema_horizon_end: float = 0.01
+    ema_ramp: float = 0.5
     nonfinite: str = "stop"  # stop | skip
     figure_every: int = 0  # epochs between reconstruction figures (0: first and last only)
     checkpoint_every: int = 1  # epochs between 'last' checkpoints
@@ -342,8 +345,9 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < p.mask_ratio < 1.0, "pretrain.mask_ratio", f"{p.mask_ratio} is outside (0, 1)")
     for k in ("alpha_0", "alpha_T"):
         _check(0.0 <= getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in [0, 1]")
-    for k in ("ema_m_start", "ema_m_end"):
-        _check(0.0 <= getattr(p, k) < 1.0, f"pretrain.{k}", "must lie in [0, 1)")
+    for k in ("ema_horizon_start", "ema_horizon_end"):
+        _check(0.0 < getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in (0, 1]: a share of the run's optimizer steps")
+    _check(0.0 <= p.ema_ramp <= 1.0, "pretrain.ema_ramp", "must lie in [0, 1]: a share of the run's optimizer steps")
     _check(p.pred_loss in ("relative", "absolute"), "pretrain.pred_loss", "must be relative or absolute")
     for sec, name in ((p, "pretrain"), (f, "finetune")):
         _check(sec.epochs >= 1, f"{name}.epochs", "must be at least 1")

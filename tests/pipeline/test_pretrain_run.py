@@ -34,6 +34,8 @@ def runs(tiny_phantoms, tmp_path_factory):
         cfg = load_config("demo", TINY + [
             f"data.dataset={tiny_phantoms}", f"pretrain.method={method}", "pretrain.epochs=4",
             "pretrain.steps_per_epoch=6", "pretrain.lr=1e-3", "pretrain.alpha_0=0.3", "pretrain.alpha_T=0.5",
+            # 24 steps in all: horizons of 2.4 -> 12 steps (m 0.58 -> 0.92), so the EMA is not a plain copy
+            "pretrain.ema_horizon_start=0.1", "pretrain.ema_horizon_end=0.5",
         ])
         out[method] = pretrain(cfg, tmp_path_factory.mktemp(f"pt_{method}"))
     return out
@@ -54,6 +56,28 @@ def test_losses_fall(runs, method):
         assert all(0.999 > r["ema_momentum"] > 0 for r in recs if "ema_momentum" in r)
     else:
         assert not any("loss_pred" in r for r in read_metrics(runs[method] / "metrics.jsonl"))
+
+
+def test_teacher_diagnostics_logged_every_epoch(runs):
+    """The teacher's random-initialisation share is the product of the momenta of every EMA update so far
+    (checked against the step records, one per optimizer step), and every epoch logs both ranking
+    accuracies and the organ shares of mined and random patches (phantoms have labels)."""
+    recs = read_metrics(runs["hpm"] / "metrics.jsonl")
+    steps = [r for r in recs if r.get("kind") == "step"]
+    epochs = [r for r in recs if r.get("kind") == "epoch"]
+    assert [r["step"] for r in steps] == list(range(1, 25)) and len(epochs) == 4
+    share = 1.0
+    for e in epochs:
+        for r in steps:
+            if r["epoch"] == e["epoch"]:
+                share *= r["ema_momentum"]
+        assert e["teacher_init_share"] == pytest.approx(share, rel=1e-12)
+        assert 0.0 < e["ema_momentum"] < 1.0
+        for key in ("teacher_rank_acc", "student_rank_acc", "organ_share_hard", "organ_share_random"):
+            assert 0.0 <= e[key] <= 1.0, (key, e)
+    assert epochs[-1]["teacher_init_share"] < epochs[0]["teacher_init_share"] < 1.0
+    mae = [r for r in read_metrics(runs["mae"] / "metrics.jsonl") if r.get("kind") == "epoch"]
+    assert not any(k in r for r in mae for k in ("teacher_rank_acc", "student_rank_acc", "teacher_init_share"))
 
 
 def test_run_folder_contents(runs):

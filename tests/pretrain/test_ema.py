@@ -7,15 +7,21 @@ from torch import nn
 from medhpm.pretrain import EMATeacher, ema_update, momentum_at
 
 
-def test_momentum_schedule():
-    assert momentum_at(0) == pytest.approx(0.999)
-    assert momentum_at(50) == pytest.approx(0.99945)
-    assert momentum_at(100) == pytest.approx(0.9999)
-    assert momentum_at(500) == pytest.approx(0.9999)
-    assert momentum_at(2.5, 0.9, 0.99, ramp_epochs=10) == pytest.approx(0.9225)
-    assert momentum_at(0, 0.9, 0.99, ramp_epochs=0) == pytest.approx(0.99)
-    with pytest.raises(ValueError, match="m_end"):
-        momentum_at(0, 0.9, 1.2)
+def test_momentum_schedule_is_a_share_of_the_run():
+    # HPM's ImageNet schedule in these terms: a 1M-step run, horizons 1,000 -> 10,000 steps over half of it
+    assert momentum_at(1, 1_000_000) == pytest.approx(0.999, abs=1e-8)
+    assert momentum_at(250_000, 1_000_000) == pytest.approx(0.99945, abs=1e-8)
+    assert momentum_at(500_000, 1_000_000) == pytest.approx(0.9999, abs=1e-9)
+    assert momentum_at(900_000, 1_000_000) == pytest.approx(0.9999, abs=1e-9)
+    # the same shares of a 240-step run: horizons of 0.24 (-> one step, m = 0) and 2.4 steps
+    assert momentum_at(1, 240) == pytest.approx(0.0 + (1 / 120) * (1 - 1 / 2.4))
+    assert momentum_at(120, 240) == pytest.approx(1 - 1 / 2.4)
+    # hand-computed: T = 1000, horizons 10 and 100 steps (m 0.9 and 0.99), ramp over the first 200 steps
+    assert momentum_at(50, 1000, 0.01, 0.1, 0.2) == pytest.approx(0.9 + 0.25 * 0.09)
+    assert momentum_at(7, 1000, 0.01, 0.1, 0.0) == pytest.approx(0.99)
+    for bad in (dict(horizon_start=0.0), dict(horizon_end=1.5), dict(ramp=-0.1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            momentum_at(1, 100, **bad)
 
 
 class Net(nn.Module):

@@ -70,9 +70,9 @@ def tiny_overrides(dataset: Path, *more: str) -> list[str]:
         "pretrain.warmup_epochs": 10,
         "pretrain.alpha_0": 0.5,
         "pretrain.alpha_T": 0.5,
-        "pretrain.ema_m_start": 0.9,
-        "pretrain.ema_m_end": 0.99,
-        "pretrain.ema_ramp_epochs": 10,
+        "pretrain.ema_horizon_start": 0.5,  # a few steps in all: horizons of 0.5 and 1 run, m well above 0
+        "pretrain.ema_horizon_end": 1.0,
+        "pretrain.ema_ramp": 1.0,
         "finetune.epochs": 2,
         "finetune.batch_size": 2,
         "finetune.lr": 1e-2,

@@ -16,23 +16,41 @@ from torch import nn
 __all__ = ["momentum_at", "ema_update", "unwrap_model", "EMATeacher"]
 
 
-def momentum_at(epoch: float, m_start: float = 0.999, m_end: float = 0.9999, ramp_epochs: float = 100.0) -> float:
-    """EMA momentum schedule: linear from ``m_start`` at epoch 0 to ``m_end`` at ``ramp_epochs``, then
-    constant (HPM: 0.999 -> 0.9999 over the first 100 epochs).
+def momentum_at(step: int, total_steps: int, horizon_start: float = 0.001, horizon_end: float = 0.01,
+                ramp: float = 0.5) -> float:
+    """EMA momentum for the update after optimizer step ``step`` (1-based) of a run of ``total_steps``.
+
+    The schedule is set by the teacher's averaging horizon ``H = 1 / (1 - m)`` (the number of recent
+    student steps it averages over), given as a SHARE of the run so that it adapts to the data set size,
+    the batch and the steps per epoch:
+
+    * ``H_start = max(1, horizon_start * total_steps)``, ``H_end = max(1, horizon_end * total_steps)``;
+      ``m_start = 1 - 1 / H_start``, ``m_end = 1 - 1 / H_end`` (a horizon of one step or less is m = 0: the
+      teacher is the student's copy);
+    * ``m`` rises linearly from ``m_start`` to ``m_end`` over the first ``ramp`` of the run, then stays.
+
+    The defaults are HPM's ImageNet schedule expressed this way: 0.999 -> 0.9999 over the first 100 of 200
+    epochs of about 5,000 steps (1,000 -> 10,000-step horizons of a 1M-step run). docs/method.md gives the
+    reason and the momenta this yields for each packaged config.
 
     Args:
-        epoch: training progress in epochs, may be fractional (``step / steps_per_epoch``) so the
-            momentum moves every step.
-        m_start, m_end: momenta in [0, 1].
-        ramp_epochs: length of the ramp; ``<= 0`` means ``m_end`` from the start.
+        step: optimizer steps done, counting the one just made (>= 1).
+        total_steps: optimizer steps of the whole run (>= 1).
+        horizon_start, horizon_end: horizons as shares of the run, in (0, 1].
+        ramp: share of the run over which the momentum ramps, in [0, 1]; 0 means ``m_end`` from the start.
     """
-    for name, value in (("m_start", m_start), ("m_end", m_end)):
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}.")
-    if ramp_epochs <= 0:
-        return float(m_end)
-    progress = min(max(float(epoch) / float(ramp_epochs), 0.0), 1.0)
-    return float(m_start) + progress * (float(m_end) - float(m_start))
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be at least 1, got {total_steps}.")
+    for name, value in (("horizon_start", horizon_start), ("horizon_end", horizon_end)):
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1] (a share of the run), got {value}.")
+    if not 0.0 <= float(ramp) <= 1.0:
+        raise ValueError(f"ramp must be in [0, 1] (a share of the run), got {ramp}.")
+    m_start = 1.0 - 1.0 / max(1.0, float(horizon_start) * total_steps)
+    m_end = 1.0 - 1.0 / max(1.0, float(horizon_end) * total_steps)
+    ramp_steps = float(ramp) * total_steps
+    progress = 1.0 if ramp_steps <= 0 else min(max(float(step) / ramp_steps, 0.0), 1.0)
+    return m_start + progress * (m_end - m_start)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

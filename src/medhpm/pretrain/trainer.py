@@ -23,6 +23,7 @@ from medhpm import __version__
 from medhpm.config import Config
 from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
+from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, patches_with_organ
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
 from medhpm.runtime.distributed import unwrap
@@ -68,8 +69,8 @@ def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alp
 
     ``student`` is the (possibly DDP-wrapped) :class:`HPMPretrainModel`; ``teacher`` its EMA copy or
     None. ``x`` (B, C, H, W, D); ``noise`` optional uniform (B, N) ranks for the random part of the mask.
-    Returns the loss to back-propagate and scalars to log (plus the
-    teacher's scores and the mask under ``_scores``/``_mask`` when patches were mined).
+    Returns the loss to back-propagate and scalars to log (plus the student's output under ``_out`` and,
+    when patches were mined, the teacher's scores and the mask under ``_scores``/``_mask``).
     """
     n_tokens = unwrap(student).encoder.num_patches
     n_hard = int(alpha * num_masked(n_tokens, mask_ratio)) if teacher is not None else 0
@@ -83,6 +84,7 @@ def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alp
         mask = hard_patch_mask(scores, mask_ratio, alpha, noise=noise)
         logs["_scores"], logs["_mask"] = scores, mask
     out = student(x, mask)
+    logs["_out"] = out
     loss = out["loss_rec"]
     logs["loss_rec"] = float(out["loss_rec"].detach())
     if use_pred and out["loss_pred"] is not None:
@@ -91,14 +93,19 @@ def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alp
     return loss, logs
 
 
+def mined_patches(scores: torch.Tensor, n_hard: int) -> torch.Tensor:
+    """bool ``(B, N)``: the ``n_hard`` patches with the highest teacher scores (the ones HPM always masks)."""
+    hard = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return hard.scatter_(1, torch.topk(scores, n_hard, dim=1).indices, True)
+
+
 def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg) -> dict:
     """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3)."""
     d = data_cfg
     with torch.no_grad():
         mean_int = patchify(x.float(), patch_size).mean(-1)  # (B, N) in [b_min, b_max]
         hu = d.a_min + (mean_int - d.b_min) / (d.b_max - d.b_min) * (d.a_max - d.a_min)
-        hard = torch.zeros_like(mask)
-        hard.scatter_(1, torch.topk(scores, n_hard, dim=1).indices, True)
+        hard = mined_patches(scores, n_hard)
         rand = mask & ~hard
         out = {"hu_hard_mean": float(hu[hard].mean())}
         if rand.any():
@@ -113,6 +120,9 @@ class PretrainTrainer(Trainer):
         super().__init__(cfg, out_dir, resume)
         self.use_pred, self.use_teacher = METHOD_SWITCHES[cfg.pretrain.method]
         self.teacher: EMATeacher | None = None
+        self.teacher_init_share = 1.0  # product of the EMA momenta applied so far (diagnostics module)
+        self.diagnostics: dict = {}
+        self._diagnosed_epoch = -1
 
     # ------------------------------------------------------------------ data
     def build_data(self):
@@ -177,11 +187,35 @@ class PretrainTrainer(Trainer):
                                         mask_ratio=p.mask_ratio, lambda_pred=p.lambda_pred,
                                         use_pred=self.use_pred, noise=self.mask_noise(x.shape[0]))
         if logs.get("n_hard", 0) > 0 and self.global_step % max(self.cfg.runtime.log_every, 1) == 0:
-            logs.update(mined_patch_stats(x, logs.pop("_scores"), logs.pop("_mask"), logs["n_hard"],
+            logs.update(mined_patch_stats(x, logs["_scores"], logs["_mask"], logs["n_hard"],
                                           self.cfg.model.patch_size, self.cfg.data))
-        logs.pop("_scores", None)
-        logs.pop("_mask", None)
+        if int(epoch_f) != self._diagnosed_epoch:  # the first micro-batch of each epoch
+            self._diagnosed_epoch = int(epoch_f)
+            self.diagnostics = self.mining_diagnostics(x, batch.get("label"), logs)
+        for key in ("_scores", "_mask", "_out"):
+            logs.pop(key, None)
         return loss, logs
+
+    @torch.no_grad()
+    def mining_diagnostics(self, x: torch.Tensor, label, logs: dict) -> dict:
+        """How well the teacher's scores and the student's predicted losses order the student's measured
+        losses of this step's masked patches, and (with labels) how often mined patches hold organ
+        voxels compared with randomly masked ones. See :mod:`medhpm.pretrain.diagnostics`."""
+        out = logs["_out"]
+        per_patch, ids_masked = out["per_patch_loss"].detach(), out["ids_masked"]
+        diag = {}
+        if out["lp"] is not None:
+            diag["student_rank_acc"] = pairwise_order_accuracy(out["lp"], per_patch)
+        if self.teacher is None:
+            return diag
+        scores = logs.get("_scores")
+        if scores is None:  # no patch was mined this step: the teacher pass is made for the diagnostics
+            scores = self.teacher.model.predict_difficulty(x)
+        diag["teacher_rank_acc"] = pairwise_order_accuracy(torch.gather(scores, 1, ids_masked), per_patch)
+        if label is not None and logs.get("n_hard", 0) > 0:
+            has_organ = patches_with_organ(label.to(x.device).as_subclass(torch.Tensor), self.cfg.model.patch_size)
+            diag.update(organ_shares(has_organ, mined_patches(scores, logs["n_hard"]), logs["_mask"]))
+        return diag
 
     def mask_noise(self, local_batch: int) -> torch.Tensor:
         """Uniform ranks for this micro-batch's masks, drawn for the GLOBAL batch from (seed, micro-step)
@@ -201,9 +235,12 @@ class PretrainTrainer(Trainer):
         if self.teacher is None:
             return {}
         p = self.cfg.pretrain
-        m = momentum_at(epoch_f, p.ema_m_start, p.ema_m_end, p.ema_ramp_epochs)
+        m = momentum_at(self.global_step, self.sec.epochs * self.steps_per_epoch, p.ema_horizon_start,
+                        p.ema_horizon_end, p.ema_ramp)
         self.teacher.update(self.model, m)  # after the optimizer step, buffers included
-        return {"ema_momentum": m}
+        self.teacher_init_share *= m
+        self.ema_momentum = m
+        return {"ema_momentum": m, "teacher_init_share": self.teacher_init_share}
 
     # ------------------------------------------------------------------ epochs, figures, checkpoints
     def end_of_epoch(self, epoch, stats):
@@ -214,14 +251,18 @@ class PretrainTrainer(Trainer):
                 self.write_figure(epoch)
             except Exception as e:  # a figure must never cost the run
                 echo(f"[pretrain] figure skipped: {e}")
+        diag = dict(self.diagnostics)
+        if self.teacher is not None:
+            diag.update(teacher_init_share=self.teacher_init_share, ema_momentum=getattr(self, "ema_momentum", None))
         echo(
             f"[pretrain] epoch {epoch + 1}/{self.cfg.pretrain.epochs}: loss_rec {stats.get('loss_rec', float('nan')):.4f}"
             + (f", loss_pred {stats['loss_pred']:.4f}" if "loss_pred" in stats else "")
             + f", alpha {self.alpha(epoch):.3f}, {stats['epoch_time']:.1f}s "
-            f"(data {stats['data_time']:.1f}s, compute {stats['compute_time']:.1f}s)",
+            f"(data {stats['data_time']:.1f}s, compute {stats['compute_time']:.1f}s)"
+            + _diagnostics_text(diag),
             self.dist,
         )
-        return {"alpha": self.alpha(epoch)}
+        return {"alpha": self.alpha(epoch), **{k: v for k, v in diag.items() if v is not None}}
 
     def figure_input(self) -> torch.Tensor:
         """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
@@ -272,13 +313,15 @@ class PretrainTrainer(Trainer):
         return path
 
     def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "teacher_init_share": self.teacher_init_share}
 
     def load_extra_state(self, state):
         if self.teacher is not None:
             if state.get("teacher") is None:
                 raise ValueError("cannot resume an hpm run from a checkpoint without an EMA teacher")
             self.teacher.load_state_dict(state["teacher"])
+            self.teacher_init_share = float(state.get("teacher_init_share", float("nan")))
 
     def on_finish(self):
         if self.dist.is_main:
@@ -289,6 +332,20 @@ class PretrainTrainer(Trainer):
             write_run_summary(self.run_dir, {**peak_memory(self.device), "stage": "pretrain", "method": self.cfg.pretrain.method,
                                              "epochs": self.cfg.pretrain.epochs, "steps": self.global_step,
                                              "history": self.history, "version": __version__})
+
+
+def _diagnostics_text(diag: dict) -> str:
+    """The epoch line's part on mining: '; teacher: init share 0.26, rank acc 0.55 (student 0.71), ...'."""
+    parts = []
+    if "teacher_init_share" in diag:
+        parts.append(f"init share {diag['teacher_init_share']:.3g}")
+    if "teacher_rank_acc" in diag:
+        parts.append(f"rank acc {diag['teacher_rank_acc']:.3f}")
+    if "student_rank_acc" in diag:
+        parts.append(f"student rank acc {diag['student_rank_acc']:.3f}")
+    if "organ_share_hard" in diag:
+        parts.append(f"organ share mined {diag['organ_share_hard']:.2f} vs random {diag.get('organ_share_random', float('nan')):.2f}")
+    return ("; teacher: " if "teacher_init_share" in diag else "; ") + ", ".join(parts) if parts else ""
 
 
 def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:

@@ -11,8 +11,19 @@ from medhpm.runtime.io import atomic_path, atomic_write_text
 from medhpm.runtime.logging import read_metrics
 
 
+# the pre-training diagnostics of medhpm.pretrain.diagnostics, all in [0, 1]
+_MINING_CURVES = (
+    ("teacher_init_share", "teacher: random-init share"),
+    ("teacher_rank_acc", "teacher scores: pair accuracy"),
+    ("student_rank_acc", "student lp: pair accuracy"),
+    ("organ_share_hard", "mined patches with organ"),
+    ("organ_share_random", "random masked with organ"),
+)
+
+
 def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "training curves") -> Path:
-    """Plot per-epoch losses (and validation Dice when present) of several run folders side by side."""
+    """Plot per-epoch losses (and validation Dice and the teacher's mining diagnostics when present) of
+    several run folders side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,6 +41,10 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
             if any(y is not None for y in ys) and not (key == "loss" and "loss_rec" in recs[0]):
                 lines.append((key, xs, ys))
         panels.append((f"{name}: losses", lines, "loss"))
+        mining = [(label, xs, [r.get(key) for r in recs]) for key, label in _MINING_CURVES
+                  if any(r.get(key) is not None for r in recs)]
+        if mining:
+            panels.append((f"{name}: teacher and mining", mining, "share / pair accuracy"))
         val = [(r["epoch"] + 1, r["val_dice"]) for r in recs if r.get("val_dice") is not None]
         if val:
             panels.append((f"{name}: validation Dice", [("val Dice (reported organs)", [v[0] for v in val],

@@ -1,0 +1,62 @@
+"""Does the teacher mine what the paper claims? Measures logged once an epoch by the pre-training trainer.
+
+* the teacher's random-initialisation share - the weight of its initial copy in ``t_s = m_s t_{s-1} +
+  (1 - m_s) s_s`` unrolled: the product of the momenta applied so far (kept by the trainer, step by step).
+* :func:`pairwise_order_accuracy` - how well predicted difficulties order the measured per-patch losses:
+  the share of correctly ordered pairs of patches of the same sample, pairs tied in either excluded
+  (0.5 = chance, 1 = the same order). Used for the teacher's scores and for the student's own predicted
+  losses ``lp``, both against the student's measured reconstruction loss of the masked patches.
+* :func:`patches_with_organ` and :func:`organ_shares` - the paper's premise is that hard patches are the
+  discriminative parts (organs): with labels, the share of mined patches that hold organ voxels against
+  the share among the randomly masked ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medhpm.models.vit import patchify
+
+__all__ = ["pairwise_order_accuracy", "patches_with_organ", "organ_shares"]
+
+
+def pairwise_order_accuracy(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of pairs ``(i, j)``, ``i < j``, of the same sample that ``scores`` order as ``target`` does.
+
+    Args:
+        scores: ``(B, M)`` predicted difficulty of M patches.
+        target: ``(B, M)`` measured per-patch losses of the same patches, same order.
+    Returns:
+        correctly ordered pairs / pairs with ``target_i != target_j`` and ``scores_i != scores_j``, over
+        the whole batch; NaN when there is no such pair.
+    """
+    if scores.dim() != 2 or scores.shape != target.shape:
+        raise ValueError(f"scores and target must both be (B, M), got {tuple(scores.shape)} and {tuple(target.shape)}.")
+    s = scores.detach().double()
+    t = target.detach().double()
+    ds = torch.sign(s.unsqueeze(2) - s.unsqueeze(1))  # (B, M, M)
+    dt = torch.sign(t.unsqueeze(2) - t.unsqueeze(1))
+    agree = ds * dt  # +1 same order, -1 reversed, 0 a tie in either (and the diagonal)
+    upper = torch.ones(s.shape[1], s.shape[1], dtype=torch.bool, device=s.device).triu(1)
+    agree = agree[:, upper]  # (B, M(M-1)/2)
+    valid = int((agree != 0).sum())
+    if valid == 0:
+        return float("nan")
+    return int((agree > 0).sum()) / valid
+
+
+def patches_with_organ(label: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``label`` ``(B, 1, H, W, D)`` -> bool ``(B, N)`` in token order: the patch holds an organ voxel
+    (label value above 0)."""
+    return patchify((label > 0).float(), patch_size).amax(dim=-1) > 0
+
+
+def organ_shares(has_organ: torch.Tensor, hard: torch.Tensor, masked: torch.Tensor) -> dict[str, float]:
+    """Share of the mined (hard) patches, and of the randomly masked ones (``masked & ~hard``), that hold
+    organ voxels; all bool ``(B, N)``. A group with no patch is left out of the result."""
+    out = {}
+    for name, group in (("organ_share_hard", hard), ("organ_share_random", masked & ~hard)):
+        n = int(group.sum())
+        if n:
+            out[name] = int((has_organ & group).sum()) / n
+    return out
