@@ -27,7 +27,20 @@ def test_packaged_configs_resolve():
     names = packaged_configs()
     assert {"demo", "btcv_paper", "smwb_paper"} <= set(names)
     btcv = load_config("btcv_paper")
-    assert btcv.model.preset == "base" and btcv.data.roi == (96, 96, 96) and btcv.pretrain.batch_size == 4
+    assert btcv.model.preset == "base" and btcv.data.roi == (96, 96, 96)
+    # the recipe table of docs/method.md: the paper's batch of 4 volumes x 4 crops, its lrs absolute there,
+    # SelfMedMAE's epochs, skips, fine-tuning loss and optimizer
+    assert btcv.pretrain.batch_size == btcv.finetune.batch_size == 16 and btcv.data.num_samples == 4
+    assert btcv.pretrain.lr_ref_batch == btcv.finetune.lr_ref_batch == 16
+    assert (btcv.pretrain.epochs, btcv.finetune.epochs) == (10000, 5000)
+    assert btcv.model.skip_blocks == (4, 7, 10)
+    f = btcv.finetune
+    assert f.betas == (0.9, 0.95) and f.clip_grad == 0.0 and not f.batch_dice and f.dice_squared_pred
+    assert (f.dice_smooth_nr, f.dice_smooth_dr) == (0.0, 1e-6)
+    smwb = load_config("smwb_paper")
+    assert (smwb.data.a_min, smwb.data.a_max) == (-1000.0, 1000.0)  # lung is not air
+    demo = load_config("demo").finetune  # the recipe the demo was measured with
+    assert demo.batch_dice and not demo.dice_squared_pred and demo.betas == (0.9, 0.999) and demo.clip_grad == 1.0
     assert btcv.pretrain.lr == pytest.approx(1.5e-4) and btcv.pretrain.weight_decay == pytest.approx(0.05)
     assert btcv.finetune.lr == pytest.approx(8e-4) and btcv.finetune.layer_decay == 0.75
     assert btcv.finetune.drop_path == 0.1 and btcv.finetune.num_classes == 14 and btcv.data.split == "transunet"

@@ -84,7 +84,7 @@ class PretrainConfig:
     method: str = "hpm"  # mae | hpm | no_lpred | no_learn_to_mask
     epochs: int = 100
     steps_per_epoch: int = 0  # 0: one pass over the training volumes
-    batch_size: int = 4  # volumes per step per process (each gives data.num_samples crops... see docs)
+    batch_size: int = 4  # CROPS per step per process: batch_size / data.num_samples volumes
     accum_steps: int = 1
     lr: float = 1.5e-4
     lr_ref_batch: int = 4  # lr is scaled by effective_batch / lr_ref_batch
@@ -122,11 +122,16 @@ class FinetuneConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.95)  # SelfMedMAE's fine-tuning AdamW
     layer_decay: float = 0.75
     drop_path: float = 0.1
-    batch_dice: bool = True  # Dice over the whole batch (nnU-Net style): steadier for organs absent from a crop
-    clip_grad: float = 1.0
+    # DiceCE as SelfMedMAE and MONAI's BTCV recipe: Dice per sample, squared denominators, smooth 0 / 1e-6;
+    # batch_dice=true takes the Dice over the whole batch (nnU-Net style), steadier for organs absent from a crop
+    batch_dice: bool = False
+    dice_squared_pred: bool = True
+    dice_smooth_nr: float = 0.0
+    dice_smooth_dr: float = 1e-6
+    clip_grad: float = 0.0  # 0: no clipping (SelfMedMAE)
     num_classes: int = 14  # including background
     reported: str = "btcv8"  # classes to report: btcv8 | btcv13 | NAME=VALUE,...
     val_every: int = 5
@@ -359,6 +364,10 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
     _check(0.0 <= f.drop_path < 1.0, "finetune.drop_path", "must lie in [0, 1)")
     _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")
+    _check(f.dice_smooth_nr >= 0, "finetune.dice_smooth_nr", "must be 0 or more")
+    _check(f.dice_smooth_dr > 0, "finetune.dice_smooth_dr", "must be positive (it keeps an empty class's Dice finite)")
+    for sec, name in ((p, "pretrain"), (f, "finetune")):
+        _check(sec.clip_grad >= 0, f"{name}.clip_grad", "must be 0 (no clipping) or a positive gradient norm")
     _check(0.0 <= cfg.evaluate.overlap < 1.0, "evaluate.overlap", "must lie in [0, 1)")
     _check(cfg.runtime.precision in ("auto", "fp32", "bf16"), "runtime.precision", "must be auto, fp32 or bf16")
     return cfg

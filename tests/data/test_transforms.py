@@ -166,3 +166,28 @@ def test_rot90_needs_square_axial_roi():
     with pytest.raises(ValueError, match="rot90"):
         train_transforms(small_cfg(roi=(16, 32, 16)))
     train_transforms(small_cfg(roi=(16, 32, 16), rot90_prob=0.0))  # fine without rotations
+
+
+def _is_window_of(crop: np.ndarray, volume: np.ndarray) -> bool:
+    """True if ``crop`` equals ``volume[i:i+a, j:j+b, k:k+c]`` for some offset (a plain search)."""
+    a, b, c = crop.shape
+    for i in range(volume.shape[0] - a + 1):
+        for j in range(volume.shape[1] - b + 1):
+            for k in range(volume.shape[2] - c + 1):
+                if np.array_equal(volume[i:i + a, j:j + b, k:k + c], crop):
+                    return True
+    return False
+
+
+def test_pretraining_augments_with_crops_and_flips_only(case):
+    """As the paper and SelfMedMAE: even with rotations and intensity changes switched on for every crop,
+    a pre-training crop is an unchanged window of the preprocessed volume; a fine-tuning crop is not."""
+    cfg = small_cfg(crop="random", roi=(12, 12, 12), num_samples=4, flip_prob=0.0, rot90_prob=1.0,
+                    intensity_scale_prob=1.0, intensity_shift_prob=1.0)
+    volume = predict_transforms(cfg)({"image": case["image"]})["image"][0].numpy()
+    t = pretrain_transforms(cfg, labelled=False)
+    t.set_random_state(0)
+    assert all(_is_window_of(crop["image"][0].numpy(), volume) for crop in t(case))
+    t = train_transforms(cfg)
+    t.set_random_state(0)
+    assert not any(_is_window_of(crop["image"][0].numpy(), volume) for crop in t(case))

@@ -123,7 +123,11 @@ def _deterministic(cfg: DataConfig, keys: list[str], num_classes: int | None = N
     return chain
 
 
-def _random(cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: int | None = None) -> list:
+def _random(cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: int | None = None,
+            pretraining: bool = False) -> list:
+    """Random crops and flips; for fine-tuning also 90-degree rotations and intensity scale and shift.
+    Self-pre-training uses crops and flips only, as the paper and SelfMedMAE's
+    ``get_mae_pretrain_transforms`` do (docs/method.md, recipe table)."""
     roi = tuple(int(r) for r in cfg.roi)
     if label_crops and cfg.crop == "classes" and num_classes:
         # centres drawn class by class with equal odds (nnU-Net-style oversampling of small organs);
@@ -139,11 +143,15 @@ def _random(cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: in
         )
     else:
         crop = RandSpatialCropSamplesd(keys, roi_size=roi, num_samples=cfg.num_samples, random_size=False)
-    return [
+    flips = [
         crop,
         RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
         RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
         RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=2),
+    ]
+    if pretraining:
+        return flips
+    return flips + [
         RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3),
         RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob),
         RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob),
@@ -165,7 +173,8 @@ def pretrain_transforms(cfg: DataConfig, labelled: bool = False) -> Compose:
     _check(cfg)
     keys = ["image", "label"] if labelled else ["image"]
     # class-balanced crops need the class count, which pre-training does not know: pos/neg crops there
-    chain = _deterministic(cfg, keys, training=True) + _random(cfg, keys, label_crops=labelled and cfg.crop != "random")
+    chain = _deterministic(cfg, keys, training=True) + _random(cfg, keys, label_crops=labelled and cfg.crop != "random",
+                                                                   pretraining=True)
     return _finish(cfg, "pretrain_labelled" if labelled else "pretrain", chain, keys)
 
 

@@ -109,7 +109,9 @@ class FinetuneTrainer(Trainer):
             echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
         elif not self.init and not self.resume:
             echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=self.cfg.finetune.batch_dice)
+        f = self.cfg.finetune
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=f.batch_dice, squared_pred=f.dice_squared_pred,
+                                  smooth_nr=f.dice_smooth_nr, smooth_dr=f.dice_smooth_dr)
         return model
 
     def param_groups(self, model, lr):
