@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["momentum_at", "ema_update", "unwrap_model", "EMATeacher"]
+from medhpm.runtime.distributed import unwrap
+
+__all__ = ["momentum_at", "ema_update", "EMATeacher"]
 
 
 def momentum_at(epoch: float, m_start: float = 0.999, m_end: float = 0.9999, ramp_epochs: float = 100.0) -> float:
@@ -35,18 +37,6 @@ def momentum_at(epoch: float, m_start: float = 0.999, m_end: float = 0.9999, ram
     return float(m_start) + progress * (float(m_end) - float(m_start))
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel / DataParallel (``.module``) and ``torch.compile``
-    (``._orig_mod``) wrappers, so parameter names match the teacher's."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """In place: ``t = m * t + (1 - m) * s`` for every parameter and floating buffer; other buffers copied.
@@ -56,7 +46,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
-    student = unwrap_model(student)
+    student = unwrap(student)
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     # the teacher may lack parts it never runs (HPM's teacher needs no reconstructor); every part it
@@ -94,7 +84,7 @@ class EMATeacher:
     def __init__(self, student: nn.Module, drop: tuple[str, ...] = ()) -> None:
         """``drop``: names of child modules the teacher never runs (set to None in the copy, not
         EMA-updated): HPM's teacher only predicts difficulty, so its reconstructor can go."""
-        self.model = copy.deepcopy(unwrap_model(student))
+        self.model = copy.deepcopy(unwrap(student))
         for name in drop:
             if getattr(self.model, name, None) is None:
                 raise ValueError(f"cannot drop {name!r}: the student has no such module")
