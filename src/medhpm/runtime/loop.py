@@ -12,7 +12,6 @@ that epoch exactly and, in ``--deterministic`` CPU mode, ends with the same weig
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -465,9 +464,3 @@ def write_run_summary(run_dir: Path, summary: dict) -> None:
 
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
-
-def env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
