@@ -21,12 +21,17 @@ import torch
 
 from medhpm import __version__
 from medhpm.config import Config
+from medhpm.data.datalist import load_datalist
+from medhpm.data.sources import resolve_dataset
+from medhpm.data.transforms import predict_transforms, pretrain_transforms, transforms_spec
 from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.loop import Trainer, echo
+from medhpm.runtime.loop import Trainer, echo, write_run_summary
+from medhpm.runtime.param_groups import param_groups_weight_decay
 
 METHOD_SWITCHES = {
     # method: (loss predictor + L_pred, hard-patch masking from an EMA teacher)
@@ -116,10 +121,6 @@ class PretrainTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def build_data(self):
-        from medhpm.data.datalist import load_datalist
-        from medhpm.data.sources import resolve_dataset
-        from medhpm.data.transforms import pretrain_transforms
-
         d = self.cfg.data
         self.check_batch_size()
         src = resolve_dataset(d, self.run_dir)
@@ -135,8 +136,6 @@ class PretrainTrainer(Trainer):
         return self.training_loader(entries, transform)
 
     def transforms_spec(self) -> dict:
-        from medhpm.data.transforms import transforms_spec
-
         return transforms_spec(self.cfg.data)
 
     # ------------------------------------------------------------------ model
@@ -155,8 +154,6 @@ class PretrainTrainer(Trainer):
             self.teacher.to(self.device)
 
     def param_groups(self, model, lr):
-        from medhpm.segment.layer_decay import param_groups_weight_decay
-
         return param_groups_weight_decay(model, lr, self.cfg.pretrain.weight_decay)
 
     def model_args(self) -> dict:
@@ -226,7 +223,6 @@ class PretrainTrainer(Trainer):
     def figure_input(self) -> torch.Tensor:
         """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
         if not hasattr(self, "_fig_x"):
-            from medhpm.data.transforms import predict_transforms
             from monai.transforms import CenterSpatialCrop, SpatialPad
 
             item = predict_transforms(self.cfg.data)({"image": self.entries[0]["image"]})
@@ -282,10 +278,6 @@ class PretrainTrainer(Trainer):
 
     def on_finish(self):
         if self.dist.is_main:
-            from medhpm.runtime.loop import write_run_summary
-
-            from medhpm.segment.trainer import peak_memory
-
             write_run_summary(self.run_dir, {**peak_memory(self.device), "stage": "pretrain", "method": self.cfg.pretrain.method,
                                              "epochs": self.cfg.pretrain.epochs, "steps": self.global_step,
                                              "history": self.history, "version": __version__})

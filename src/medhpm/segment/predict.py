@@ -19,9 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhpm.config import Config, from_dict
+from medhpm.config import Config, from_dict, get_key
+from medhpm.data.datalist import load_datalist
+from medhpm.data.dataset import root_cause
+from medhpm.data.transforms import predict_transforms
+from medhpm.models.dynunet import build_dynunet
+from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
+from medhpm.runtime.io import atomic_save_nifti, atomic_write_text, check_writable
 
 
 def case_name(path: str | Path) -> str:
@@ -52,8 +58,6 @@ class Predictor:
         self.sw_batch_size = sw_batch_size or cfg.evaluate.sw_batch_size
         self.output_on_cpu = output_on_cpu
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
-        from medhpm.data.transforms import predict_transforms
-
         self.transform = predict_transforms(cfg.data)
 
     @classmethod
@@ -63,8 +67,6 @@ class Predictor:
         ``expect``: a config to compare with the checkpoint's metadata (preset, patch size, ROI,
         spacing, HU window, classes); a mismatch raises an error that explains it.
         """
-        from medhpm.models.unetr import build_unetr
-
         state = load_checkpoint(path)
         if state.get("format") != "medhpm-checkpoint" and "stage" not in state:
             raise CheckpointError(
@@ -89,8 +91,6 @@ class Predictor:
         try:
             u = args["unetr"]
             if args.get("architecture", "unetr") == "dynunet":
-                from medhpm.segment.trainer import build_dynunet
-
                 model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
             else:
                 model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
@@ -154,8 +154,6 @@ class Predictor:
         """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``."""
         import nibabel as nib
 
-        from medhpm.runtime.io import atomic_save_nifti
-
         source = Path(source)
         if not source.exists():
             raise FileNotFoundError(f"input scan {source} does not exist")
@@ -188,8 +186,6 @@ class Predictor:
 
         A scan that fails is reported (``ok`` False, ``error``) and the others still run.
         """
-        from medhpm.runtime.io import check_writable
-
         check_writable(out_dir)
         items = _list_inputs(Path(source), split)
         results = []
@@ -207,8 +203,6 @@ def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
     if not source.exists():
         raise FileNotFoundError(f"input {source} does not exist")
     if source.is_file() and source.suffix == ".json":
-        from medhpm.data.datalist import load_datalist
-
         dl = load_datalist(source, format="msd")
         entries = dl.get(split) or []
         if not entries:
@@ -258,8 +252,6 @@ def _original_affine(data) -> np.ndarray:
 
 def _error_line(e: BaseException) -> str:
     """First line of the message of the error under MONAI's "applying transform" wrappers (it names the file)."""
-    from medhpm.data.dataset import root_cause
-
     root = root_cause(e)
     text = str(root).strip()
     return text.splitlines()[0] if text else type(root).__name__
@@ -272,8 +264,6 @@ COMPATIBLE_KEYS = ("model.preset", "model.patch_size", "data.roi", "data.spacing
 
 def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
     """Explain every difference between a checkpoint's metadata and the config it is used with."""
-    from medhpm.config import get_key
-
     diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}" for k in COMPATIBLE_KEYS
              if get_key(ckpt_cfg, k) != get_key(cfg, k)]
     if diffs:
@@ -281,6 +271,4 @@ def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
 
 
 def write_results_json(results: list[dict], path: str | Path) -> None:
-    from medhpm.runtime.io import atomic_write_text
-
     atomic_write_text(path, json.dumps([{k: v for k, v in r.items() if k != "traceback"} for r in results], indent=2))

@@ -19,31 +19,25 @@ import torch
 
 from medhpm import __version__
 from medhpm.config import Config
+from medhpm.data.datalist import load_datalist, split_validation
+from medhpm.data.headers import check_headers
+from medhpm.data.sources import resolve_dataset
+from medhpm.data.transforms import train_transforms, transforms_spec, val_transforms
+from medhpm.evaluate.classes import parse_classes
+from medhpm.models import build_encoder
+from medhpm.models.dynunet import build_dynunet
+from medhpm.models.transfer import load_encoder_weights
+from medhpm.models.unetr import build_unetr
+from medhpm.runtime.device import autocast, peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.loop import Trainer, echo
-
-
-def build_dynunet(in_channels: int, out_channels: int, roi):
-    """MONAI DynUNet sized for the ROI: the paper's CNN (U-Net) reference row, trained from scratch."""
-    from monai.networks.nets import DynUNet
-
-    # 3x3x3 kernels; stride 2 while every axis stays >= 8 voxels (at most 5 down-samplings)
-    strides, size = [1], list(roi)
-    while len(strides) < 6 and all(s // 2 >= 4 for s in size):
-        strides.append(2)
-        size = [s // 2 for s in size]
-    return DynUNet(3, in_channels, out_channels, kernel_size=[3] * len(strides), strides=strides,
-                   upsample_kernel_size=strides[1:], norm_name="instance", res_block=True)
+from medhpm.runtime.loop import Trainer, echo, write_run_summary
+from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_weight_decay
 
 
 def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
     """UNETR around the configured encoder (preset, patch size, ROI from the config), or DynUNet."""
-    from medhpm.models import build_encoder
-
     if cfg.finetune.architecture == "dynunet":
         return build_dynunet(cfg.model.in_chans, cfg.finetune.num_classes, tuple(cfg.data.roi))
-    from medhpm.models.unetr import build_unetr
-
     if encoder_args is None:
         encoder_args = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi),
                                      patch_size=cfg.model.patch_size, in_chans=cfg.model.in_chans).config()
@@ -62,11 +56,6 @@ class FinetuneTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def build_data(self):
-        from medhpm.data.datalist import load_datalist, split_validation
-        from medhpm.data.headers import check_headers
-        from medhpm.data.sources import resolve_dataset
-        from medhpm.data.transforms import train_transforms
-
         d = self.cfg.data
         self.check_batch_size()
         src = resolve_dataset(d, self.run_dir)
@@ -88,15 +77,11 @@ class FinetuneTrainer(Trainer):
         return self.training_loader(train, train_transforms(d, self.cfg.finetune.num_classes))
 
     def transforms_spec(self) -> dict:
-        from medhpm.data.transforms import transforms_spec
-
         return transforms_spec(self.cfg.data)
 
     # ------------------------------------------------------------------ model
     def build_model(self):
         from monai.losses import DiceCELoss
-
-        from medhpm.models.transfer import load_encoder_weights
 
         model = build_segmentation_model(self.cfg)
         if self.cfg.finetune.architecture != "unetr" and self.init:
@@ -113,8 +98,6 @@ class FinetuneTrainer(Trainer):
         return model
 
     def param_groups(self, model, lr):
-        from medhpm.segment.layer_decay import param_groups_layer_decay, param_groups_weight_decay
-
         if self.cfg.finetune.architecture != "unetr":
             return param_groups_weight_decay(model, lr, self.cfg.finetune.weight_decay)
         return param_groups_layer_decay(model, lr, self.cfg.finetune.weight_decay, self.cfg.finetune.layer_decay)
@@ -125,8 +108,6 @@ class FinetuneTrainer(Trainer):
         self.init = None if init in (None, "", "none") else str(init)
 
     def model_args(self) -> dict:
-        from medhpm.evaluate.classes import parse_classes
-
         m = unwrap(self.model)
         c = self.cfg
         skips = getattr(m, "skip_blocks", None)  # a DynUNet has none (model.skip_blocks may be unset too)
@@ -187,9 +168,6 @@ class FinetuneTrainer(Trainer):
         from monai.metrics import DiceMetric
         from monai.networks.utils import one_hot
 
-        from medhpm.data.transforms import val_transforms
-        from medhpm.evaluate.classes import parse_classes
-
         model = unwrap(self.model)
         model.eval()
         if not hasattr(self, "_val_items"):
@@ -198,8 +176,6 @@ class FinetuneTrainer(Trainer):
         reported = [k for k in parse_classes(self.cfg.finetune.reported) if k < self.cfg.finetune.num_classes]
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         per_case = []
-        from medhpm.runtime.device import autocast
-
         for item in self._val_items:
             x = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)[None].to(self.device)
             y = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[None].long()
@@ -224,8 +200,6 @@ class FinetuneTrainer(Trainer):
 
     def on_finish(self):
         if self.dist.is_main:
-            from medhpm.runtime.loop import write_run_summary
-
             write_run_summary(self.run_dir, {
                 **peak_memory(self.device),
                 "stage": "finetune", "init": self.init or "none", "epochs": self.cfg.finetune.epochs,
@@ -237,17 +211,6 @@ class FinetuneTrainer(Trainer):
                     {"loaded": len(self.load_report.loaded), "missing": list(self.load_report.missing),
                      "unexpected": list(self.load_report.unexpected)})),
             })
-
-
-def peak_memory(device) -> dict:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the max resident set size."""
-    if getattr(device, "type", "cpu") == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_memory_kind": "cuda_max_allocated"}
-    import resource
-
-    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_memory_kind": "cpu_max_rss"}
 
 
 def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:
