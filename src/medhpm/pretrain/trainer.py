@@ -22,6 +22,7 @@ import torch
 from medhpm import __version__
 from medhpm.config import Config
 from medhpm.data.datalist import load_datalist
+from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
 from medhpm.data.transforms import predict_transforms, pretrain_transforms, transforms_spec
 from medhpm.models import build_encoder, patchify
@@ -133,7 +134,8 @@ class PretrainTrainer(Trainer):
         self.entries = entries
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
-        return self.training_loader(entries, transform)
+        return training_loader(entries, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
+                               self.dist.world_size, self.dist.rank)
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)

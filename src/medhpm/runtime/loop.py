@@ -61,7 +61,7 @@ class Trainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ steps a stage implements
-    def build_data(self):  # -> training DataLoader
+    def build_data(self):  # -> training DataLoader (medhpm.data.dataset.training_loader)
         raise NotImplementedError
 
     def build_model(self) -> torch.nn.Module:
@@ -90,22 +90,6 @@ class Trainer:
                 f"config key '{self.stage}.batch_size' ({b}) must be a multiple of 'data.num_samples' "
                 f"({d.num_samples}): each volume gives num_samples crops per step"
             )
-
-    def training_loader(self, entries: list[dict], transform):
-        """Dataset (cached as configured) and loader over ``entries``. A DistributedSampler is used also
-        for one process, so the order of volumes in the global batch is the same whatever the number of
-        processes."""
-        from torch.utils.data.distributed import DistributedSampler
-
-        from medhpm.data.dataset import make_dataset, make_loader
-
-        d = self.cfg.data
-        ds = make_dataset(entries, transform, d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
-        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-                                     seed=self.cfg.seed, drop_last=False)
-        return make_loader(ds, batch_size=self.sec.batch_size // d.num_samples, shuffle=False,
-                           num_workers=d.num_workers, seed=self.cfg.seed, sampler=sampler,
-                           prefetch_factor=d.prefetch_factor)
 
     def extra_state(self) -> dict:
         return {}

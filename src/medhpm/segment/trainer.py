@@ -21,6 +21,7 @@ from medhpm import __version__
 from medhpm.config import Config
 from medhpm.data.datalist import load_datalist, split_validation
 from medhpm.data.headers import check_headers
+from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
 from medhpm.data.transforms import train_transforms, transforms_spec, val_transforms
 from medhpm.evaluate.classes import parse_classes
@@ -74,7 +75,9 @@ class FinetuneTrainer(Trainer):
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
         check_headers(val, what="validation")  # bad headers fail now, not after the first epoch
-        return self.training_loader(train, train_transforms(d, self.cfg.finetune.num_classes))
+        transform = train_transforms(d, self.cfg.finetune.num_classes)
+        return training_loader(train, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
+                               self.dist.world_size, self.dist.rank)
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)
