@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from medhpm.config import Config, ConfigError, from_dict, load_config, packaged_configs, save_config, to_dict
+from medhpm.config import Config, ConfigError, from_dict, load_config, packaged_configs, to_dict
+from medhpm.runtime.io import save_config
 
 
 def test_precedence_defaults_then_yaml_then_overrides(tmp_path):

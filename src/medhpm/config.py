@@ -297,13 +297,6 @@ def differences(old: Config, new: Config, keys: Sequence[str] = CHECKPOINT_KEYS)
     return out
 
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically)."""
-    from medhpm.runtime.io import atomic_write_text
-
-    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 # --------------------------------------------------------------------------------------------------
 # Validation of values that parse but cannot work
 
@@ -315,12 +308,22 @@ def _check(cond: bool, key: str, msg: str):
         raise ConfigError(f"config key {key!r}: {msg}")
 
 
-def validate(cfg: Config) -> Config:
-    from medhpm.models.vit import PRESETS  # models own the preset table
+# Encoder size presets (``model.preset``), here so that validation needs nothing above the config;
+# ``medhpm.models.vit.build_encoder`` builds from this table.
+ENCODER_PRESETS: dict[str, dict] = {
+    # micro: for tests and CPU demos. Depth 12 so UNETR's default skips (blocks 3, 6, 9) exist;
+    # width 96 is divisible by 6 (sin-cos) and by its 4 heads (head width 24).
+    "micro": dict(embed_dim=96, depth=12, num_heads=4),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
 
+
+def validate(cfg: Config) -> Config:
     d, m, p, f = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
-    _check(m.preset in PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(PRESETS)}")
-    width, heads = PRESETS[m.preset]["embed_dim"], PRESETS[m.preset]["num_heads"]
+    _check(m.preset in ENCODER_PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(ENCODER_PRESETS)}")
+    width, heads = ENCODER_PRESETS[m.preset]["embed_dim"], ENCODER_PRESETS[m.preset]["num_heads"]
     _check(width % heads == 0, "model.preset", f"width {width} is not divisible by {heads} heads")
     _check(m.patch_size > 0, "model.patch_size", "must be positive")
     _check(len(d.roi) == 3 and all(r > 0 for r in d.roi), "data.roi", "must be three positive sizes")

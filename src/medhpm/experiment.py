@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from medhpm.config import ConfigError, load_config, save_config
-from medhpm.runtime.io import atomic_write_text, check_writable
+from medhpm.config import ConfigError, load_config
+from medhpm.runtime.io import atomic_write_text, check_writable, save_config
 from medhpm.runtime.logging import read_metrics
 
 PRETRAIN_METHODS = ("mae", "hpm", "no_lpred", "no_learn_to_mask")

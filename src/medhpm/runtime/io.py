@@ -16,6 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import yaml
+
+from medhpm.config import Config, to_dict
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
@@ -63,6 +67,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
