@@ -223,7 +223,7 @@ def build_unetr(
             is interpolated (``ViTEncoder.resize_pos_embed``). ``None`` keeps the pre-training ROI.
     Returns:
         A :class:`UNETR` with a learnable position embedding and freshly initialised weights; load the
-        pre-trained weights with :func:`medhpm.models.transfer.load_encoder_weights` (which interpolates
+        pre-trained weights with :func:`medhpm.runtime.weights.load_encoder_weights` (which interpolates
         a pre-training position embedding to this grid too).
     """
     accepted = set(inspect.signature(ViTEncoder.__init__).parameters) - {"self"}

@@ -29,10 +29,13 @@ from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo, write_run_summary
+from medhpm.runtime.io import atomic_write_text, atomic_write_with, sha256_file
 from medhpm.runtime.param_groups import param_groups_weight_decay
+from medhpm.runtime.weights import sidecar_path
 
 METHOD_SWITCHES = {
     # method: (loss predictor + L_pred, hard-patch masking from an EMA teacher)
@@ -293,16 +296,10 @@ def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
 # ------------------------------------------------------------------------------------------- export
 def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False) -> Path:
     """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata."""
-    import hashlib
-
     from safetensors.torch import save_file
 
-    from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
-    from medhpm.runtime.io import atomic_write_text, atomic_write_with
-
-    state = load_checkpoint(ckpt)
-    if state.get("stage") != "pretrain":
-        raise CheckpointError(f"{ckpt} is not a pre-training checkpoint (stage {state.get('stage')!r})")
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch"),
+                            purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
     key = "teacher" if use_teacher else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights (the teacher exists only for method hpm)")
@@ -311,7 +308,7 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
     atomic_write_with(out, lambda tmp: save_file(enc, str(tmp), metadata={"format": "pt"}))
-    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    sha = sha256_file(out)
     cfg = state["config"]
     data = cfg["data"]
     sidecar = {
@@ -331,5 +328,5 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
         "transforms": state.get("transforms", {}),
         "sha256": sha,
     }
-    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2))
+    atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2))
     return out

@@ -182,9 +182,9 @@ class Trainer:
         if not path.exists():
             raise TrainingError(f"cannot resume: {path} does not exist (the run stopped before its first "
                                 f"checkpoint, or {self.run_dir} is not a run folder); start it again without --resume")
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("stage") != self.stage:
-            raise TrainingError(f"cannot resume: {path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
+        state = load_checkpoint(path, stage=self.stage, map_location=self.device,
+                                keys=("model", "optimizer", "epoch", "step"),
+                                purpose=f"cannot resume a {self.stage} run from it")
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"]) + 1

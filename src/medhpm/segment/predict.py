@@ -25,7 +25,7 @@ from medhpm.data.dataset import root_cause
 from medhpm.data.transforms import predict_transforms
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
-from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.checkpoint import CheckpointError, checkpoint_keys, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
 from medhpm.runtime.io import atomic_save_nifti, atomic_write_text, check_writable
 
@@ -67,19 +67,9 @@ class Predictor:
         ``expect``: a config to compare with the checkpoint's metadata (preset, patch size, ROI,
         spacing, HU window, classes); a mismatch raises an error that explains it.
         """
-        state = load_checkpoint(path)
-        if state.get("format") != "medhpm-checkpoint" and "stage" not in state:
-            raise CheckpointError(
-                f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); "
-                "prediction needs best.pt or final.pt of `medhpm finetune`")
-        if state.get("stage") != "finetune":
-            raise CheckpointError(
-                f"{path} is a {state.get('stage')!r} checkpoint; prediction needs a fine-tuning checkpoint "
-                "(best.pt or final.pt of `medhpm finetune`)")
-        lacking = [k for k in ("config", "model_args", "model") if not isinstance(state.get(k), dict)]
-        if lacking:
-            raise CheckpointError(f"fine-tuning checkpoint {path} lacks {', '.join(lacking)}: it is damaged or "
-                                  "was written by an incompatible medhpm version")
+        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"),
+                                purpose="prediction needs a fine-tuning checkpoint (best.pt or final.pt of "
+                                "`medhpm finetune`)")
         try:
             cfg = from_dict(state["config"])
         except ValueError as e:
@@ -257,15 +247,11 @@ def _error_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(root).__name__
 
 
-# what a fine-tuning checkpoint's use depends on: model shape, preprocessing, classes
-COMPATIBLE_KEYS = ("model.preset", "model.patch_size", "data.roi", "data.spacing", "data.orientation",
-                   "data.a_min", "data.a_max", "data.b_min", "data.b_max", "finetune.num_classes")
-
-
 def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
-    """Explain every difference between a checkpoint's metadata and the config it is used with."""
-    diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}" for k in COMPATIBLE_KEYS
-             if get_key(ckpt_cfg, k) != get_key(cfg, k)]
+    """Explain every difference between a fine-tuning checkpoint's metadata and the config it is used with,
+    over the keys the checkpoint depends on (model shape, preprocessing, classes: ``checkpoint_keys``)."""
+    diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}"
+             for k in checkpoint_keys("finetune") if get_key(ckpt_cfg, k) != get_key(cfg, k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
 

@@ -27,12 +27,12 @@ from medhpm.data.transforms import train_transforms, transforms_spec, val_transf
 from medhpm.evaluate.classes import parse_classes
 from medhpm.models import build_encoder
 from medhpm.models.dynunet import build_dynunet
-from medhpm.models.transfer import load_encoder_weights
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.device import autocast, peak_memory
 from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo, write_run_summary
 from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_weight_decay
+from medhpm.runtime.weights import load_encoder_weights
 
 
 def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
