@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config
+from medhpm.config import METHODS, Config
 from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.ema import EMATeacher, momentum_at
@@ -29,12 +29,14 @@ from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo
 
 METHOD_SWITCHES = {
-    # method: (loss predictor + L_pred, hard-patch masking from an EMA teacher)
+    # method (one of config.METHODS): (loss predictor + L_pred, hard-patch masking from an EMA teacher)
     "mae": (False, False),
     "no_lpred": (False, False),
     "no_learn_to_mask": (True, False),
     "hpm": (True, True),
 }
+if set(METHOD_SWITCHES) != set(METHODS):  # config owns the method names; each needs its switches here
+    raise ImportError(f"METHOD_SWITCHES {sorted(METHOD_SWITCHES)} do not match config.METHODS {sorted(METHODS)}")
 
 
 def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
@@ -49,7 +51,7 @@ def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
         decoder_heads=cfg.model.decoder_heads,
         predictor=use_pred,
         norm_pix_loss=cfg.pretrain.norm_pix_loss,
-        prediction_loss="ranking" if cfg.pretrain.pred_loss == "relative" else "absolute",
+        prediction_loss=cfg.pretrain.prediction_loss,
     )
 
 

@@ -43,13 +43,13 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.classes = classes or {}
-        self.overlap = cfg.evaluate.overlap if overlap is None else float(overlap)
+        self.overlap = cfg.inference.overlap if overlap is None else float(overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
-        self.blend = blend or cfg.evaluate.blend
+        self.blend = blend or cfg.inference.blend
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be gaussian or constant, got {self.blend!r}")
-        self.sw_batch_size = sw_batch_size or cfg.evaluate.sw_batch_size
+        self.sw_batch_size = sw_batch_size or cfg.inference.sw_batch_size
         self.output_on_cpu = output_on_cpu
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
         from medhpm.data.transforms import predict_transforms

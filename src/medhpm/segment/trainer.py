@@ -204,7 +204,7 @@ class FinetuneTrainer(Trainer):
             x = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)[None].to(self.device)
             y = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[None].long()
             with autocast(self.device, self.amp_dtype):
-                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.evaluate.sw_batch_size,
+                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.inference.sw_batch_size,
                                                   model, overlap=self.cfg.finetune.val_overlap, mode="gaussian")
             pred = logits.float().argmax(1, keepdim=True).cpu()
             nc = self.cfg.finetune.num_classes
