@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import METHODS, Config
+from medhpm.config import METHODS, Config, check_resume
 from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.ema import EMATeacher, momentum_at
@@ -119,6 +119,7 @@ class PretrainTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def build_data(self):
         from medhpm.data.datalist import load_datalist
+        from medhpm.data.headers import check_headers
         from medhpm.data.sources import resolve_dataset
         from medhpm.data.transforms import pretrain_transforms
 
@@ -130,6 +131,7 @@ class PretrainTrainer(Trainer):
         entries = list(dl["training"])
         for extra in d.extra_unlabelled:
             entries += [{"image": e["image"], "case": e["case"]} for e in load_datalist(extra, format="folder")["training"]]
+        check_headers(entries)  # unreadable, 2D/4D, a label off its image's grid: before any training work
         labelled = all("label" in e for e in entries)
         self.entries = entries
         self.labelled = labelled
@@ -294,7 +296,14 @@ class PretrainTrainer(Trainer):
 
 
 def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
-    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures)."""
+    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures).
+
+    ``resume``: continue the run in ``out_dir`` from ``last.pt``; ``cfg`` may extend its config (more epochs)
+    but not change what its checkpoint depends on (``config.check_resume``; ``config.resume_config`` gives
+    the run's own config with overrides).
+    """
+    if resume:
+        check_resume(cfg, out_dir, "pretrain")
     return PretrainTrainer(cfg, out_dir, resume=resume).run()
 
 

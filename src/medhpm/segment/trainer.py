@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config
+from medhpm.config import Config, check_resume
 from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo
 
@@ -84,7 +84,8 @@ class FinetuneTrainer(Trainer):
             train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
-        check_headers(val, what="validation")  # bad headers fail now, not after the first epoch
+        # unreadable, 2D/4D, a label off its image's grid: every case of the run, before any training work
+        check_headers(train + val, what="training and validation")
         return self.training_loader(train, train_transforms(d, self.cfg.finetune.num_classes))
 
     def transforms_spec(self) -> dict:
@@ -251,5 +252,12 @@ def peak_memory(device) -> dict:
 
 
 def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:
-    """Fine-tune UNETR as configured; returns the run folder."""
+    """Fine-tune UNETR as configured; returns the run folder.
+
+    ``resume``: continue the run in ``out_dir`` from ``last.pt``; ``cfg`` may extend its config (more epochs)
+    but not change what its checkpoint depends on (``config.check_resume``; ``config.resume_config`` gives
+    the run's own config with overrides).
+    """
+    if resume:
+        check_resume(cfg, out_dir, "finetune")
     return FinetuneTrainer(cfg, out_dir, init=init, resume=resume).run()
