@@ -177,3 +177,12 @@ def test_resume_config_extends_the_run_but_keeps_what_its_checkpoint_depends_on(
     with pytest.raises(FileNotFoundError, match="config_finetune.yaml"):
         resume_config(run, "finetune")
 
+
+def test_experiment_specs_are_found_like_configs():
+    from medhpm.experiment import load_experiment
+
+    assert {"demo_experiment", "btcv_paper", "smwb_paper"} <= set(packaged_configs("experiments"))
+    assert load_experiment("demo_experiment")["base"] == "demo"
+    with pytest.raises(ConfigError, match="Did you mean 'demo_experiment'"):
+        load_experiment("demo_experimnt")
+

@@ -308,21 +308,6 @@ def experiment(
     typer.echo(f"results: {path}")
 
 
-@app.command("run-stages", hidden=True)
-def run_stages_cmd(
-    config: Path = typer.Option(..., "--config"),
-    method: str = typer.Option(..., "--method"),
-    dataset: Path = typer.Option(..., "--dataset"),
-    out: Path = typer.Option(..., "--out"),
-    init: Optional[str] = typer.Option(None, "--init"),
-):
-    """One experiment run (used by `medhpm experiment`, one process per run)."""
-    from medhpm.config import load_config
-    from medhpm.pipeline import run_stages
-
-    run_stages(load_config(str(config)), out, method, dataset, init=init)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def _triple(text: Optional[str], kind, name: str):
     if text is None:
