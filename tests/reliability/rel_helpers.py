@@ -60,7 +60,7 @@ def tiny(dataset: str | os.PathLike, *more: str) -> list[str]:
         "data.cache": "none",
         "finetune.num_classes": "3",
         "finetune.val_every": "1",
-        "evaluate.sw_batch_size": "1",
+        "inference.sw_batch_size": "1",
         "data.val_cases": "1",
         "runtime.device": "cpu",
         "runtime.progress": "false",

@@ -80,7 +80,7 @@ def tiny_overrides(dataset: Path, *more: str) -> list[str]:
         "finetune.num_classes": 7,
         "finetune.val_every": 1,
         "finetune.drop_path": 0.0,
-        "evaluate.sw_batch_size": 1,
+        "inference.sw_batch_size": 1,
         "runtime.device": "cpu",
         "runtime.progress": "false",
         "runtime.threads": 1,

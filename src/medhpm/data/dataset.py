@@ -7,7 +7,7 @@
   the file name hashes the case's paths with their size and modification time and the chain's
   deterministic parameters, so editing a scan or changing the spacing never serves a stale item.
 
-Before anything is loaded, :func:`make_dataset` checks every NIfTI header of the entries
+The trainers check every NIfTI header of a run's cases before they build a dataset
 (:func:`medhpm.data.headers.check_headers`); a case that fails in the chain later is reported as a ``DataError``
 naming its files and the first cause (not MONAI's "applying transform" chain).
 """
@@ -32,7 +32,6 @@ from torch.utils.data.distributed import DistributedSampler
 
 from medhpm.config import DataConfig
 from medhpm.data.datalist import DataError
-from medhpm.data.headers import check_headers
 from medhpm.runtime.io import atomic_path
 
 __all__ = ["make_dataset", "make_loader", "training_loader", "seed_worker", "item_hash", "chain_hash", "case_error",
@@ -192,7 +191,6 @@ def make_dataset(
     Memory caching runs the deterministic head at construction (``cfg.num_workers`` threads).
     """
     data = [dict(e) for e in entries]
-    check_headers(data)  # unreadable headers, 2D/4D images, labels off their image's grid: before any training
     mode = cfg.cache
     if mode == "none":
         return _Dataset(data, transform)

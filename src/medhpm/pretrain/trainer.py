@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config
+from medhpm.config import METHODS, Config, check_resume
+from medhpm.data.headers import check_headers
 from medhpm.data.datalist import load_datalist
 from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
@@ -38,12 +39,14 @@ from medhpm.runtime.param_groups import param_groups_weight_decay
 from medhpm.runtime.weights import sidecar_path
 
 METHOD_SWITCHES = {
-    # method: (loss predictor + L_pred, hard-patch masking from an EMA teacher)
+    # method (one of config.METHODS): (loss predictor + L_pred, hard-patch masking from an EMA teacher)
     "mae": (False, False),
     "no_lpred": (False, False),
     "no_learn_to_mask": (True, False),
     "hpm": (True, True),
 }
+if set(METHOD_SWITCHES) != set(METHODS):  # config owns the method names; each needs its switches here
+    raise ImportError(f"METHOD_SWITCHES {sorted(METHOD_SWITCHES)} do not match config.METHODS {sorted(METHODS)}")
 
 
 def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
@@ -58,7 +61,7 @@ def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
         decoder_heads=cfg.model.decoder_heads,
         predictor=use_pred,
         norm_pix_loss=cfg.pretrain.norm_pix_loss,
-        prediction_loss="ranking" if cfg.pretrain.pred_loss == "relative" else "absolute",
+        prediction_loss=cfg.pretrain.prediction_loss,
     )
 
 
@@ -133,6 +136,7 @@ class PretrainTrainer(Trainer):
         entries = list(dl["training"])
         for extra in d.extra_unlabelled:
             entries += [{"image": e["image"], "case": e["case"]} for e in load_datalist(extra, format="folder")["training"]]
+        check_headers(entries)  # unreadable, 2D/4D, a label off its image's grid: before any training work
         labelled = all("label" in e for e in entries)
         self.entries = entries
         self.labelled = labelled
@@ -289,7 +293,14 @@ class PretrainTrainer(Trainer):
 
 
 def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
-    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures)."""
+    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures).
+
+    ``resume``: continue the run in ``out_dir`` from ``last.pt``; ``cfg`` may extend its config (more epochs)
+    but not change what its checkpoint depends on (``config.check_resume``; ``config.resume_config`` gives
+    the run's own config with overrides).
+    """
+    if resume:
+        check_resume(cfg, out_dir, "pretrain")
     return PretrainTrainer(cfg, out_dir, resume=resume).run()
 
 

@@ -8,8 +8,8 @@ scheduler state, EMA teacher, RNG states, package version. Names: ``last.pt`` (e
 :func:`load_checkpoint` reads every ``.pt``/``.pth`` file medhpm opens (its own checkpoints and foreign
 state dicts alike) and, given ``stage=``, checks that the file is a medhpm checkpoint of that stage with
 the entries its use needs; every error is a :class:`CheckpointError` that names the file.
-:func:`checkpoint_keys` gives the config keys a stage's checkpoint depends on (from
-``medhpm.config.CHECKPOINT_KEYS``).
+:func:`checkpoint_keys` (defined in ``medhpm.config``, beside ``CHECKPOINT_KEYS``) gives the config keys a
+stage's checkpoint depends on.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from pathlib import Path
 
 import torch
 
-from medhpm.config import CHECKPOINT_KEYS
+from medhpm.config import checkpoint_keys  # re-exported: the keys a stage's checkpoint depends on
 from medhpm.runtime.io import atomic_write_bytes
 
 STAGES = {"pretrain": "pre-training", "finetune": "fine-tuning"}
-
-# config keys that only one stage's checkpoints depend on
-STAGE_ONLY_KEYS = {"pretrain": ("model.decoder_", "pretrain."),
-                   "finetune": ("model.feature_size", "model.skip_blocks", "model.norm_name", "finetune.")}
 
 # entries of a checkpoint that hold a dict when present
 _DICT_ENTRIES = ("model", "teacher", "optimizer", "config", "model_args", "transforms", "rng")
@@ -55,13 +51,6 @@ def load_error_reason(e: BaseException) -> str:
             return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0][:200]
     first = (text.strip().splitlines() or [type(e).__name__])[0]
     return first.split(". ")[0][:200]
-
-
-def checkpoint_keys(stage: str) -> tuple[str, ...]:
-    """The keys of ``medhpm.config.CHECKPOINT_KEYS`` that a ``stage`` checkpoint depends on (the other
-    stage's own keys left out): what a resumed run may not change and what a checkpoint is compared on."""
-    other = {"pretrain": "finetune", "finetune": "pretrain"}[stage]
-    return tuple(k for k in CHECKPOINT_KEYS if not k.startswith(STAGE_ONLY_KEYS[other]))
 
 
 def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu", keys: Sequence[str] = ("model",),

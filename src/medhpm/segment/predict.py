@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhpm.config import Config, from_dict, get_key
+from medhpm.config import Config, checkpoint_keys, from_dict, get_key
 from medhpm.data.datalist import load_datalist
 from medhpm.data.dataset import root_cause
 from medhpm.data.transforms import predict_transforms
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
-from medhpm.runtime.checkpoint import CheckpointError, checkpoint_keys, load_checkpoint
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
 from medhpm.runtime.io import atomic_save_nifti, atomic_write_text, check_writable
 
@@ -49,13 +49,13 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.classes = classes or {}
-        self.overlap = cfg.evaluate.overlap if overlap is None else float(overlap)
+        self.overlap = cfg.inference.overlap if overlap is None else float(overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
-        self.blend = blend or cfg.evaluate.blend
+        self.blend = blend or cfg.inference.blend
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be gaussian or constant, got {self.blend!r}")
-        self.sw_batch_size = sw_batch_size or cfg.evaluate.sw_batch_size
+        self.sw_batch_size = sw_batch_size or cfg.inference.sw_batch_size
         self.output_on_cpu = output_on_cpu
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
         self.transform = predict_transforms(cfg.data)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config
+from medhpm.config import Config, check_resume
 from medhpm.data.datalist import load_datalist, split_validation
 from medhpm.data.headers import check_headers
 from medhpm.data.dataset import training_loader
@@ -74,7 +74,8 @@ class FinetuneTrainer(Trainer):
             train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
-        check_headers(val, what="validation")  # bad headers fail now, not after the first epoch
+        # unreadable, 2D/4D, a label off its image's grid: every case of the run, before any training work
+        check_headers(train + val, what="training and validation")
         transform = train_transforms(d, self.cfg.finetune.num_classes)
         return training_loader(train, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
                                self.dist.world_size, self.dist.rank)
@@ -183,7 +184,7 @@ class FinetuneTrainer(Trainer):
             x = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)[None].to(self.device)
             y = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[None].long()
             with autocast(self.device, self.amp_dtype):
-                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.evaluate.sw_batch_size,
+                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.inference.sw_batch_size,
                                                   model, overlap=self.cfg.finetune.val_overlap, mode="gaussian")
             pred = logits.float().argmax(1, keepdim=True).cpu()
             nc = self.cfg.finetune.num_classes
@@ -217,5 +218,12 @@ class FinetuneTrainer(Trainer):
 
 
 def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:
-    """Fine-tune UNETR as configured; returns the run folder."""
+    """Fine-tune UNETR as configured; returns the run folder.
+
+    ``resume``: continue the run in ``out_dir`` from ``last.pt``; ``cfg`` may extend its config (more epochs)
+    but not change what its checkpoint depends on (``config.check_resume``; ``config.resume_config`` gives
+    the run's own config with overrides).
+    """
+    if resume:
+        check_resume(cfg, out_dir, "finetune")
     return FinetuneTrainer(cfg, out_dir, init=init, resume=resume).run()
