@@ -40,7 +40,6 @@ __all__ = [
     "detect_format",
     "write_datalist",
     "split_validation",
-    "all_entries",
     "is_nifti",
     "is_dicom_file",
     "dicom_files_in",
@@ -246,11 +245,6 @@ def _new(name: str, labels: dict, source: str, fmt: str, root: str, split: Optio
 
 def _case_of(path: str) -> str:
     return _strip_ext(Path(path).name)
-
-
-def all_entries(datalist: dict) -> list[tuple[str, dict]]:
-    """[(split, entry), ...] over training, validation and test."""
-    return [(s, e) for s in SPLITS for e in datalist.get(s, [])]
 
 
 # --------------------------------------------------------------------------------------------------

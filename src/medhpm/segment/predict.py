@@ -12,7 +12,6 @@ affine and orientation. The same :class:`Predictor` serves the command line and 
 
 from __future__ import annotations
 
-import json
 import traceback
 from pathlib import Path
 
@@ -279,8 +278,3 @@ def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
 
-
-def write_results_json(results: list[dict], path: str | Path) -> None:
-    from medhpm.runtime.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps([{k: v for k, v in r.items() if k != "traceback"} for r in results], indent=2))
