@@ -27,9 +27,10 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from medhpm.data.labels import BTCV_LABELS
+
 __all__ = [
     "DataError",
-    "BTCV_LABELS",
     "BTCV_SPLITS",
     "SPLITS",
     "read_msd",
@@ -53,24 +54,8 @@ class DataError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# BTCV: labels and the two published splits (PROTOCOL.md)
+# BTCV: the two published splits (PROTOCOL.md); the label table is medhpm.data.labels
 
-BTCV_LABELS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal and splenic vein",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
 
 # TransUNet's 18/12 split (the paper's Table 1); MONAI's 24/6 split (cases 1-10 and 21-34 vs 35-40).
 BTCV_SPLITS: dict[str, dict[str, tuple[int, ...]]] = {

@@ -66,11 +66,8 @@ __all__ = [
     "write_phantom_dataset",
 ]
 
-# one table of BTCV label names for the whole package (the datalist reader owns it)
-from medhpm.data.datalist import BTCV_LABELS  # noqa: E402
-
-# The eight organs that the segmentation protocol scores.
-PROTOCOL_ORGANS: tuple[int, ...] = (1, 2, 3, 4, 6, 7, 8, 11)
+# the package's one BTCV label table (re-exported: the phantoms are labelled with it)
+from medhpm.data.labels import BTCV_LABELS, PROTOCOL_ORGANS  # noqa: E402
 
 DEFAULT_FOV_XY_MM = (320.0, 350.0)
 DEFAULT_FOV_Z_MM = (205.0, 245.0)
