@@ -30,8 +30,9 @@ from monai.data import ImageReader, MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform, Orientation
 from monai.utils import ensure_tuple
 
-from medhpm.data.datalist import DataError, dicom_files_in, is_dicom_file, is_nifti
+from medhpm.data.datalist import DataError
 from medhpm.data.headers import check_headers, grid_problem  # noqa: F401  (re-exported)
+from medhpm.data.scans import dicom_files_in, is_dicom_file, is_nifti
 
 __all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path", "check_headers",
            "grid_problem"]

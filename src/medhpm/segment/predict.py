@@ -19,17 +19,10 @@ import numpy as np
 import torch
 
 from medhpm.config import Config, from_dict
+from medhpm.data.datalist import detect_format, load_datalist
+from medhpm.data.scans import case_name
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
-
-
-def case_name(path: str | Path) -> str:
-    p = Path(path)
-    name = p.name
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 class Predictor:
@@ -203,42 +196,20 @@ class Predictor:
 
 
 def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
+    """(scan, case name) of every scan behind ``source``, found and named as ``medhpm data check`` reads
+    them (:func:`medhpm.data.datalist.load_datalist`): a plain folder gives all its scans (recursively,
+    named by their path below it), a datalist JSON or a data set folder (MSD, nnU-Net, BTCV) the entries
+    of ``split``. A single file is predicted whatever its name."""
     if not source.exists():
         raise FileNotFoundError(f"input {source} does not exist")
-    if source.is_file() and source.suffix == ".json":
-        from medhpm.data.datalist import load_datalist
-
-        dl = load_datalist(source, format="msd")
-        entries = dl.get(split) or []
-        if not entries:
-            raise ValueError(f"datalist {source} has no {split!r} entries to predict")
-        return [(Path(e["image"]), e.get("case") or case_name(e["image"])) for e in entries]
-    if source.is_file():
+    if source.is_file() and source.suffix.lower() != ".json":
         return [(source, case_name(source))]
-    if _is_dicom_folder(source):
-        return [(source, source.name)]
-    items = []
-    for p in sorted(source.iterdir()):
-        if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
-            items.append((p, case_name(p)))
-        elif p.is_dir() and _is_dicom_folder(p):
-            items.append((p, p.name))
-    if not items:
-        raise ValueError(f"{source} holds no NIfTI files or DICOM series to predict")
-    return items
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    for p in sorted(folder.iterdir())[:20]:
-        if p.is_file():
-            try:
-                with open(p, "rb") as fh:
-                    fh.seek(128)
-                    if fh.read(4) == b"DICM":
-                        return True
-            except OSError:
-                continue
-    return False
+    fmt = detect_format(source)
+    dl = load_datalist(source, format=fmt)
+    entries = dl["training"] if fmt == "folder" else dl.get(split) or []
+    if not entries:
+        raise ValueError(f"datalist {source} has no {split!r} entries to predict")
+    return [(Path(e["image"]), e["case"]) for e in entries]
 
 
 def _reference_header(source: Path):
