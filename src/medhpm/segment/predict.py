@@ -20,7 +20,7 @@ import torch
 
 from medhpm.config import Config, from_dict
 from medhpm.data.datalist import detect_format, load_datalist
-from medhpm.data.scans import case_name
+from medhpm.data.scans import case_name, is_nifti
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
 
@@ -213,7 +213,7 @@ def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
 
 
 def _reference_header(source: Path):
-    if source.is_file() and (source.name.endswith(".nii") or source.name.endswith(".nii.gz")):
+    if source.is_file() and is_nifti(source.name):
         import nibabel as nib
 
         return nib.load(str(source))
