@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from medhpm.data.datalist import SPLITS, DataError, load_datalist
+from medhpm.data.io import load_image
 from medhpm.data.volume_checks import HU_LIMITS, SPACING_LIMITS, image_problems, label_problems, spacing_of
 
 __all__ = ["Finding", "CheckReport", "check_dataset", "HU_LIMITS", "SPACING_LIMITS"]
@@ -130,8 +131,6 @@ class CheckReport:
 
 
 def _read(path: str):
-    from medhpm.data.io import load_image
-
     return load_image(path, orientation="RAS")
 
 

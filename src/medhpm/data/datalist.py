@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from medhpm.data.labels import BTCV_LABELS
 from medhpm.data.scans import case_name, find_scans, is_nifti
+from medhpm.runtime.io import atomic_write_text
 
 __all__ = [
     "DataError",
@@ -459,8 +460,6 @@ def load_datalist(
 def write_datalist(datalist: dict, out_json: str | os.PathLike) -> Path:
     """Write ``datalist`` as MSD-style JSON (atomically), paths relative to ``out_json``'s folder where
     they lie inside it and absolute otherwise (a relative path may not leave the folder)."""
-    from medhpm.runtime.io import atomic_write_text
-
     out = Path(out_json).expanduser()
     root = _norm(out.parent)
 
