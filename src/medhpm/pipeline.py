@@ -177,7 +177,7 @@ def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: boo
     dl = load_datalist(Path(cfg.data.dataset) if cfg.data.dataset != "phantom" else out / "phantom" / "dataset.json")
     overlays = []
     for e in dl["test"][:2]:
-        case = e.get("case") or Path(e["image"]).name.split(".")[0]
+        case = e["case"]  # the datalist names every case (medhpm.data.scans.case_name), as prediction does
         pred = out / "predictions" / f"{case}.nii.gz"
         if pred.exists():
             png = segmentation_figure_from_files(e["image"], e.get("label"), pred, figs / f"overlay_{case}.png",

@@ -12,7 +12,6 @@ affine and orientation. The same :class:`Predictor` serves the command line and 
 
 from __future__ import annotations
 
-import json
 import traceback
 from pathlib import Path
 
@@ -20,23 +19,15 @@ import numpy as np
 import torch
 
 from medhpm.config import Config, checkpoint_keys, from_dict, get_key
-from medhpm.data.datalist import load_datalist
+from medhpm.data.datalist import detect_format, load_datalist
 from medhpm.data.dataset import root_cause
+from medhpm.data.scans import case_name, is_nifti
 from medhpm.data.transforms import predict_transforms
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
 from medhpm.runtime.io import atomic_save_nifti, atomic_write_text, check_writable
-
-
-def case_name(path: str | Path) -> str:
-    p = Path(path)
-    name = p.name
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 class Predictor:
@@ -190,44 +181,24 @@ class Predictor:
 
 
 def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
+    """(scan, case name) of every scan behind ``source``, found and named as ``medhpm data check`` reads
+    them (:func:`medhpm.data.datalist.load_datalist`): a plain folder gives all its scans (recursively,
+    named by their path below it), a datalist JSON or a data set folder (MSD, nnU-Net, BTCV) the entries
+    of ``split``. A single file is predicted whatever its name."""
     if not source.exists():
         raise FileNotFoundError(f"input {source} does not exist")
-    if source.is_file() and source.suffix == ".json":
-        dl = load_datalist(source, format="msd")
-        entries = dl.get(split) or []
-        if not entries:
-            raise ValueError(f"datalist {source} has no {split!r} entries to predict")
-        return [(Path(e["image"]), e.get("case") or case_name(e["image"])) for e in entries]
-    if source.is_file():
+    if source.is_file() and source.suffix.lower() != ".json":
         return [(source, case_name(source))]
-    if _is_dicom_folder(source):
-        return [(source, source.name)]
-    items = []
-    for p in sorted(source.iterdir()):
-        if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
-            items.append((p, case_name(p)))
-        elif p.is_dir() and _is_dicom_folder(p):
-            items.append((p, p.name))
-    if not items:
-        raise ValueError(f"{source} holds no NIfTI files or DICOM series to predict")
-    return items
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    for p in sorted(folder.iterdir())[:20]:
-        if p.is_file():
-            try:
-                with open(p, "rb") as fh:
-                    fh.seek(128)
-                    if fh.read(4) == b"DICM":
-                        return True
-            except OSError:
-                continue
-    return False
+    fmt = detect_format(source)
+    dl = load_datalist(source, format=fmt)
+    entries = dl["training"] if fmt == "folder" else dl.get(split) or []
+    if not entries:
+        raise ValueError(f"datalist {source} has no {split!r} entries to predict")
+    return [(Path(e["image"]), e["case"]) for e in entries]
 
 
 def _reference_header(source: Path):
-    if source.is_file() and (source.name.endswith(".nii") or source.name.endswith(".nii.gz")):
+    if source.is_file() and is_nifti(source.name):
         import nibabel as nib
 
         return nib.load(str(source))
@@ -255,6 +226,3 @@ def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
 
-
-def write_results_json(results: list[dict], path: str | Path) -> None:
-    atomic_write_text(path, json.dumps([{k: v for k, v in r.items() if k != "traceback"} for r in results], indent=2))

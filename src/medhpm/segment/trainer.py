@@ -135,12 +135,7 @@ class FinetuneTrainer(Trainer):
     def train_step(self, batch, epoch_f):
         x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
         y = batch["label"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
-        if not hasattr(self, "_label_checked"):
-            top = int(y.max())
-            if top >= self.cfg.finetune.num_classes:
-                raise ValueError(f"label value {top} in the training data exceeds finetune.num_classes="
-                                 f"{self.cfg.finetune.num_classes} (classes 0..{self.cfg.finetune.num_classes - 1})")
-            self._label_checked = True
+        # label values were checked against finetune.num_classes when the case was loaded (LoadCTd)
         logits = self.ddp(x)
         with torch.autocast(device_type=self.device.type, enabled=False):
             loss = self.loss_fn(logits.float(), y.float())
