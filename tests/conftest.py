@@ -6,26 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import synthetic_ct as make_synthetic_ct
 
 REAL_CT = Path(__file__).parent / "data" / "real_ct"
-
-
-def _synthetic_ct(shape, seed):
-    """Tiny CT-like volume in HU (air outside an elliptic body, soft tissue, an organ, a bone) and its
-    label map (1 organ, 2 bone). Returns (int16 image, uint8 label)."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    cx, cy = rng.uniform(-0.15, 0.15, size=2)
-    img = np.full(shape, -1000.0)
-    lab = np.zeros(shape, np.uint8)
-    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 <= 1
-    img[body] = 40.0
-    organ = ((x - 0.3 - cx) / 0.3) ** 2 + ((y - cy) / 0.3) ** 2 + (z / 0.6) ** 2 <= 1
-    img[organ], lab[organ] = 90.0, 1
-    bone = ((x + 0.35) / 0.15) ** 2 + ((y + 0.2) / 0.15) ** 2 <= 1
-    img[bone], lab[bone] = 700.0, 2
-    img += rng.normal(0.0, 10.0, shape)
-    return np.round(img).astype(np.int16), lab
 
 
 @pytest.fixture
@@ -51,7 +34,7 @@ def ct_case_writer(nifti_writer):
     synthetic CT (int16 HU) and optionally its label map (uint8: 0, 1 organ, 2 bone)."""
 
     def write(image_path, label_path=None, shape=(40, 40, 24), spacing=(1.5, 1.5, 2.0), seed=0):
-        img, lab = _synthetic_ct(shape, seed)
+        img, lab = make_synthetic_ct(shape, seed)
         nifti_writer(image_path, img, spacing)
         if label_path is not None:
             nifti_writer(label_path, lab, spacing)
@@ -62,8 +45,9 @@ def ct_case_writer(nifti_writer):
 
 @pytest.fixture
 def synthetic_ct():
-    """make(shape=(40, 40, 24), seed=0) -> (int16 HU image, uint8 label)."""
-    return lambda shape=(40, 40, 24), seed=0: _synthetic_ct(shape, seed)
+    """make(shape=(40, 40, 24), seed=0) -> (int16 HU image, uint8 label: 1 organ, 2 bone), the shared
+    synthetic CT of tests/testkit.py."""
+    return lambda shape=(40, 40, 24), seed=0: make_synthetic_ct(shape, seed)
 
 
 @pytest.fixture

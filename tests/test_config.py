@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from medhpm.config import Config, ConfigError, from_dict, load_config, packaged_configs, save_config, to_dict
+from medhpm.config import (
+    Config,
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    TrainingConfig,
+    check_resume,
+    from_dict,
+    load_config,
+    packaged_configs,
+    resume_config,
+    to_dict,
+)
+from medhpm.runtime.io import save_config
 
 
 def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
@@ -108,3 +122,80 @@ def test_version_lists_the_stack():
 
     assert f"torch {torch.__version__}" in r.stdout and f"monai {monai.__version__}" in r.stdout
     assert "python 3." in r.stdout and "device cpu" in r.stdout and "cuda" in r.stdout
+
+
+def test_both_stages_share_the_training_fields_with_their_own_defaults():
+    shared = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert {"epochs", "batch_size", "lr", "betas", "clip_grad", "nonfinite", "checkpoint_every"} <= shared
+    assert shared <= {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(FinetuneConfig)}
+    p, f = Config().pretrain, Config().finetune
+    assert (p.lr, tuple(p.betas), p.clip_grad) == (1.5e-4, (0.9, 0.95), 5.0)
+    assert (f.lr, tuple(f.betas), f.clip_grad) == (8e-4, (0.9, 0.999), 1.0)
+    cfg = load_config("demo", ["finetune.nonfinite=skip", "pretrain.checkpoint_every=3"])
+    assert (cfg.finetune.nonfinite, cfg.pretrain.nonfinite, cfg.pretrain.checkpoint_every) == ("skip", "stop", 3)
+    with pytest.raises(ConfigError, match="finetune.nonfinite"):
+        load_config("demo", ["finetune.nonfinite=ignore"])
+
+
+@pytest.mark.parametrize("override,says", [
+    ("evaluate.overlap=0.25", "'inference.overlap'"),
+    ("evaluate.sw_batch_size=2", "'inference.sw_batch_size'"),
+    ("evaluate.output_on_cpu=false", "--gpu-output"),
+    ("evaluate.save_probabilities=true", "--probabilities"),
+    ("pretrain.pred_loss=absolute", "'pretrain.prediction_loss'"),
+    ("pretrain.prediction_loss=relative", "'ranking'"),
+])
+def test_keys_of_earlier_versions_say_the_new_name(override, says):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert override.split("=")[0] in str(e.value) and says in str(e.value)
+
+
+def test_an_old_section_in_a_yaml_file_says_the_new_name(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("evaluate:\n  blend: constant\npretrain:\n  pred_loss: relative\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert "'evaluate.blend' is now called 'inference.blend'" in str(e.value) and "old.yaml" in str(e.value)
+    cfg = load_config("demo", ["inference.overlap=0.25", "inference.blend=constant",
+                               "pretrain.prediction_loss=absolute"])
+    assert (cfg.inference.overlap, cfg.inference.blend, cfg.pretrain.prediction_loss) == (0.25, "constant", "absolute")
+
+
+def test_a_config_stored_by_an_earlier_version_still_loads():
+    old = to_dict(load_config("demo"))
+    old["evaluate"] = {**old.pop("inference"), "overlap": 0.25, "output_on_cpu": True, "save_probabilities": False}
+    del old["pretrain"]["prediction_loss"]
+    old["pretrain"]["pred_loss"] = "relative"
+    cfg = from_dict(old)
+    assert cfg.inference.overlap == 0.25 and cfg.pretrain.prediction_loss == "ranking"
+    old["pretrain"]["pred_loss"] = "absolute"
+    assert from_dict(old).pretrain.prediction_loss == "absolute"
+
+
+def test_resume_config_extends_the_run_but_keeps_what_its_checkpoint_depends_on(tmp_path):
+    run = tmp_path / "run"
+    save_config(load_config("demo", ["pretrain.epochs=2"]), run / "config_pretrain.yaml")
+    cfg = resume_config(run, "pretrain", ["pretrain.epochs=5", "finetune.num_classes=5"])
+    assert cfg.pretrain.epochs == 5 and cfg.model.preset == "tiny"  # the stored config, extended
+    check_resume(cfg, run, "pretrain")
+    with pytest.raises(ConfigError) as e:
+        resume_config(run, "pretrain", ["model.preset=small", "method=mae"])
+    assert f"cannot resume {run}" in str(e.value)
+    assert "model.preset 'tiny' -> 'small'" in str(e.value) and "pretrain.method 'hpm' -> 'mae'" in str(e.value)
+    # the library check, without the CLI: pretrain(cfg, run, resume=True) runs it first
+    with pytest.raises(ConfigError, match="data.roi"):
+        check_resume(load_config("demo", ["data.roi=[32,32,32]"]), run, "pretrain")
+    with pytest.raises(FileNotFoundError, match="config_finetune.yaml"):
+        resume_config(run, "finetune")
+
+
+def test_experiment_specs_are_found_like_configs():
+    from medhpm.experiment import load_experiment
+
+    assert {"demo_experiment", "btcv_paper", "smwb_paper"} <= set(packaged_configs("experiments"))
+    assert load_experiment("demo_experiment")["base"] == "demo"
+    with pytest.raises(ConfigError, match="Did you mean 'demo_experiment'"):
+        load_experiment("demo_experimnt")
+

@@ -27,9 +27,6 @@ viz_app = typer.Typer(no_args_is_help=True, help="Figures: reconstructions, diff
 app.add_typer(data_app, name="data")
 app.add_typer(viz_app, name="visualize")
 
-_STATE = {"debug": False}
-
-
 def _version_text() -> str:
     import platform
 
@@ -61,9 +58,9 @@ def _version_callback(value: bool):
 def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print medhpm, Python, torch, MONAI and CUDA versions and the device."),
-    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors (or MEDHPM_DEBUG=1)."),
 ):
-    _STATE["debug"] = debug or os.environ.get("MEDHPM_DEBUG") == "1"
+    del debug  # read by main(), which reports the errors; declared here so that typer accepts it
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -127,15 +124,6 @@ _CONFIG_HELP = "A packaged config name (demo, btcv_paper, smwb_paper, ...) or a 
 _OVERRIDES_HELP = "Config overrides as key=value, e.g. pretrain.epochs=10 method=mae."
 
 
-def _load_cfg(config: str, overrides: Optional[List[str]], deterministic: bool = False):
-    from medhpm.config import load_config
-
-    ov = list(overrides or [])
-    if deterministic:
-        ov.append("runtime.deterministic=true")
-    return load_config(config, ov)
-
-
 def _default_out(stage: str, cfg) -> Path:
     import time
 
@@ -155,13 +143,7 @@ def pretrain(
     Several GPUs: torchrun --nproc_per_node 4 -m medhpm.cli pretrain --config btcv_paper --out runs/pt
     """
     # the config first: a typo is reported before the (slow) import of the training stack
-    if resume is not None:
-        cfg = _resume_cfg(resume, "pretrain", overrides, deterministic)
-        out = resume
-    else:
-        cfg = _load_cfg(config, overrides, deterministic)
-        out = out or _default_out("pretrain", cfg)
-    _preflight(cfg, "pretrain")
+    cfg, out = _stage_cfg("pretrain", config, overrides, deterministic, out, resume)
     from medhpm.pretrain.trainer import pretrain as run_pretrain
 
     run = run_pretrain(cfg, out, resume=resume is not None)
@@ -169,49 +151,16 @@ def pretrain(
         typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
 
 
-def _preflight(cfg, stage: str) -> None:
-    """Read the datalist and check its NIfTI headers (unreadable, 2D/4D, label off its image's grid) in about a
-    second, before the slow start of the training stack; the trainers check the same again."""
-    if cfg.data.dataset == "phantom":
-        return
-    from medhpm.data.datalist import load_datalist
-    from medhpm.data.headers import check_headers
-    from medhpm.data.sources import resolve_dataset
+def _stage_cfg(stage: str, config: str, overrides, deterministic: bool, out: Optional[Path], resume: Optional[Path]):
+    """The config and run folder of a training command: a resumed run's own config (which the overrides may
+    only extend), or the given config in ``out`` (default a new folder under runs/)."""
+    from medhpm.config import load_config, resume_config
 
-    dl = load_datalist(resolve_dataset(cfg.data, "."), format=cfg.data.format, split=cfg.data.split)
-    if stage == "finetune":  # fine-tuning validates on the datalist's validation split when it has one
-        check_headers(list(dl["training"]) + list(dl.get("validation", [])), what="training and validation")
-    else:
-        check_headers(dl["training"])
-
-
-# config keys that only one stage's checkpoints depend on
-_STAGE_ONLY_KEYS = {"pretrain": ("model.decoder_", "pretrain."),
-                    "finetune": ("model.feature_size", "model.skip_blocks", "model.norm_name", "finetune.")}
-
-
-def _resume_cfg(run_dir: Path, stage: str, overrides, deterministic):
-    """The resumed run's own resolved config; overrides may only extend it (e.g. more epochs), never change
-    what its checkpoint depends on (model shape, ROI, spacing, HU window, classes, method)."""
-    from medhpm.config import CHECKPOINT_KEYS, ConfigError, differences, load_config
-
-    path = Path(run_dir) / f"config_{stage}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist (is {run_dir} a {stage} run folder?)")
-    ov = list(overrides or [])
-    if deterministic:
-        ov.append("runtime.deterministic=true")
-    cfg = load_config(str(path), ov)
-    other = "finetune" if stage == "pretrain" else "pretrain"
-    keys = [k for k in CHECKPOINT_KEYS if not k.startswith(_STAGE_ONLY_KEYS[other])]
-    changed = differences(load_config(str(path)), cfg, keys)
-    if changed:
-        raise ConfigError(
-            f"cannot resume {run_dir}: the overrides change what its checkpoint was trained with "
-            f"({'; '.join(changed)}; see {path}). A resumed run keeps these; start a new run with another "
-            "--out instead"
-        )
-    return cfg
+    ov = list(overrides or []) + (["runtime.deterministic=true"] if deterministic else [])
+    if resume is not None:
+        return resume_config(resume, stage, ov), resume
+    cfg = load_config(config, ov)
+    return cfg, out or _default_out(stage, cfg)
 
 
 @app.command("export-encoder")
@@ -244,13 +193,7 @@ def finetune(
         ov.append("finetune.use_teacher=true")
     if allow_partial:
         ov.append("finetune.allow_partial_init=true")
-    if resume is not None:
-        cfg = _resume_cfg(resume, "finetune", ov, deterministic)
-        out = resume
-    else:
-        cfg = _load_cfg(config, ov, deterministic)
-        out = out or _default_out("finetune", cfg)
-    _preflight(cfg, "finetune")
+    cfg, out = _stage_cfg("finetune", config, ov, deterministic, out, resume)
     from medhpm.segment.trainer import finetune as run_finetune
 
     run = run_finetune(cfg, out, init=init, resume=resume is not None)
@@ -296,22 +239,13 @@ def evaluate(
     """Per-case, per-organ Dice and HD95 (mm); a Table-1-style Markdown table."""
     from medhpm.evaluate.run import evaluate_predictions
 
-    res = evaluate_predictions(pred, label, classes, out, method=method) if _accepts_method() else \
-        evaluate_predictions(pred, label, classes, out)
+    res = evaluate_predictions(pred, label, classes, out, method=method)
     mean = res["summary"]["mean"]
     typer.echo(f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
                f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md")
     table = Path(out) / "table.md"
     if table.exists():
         typer.echo(table.read_text())
-
-
-def _accepts_method() -> bool:
-    import inspect
-
-    from medhpm.evaluate.run import evaluate_predictions
-
-    return "method" in inspect.signature(evaluate_predictions).parameters
 
 
 def _fmt(v) -> str:
@@ -372,21 +306,6 @@ def experiment(
 
     path = run_experiment(config, out, overrides=overrides)
     typer.echo(f"results: {path}")
-
-
-@app.command("run-stages", hidden=True)
-def run_stages_cmd(
-    config: Path = typer.Option(..., "--config"),
-    method: str = typer.Option(..., "--method"),
-    dataset: Path = typer.Option(..., "--dataset"),
-    out: Path = typer.Option(..., "--out"),
-    init: Optional[str] = typer.Option(None, "--init"),
-):
-    """One experiment run (used by `medhpm experiment`, one process per run)."""
-    from medhpm.config import load_config
-    from medhpm.pipeline import run_stages
-
-    run_stages(load_config(str(config)), out, method, dataset, init=init)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -80,24 +80,36 @@ class ModelConfig:
 
 
 @dataclass
-class PretrainConfig:
-    method: str = "hpm"  # mae | hpm | no_lpred | no_learn_to_mask
+class TrainingConfig:
+    """The optimisation schedule both training stages share; each stage sets its own ``lr``, ``betas`` and
+    ``clip_grad`` (and may change any other default)."""
+
     epochs: int = 100
     steps_per_epoch: int = 0  # 0: one pass over the training volumes
     batch_size: int = 4  # CROPS per step per process: batch_size / data.num_samples volumes
     accum_steps: int = 1
-    lr: float = 1.5e-4
+    lr: float = MISSING
     lr_ref_batch: int = 4  # lr is scaled by effective_batch / lr_ref_batch
     min_lr: float = 0.0
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
+    betas: tuple[float, float] = MISSING
+    clip_grad: float = MISSING
+    nonfinite: str = "stop"  # stop | skip
+    checkpoint_every: int = 1  # epochs between 'last' checkpoints
+
+
+@dataclass
+class PretrainConfig(TrainingConfig):
+    lr: float = 1.5e-4
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 5.0
+    method: str = "hpm"  # one of METHODS: mae | hpm | no_lpred | no_learn_to_mask
     mask_ratio: float = 0.75
     alpha_0: float = 0.0
     alpha_T: float = 0.5
     lambda_pred: float = 1.0
-    pred_loss: str = "relative"  # relative (eq. 1 ranking) | absolute
+    prediction_loss: str = "ranking"  # ranking (eq. 1) | absolute
     norm_pix_loss: bool = True
     # EMA teacher: its averaging horizon 1/(1-m) as a SHARE of the run's optimizer steps, rising from
     # ema_horizon_start to ema_horizon_end over the first ema_ramp of the run (HPM's ImageNet schedule,
@@ -105,24 +117,15 @@ class PretrainConfig:
     ema_horizon_start: float = 0.001
     ema_horizon_end: float = 0.01
     ema_ramp: float = 0.5
-    nonfinite: str = "stop"  # stop | skip
     figure_every: int = 0  # epochs between reconstruction figures (0: first and last only)
-    checkpoint_every: int = 1  # epochs between 'last' checkpoints
 
 
 @dataclass
-class FinetuneConfig:
-    architecture: str = "unetr"  # unetr | dynunet (the CNN reference row, always from scratch)
-    epochs: int = 100
-    steps_per_epoch: int = 0
-    batch_size: int = 4
-    accum_steps: int = 1
+class FinetuneConfig(TrainingConfig):
     lr: float = 8e-4
-    lr_ref_batch: int = 4
-    min_lr: float = 0.0
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)  # SelfMedMAE's fine-tuning AdamW
+    clip_grad: float = 0.0  # 0: no clipping (SelfMedMAE)
+    architecture: str = "unetr"  # unetr | dynunet (the CNN reference row, always from scratch)
     layer_decay: float = 0.75
     drop_path: float = 0.1
     # DiceCE as SelfMedMAE and MONAI's BTCV recipe: Dice per sample, squared denominators, smooth 0 / 1e-6;
@@ -131,24 +134,21 @@ class FinetuneConfig:
     dice_squared_pred: bool = True
     dice_smooth_nr: float = 0.0
     dice_smooth_dr: float = 1e-6
-    clip_grad: float = 0.0  # 0: no clipping (SelfMedMAE)
     num_classes: int = 14  # including background
     reported: str = "btcv8"  # classes to report: btcv8 | btcv13 | NAME=VALUE,...
     val_every: int = 5
     val_overlap: float = 0.5
     use_teacher: bool = False
     allow_partial_init: bool = False
-    nonfinite: str = "stop"
-    checkpoint_every: int = 1
 
 
 @dataclass
-class EvalConfig:
+class InferenceConfig:
+    """Sliding-window inference of ``medhpm predict`` (and the pipeline's prediction of the test scans)."""
+
     overlap: float = 0.5
     blend: str = "gaussian"  # gaussian | constant
-    sw_batch_size: int = 4
-    output_on_cpu: bool = True
-    save_probabilities: bool = False
+    sw_batch_size: int = 4  # windows per forward pass (also used by fine-tuning's validation)
 
 
 @dataclass
@@ -170,7 +170,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -178,28 +178,38 @@ class Config:
 # Loading
 
 
-def packaged_configs() -> list[str]:
-    """Names of the YAML configs shipped inside the package."""
-    root = resources.files("medhpm") / "configs"
+def packaged_configs(folder: str = "") -> list[str]:
+    """Names of the YAML configs shipped inside the package (``folder="experiments"``: the experiment specs)."""
+    root = _packaged(folder)
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str) -> tuple[dict, str]:
+def _packaged(folder: str = ""):
+    root = resources.files("medhpm") / "configs"
+    return root / folder if folder else root
+
+
+def read_yaml(name_or_path: str, folder: str = "", what: str = "config") -> tuple[dict, str]:
+    """The mapping in a YAML file: a path, or the name of one packaged under ``medhpm/configs/FOLDER``.
+
+    Returns the mapping and where it came from (for messages); ``what`` names the kind of file in them.
+    """
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {name_or_path!r} does not exist")
+            raise ConfigError(f"{what} file {name_or_path!r} does not exist")
         text, where = path.read_text(), str(path)
     else:
-        res = resources.files("medhpm") / "configs" / f"{name_or_path}.yaml"
+        res = _packaged(folder) / f"{name_or_path}.yaml"
         if not res.is_file():
-            close = difflib.get_close_matches(name_or_path, packaged_configs(), n=1)
+            names = packaged_configs(folder)
+            close = difflib.get_close_matches(name_or_path, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"no packaged config named {name_or_path!r} (packaged: {', '.join(packaged_configs())})."
+                f"no packaged {what} named {name_or_path!r} (packaged: {', '.join(names)})."
                 f"{hint} Give a path to a .yaml file to use your own."
             )
-        text, where = res.read_text(), f"packaged config {name_or_path!r}"
+        text, where = res.read_text(), f"packaged {what} {name_or_path!r}"
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -231,6 +241,49 @@ def _suggest(key: str) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+# Keys of earlier versions: an old key in a YAML file or an override is an error that gives today's name.
+# The predictor's sliding-window settings were the `evaluate:` section (evaluation never read them).
+RENAMED_KEYS = {"evaluate": "inference", "pretrain.pred_loss": "pretrain.prediction_loss"}
+_RENAMED_NOTES = {"pretrain.pred_loss": " (values: ranking | absolute; 'relative' is now 'ranking')"}
+REMOVED_KEYS = {  # keys nothing read
+    "evaluate.output_on_cpu": "`medhpm predict --gpu-output` (Predictor(output_on_cpu=False)) keeps the output "
+                              "on the GPU",
+    "evaluate.save_probabilities": "`medhpm predict --probabilities` (predict_path(save_probabilities=True)) "
+                                   "writes the class probabilities",
+    **{f"pretrain.{k}": "the EMA schedule is now a share of the run's optimizer steps: pretrain.ema_horizon_start, "
+                        "pretrain.ema_horizon_end and pretrain.ema_ramp (docs/method.md)"
+       for k in ("ema_m_start", "ema_m_end", "ema_ramp_epochs")},
+}
+
+
+def _old_key(key: str) -> Optional[str]:
+    """What to say about ``key`` if it is a key of an earlier version, else None."""
+    if key in REMOVED_KEYS:
+        return f"config key {key!r} was removed: {REMOVED_KEYS[key]}"
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return f"config key {key!r} is now called {new + key[len(old):]!r}{_RENAMED_NOTES.get(old, '')}"
+    return None
+
+
+def _reject_old_keys(keys: Sequence[str], where: str) -> None:
+    for key in keys:
+        old = _old_key(key)
+        if old:
+            raise ConfigError(f"{old} (in {where})")
+
+
+def _leaves(data: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's values (an empty section counts as one)."""
+    out = []
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _merge(base, other, where: str):
     try:
         return OmegaConf.merge(base, other)
@@ -244,10 +297,16 @@ def _merge(base, other, where: str):
 
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Resolve a config: defaults, then the YAML (packaged name or path), then ``key=value`` overrides."""
+    data, where = read_yaml(name_or_path) if name_or_path else ({}, "")
+    return _resolve(data, where, overrides)
+
+
+def _resolve(data: dict, where: str, overrides: Optional[Sequence[str]]) -> Config:
+    """Defaults, then the mapping ``data`` (read from ``where``), then ``key=value`` overrides; validated."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
-    if name_or_path:
-        data, where = _read_yaml(name_or_path)
+    if data:
+        _reject_old_keys(_leaves(data), where)
         cfg = _merge(cfg, OmegaConf.create(data), where)
     if overrides:
         for item in overrides:
@@ -257,6 +316,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str
             # Short forms that users type most: method=hpm -> pretrain.method=hpm
             if key in _SHORTCUTS:
                 item = _SHORTCUTS[key] + item[len(key):]
+            _reject_old_keys([item.split("=", 1)[0]], f"command-line override {item!r}")
             cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command-line override {item!r}")
     obj = OmegaConf.to_object(cfg)
     validate(obj)
@@ -271,10 +331,30 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    """The config stored in a checkpoint (or run folder); one written by an earlier version is read in
+    today's key names."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
-    cfg = _merge(cfg, OmegaConf.create(data), "stored config")
+    cfg = _merge(cfg, OmegaConf.create(_upgrade(data)), "stored config")
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _upgrade(data: dict) -> dict:
+    """A stored config with the keys of :data:`RENAMED_KEYS` renamed and those of :data:`REMOVED_KEYS` dropped."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if isinstance(data.get("evaluate"), dict):
+        old = data.pop("evaluate")
+        for key in REMOVED_KEYS:
+            old.pop(key.split(".", 1)[1], None)
+        data.setdefault("inference", old)
+    pre = data.get("pretrain")
+    for key in REMOVED_KEYS:  # a run of an earlier version resumes with today's EMA schedule
+        if key.startswith("pretrain.") and isinstance(pre, dict):
+            pre.pop(key.split(".", 1)[1], None)
+    if isinstance(pre, dict) and "pred_loss" in pre:
+        value = pre.pop("pred_loss")
+        pre.setdefault("prediction_loss", "ranking" if value == "relative" else value)
+    return data
 
 
 # What a checkpoint's weights and preprocessing depend on: a run resumed (or a checkpoint used) with other
@@ -305,11 +385,48 @@ def differences(old: Config, new: Config, keys: Sequence[str] = CHECKPOINT_KEYS)
     return out
 
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically)."""
-    from medhpm.runtime.io import atomic_write_text
+# Config keys that only one stage's checkpoints depend on: resuming the other stage may change them.
+STAGE_ONLY_KEYS = {"pretrain": ("model.decoder_", "pretrain."),
+                   "finetune": ("model.feature_size", "model.skip_blocks", "model.norm_name", "finetune.")}
 
-    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+def checkpoint_keys(stage: str) -> tuple[str, ...]:
+    """The keys of :data:`CHECKPOINT_KEYS` that a ``stage`` checkpoint depends on (the other stage's own
+    keys left out): what a resumed run may not change and what a checkpoint is compared on."""
+    other = {"pretrain": "finetune", "finetune": "pretrain"}[stage]
+    return tuple(k for k in CHECKPOINT_KEYS if not k.startswith(STAGE_ONLY_KEYS[other]))
+
+
+def stored_config(run_dir: str | Path, stage: str, overrides: Optional[Sequence[str]] = None) -> Config:
+    """The resolved config the ``stage`` run in ``run_dir`` was started with (``config_STAGE.yaml``, written
+    by the trainer; one of an earlier version in today's key names), then ``overrides``."""
+    path = Path(run_dir) / f"config_{stage}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (is {run_dir} a {stage} run folder?)")
+    data, where = read_yaml(str(path))
+    return _resolve(_upgrade(data), where, overrides)
+
+
+def resume_config(run_dir: str | Path, stage: str, overrides: Optional[Sequence[str]] = None) -> Config:
+    """The config to resume the ``stage`` run in ``run_dir`` with: the run's own resolved config, then
+    ``overrides``, which may only extend it (e.g. more epochs), never change what its checkpoint depends on
+    (:func:`check_resume`)."""
+    cfg = stored_config(run_dir, stage, overrides)
+    check_resume(cfg, run_dir, stage)
+    return cfg
+
+
+def check_resume(cfg: Config, run_dir: str | Path, stage: str) -> None:
+    """Raise a :class:`ConfigError` if ``cfg`` differs from the config the ``stage`` run in ``run_dir`` was
+    started with in a key its checkpoint depends on (model shape, ROI, spacing, HU window, classes, method;
+    :data:`CHECKPOINT_KEYS` less the other stage's own keys)."""
+    changed = differences(stored_config(run_dir, stage), cfg, checkpoint_keys(stage))
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the overrides change what its checkpoint was trained with "
+            f"({'; '.join(changed)}; see {Path(run_dir) / f'config_{stage}.yaml'}). A resumed run keeps these; "
+            "start a new run with another --out instead"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,12 +440,22 @@ def _check(cond: bool, key: str, msg: str):
         raise ConfigError(f"config key {key!r}: {msg}")
 
 
-def validate(cfg: Config) -> Config:
-    from medhpm.models.vit import PRESETS  # models own the preset table
+# Encoder size presets (``model.preset``), here so that validation needs nothing above the config;
+# ``medhpm.models.vit.build_encoder`` builds from this table.
+ENCODER_PRESETS: dict[str, dict] = {
+    # micro: for tests and CPU demos. Depth 12 so UNETR's default skips (blocks 3, 6, 9) exist;
+    # width 96 is divisible by 6 (sin-cos) and by its 4 heads (head width 24).
+    "micro": dict(embed_dim=96, depth=12, num_heads=4),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
 
+
+def validate(cfg: Config) -> Config:
     d, m, p, f = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
-    _check(m.preset in PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(PRESETS)}")
-    width, heads = PRESETS[m.preset]["embed_dim"], PRESETS[m.preset]["num_heads"]
+    _check(m.preset in ENCODER_PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(ENCODER_PRESETS)}")
+    width, heads = ENCODER_PRESETS[m.preset]["embed_dim"], ENCODER_PRESETS[m.preset]["num_heads"]
     _check(width % heads == 0, "model.preset", f"width {width} is not divisible by {heads} heads")
     _check(m.patch_size > 0, "model.patch_size", "must be positive")
     _check(len(d.roi) == 3 and all(r > 0 for r in d.roi), "data.roi", "must be three positive sizes")
@@ -353,7 +480,8 @@ def validate(cfg: Config) -> Config:
     for k in ("ema_horizon_start", "ema_horizon_end"):
         _check(0.0 < getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in (0, 1]: a share of the run's optimizer steps")
     _check(0.0 <= p.ema_ramp <= 1.0, "pretrain.ema_ramp", "must lie in [0, 1]: a share of the run's optimizer steps")
-    _check(p.pred_loss in ("relative", "absolute"), "pretrain.pred_loss", "must be relative or absolute")
+    _check(p.prediction_loss in ("ranking", "absolute"), "pretrain.prediction_loss",
+           "must be ranking or absolute" + (" ('relative' is now called 'ranking')" if p.prediction_loss == "relative" else ""))
     for sec, name in ((p, "pretrain"), (f, "finetune")):
         _check(sec.epochs >= 1, f"{name}.epochs", "must be at least 1")
         _check(sec.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
@@ -368,6 +496,6 @@ def validate(cfg: Config) -> Config:
     _check(f.dice_smooth_dr > 0, "finetune.dice_smooth_dr", "must be positive (it keeps an empty class's Dice finite)")
     for sec, name in ((p, "pretrain"), (f, "finetune")):
         _check(sec.clip_grad >= 0, f"{name}.clip_grad", "must be 0 (no clipping) or a positive gradient norm")
-    _check(0.0 <= cfg.evaluate.overlap < 1.0, "evaluate.overlap", "must lie in [0, 1)")
+    _check(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must lie in [0, 1)")
     _check(cfg.runtime.precision in ("auto", "fp32", "bf16"), "runtime.precision", "must be auto, fp32 or bf16")
     return cfg

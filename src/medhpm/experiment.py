@@ -22,17 +22,17 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
-from medhpm.config import ConfigError, load_config, save_config
-from medhpm.runtime.io import atomic_write_text, check_writable
+from medhpm.config import METHODS, ConfigError, load_config, read_yaml
+from medhpm.data.sources import resolve_dataset
+from medhpm.evaluate.classes import parse_classes
+from medhpm.evaluate.tables import aggregate_seeds, paper_table
+from medhpm.runtime.io import atomic_write_text, check_writable, save_config
 from medhpm.runtime.logging import read_metrics
 
-PRETRAIN_METHODS = ("mae", "hpm", "no_lpred", "no_learn_to_mask")
-ALL_METHODS = ("scratch", "unet", "imagenet") + PRETRAIN_METHODS
+ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-training methods
 LABELS = {"unet": "U-Net (DynUNet)", "scratch": "UNETR", "imagenet": "UNETR+ImageNet", "mae": "UNETR+MAE",
           "no_lpred": "UNETR+HPM w/o L_pred, learn to mask", "no_learn_to_mask": "UNETR+HPM w/o learn to mask",
           "hpm": "UNETR+HPM"}
@@ -40,19 +40,8 @@ _KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "d
 
 
 def load_experiment(name_or_path: str) -> dict:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"experiment config {name_or_path!r} does not exist")
-        text, where = path.read_text(), str(path)
-    else:
-        res = resources.files("medhpm") / "configs" / "experiments" / f"{name_or_path}.yaml"
-        if not res.is_file():
-            names = sorted(p.name[:-5] for p in (resources.files("medhpm") / "configs" / "experiments").iterdir()
-                           if p.name.endswith(".yaml"))
-            raise ConfigError(f"no packaged experiment {name_or_path!r} (packaged: {', '.join(names)})")
-        text, where = res.read_text(), f"packaged experiment {name_or_path!r}"
-    spec = yaml.safe_load(text) or {}
+    """An experiment spec (packaged name or YAML path), checked; defaults filled in."""
+    spec, where = read_yaml(name_or_path, folder="experiments", what="experiment")
     unknown = set(spec) - _KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(_KEYS)}")
@@ -77,8 +66,6 @@ def run_experiment(config: str, out: str | Path | None = None, overrides: list[s
     spec["command_line_overrides"] = list(overrides or [])
     atomic_write_text(out / "experiment.json", json.dumps(spec, indent=2))
     if cfg.data.dataset == "phantom":
-        from medhpm.data.sources import resolve_dataset
-
         dataset = resolve_dataset(cfg.data, out)
     else:
         dataset = Path(cfg.data.dataset)
@@ -99,17 +86,17 @@ def run_experiment(config: str, out: str | Path | None = None, overrides: list[s
 
 
 def _run_one(cfg, spec, method, seed, dataset, run_dir: Path) -> None:
-    from dataclasses import replace
-
+    """One (method, seed) run in its own process: ``python -m medhpm.pipeline`` (see its ``main``)."""
     run_cfg = replace(cfg, seed=int(seed))
     if method == "unet":
         run_cfg = replace(run_cfg, finetune=replace(run_cfg.finetune, architecture="dynunet"))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_cfg, run_dir / "config.yaml")
-    init_method = {"unet": "scratch", "imagenet": "scratch"}.get(method, method)
-    cmd = [sys.executable, "-m", "medhpm.cli", "run-stages", "--config", str(run_dir / "config.yaml"),
-           "--method", init_method, "--dataset", str(dataset), "--out", str(run_dir)]
-    if method == "imagenet":
+    cmd = [sys.executable, "-m", "medhpm.pipeline", "--config", str(run_dir / "config.yaml"),
+           "--dataset", str(dataset), "--out", str(run_dir), "--name", method]
+    if method in METHODS:  # pre-training, then UNETR from its encoder
+        cmd += ["--pretrain", method]
+    elif method == "imagenet":  # UNETR from the inflated 2D ViT; scratch and unet start from nothing
         cmd += ["--init", str(spec["imagenet_weights"])]
     rc = subprocess.call(cmd)
     if rc != 0:
@@ -131,9 +118,6 @@ def _pretrain_cost(run_dir: Path) -> dict | None:
 
 
 def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict]) -> Path:
-    from medhpm.evaluate.classes import parse_classes
-    from medhpm.evaluate.tables import aggregate_seeds, paper_table
-
     classes = parse_classes(cfg.finetune.reported)
     per_method: dict[str, list] = {}
     costs: dict[str, list] = {}

@@ -1,18 +1,30 @@
 """The main job: phantoms -> HPM pre-training -> UNETR fine-tuning -> prediction -> evaluation -> report.
 
 ``run_demo`` is what ``medhpm demo`` runs with no data at all; ``run_stages`` is the same chain on any
-config (the experiment runner calls it per method and seed).
+config. The experiment runner starts one process per method and seed with this module's entry point::
+
+    python -m medhpm.pipeline --config RUN/config.yaml --dataset DATA --out RUN [--pretrain hpm | --init W]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional, Sequence
 
-from medhpm.config import Config, load_config
+from medhpm.config import METHODS, Config, load_config, to_dict
+from medhpm.data.datalist import load_datalist
+from medhpm.data.sources import resolve_dataset
+from medhpm.evaluate.run import evaluate_predictions
+from medhpm.pretrain.trainer import export_encoder, pretrain
 from medhpm.runtime.io import atomic_write_text, check_writable
+from medhpm.segment.predict import Predictor
+from medhpm.segment.trainer import finetune
+from medhpm.viz.overlay import segmentation_figure_from_files
+from medhpm.viz.report import curves_figure, write_report
 
 QUICK_OVERRIDES = [
     "data.phantom_cases=6",
@@ -40,29 +52,33 @@ class Stages:
         return out
 
 
-def run_stages(cfg: Config, out: Path, init_method: str, dataset: Path, stages: Stages | None = None,
-               init: str | None = None) -> dict:
-    """Pre-train (unless ``scratch``), fine-tune, predict the test split, evaluate; resumable.
+def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | None = None, init: str | None = None,
+               name: str | None = None, stages: Stages | None = None) -> dict:
+    """Pre-train (when ``pretrain_method`` is given), fine-tune, predict the test split, evaluate; resumable.
 
-    ``init_method``: ``scratch`` or a pre-training method (``mae``, ``hpm``, ...). Finished stages are
-    skipped; a stage interrupted after its first checkpoint resumes from ``last.pt``.
+    ``pretrain_method``: one of ``config.METHODS``; fine-tuning then starts from its encoder. Without it,
+    fine-tuning starts from ``init`` (weights to load, e.g. an inflated 2D ViT) or, without that too, from
+    scratch; both at once is an error. ``name`` is the row name in the evaluation table (default: the
+    pre-training method, else ``init`` or ``scratch``). Finished stages are skipped; a stage interrupted
+    after its first checkpoint resumes from ``last.pt``.
     """
-    from medhpm.evaluate.run import evaluate_predictions
-    from medhpm.pretrain.trainer import export_encoder, pretrain
-    from medhpm.segment.predict import Predictor
-    from medhpm.segment.trainer import finetune
-
+    if pretrain_method is not None and init is not None:
+        raise ValueError(f"run_stages: fine-tuning starts from the {pretrain_method} pre-training or from "
+                         f"init={init!r}, not both")
+    if pretrain_method is not None and pretrain_method not in METHODS:
+        raise ValueError(f"run_stages: pretrain_method {pretrain_method!r} is not one of {', '.join(METHODS)}")
+    name = name or pretrain_method or ("init" if init else "scratch")
     out = Path(out)
-    stages = stages or Stages(4 if init_method != "scratch" else 3)
+    stages = stages or Stages(4 if pretrain_method else 3)
     cfg = replace(cfg, data=replace(cfg.data, dataset=str(dataset)))
-    result: dict = {"method": init_method, "run": str(out)}
+    result: dict = {"method": name, "run": str(out)}
     init = init or "none"
-    if init_method != "scratch":
-        cfg = replace(cfg, pretrain=replace(cfg.pretrain, method=init_method))
+    if pretrain_method:
+        cfg = replace(cfg, pretrain=replace(cfg.pretrain, method=pretrain_method))
         pt = out / "pretrain"
         enc = pt / "encoder.safetensors"
         if not (pt / "final.pt").exists():
-            stages.run(f"self-pre-training ({init_method})", pretrain, cfg, pt, resume=(pt / "last.pt").exists())
+            stages.run(f"self-pre-training ({pretrain_method})", pretrain, cfg, pt, resume=(pt / "last.pt").exists())
         if not enc.exists():
             export_encoder(pt / "final.pt", enc)
         init = str(enc)
@@ -85,7 +101,7 @@ def run_stages(cfg: Config, out: Path, init_method: str, dataset: Path, stages: 
     if not (out / "evaluation" / "metrics.json").exists():
         stages.run("prediction of the test scans", _predict)
         metrics = stages.run("evaluation (Dice, HD95)", evaluate_predictions, pred_dir, dataset,
-                             cfg.finetune.reported, out / "evaluation", method=init_method)
+                             cfg.finetune.reported, out / "evaluation", method=name)
     else:
         metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     result["metrics"] = str(out / "evaluation" / "metrics.json")
@@ -95,8 +111,6 @@ def run_stages(cfg: Config, out: Path, init_method: str, dataset: Path, stages: 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, overrides: list[str] | None = None) -> Path:
     """Everything on phantoms, no data needed; writes ``out/report.html``."""
-    from medhpm.data.sources import resolve_dataset
-
     out = Path(out)
     check_writable(out)
     ov = (QUICK_OVERRIDES if quick else []) + list(overrides or [])
@@ -105,7 +119,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, overrides: list
     t_start = time.time()
     stages = Stages(7)
     dataset = stages.run("phantom CT data", resolve_dataset, cfg.data, out)
-    res = run_stages(cfg, out, "hpm", dataset, stages)
+    res = run_stages(cfg, out, dataset, pretrain_method="hpm", stages=stages)
     stages.run("figures and report", write_demo_report, out, cfg, res, stages.times, quick)
     total = time.time() - t_start
     stages.times["total"] = round(total, 1)
@@ -158,19 +172,12 @@ def _layout(out: Path) -> str:
 
 
 def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: bool) -> Path:
-    import nibabel as nib  # noqa: F401  (overlay figures read NIfTI)
-
-    from medhpm.config import to_dict
-    from medhpm.data.datalist import load_datalist
-    from medhpm.viz.overlay import segmentation_figure_from_files
-    from medhpm.viz.report import curves_figure, write_report
-
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     dl = load_datalist(Path(cfg.data.dataset) if cfg.data.dataset != "phantom" else out / "phantom" / "dataset.json")
     overlays = []
     for e in dl["test"][:2]:
-        case = e.get("case") or Path(e["image"]).name.split(".")[0]
+        case = e["case"]  # the datalist names every case (medhpm.data.scans.case_name), as prediction does
         pred = out / "predictions" / f"{case}.nii.gz"
         if pred.exists():
             png = segmentation_figure_from_files(e["image"], e.get("label"), pred, figs / f"overlay_{case}.png",
@@ -201,3 +208,25 @@ def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: boo
         {"title": "Resolved configuration", "pre": json.dumps(to_dict(cfg), indent=2)},
     ]
     return write_report(out / "report.html", "medhpm demo report", sections)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m medhpm.pipeline``: one run of :func:`run_stages` in its own process (the experiment
+    runner starts one per method and seed, so that each run's peak memory is its own)."""
+    ap = argparse.ArgumentParser(prog="python -m medhpm.pipeline",
+                                 description="One pipeline run: [pre-training,] fine-tuning, prediction, evaluation.")
+    ap.add_argument("--config", required=True, help="the run's resolved config (a YAML file)")
+    ap.add_argument("--dataset", required=True, type=Path, help="the data set (datalist or folder)")
+    ap.add_argument("--out", required=True, type=Path, help="the run folder")
+    start = ap.add_mutually_exclusive_group()
+    start.add_argument("--pretrain", choices=METHODS, help="pre-train with this method, then fine-tune from it")
+    start.add_argument("--init", help="fine-tune from these weights instead (no pre-training)")
+    ap.add_argument("--name", help="row name in the evaluation table")
+    args = ap.parse_args(argv)
+    run_stages(load_config(args.config), args.out, args.dataset, pretrain_method=args.pretrain, init=args.init,
+               name=args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -213,3 +213,50 @@ def test_broken_datalist_is_reported_not_raised(tmp_path):
     js.write_text(json.dumps({"training": [{"image": "../../etc/x.nii.gz"}]}))
     rep = check_dataset(js)
     assert not rep.ok and "lead out" in rep.errors[0].problem and str(js) in rep.errors[0].problem
+
+
+# --------------------------------------------------------------------------------------------------
+# One rule set: the loader refuses what the check calls an error, with the same words
+
+
+def _one_case(root: Path, nifti_writer, synthetic_ct, fault: str) -> Path:
+    img, lab = synthetic_ct((24, 24, 12))
+    img, lab, spacing = img.astype(np.float32), lab.astype(np.float32), (1.5, 1.5, 2.0)
+    if fault == "spacing":
+        spacing = (1.5, 1.5, 12.0)
+    elif fault == "nan":
+        img[3, 3, 3] = np.nan
+    elif fault == "scale":
+        img[img > 500] = 60000.0
+    elif fault == "nonint":
+        lab[lab == 1] = 0.5
+    elif fault == "negative":
+        lab[lab == 2] = -1
+    elif fault == "over":
+        lab[lab == 2] = 7
+    elif fault == "almost_integer":  # a label stored with a float scale factor: rounded, not an error
+        lab = lab * np.float32(0.9999999)
+    nifti_writer(root / "img.nii.gz", img, spacing)
+    nifti_writer(root / "lab.nii.gz", lab, spacing)
+    js = root / "dataset.json"
+    js.write_text(json.dumps({"training": [{"image": "img.nii.gz", "label": "lab.nii.gz"}]}))
+    return js
+
+
+@pytest.mark.parametrize("fault", ["spacing", "nan", "scale", "nonint", "negative", "over", "almost_integer"])
+def test_loader_and_check_apply_one_rule_set(tmp_path, nifti_writer, synthetic_ct, fault):
+    from medhpm.data.datalist import DataError
+    from medhpm.data.io import LoadCTd
+
+    js = _one_case(tmp_path, nifti_writer, synthetic_ct, fault)
+    rep = check_dataset(js, num_classes=3, roi=(8, 8, 4))
+    load = LoadCTd(["image", "label"], num_classes=3, classes_key="num_classes", reject_constant=True)
+    item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    if fault == "almost_integer":
+        assert rep.ok, rep.format()
+        assert set(np.unique(load(item)["label"].numpy()).tolist()) == {0.0, 1.0, 2.0}
+        return
+    assert len(rep.errors) == 1, rep.format()
+    with pytest.raises(DataError) as e:
+        load(item)
+    assert rep.errors[0].problem in str(e.value) and rep.errors[0].file in str(e.value)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from medhpm.data.datalist import (
-    BTCV_LABELS,
     DataError,
     load_datalist,
     read_btcv,
@@ -19,6 +18,7 @@ from medhpm.data.datalist import (
     split_validation,
     write_datalist,
 )
+from medhpm.data.labels import BTCV13, BTCV_LABELS, PROTOCOL_ORGANS
 
 TRANSUNET_TRAIN = [5, 6, 7, 9, 10, 21, 23, 24, 26, 27, 28, 30, 31, 33, 34, 37, 39, 40]
 TRANSUNET_TEST = [1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38]
@@ -206,6 +206,17 @@ def test_btcv_missing_cases_are_listed(tmp_path):
 
 def test_btcv_labels_are_the_13_organs():
     assert BTCV_LABELS[1] == "spleen" and BTCV_LABELS[11] == "pancreas" and BTCV_LABELS[13] == "left adrenal gland"
+
+
+def test_one_btcv_label_table_serves_data_evaluation_and_phantoms(tmp_path):
+    from medhpm.data import phantom
+    from medhpm.evaluate import classes
+
+    assert set(BTCV13) == set(BTCV_LABELS) - {0} == set(range(1, 14))
+    assert classes.BTCV13 is BTCV13 and phantom.BTCV_LABELS is BTCV_LABELS
+    assert classes.BTCV8 == {v: BTCV13[v] for v in PROTOCOL_ORGANS} and phantom.PROTOCOL_ORGANS is PROTOCOL_ORGANS
+    btcv = make_btcv(tmp_path, TRANSUNET_TRAIN + TRANSUNET_TEST)
+    assert read_btcv(btcv)["labels"] == BTCV_LABELS
 
 
 # --------------------------------------------------------------------------------------------------

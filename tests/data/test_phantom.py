@@ -305,7 +305,7 @@ def test_interrupted_run_leaves_no_complete_looking_output(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(phantom, "generate_case", failing)
+    monkeypatch.setattr(phantom.write, "generate_case", failing)  # the name write_phantom_dataset calls
     with pytest.raises(KeyboardInterrupt):
         write_phantom_dataset(tmp_path, cases=3, seed=0, size=(24, 24, 12))
     # No dataset.json: a reader cannot mistake the folder for a finished data set.

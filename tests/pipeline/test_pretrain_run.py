@@ -108,7 +108,7 @@ def test_exported_encoder_loads_by_name(runs, tmp_path):
 
 
 def test_transfer_into_unetr_keeps_encoder_outputs(runs, tmp_path):
-    from medhpm.models.transfer import load_encoder_weights
+    from medhpm.runtime.weights import load_encoder_weights
     from medhpm.segment.trainer import build_segmentation_model
 
     cfg = load_config("demo", TINY)

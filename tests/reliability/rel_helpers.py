@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from testkit import synthetic_ct, tiny_settings
 
 RUN_TIMEOUT = 300  # generous: a loaded 2-core machine may run several of these at once
 SPACING = (3.0, 3.0, 3.0)
@@ -38,38 +39,11 @@ def medhpm(*args: str | os.PathLike, cwd: Path | None = None, **env: str) -> sub
 
 
 def tiny(dataset: str | os.PathLike, *more: str) -> list[str]:
-    """``key=value`` overrides for seconds-long CPU runs on ``dataset``; ``more`` replace or add."""
-    ov = {
-        "data.dataset": str(dataset),
-        "model.preset": "micro",
-        "model.patch_size": "16",
-        "data.roi": "[32,32,32]",
-        "model.decoder_dim": "24",
-        "model.decoder_heads": "4",
-        "model.decoder_depth": "1",
-        "model.feature_size": "8",
-        "data.spacing": "[4,4,4]",
-        "data.num_samples": "1",
-        "pretrain.batch_size": "1",
-        "finetune.batch_size": "1",
-        "pretrain.epochs": "1",
-        "finetune.epochs": "1",
-        # one pass over the data per epoch, whatever the packaged demo config chooses
-        "pretrain.steps_per_epoch": "0",
-        "finetune.steps_per_epoch": "0",
-        "data.cache": "none",
-        "finetune.num_classes": "3",
-        "finetune.val_every": "1",
-        "evaluate.sw_batch_size": "1",
-        "data.val_cases": "1",
-        "runtime.device": "cpu",
-        "runtime.progress": "false",
-        "runtime.threads": "1",
-    }
-    for item in more:
-        key, value = item.split("=", 1)
-        ov[key] = value
-    return [f"{k}={v}" for k, v in ov.items()]
+    """``key=value`` overrides for seconds-long CPU runs on ``dataset`` (the shared tiny settings, one epoch of
+    batch 1, 3 classes); ``more`` replace or add."""
+    return tiny_settings(dataset, *more, **{"pretrain.batch_size": "1", "finetune.batch_size": "1",
+                                            "pretrain.epochs": "1", "finetune.epochs": "1",
+                                            "finetune.num_classes": "3"})
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -112,19 +86,8 @@ def assert_nothing_complete(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------- data
 def ct_volume(shape=SHAPE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """int16 HU volume (air, an elliptic body, an organ, a bone) and its uint8 label map (0, 1 organ,
-    2 bone), as tests/conftest.py's ``synthetic_ct``."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    img = np.full(shape, -1000.0)
-    lab = np.zeros(shape, np.uint8)
-    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 <= 1
-    img[body] = 40.0
-    organ = ((x - 0.3) / 0.3) ** 2 + (y / 0.3) ** 2 + (z / 0.6) ** 2 <= 1
-    img[organ], lab[organ] = 90.0, 1
-    bone = ((x + 0.35) / 0.15) ** 2 + ((y + 0.2) / 0.15) ** 2 <= 1
-    img[bone], lab[bone] = 700.0, 2
-    img += rng.normal(0.0, 10.0, shape)
-    return np.round(img).astype(np.int16), lab
+    2 bone): the shared synthetic CT with the organ at a fixed place."""
+    return synthetic_ct(shape, seed, jitter=0)
 
 
 def write_nifti(path: Path, array, spacing=SPACING, origin=(0.0, 0.0, 0.0)) -> Path:

@@ -109,7 +109,7 @@ def test_label_values_above_the_configured_classes(tmp_path):
     lab[lab == 2] = 7
     dl = dataset_with(tmp_path / "data", bad_label=lab, case="c2")  # the validation case: found after epoch 1
     res = _finetune(dl, tmp_path / "run")  # finetune.num_classes=3
-    assert_clean_error(res, tmp_path / "data" / "labelsTr" / "c2.nii.gz", "label value(s) 7",
+    assert_clean_error(res, tmp_path / "data" / "labelsTr" / "c2.nii.gz", "label values 7",
                        "finetune.num_classes=3")
     assert_nothing_complete(tmp_path / "run")  # the epoch trained before the validation is not saved
 

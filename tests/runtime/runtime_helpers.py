@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from testkit import LIVER_AND_SPLEEN, synthetic_ct, tiny_settings
 
 # Generous: a loaded 2-core CI machine may run several of these at once.
 RUN_TIMEOUT = 300
@@ -18,20 +18,8 @@ RUN_TIMEOUT = 300
 
 def synthetic_case(seed: int, shape=(40, 40, 24)):
     """int16 HU volume (air, an elliptic body, two organ blobs) and its uint8 label map (BTCV values:
-    1 spleen, 6 liver)."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    img = np.full(shape, -1000.0)
-    lab = np.zeros(shape, np.uint8)
-    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 <= 1
-    img[body] = 30.0
-    cx, cy = rng.uniform(-0.1, 0.1, size=2)
-    liver = ((x + 0.35 - cx) / 0.3) ** 2 + ((y - cy) / 0.3) ** 2 + (z / 0.7) ** 2 <= 1
-    img[liver], lab[liver] = 100.0, 6
-    spleen = ((x - 0.4) / 0.18) ** 2 + ((y + 0.2 + cy) / 0.18) ** 2 + (z / 0.5) ** 2 <= 1
-    img[spleen], lab[spleen] = 60.0, 1
-    img += rng.normal(0.0, 15.0, shape)
-    return np.round(img).astype(np.int16), lab
+    1 spleen, 6 liver): the shared synthetic CT with liver and spleen."""
+    return synthetic_ct(shape, seed, LIVER_AND_SPLEEN, body_hu=30.0, noise_hu=15.0, jitter=0.1)
 
 
 def tiny_overrides(dataset: Path, *more: str) -> list[str]:
@@ -42,28 +30,13 @@ def tiny_overrides(dataset: Path, *more: str) -> list[str]:
     and alpha_0 == alpha_T, so the schedules do not depend on the number of epochs: a 2-epoch run
     extended to 3 with ``--resume`` must equal a 3-epoch run. alpha > 0 from the start, so the EMA teacher
     mines hard patches at every step."""
-    ov = {
-        "data.dataset": str(dataset),
-        "data.spacing": "[4,4,4]",
-        "data.roi": "[32,32,32]",
+    return tiny_settings(dataset, *more, **{
         "data.crop": "random",
-        "data.num_samples": 1,
-        "data.val_cases": 1,
         "data.flip_prob": 0.0,
         "data.rot90_prob": 0.0,
         "data.intensity_scale_prob": 0.0,
         "data.intensity_shift_prob": 0.0,
-        "model.preset": "micro",
-        "model.patch_size": 16,
-        "model.decoder_dim": 24,
-        "model.decoder_depth": 1,
-        "model.decoder_heads": 4,
-        "model.feature_size": 8,
         "pretrain.method": "hpm",
-        # one pass over the data per epoch and no cache, whatever the packaged demo config chooses
-        "pretrain.steps_per_epoch": 0,
-        "finetune.steps_per_epoch": 0,
-        "data.cache": "none",
         "pretrain.epochs": 2,
         "pretrain.batch_size": 2,
         "pretrain.lr": 1e-2,
@@ -78,17 +51,8 @@ def tiny_overrides(dataset: Path, *more: str) -> list[str]:
         "finetune.lr": 1e-2,
         "finetune.warmup_epochs": 10,
         "finetune.num_classes": 7,
-        "finetune.val_every": 1,
         "finetune.drop_path": 0.0,
-        "evaluate.sw_batch_size": 1,
-        "runtime.device": "cpu",
-        "runtime.progress": "false",
-        "runtime.threads": 1,
-    }
-    for item in more:
-        key, value = item.split("=", 1)
-        ov[key] = value
-    return [f"{k}={v}" for k, v in ov.items()]
+    })
 
 
 def child_env() -> dict:

@@ -3,7 +3,8 @@
 Errors make a case unusable (missing or unreadable file, 2D/4D image, image and label on different
 grids, non-integer or undeclared label values, NaN/inf, a constant image, implausible voxel spacing,
 values far outside any CT range, the same scan in two splits). Warnings do not (intensities that do not
-look like HU, scans smaller than the ROI at the target spacing, which get padded). Every problem is
+look like HU, scans smaller than the ROI at the target spacing, which get padded). The rules for one
+volume's values and spacing are :mod:`medhpm.data.volume_checks`, which the loader applies too. Every problem is
 listed, not only the first. Files are read with the same loader as the training chains
 (:func:`medhpm.data.io.load_image`), reoriented to RAS so that a DICOM series and its NIfTI label map
 are compared in world space.
@@ -19,11 +20,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from medhpm.data.datalist import SPLITS, DataError, load_datalist
+from medhpm.data.io import load_image
+from medhpm.data.volume_checks import HU_LIMITS, SPACING_LIMITS, image_problems, label_problems, spacing_of
 
 __all__ = ["Finding", "CheckReport", "check_dataset", "HU_LIMITS", "SPACING_LIMITS"]
 
-HU_LIMITS = (-4000.0, 40000.0)  # beyond these no CT scale (incl. extended-range) reaches
-SPACING_LIMITS = (0.1, 10.0)  # mm; outside: a wrong header unit or not a CT volume
 
 
 @dataclass
@@ -130,69 +131,19 @@ class CheckReport:
 
 
 def _read(path: str):
-    from medhpm.data.io import load_image
-
     return load_image(path, orientation="RAS")
-
-
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-
-
-def _values(vals: Sequence, limit: int = 8) -> str:
-    vals = list(vals)
-    s = ", ".join(f"{v:g}" for v in vals[:limit])
-    return s + (f", ... ({len(vals)} values)" if len(vals) > limit else "")
 
 
 def _check_image(rep: CheckReport, split: str, case: str, path: str, arr: np.ndarray, affine: np.ndarray,
                  info: dict) -> None:
-    err = lambda msg: rep.add("error", split, case, path, msg)  # noqa: E731
-    warn = lambda msg: rep.add("warning", split, case, path, msg)  # noqa: E731
-    sp = _spacing(affine)
+    for problem in image_problems(arr, affine, reject_constant=True):
+        rep.add(problem.severity, split, case, path, problem.message)
     info["shape"] = [int(s) for s in arr.shape]
-    info["spacing"] = [round(float(s), 4) for s in sp]
-    if not np.all(np.isfinite(affine)):
-        err("the affine (voxel-to-world matrix) holds NaN or infinite values")
-    elif np.any(sp < SPACING_LIMITS[0]) or np.any(sp > SPACING_LIMITS[1]):
-        err(f"implausible voxel spacing {tuple(round(float(s), 4) for s in sp)} mm (expected "
-            f"{SPACING_LIMITS[0]}-{SPACING_LIMITS[1]} mm): check the header's units and pixdim")
+    info["spacing"] = [round(float(s), 4) for s in spacing_of(affine)]
     a = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float32)
-    finite = np.isfinite(a)
-    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-    if n_nan or n_inf:
-        err(f"{n_nan} NaN and {n_inf} infinite voxel(s)")
-    if not finite.any():
-        return
-    vals = a[finite]
-    lo, hi = float(vals.min()), float(vals.max())
-    info["min"], info["max"] = lo, hi
-    if hi == lo:
-        err(f"constant image (every voxel is {lo:g})")
-        return
-    if hi > HU_LIMITS[1]:
-        err(f"maximum {hi:g} lies above {HU_LIMITS[1]:g}: not a CT intensity scale")
-    if lo < HU_LIMITS[0]:
-        # Some scanners and converters fill the outside of the field of view with one value such as
-        # -32768; the HU clip maps it to air, so that alone does not make the case unusable.
-        below = vals[vals < HU_LIMITS[0]]
-        if np.all(below == lo):
-            warn(f"{below.size} voxel(s) at {lo:g} (below {HU_LIMITS[0]:g}): presumably a fill value outside "
-                 "the field of view; the HU clip treats it as air")
-            vals_in = vals[vals >= HU_LIMITS[0]]
-            lo = float(vals_in.min()) if vals_in.size else lo
-        else:
-            err(f"minimum {lo:g} lies below {HU_LIMITS[0]:g}: not a CT intensity scale")
-    reasons = []
-    if hi - lo < 10:
-        reasons.append(f"range {hi - lo:g} < 10")
-    if hi < 100:
-        reasons.append(f"maximum {hi:g} < 100 (no bone or contrast)")
-    if lo > -500:
-        reasons.append(f"minimum {lo:g} > -500 (no air)")
-    if reasons:
-        warn(f"intensities [{lo:g}, {hi:g}] do not look like Hounsfield units ({'; '.join(reasons)}); "
-             "the HU window clip may erase the image (already normalised? missing rescale intercept?)")
+    vals = a[np.isfinite(a)] if np.issubdtype(arr.dtype, np.floating) else a
+    if vals.size:
+        info["min"], info["max"] = float(vals.min()), float(vals.max())
 
 
 def _check_label(rep: CheckReport, split: str, case: str, path: str, lab: np.ndarray, laff: np.ndarray,
@@ -206,31 +157,13 @@ def _check_label(rep: CheckReport, split: str, case: str, path: str, lab: np.nda
         if not np.isfinite(diff) or diff > tol:
             err(f"label geometry differs from the image's (largest affine difference {diff:.4g} mm > {tol:g}): "
                 "the label map does not lie on the image's voxel grid")
+    for problem in label_problems(lab, num_classes, declared):
+        rep.add(problem.severity, split, case, path, problem.message)
     a = lab
     if np.issubdtype(a.dtype, np.floating):
-        fin = np.isfinite(a)
-        if not fin.all():
-            err(f"{int((~fin).sum())} NaN/infinite label voxel(s)")
-            a = np.where(fin, a, 0)
-        frac = a != np.round(a)
-        if frac.any():
-            err(f"{int(frac.sum())} label voxel(s) are not integers (e.g. {float(a[frac].flat[0]):g}): a label "
-                "map must hold class numbers (was it resampled with linear interpolation?)")
-        a = np.round(a)
+        a = np.round(np.where(np.isfinite(a), a, 0))
     values, counts = np.unique(a.astype(np.int64), return_counts=True)
     info["labels"] = {int(v): int(c) for v, c in zip(values, counts)}
-    neg = [int(v) for v in values if v < 0]
-    if neg:
-        err(f"negative label values {_values(neg)}")
-    if num_classes is not None:
-        over = [int(v) for v in values if v >= num_classes]
-        if over:
-            err(f"label values {_values(over)} exceed the {num_classes} classes (0-{num_classes - 1})")
-    if declared:
-        undeclared = [int(v) for v in values if int(v) not in declared and v >= 0]
-        if undeclared:
-            err(f"label values {_values(undeclared)} are not in the datalist's labels "
-                f"({_values(sorted(declared))})")
 
 
 def check_dataset(
@@ -287,7 +220,7 @@ def check_dataset(
             if key == "image":
                 _check_image(rep, s, case, path, arr, aff, info)
                 img_shape, img_aff = arr.shape, aff
-                sp = _spacing(aff)
+                sp = spacing_of(aff)
                 size = np.asarray(arr.shape, dtype=float)
                 if target is not None:
                     size = np.floor(size * sp / np.asarray(target) + 1e-6)

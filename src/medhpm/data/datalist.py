@@ -27,9 +27,12 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from medhpm.data.labels import BTCV_LABELS
+from medhpm.data.scans import case_name, find_scans, is_nifti
+from medhpm.runtime.io import atomic_write_text
+
 __all__ = [
     "DataError",
-    "BTCV_LABELS",
     "BTCV_SPLITS",
     "SPLITS",
     "read_msd",
@@ -40,10 +43,6 @@ __all__ = [
     "detect_format",
     "write_datalist",
     "split_validation",
-    "all_entries",
-    "is_nifti",
-    "is_dicom_file",
-    "dicom_files_in",
 ]
 
 SPLITS = ("training", "validation", "test")
@@ -54,24 +53,8 @@ class DataError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# BTCV: labels and the two published splits (PROTOCOL.md)
+# BTCV: the two published splits (PROTOCOL.md); the label table is medhpm.data.labels
 
-BTCV_LABELS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal and splenic vein",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
 
 # TransUNet's 18/12 split (the paper's Table 1); MONAI's 24/6 split (cases 1-10 and 21-34 vs 35-40).
 BTCV_SPLITS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -86,53 +69,6 @@ BTCV_SPLITS: dict[str, dict[str, tuple[int, ...]]] = {
         "test": (),
     },
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# File kinds
-
-_NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
-
-
-def is_nifti(path: str | os.PathLike) -> bool:
-    return bool(_NIFTI_RE.search(str(path)))
-
-
-def _strip_ext(name: str) -> str:
-    return _NIFTI_RE.sub("", name)
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True for a DICOM Part-10 file: the 4 bytes 'DICM' after the 128-byte preamble (any extension)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def dicom_files_in(folder: str | os.PathLike) -> list[Path]:
-    """The DICOM files directly inside ``folder`` (not recursive), sorted by name."""
-    folder = Path(folder)
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.name.upper() == "DICOMDIR":
-            continue  # DICOMDIR is an index of a medium, not an image
-        if is_dicom_file(p):
-            out.append(p)
-    return out
-
-
-def _has_dicom(folder: Path) -> bool:
-    try:
-        return any(
-            p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and not is_nifti(p.name)
-            and is_dicom_file(p)
-            for p in folder.iterdir()
-        )
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,8 +134,7 @@ def _unique_case_names(datalist: dict) -> None:
         seen[e["case"]] = seen.get(e["case"], 0) + 1
     for e in entries:
         if seen[e["case"]] > 1:  # e.g. case1/ct.nii.gz and case2/ct.nii.gz: use the relative path
-            rel = os.path.relpath(e["image"], root) if e["image"].startswith(root) else e["image"]
-            e["case"] = _strip_ext(rel).strip("/").replace("/", "_").replace(os.sep, "_")
+            e["case"] = case_name(e["image"], root)
     names = [e["case"] for e in entries]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -242,15 +177,6 @@ def _new(name: str, labels: dict, source: str, fmt: str, root: str, split: Optio
         "split": split,
         "root": root,
     }
-
-
-def _case_of(path: str) -> str:
-    return _strip_ext(Path(path).name)
-
-
-def all_entries(datalist: dict) -> list[tuple[str, dict]]:
-    """[(split, entry), ...] over training, validation and test."""
-    return [(s, e) for s in SPLITS for e in datalist.get(s, [])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +242,7 @@ def read_msd(json_path: str | os.PathLike, check_paths: bool = True) -> dict:
             entry = {"image": resolve(item["image"], at + ".image")}
             if item.get("label") not in (None, ""):
                 entry["label"] = resolve(item["label"], at + ".label")
-            entry["case"] = str(item["case"]) if item.get("case") else _case_of(entry["image"])
+            entry["case"] = str(item["case"]) if item.get("case") else case_name(entry["image"])
             dl[split].append(entry)
     if escaping:
         raise DataError(
@@ -378,7 +304,7 @@ def read_nnunet(folder: str | os.PathLike, check_paths: bool = True) -> dict:
     if multi:
         raise DataError(f"{where}: cases with channels other than _0000 ({', '.join(multi[:5])}); medhpm "
                         "supports single-channel CT only")
-    label_cases = sorted(_strip_ext(p.name) for p in lab_tr.glob("*" + fe)) if lab_tr.is_dir() else []
+    label_cases = sorted(case_name(p) for p in lab_tr.glob("*" + fe)) if lab_tr.is_dir() else []
     no_image = [c for c in label_cases if c not in tr]
     if no_image:
         raise DataError(f"{where}: labels without an image in imagesTr: {', '.join(no_image[:20])}")
@@ -463,33 +389,15 @@ def read_folder(folder: str | os.PathLike, check_paths: bool = True) -> dict:
     if not folder.exists():
         raise DataError(f"folder {folder}: does not exist")
     root = Path(_norm(folder if folder.is_dir() else folder.parent))
-    dl = _new(folder.name if folder.is_dir() else _case_of(folder.name), {}, _norm(folder), "folder", str(root))
+    dl = _new(folder.name if folder.is_dir() else case_name(folder.name), {}, _norm(folder), "folder", str(root))
     if folder.is_file():
         if not is_nifti(folder):
             raise DataError(f"{folder}: not a NIfTI file (.nii/.nii.gz) or a folder")
-        dl["training"].append({"image": _norm(folder), "case": _case_of(folder.name)})
+        dl["training"].append({"image": _norm(folder), "case": case_name(folder.name)})
         return _finish(dl, f"folder {folder}", check_paths)
 
-    def case_name(p: Path) -> str:
-        rel = p.relative_to(root)
-        name = _strip_ext(str(rel)) if str(rel) != "." else root.name
-        return name.replace(os.sep, "_")
-
-    seen: set[str] = set()  # real paths walked: symlinked folders are followed, but never in a loop
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        here = Path(dirpath)
-        if _has_dicom(here):
-            dl["training"].append({"image": str(here), "case": case_name(here)})
-        for f in sorted(filenames):
-            if not f.startswith(".") and is_nifti(f):
-                p = here / f
-                dl["training"].append({"image": str(p), "case": case_name(p)})
+    for path, name in find_scans(root):
+        dl["training"].append({"image": path, "case": name})
     if not dl["training"]:
         raise DataError(f"folder {root}: no NIfTI files (.nii, .nii.gz) or DICOM series found")
     return _finish(dl, f"folder {root}", check_paths)
@@ -552,8 +460,6 @@ def load_datalist(
 def write_datalist(datalist: dict, out_json: str | os.PathLike) -> Path:
     """Write ``datalist`` as MSD-style JSON (atomically), paths relative to ``out_json``'s folder where
     they lie inside it and absolute otherwise (a relative path may not leave the folder)."""
-    from medhpm.runtime.io import atomic_write_text
-
     out = Path(out_json).expanduser()
     root = _norm(out.parent)
 

@@ -7,7 +7,7 @@
   the file name hashes the case's paths with their size and modification time and the chain's
   deterministic parameters, so editing a scan or changing the spacing never serves a stale item.
 
-Before anything is loaded, :func:`make_dataset` checks every NIfTI header of the entries
+The trainers check every NIfTI header of a run's cases before they build a dataset
 (:func:`medhpm.data.headers.check_headers`); a case that fails in the chain later is reported as a ``DataError``
 naming its files and the first cause (not MONAI's "applying transform" chain).
 """
@@ -28,13 +28,14 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from monai.data.utils import worker_init_fn as _monai_worker_init_fn
 from monai.transforms import Compose, RandomizableTrait, Transform
+from torch.utils.data.distributed import DistributedSampler
 
 from medhpm.config import DataConfig
 from medhpm.data.datalist import DataError
-from medhpm.data.headers import check_headers
 from medhpm.runtime.io import atomic_path
 
-__all__ = ["make_dataset", "make_loader", "seed_worker", "item_hash", "chain_hash", "case_error", "root_cause"]
+__all__ = ["make_dataset", "make_loader", "training_loader", "seed_worker", "item_hash", "chain_hash", "case_error",
+           "root_cause"]
 
 CACHE_FORMAT = 1  # bump when the layout of cached items changes
 
@@ -190,7 +191,6 @@ def make_dataset(
     Memory caching runs the deterministic head at construction (``cfg.num_workers`` threads).
     """
     data = [dict(e) for e in entries]
-    check_headers(data)  # unreadable headers, 2D/4D images, labels off their image's grid: before any training
     mode = cfg.cache
     if mode == "none":
         return _Dataset(data, transform)
@@ -260,3 +260,16 @@ def make_loader(
         kwargs["prefetch_factor"] = prefetch_factor
         kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
     return DataLoader(dataset, **kwargs)
+
+
+def training_loader(entries: list[dict], transform: Callable, cfg: DataConfig, batch_size: int, seed: int,
+                    run_dir: str | Path, world_size: int = 1, rank: int = 0) -> DataLoader:
+    """The loader one training process reads: the dataset over ``entries`` (cached as ``cfg.cache`` says,
+    on disk under ``cfg.cache_dir`` or ``run_dir/cache``), ``batch_size`` crops per step, i.e.
+    ``batch_size // cfg.num_samples`` volumes. A DistributedSampler is used also for one process, so the
+    order of volumes in the global batch is the same whatever the number of processes. Both trainers
+    build their loader here."""
+    ds = make_dataset(entries, transform, cfg, cache_dir=cfg.cache_dir or (Path(run_dir) / "cache"))
+    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    return make_loader(ds, batch_size=batch_size // cfg.num_samples, shuffle=False, num_workers=cfg.num_workers,
+                       seed=seed, sampler=sampler, prefetch_factor=cfg.prefetch_factor)

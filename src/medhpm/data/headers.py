@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from medhpm.data.datalist import DataError, is_nifti
+from medhpm.data.datalist import DataError
+from medhpm.data.scans import is_nifti
 
 __all__ = ["GRID_TOL_MM", "grid_problem", "nifti_header", "check_headers"]
 

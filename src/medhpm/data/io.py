@@ -8,8 +8,10 @@ What MONAI's readers lack and is added here (each a CT-specific safety check):
 * DICOM slices are ordered by their position along the slice normal, not by InstanceNumber (which
   follows the acquisition and need not be spatial), and duplicate or missing slices are errors;
 * 2D images and multi-volume (4D) images are errors; a trailing singleton 4th dimension is squeezed.
-* :class:`LoadCTd` checks what it loads (NaN/inf voxels, non-integer or out-of-range label values, a label
-  map off its image's grid, optionally a constant image), and :func:`check_headers` checks a datalist's
+* :class:`LoadCTd` checks what it loads with the data check's per-volume rules
+  (:mod:`medhpm.data.volume_checks`: NaN/inf voxels, implausible spacing, non-CT intensity scales,
+  non-integer or out-of-range label values, optionally a constant image) and a label map off its image's
+  grid, and :func:`check_headers` checks a datalist's
   NIfTI headers before training (unreadable, 2D/4D, label grid); every error names the file.
 """
 
@@ -30,8 +32,10 @@ from monai.data import ImageReader, MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import LoadImage, MapTransform, Orientation
 from monai.utils import ensure_tuple
 
-from medhpm.data.datalist import DataError, dicom_files_in, is_dicom_file, is_nifti
+from medhpm.data.datalist import DataError
 from medhpm.data.headers import check_headers, grid_problem  # noqa: F401  (re-exported)
+from medhpm.data.scans import dicom_files_in, is_dicom_file, is_nifti
+from medhpm.data.volume_checks import image_problems, label_problems
 
 __all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path", "check_headers",
            "grid_problem"]
@@ -277,10 +281,12 @@ class LoadCTd(MapTransform):
     Images become float32; the keys in ``label_keys`` are rounded to integer values (float32), since a
     label stored with a float scale factor may read as 0.9999999 and would be truncated to 0 later.
 
-    Each volume is checked as it is loaded, and a problem raises :class:`DataError` naming the file:
-    NaN or infinite voxels; label values that are not integers (more than 1e-3 off), negative, or (with
-    ``num_classes``) not below ``num_classes`` (the message names ``classes_key``); a label map that does not
-    lie on its image's voxel grid; and with ``reject_constant`` an image whose voxels all have one value.
+    Each volume is checked as it is loaded with the rules of ``medhpm data check``
+    (:mod:`medhpm.data.volume_checks`), and an error raises :class:`DataError` naming the file: NaN or
+    infinite voxels; an implausible voxel spacing or intensities outside any CT scale; label values that
+    are not integers (more than 1e-3 off), negative, or (with ``num_classes``) not below ``num_classes``
+    (the message names ``classes_key``); a label map that does not lie on its image's voxel grid; and
+    with ``reject_constant`` an image whose voxels all have one value.
     """
 
     def __init__(self, keys: KeysCollection, label_keys: KeysCollection = ("label",),
@@ -322,35 +328,16 @@ class LoadCTd(MapTransform):
         return d
 
     def _check(self, path: str, img: torch.Tensor, is_label: bool) -> None:
-        x = img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else img
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-            raise DataError(f"{path}: {n_nan} NaN and {n_inf} infinite voxel(s); "
-                            f"{'a label map must hold class numbers' if is_label else 'CT intensities must be finite'}")
-        if x.numel() == 0:
-            return
+        """Raise a DataError naming ``path`` with every error of :mod:`medhpm.data.volume_checks`."""
+        x = (img.as_subclass(torch.Tensor) if isinstance(img, MetaTensor) else img).detach().cpu().numpy()
         if is_label:
-            off = (x - torch.round(x)).abs()
-            if float(off.max()) > 1e-3:
-                bad = off > 1e-3
-                raise DataError(
-                    f"{path}: {int(bad.sum())} label voxel(s) are not integers (e.g. {float(x[bad].flatten()[0]):g}): "
-                    "a label map must hold class numbers (was it resampled with linear interpolation?)")
-            lo, hi = int(torch.round(x.min())), int(torch.round(x.max()))
-            if lo < 0:
-                raise DataError(f"{path}: negative label value {lo}; label values must be >= 0")
-            if self.num_classes is not None and hi >= self.num_classes:
-                over = sorted(int(v) for v in torch.unique(torch.round(x)) if v >= self.num_classes)
-                shown = ", ".join(map(str, over[:8])) + (", ..." if len(over) > 8 else "")
-                raise DataError(
-                    f"{path}: label value(s) {shown} exceed {self.classes_key}={self.num_classes} (classes 0 to "
-                    f"{self.num_classes - 1}); raise {self.classes_key} or remap the labels")
-        elif self.reject_constant:
-            lo, hi = float(x.min()), float(x.max())
-            if lo == hi:
-                raise DataError(f"{path}: constant image (every voxel is {lo:g}); there is nothing to learn from it "
-                                "(an empty or wrongly converted scan?)")
+            problems = label_problems(x, self.num_classes, classes_key=self.classes_key)
+        else:
+            affine = _affine(img) if isinstance(img, MetaTensor) else None
+            problems = image_problems(x, affine, reject_constant=self.reject_constant)
+        errors = [p.message for p in problems if p.severity == "error"]
+        if errors:
+            raise DataError(f"{path}: " + "; ".join(errors))
 
 
 def _affine(img) -> np.ndarray:

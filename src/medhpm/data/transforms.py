@@ -15,8 +15,11 @@ axial plane and intensity scale/shift. Validation and prediction are the determi
 training chains (pretrain, train, val) also refuse a constant image and, given ``num_classes``, label values
 out of range. Each problem is a ``DataError`` naming the file.
 
-A chain is stored with every checkpoint as :func:`transforms_spec` (JSON) and rebuilt with
-:func:`transforms_from_spec`, so prediction runs exactly the chain the model was validated with.
+Every checkpoint records the chain's parameters as :func:`transforms_spec` (JSON, under "transforms"), and
+:func:`transforms_from_spec` can rebuild a chain from such a record. Prediction does not read that record:
+:class:`medhpm.segment.predict.Predictor` rebuilds its chain with :func:`predict_transforms` from the data
+section of the config stored in the same checkpoint, which holds the same fields, so it runs the
+deterministic chain the model was validated with.
 """
 
 from __future__ import annotations

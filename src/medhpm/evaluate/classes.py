@@ -1,6 +1,7 @@
 """Class (organ) definitions for evaluation: BTCV label values, the protocol's reported subset, parsing.
 
 A class set is a ``dict[int, str]`` from label value to organ name (snake_case), ordered by label value.
+The BTCV tables come from :mod:`medhpm.data.labels`, the package's one BTCV label table.
 """
 
 from __future__ import annotations
@@ -8,24 +9,11 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-BTCV13: dict[int, str] = {
-    1: "spleen",
-    2: "right_kidney",
-    3: "left_kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior_vena_cava",
-    10: "portal_splenic_vein",
-    11: "pancreas",
-    12: "right_adrenal",
-    13: "left_adrenal",
-}
+from medhpm.data.labels import BTCV13, PROTOCOL_ORGANS
+
 
 # The 8 organs the paper's Table 1 reports (TransUNet's protocol), see docs/PROTOCOL.md.
-BTCV8: dict[int, str] = {v: BTCV13[v] for v in (1, 2, 3, 4, 6, 7, 8, 11)}
+BTCV8: dict[int, str] = {v: BTCV13[v] for v in PROTOCOL_ORGANS}
 
 PRESETS: dict[str, dict[int, str]] = {"btcv8": BTCV8, "btcv13": BTCV13}
 

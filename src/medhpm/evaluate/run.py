@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
+from ..data.scans import case_name, is_nifti, strip_nifti_ext
 from ..runtime.io import atomic_write_text
 from .classes import parse_classes
 from .metrics import CONVENTIONS, as_label_map, compute_case_metrics, summarize
 from .tables import paper_table
 
 AFFINE_TOL_MM = 1e-3
-_NIFTI_EXTS = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's first-channel suffix on image files
 _ROLE_SUFFIX = re.compile(r"_(pred|prediction|seg|segmentation|label|labels|gt)$", re.IGNORECASE)
 _ROLE_PREFIX = re.compile(r"^(img|image|labels|label|seg|pred)(?:[_\-]|(?=\d))", re.IGNORECASE)
@@ -37,13 +36,6 @@ class _Item:
     stem: str  # file (or, for datalists, image) name without extension: what names are matched on
     path: Path
     from_image: bool  # the name comes from an image file, so a channel suffix is expected
-
-
-def _strip_ext(name: str) -> str:
-    for ext in _NIFTI_EXTS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def _variants(stem: str) -> set[str]:
@@ -65,14 +57,14 @@ def _collect(source: Path, datalist_key: str, role: str) -> list[_Item]:
     if not source.exists():
         raise FileNotFoundError(f"{what} path {source} does not exist.")
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(_NIFTI_EXTS))
+        files = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p.name))
         if role == "pred":  # the predictor's optional probability maps sit next to the label maps
-            files = [p for p in files if not _strip_ext(p.name).endswith("_probs")]
+            files = [p for p in files if not strip_nifti_ext(p.name).endswith("_probs")]
         if not files:
             raise ValueError(f"{what} folder {source} contains no .nii or .nii.gz files.")
-        return [_Item(_strip_ext(p.name), p, False) for p in files]
-    if source.name.lower().endswith(_NIFTI_EXTS):
-        return [_Item(_strip_ext(source.name), source, False)]
+        return [_Item(strip_nifti_ext(p.name), p, False) for p in files]
+    if is_nifti(source.name):
+        return [_Item(strip_nifti_ext(source.name), source, False)]
     if source.suffix.lower() != ".json":
         raise ValueError(f"{what} {source} is neither a NIfTI file, a folder nor a datalist .json file.")
     try:
@@ -97,18 +89,13 @@ def _collect(source: Path, datalist_key: str, role: str) -> list[_Item]:
         name_from = entry.get("image", entry[field])
         if isinstance(name_from, list):  # multi-channel images: the first channel names the case
             name_from = name_from[0]
-        items.append(_Item(_strip_ext(Path(str(name_from)).name), path, "image" in entry))
-    # Same rule as medhpm.data.datalist (and so the predictor's file names): images sharing a file name
-    # (case1/ct.nii.gz, case2/ct.nii.gz) are named by their path relative to the datalist's folder.
+        items.append(_Item(case_name(str(name_from)), path, "image" in entry))
+    # The datalist readers' rule (medhpm.data.scans.case_name, so the predictor's file names): images sharing
+    # a file name (case1/ct.nii.gz, case2/ct.nii.gz) are named by their path relative to the datalist's folder.
     stems = [it.stem for it in items]
     for i, (it, entry) in enumerate(zip(items, data[datalist_key])):
         if stems.count(it.stem) > 1 and not entry.get("case") and isinstance(entry.get("image"), str):
-            img = os.path.normpath(str(entry["image"]))
-            root = os.path.normpath(str(source.parent.resolve()))
-            if os.path.isabs(img) and img.startswith(root + os.sep):
-                img = os.path.relpath(img, root)
-            rel = _strip_ext(img).strip("/").replace(os.sep, "_").replace("/", "_")
-            items[i] = _Item(rel, it.path, it.from_image)
+            items[i] = _Item(case_name(entry["image"], source.parent.resolve()), it.path, it.from_image)
     return items
 
 
@@ -289,7 +276,7 @@ def evaluate_predictions(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "metrics.csv", _csv_text(metrics["cases"], classes))
-    row_name = method or _strip_ext(pred_src.name) or "prediction"
+    row_name = method or strip_nifti_ext(pred_src.name) or "prediction"
     table = paper_table({row_name: metrics["summary"]}, classes)
     per_label = [metrics["summary"][str(v)] for v in classes]
     n_missed = sum(s["n_missed"] for s in per_label)

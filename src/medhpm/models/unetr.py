@@ -51,6 +51,48 @@ def default_skip_blocks(depth: int, patch_size: int) -> tuple[int, ...]:
     return tuple(max(1, round(depth * k / (n + 1))) for k in range(1, n + 1))
 
 
+def _check_arguments(encoder, out_channels, feature_size) -> None:
+    if not isinstance(encoder, ViTEncoder):
+        raise ValueError(f"UNETR needs a medhpm ViTEncoder as its encoder, got {type(encoder).__name__}.")
+    patch = encoder.patch_size
+    if patch not in SUPPORTED_PATCH_SIZES:
+        raise ValueError(
+            f"UNETR supports patch sizes {SUPPORTED_PATCH_SIZES} (one x2 decoder stage per factor of 2), "
+            f"but the encoder uses patch {patch}."
+        )
+    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+        raise ValueError(f"out_channels must be a positive int (number of classes), got {out_channels!r}.")
+    if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1:
+        raise ValueError(f"feature_size must be a positive int, got {feature_size!r}.")
+
+
+def _resolve_skip_blocks(encoder: ViTEncoder, skip_blocks: Sequence[int] | None, n_levels: int) -> tuple[int, ...]:
+    """The 1-based skip blocks (default :func:`default_skip_blocks`), checked: one per intermediate level,
+    within the depth, increasing."""
+    patch = encoder.patch_size
+    if skip_blocks is None:
+        skip_blocks = default_skip_blocks(encoder.depth, patch)
+    skip_blocks = tuple(int(b) for b in skip_blocks)
+    if len(skip_blocks) != n_levels - 1:
+        raise ValueError(
+            f"With patch {patch} UNETR needs exactly {n_levels - 1} skip blocks (one per intermediate "
+            f"resolution), got {len(skip_blocks)}: {skip_blocks}. "
+            f"For this encoder try {default_skip_blocks(encoder.depth, patch)}."
+        )
+    bad = [b for b in skip_blocks if not 1 <= b <= encoder.depth]
+    if bad:
+        raise ValueError(
+            f"skip_blocks {skip_blocks} must be 1-based block numbers within the encoder depth "
+            f"1..{encoder.depth}; out of range: {bad}."
+        )
+    if list(skip_blocks) != sorted(set(skip_blocks)):
+        raise ValueError(
+            f"skip_blocks must be distinct and increasing (shallow block -> high-resolution skip), "
+            f"got {skip_blocks}."
+        )
+    return skip_blocks
+
+
 class UNETR(nn.Module):
     """UNETR (Hatamizadeh et al. 2022) whose transformer is a :class:`ViTEncoder`.
 
@@ -81,41 +123,9 @@ class UNETR(nn.Module):
         conv_block: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(encoder, ViTEncoder):
-            raise ValueError(f"UNETR needs a medhpm ViTEncoder as its encoder, got {type(encoder).__name__}.")
-        patch = encoder.patch_size
-        if patch not in SUPPORTED_PATCH_SIZES:
-            raise ValueError(
-                f"UNETR supports patch sizes {SUPPORTED_PATCH_SIZES} (one x2 decoder stage per factor of 2), "
-                f"but the encoder uses patch {patch}."
-            )
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"out_channels must be a positive int (number of classes), got {out_channels!r}.")
-        if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1:
-            raise ValueError(f"feature_size must be a positive int, got {feature_size!r}.")
-
-        n_levels = int(math.log2(patch))  # decoder stages; the token grid sits at level n_levels
-        if skip_blocks is None:
-            skip_blocks = default_skip_blocks(encoder.depth, patch)
-        skip_blocks = tuple(int(b) for b in skip_blocks)
-        if len(skip_blocks) != n_levels - 1:
-            raise ValueError(
-                f"With patch {patch} UNETR needs exactly {n_levels - 1} skip blocks (one per intermediate "
-                f"resolution), got {len(skip_blocks)}: {skip_blocks}. "
-                f"For this encoder try {default_skip_blocks(encoder.depth, patch)}."
-            )
-        bad = [b for b in skip_blocks if not 1 <= b <= encoder.depth]
-        if bad:
-            raise ValueError(
-                f"skip_blocks {skip_blocks} must be 1-based block numbers within the encoder depth "
-                f"1..{encoder.depth}; out of range: {bad}."
-            )
-        if list(skip_blocks) != sorted(set(skip_blocks)):
-            raise ValueError(
-                f"skip_blocks must be distinct and increasing (shallow block -> high-resolution skip), "
-                f"got {skip_blocks}."
-            )
-
+        _check_arguments(encoder, out_channels, feature_size)
+        n_levels = int(math.log2(encoder.patch_size))  # decoder stages; the token grid sits at level n_levels
+        skip_blocks = _resolve_skip_blocks(encoder, skip_blocks, n_levels)  # checked before the encoder changes
         self.encoder = encoder
         # fine-tuning trains the position embedding; the pre-trained (or sin-cos) values are the start
         self.encoder.set_pos_embed_learnable(True)
@@ -123,57 +133,37 @@ class UNETR(nn.Module):
         self.feature_size = feature_size
         self.skip_blocks = skip_blocks
         self.n_levels = n_levels
-        hidden = encoder.embed_dim
-
+        blocks = dict(norm_name=norm_name, res_block=res_block)
         # level 0: convolutions on the raw image
-        self.encoder1 = UnetrBasicBlock(
-            spatial_dims=3,
-            in_channels=encoder.in_chans,
-            out_channels=feature_size,
-            kernel_size=3,
-            stride=1,
-            norm_name=norm_name,
-            res_block=res_block,
-        )
-        # levels 1..L-1: token grids up-sampled by 2^(L-k); names encoder2.. as in MONAI
-        self._skip_names: list[str] = []
-        for k in range(1, n_levels):
-            name = f"encoder{k + 1}"
-            self.add_module(
-                name,
-                UnetrPrUpBlock(
-                    spatial_dims=3,
-                    in_channels=hidden,
-                    out_channels=feature_size * 2**k,
-                    num_layer=n_levels - 1 - k,
-                    kernel_size=3,
-                    stride=1,
-                    upsample_kernel_size=2,
-                    norm_name=norm_name,
-                    conv_block=conv_block,
-                    res_block=res_block,
-                ),
-            )
-            self._skip_names.append(name)
-        # decoder: decoder{k+2} produces level k from level k+1 (MONAI's decoder5..decoder2 for patch 16)
-        self._decoder_names: list[str] = []
-        for k in range(n_levels - 1, -1, -1):
-            name = f"decoder{k + 2}"
-            in_ch = hidden if k == n_levels - 1 else feature_size * 2 ** (k + 1)
-            self.add_module(
-                name,
-                UnetrUpBlock(
-                    spatial_dims=3,
-                    in_channels=in_ch,
-                    out_channels=feature_size * 2**k,
-                    kernel_size=3,
-                    upsample_kernel_size=2,
-                    norm_name=norm_name,
-                    res_block=res_block,
-                ),
-            )
-            self._decoder_names.append(name)
+        self.encoder1 = UnetrBasicBlock(spatial_dims=3, in_channels=encoder.in_chans, out_channels=feature_size,
+                                        kernel_size=3, stride=1, **blocks)
+        self._skip_names = self._add_skip_paths(encoder.embed_dim, conv_block, blocks)
+        self._decoder_names = self._add_decoder(encoder.embed_dim, blocks)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=feature_size, out_channels=out_channels)
+
+    def _add_skip_paths(self, hidden: int, conv_block: bool, blocks: dict) -> list[str]:
+        """Levels 1..L-1: token grids up-sampled by 2^(L-k); named encoder2.. as in MONAI."""
+        names = []
+        for k in range(1, self.n_levels):
+            name = f"encoder{k + 1}"
+            self.add_module(name, UnetrPrUpBlock(
+                spatial_dims=3, in_channels=hidden, out_channels=self.feature_size * 2**k,
+                num_layer=self.n_levels - 1 - k, kernel_size=3, stride=1, upsample_kernel_size=2,
+                conv_block=conv_block, **blocks))
+            names.append(name)
+        return names
+
+    def _add_decoder(self, hidden: int, blocks: dict) -> list[str]:
+        """decoder{k+2} produces level k from level k+1 (MONAI's decoder5..decoder2 for patch 16)."""
+        names = []
+        for k in range(self.n_levels - 1, -1, -1):
+            name = f"decoder{k + 2}"
+            in_ch = hidden if k == self.n_levels - 1 else self.feature_size * 2 ** (k + 1)
+            self.add_module(name, UnetrUpBlock(
+                spatial_dims=3, in_channels=in_ch, out_channels=self.feature_size * 2**k, kernel_size=3,
+                upsample_kernel_size=2, **blocks))
+            names.append(name)
+        return names
 
     # -- helpers --------------------------------------------------------------------------------------
     def tokens_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -223,7 +213,7 @@ def build_unetr(
             is interpolated (``ViTEncoder.resize_pos_embed``). ``None`` keeps the pre-training ROI.
     Returns:
         A :class:`UNETR` with a learnable position embedding and freshly initialised weights; load the
-        pre-trained weights with :func:`medhpm.models.transfer.load_encoder_weights` (which interpolates
+        pre-trained weights with :func:`medhpm.runtime.weights.load_encoder_weights` (which interpolates
         a pre-training position embedding to this grid too).
     """
     accepted = set(inspect.signature(ViTEncoder.__init__).parameters) - {"self"}

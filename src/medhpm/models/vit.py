@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medhpm.config import ENCODER_PRESETS as PRESETS
+
 __all__ = [
     "patchify",
     "unpatchify",
@@ -484,14 +486,8 @@ class ViTEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # presets
 # ----------------------------------------------------------------------------------------------------
-PRESETS: dict[str, dict] = {
-    # micro: for tests and CPU demos. Depth 12 so UNETR's default skips (blocks 3, 6, 9) exist;
-    # width 96 is divisible by 6 (sin-cos) and by its 4 heads (head width 24).
-    "micro": dict(embed_dim=96, depth=12, num_heads=4),
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
+# PRESETS (micro, tiny, small, base: width, depth, heads) is medhpm.config.ENCODER_PRESETS, the table the
+# config validates model.preset against; it is imported at the top of this module.
 
 
 def build_encoder(

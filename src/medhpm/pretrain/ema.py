@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["momentum_at", "ema_update", "unwrap_model", "EMATeacher"]
+from medhpm.runtime.distributed import unwrap
+
+__all__ = ["momentum_at", "ema_update", "EMATeacher"]
 
 
 def momentum_at(step: int, total_steps: int, horizon_start: float = 0.001, horizon_end: float = 0.01,
@@ -53,18 +55,6 @@ def momentum_at(step: int, total_steps: int, horizon_start: float = 0.001, horiz
     return m_start + progress * (m_end - m_start)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel / DataParallel (``.module``) and ``torch.compile``
-    (``._orig_mod``) wrappers, so parameter names match the teacher's."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """In place: ``t = m * t + (1 - m) * s`` for every parameter and floating buffer; other buffers copied.
@@ -74,7 +64,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
-    student = unwrap_model(student)
+    student = unwrap(student)
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     # the teacher may lack parts it never runs (HPM's teacher needs no reconstructor); every part it
@@ -112,7 +102,7 @@ class EMATeacher:
     def __init__(self, student: nn.Module, drop: tuple[str, ...] = ()) -> None:
         """``drop``: names of child modules the teacher never runs (set to None in the copy, not
         EMA-updated): HPM's teacher only predicts difficulty, so its reconstructor can go."""
-        self.model = copy.deepcopy(unwrap_model(student))
+        self.model = copy.deepcopy(unwrap(student))
         for name in drop:
             if getattr(self.model, name, None) is None:
                 raise ValueError(f"cannot drop {name!r}: the student has no such module")

@@ -20,22 +20,34 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config
+from medhpm.config import METHODS, Config, check_resume
+from medhpm.data.headers import check_headers
+from medhpm.data.datalist import load_datalist
+from medhpm.data.dataset import training_loader
+from medhpm.data.sources import resolve_dataset
+from medhpm.data.transforms import predict_transforms, pretrain_transforms, transforms_spec
 from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, patches_with_organ
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.loop import Trainer, echo
+from medhpm.runtime.loop import Trainer, echo, write_run_summary
+from medhpm.runtime.io import atomic_write_text, atomic_write_with, sha256_file
+from medhpm.runtime.param_groups import param_groups_weight_decay
+from medhpm.runtime.weights import sidecar_path
 
 METHOD_SWITCHES = {
-    # method: (loss predictor + L_pred, hard-patch masking from an EMA teacher)
+    # method (one of config.METHODS): (loss predictor + L_pred, hard-patch masking from an EMA teacher)
     "mae": (False, False),
     "no_lpred": (False, False),
     "no_learn_to_mask": (True, False),
     "hpm": (True, True),
 }
+if set(METHOD_SWITCHES) != set(METHODS):  # config owns the method names; each needs its switches here
+    raise ImportError(f"METHOD_SWITCHES {sorted(METHOD_SWITCHES)} do not match config.METHODS {sorted(METHODS)}")
 
 
 def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
@@ -50,7 +62,7 @@ def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
         decoder_heads=cfg.model.decoder_heads,
         predictor=use_pred,
         norm_pix_loss=cfg.pretrain.norm_pix_loss,
-        prediction_loss="ranking" if cfg.pretrain.pred_loss == "relative" else "absolute",
+        prediction_loss=cfg.pretrain.prediction_loss,
     )
 
 
@@ -126,10 +138,6 @@ class PretrainTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def build_data(self):
-        from medhpm.data.datalist import load_datalist
-        from medhpm.data.sources import resolve_dataset
-        from medhpm.data.transforms import pretrain_transforms
-
         d = self.cfg.data
         self.check_batch_size()
         src = resolve_dataset(d, self.run_dir)
@@ -138,15 +146,15 @@ class PretrainTrainer(Trainer):
         entries = list(dl["training"])
         for extra in d.extra_unlabelled:
             entries += [{"image": e["image"], "case": e["case"]} for e in load_datalist(extra, format="folder")["training"]]
+        check_headers(entries)  # unreadable, 2D/4D, a label off its image's grid: before any training work
         labelled = all("label" in e for e in entries)
         self.entries = entries
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
-        return self.training_loader(entries, transform)
+        return training_loader(entries, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
+                               self.dist.world_size, self.dist.rank)
 
     def transforms_spec(self) -> dict:
-        from medhpm.data.transforms import transforms_spec
-
         return transforms_spec(self.cfg.data)
 
     # ------------------------------------------------------------------ model
@@ -165,8 +173,6 @@ class PretrainTrainer(Trainer):
             self.teacher.to(self.device)
 
     def param_groups(self, model, lr):
-        from medhpm.segment.layer_decay import param_groups_weight_decay
-
         return param_groups_weight_decay(model, lr, self.cfg.pretrain.weight_decay)
 
     def model_args(self) -> dict:
@@ -267,7 +273,6 @@ class PretrainTrainer(Trainer):
     def figure_input(self) -> torch.Tensor:
         """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
         if not hasattr(self, "_fig_x"):
-            from medhpm.data.transforms import predict_transforms
             from monai.transforms import CenterSpatialCrop, SpatialPad
 
             item = predict_transforms(self.cfg.data)({"image": self.entries[0]["image"]})
@@ -325,10 +330,6 @@ class PretrainTrainer(Trainer):
 
     def on_finish(self):
         if self.dist.is_main:
-            from medhpm.runtime.loop import write_run_summary
-
-            from medhpm.segment.trainer import peak_memory
-
             write_run_summary(self.run_dir, {**peak_memory(self.device), "stage": "pretrain", "method": self.cfg.pretrain.method,
                                              "epochs": self.cfg.pretrain.epochs, "steps": self.global_step,
                                              "history": self.history, "version": __version__})
@@ -349,23 +350,24 @@ def _diagnostics_text(diag: dict) -> str:
 
 
 def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
-    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures)."""
+    """Self-pre-train as configured; returns the run folder (checkpoints, logs, figures).
+
+    ``resume``: continue the run in ``out_dir`` from ``last.pt``; ``cfg`` may extend its config (more epochs)
+    but not change what its checkpoint depends on (``config.check_resume``; ``config.resume_config`` gives
+    the run's own config with overrides).
+    """
+    if resume:
+        check_resume(cfg, out_dir, "pretrain")
     return PretrainTrainer(cfg, out_dir, resume=resume).run()
 
 
 # ------------------------------------------------------------------------------------------- export
 def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False) -> Path:
     """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata."""
-    import hashlib
-
     from safetensors.torch import save_file
 
-    from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
-    from medhpm.runtime.io import atomic_write_text, atomic_write_with
-
-    state = load_checkpoint(ckpt)
-    if state.get("stage") != "pretrain":
-        raise CheckpointError(f"{ckpt} is not a pre-training checkpoint (stage {state.get('stage')!r})")
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch"),
+                            purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
     key = "teacher" if use_teacher else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights (the teacher exists only for method hpm)")
@@ -374,7 +376,7 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
     atomic_write_with(out, lambda tmp: save_file(enc, str(tmp), metadata={"format": "pt"}))
-    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    sha = sha256_file(out)
     cfg = state["config"]
     data = cfg["data"]
     sidecar = {
@@ -394,5 +396,5 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
         "transforms": state.get("transforms", {}),
         "sha256": sha,
     }
-    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2))
+    atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2))
     return out

@@ -1,20 +1,34 @@
-"""Self-describing checkpoints, written atomically and loaded safely.
+"""Self-describing checkpoints, written atomically and loaded safely: the one place a checkpoint is read.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (so ``torch.load`` runs with
 ``weights_only=True``): model arguments, resolved config, transform spec, epoch, step, optimizer,
 scheduler state, EMA teacher, RNG states, package version. Names: ``last.pt`` (every epoch),
 ``best.pt`` (best validation), ``final.pt`` (end of training).
+
+:func:`load_checkpoint` reads every ``.pt``/``.pth`` file medhpm opens (its own checkpoints and foreign
+state dicts alike) and, given ``stage=``, checks that the file is a medhpm checkpoint of that stage with
+the entries its use needs; every error is a :class:`CheckpointError` that names the file.
+:func:`checkpoint_keys` (defined in ``medhpm.config``, beside ``CHECKPOINT_KEYS``) gives the config keys a
+stage's checkpoint depends on.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from medhpm.config import checkpoint_keys  # re-exported: the keys a stage's checkpoint depends on
 from medhpm.runtime.io import atomic_write_bytes
+
+STAGES = {"pretrain": "pre-training", "finetune": "fine-tuning"}
+
+# entries of a checkpoint that hold a dict when present
+_DICT_ENTRIES = ("model", "teacher", "optimizer", "config", "model_args", "transforms", "rng")
 
 
 class CheckpointError(ValueError):
@@ -31,8 +45,6 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 def load_error_reason(e: BaseException) -> str:
     """The telling part of a ``torch.load`` error, in one line: the first sentence of a damaged-file error, or
     what ``weights_only`` refused (not torch's advice to load the file unsafely)."""
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of its message
     for line in text.splitlines():
         if "WeightsUnpickler error:" in line:
@@ -41,17 +53,26 @@ def load_error_reason(e: BaseException) -> str:
     return first.split(". ")[0][:200]
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if path.is_dir():
-        for name in ("last.pt", "final.pt", "best.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"{path} is a folder without last.pt, final.pt or best.pt")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu", keys: Sequence[str] = ("model",),
+                    purpose: str | None = None) -> dict:
+    """Read a checkpoint (or any ``torch.load``-able state dict) safely, ``weights_only=True``.
+
+    Args:
+        path: the file, or a run folder (its ``last.pt``, else ``final.pt``, else ``best.pt``).
+        stage: ``None`` to accept any dict (foreign state dicts included); ``"pretrain"`` or ``"finetune"``
+            to require a medhpm checkpoint of that stage holding every entry of ``keys``.
+        map_location: as for ``torch.load``.
+        keys: entries a ``stage`` checkpoint must hold (not None; a dict for model, config, ...).
+        purpose: what the checkpoint is for, said when it is of another stage
+            (e.g. ``"prediction needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`)"``).
+    Returns:
+        The checkpoint dict.
+    Raises:
+        CheckpointError: naming the file, when it is missing, damaged or truncated, holds objects that
+            ``weights_only`` refuses, is not a dict, or (with ``stage``) is not a medhpm checkpoint, is of
+            another stage or lacks one of ``keys``.
+    """
+    path = _resolve(Path(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
@@ -62,5 +83,32 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"{load_error_reason(e)}"
         ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a medhpm checkpoint dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state dict")
+    if stage is not None:
+        _check_stage(state, path, stage, keys, purpose)
     return state
+
+
+def _resolve(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("last.pt", "final.pt", "best.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} is a folder without last.pt, final.pt or best.pt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _check_stage(state: dict, path: Path, stage: str, keys: Sequence[str], purpose: str | None) -> None:
+    name = STAGES[stage]
+    need = purpose or f"a {name} checkpoint is needed"
+    if state.get("format") != "medhpm-checkpoint" and "stage" not in state:
+        raise CheckpointError(
+            f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); {need}")
+    if state.get("stage") != stage:
+        raise CheckpointError(f"{path} is a {state.get('stage')!r} checkpoint, not a {name} one; {need}")
+    lacking = [k for k in keys if state.get(k) is None or (k in _DICT_ENTRIES and not isinstance(state[k], dict))]
+    if lacking:
+        raise CheckpointError(f"{name} checkpoint {path} lacks {', '.join(lacking)}: it is damaged or was written "
+                              "by an incompatible medhpm version")

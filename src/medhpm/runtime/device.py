@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 
 import torch
 
@@ -38,3 +39,12 @@ def autocast(device: torch.device, dtype) -> contextlib.AbstractContextManager:
 def configure_threads(threads: int) -> None:
     if threads and threads > 0:
         torch.set_num_threads(threads)
+
+
+def peak_memory(device) -> dict:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the max resident set size."""
+    if getattr(device, "type", "cpu") == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_kind": "cuda_max_allocated"}
+    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_kind": "cpu_max_rss"}

@@ -51,8 +51,16 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel / DataParallel (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, in any nesting, so that parameter and state-dict names carry no prefix."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def cleanup(info: DistInfo) -> None:

@@ -10,11 +10,16 @@ can leave one behind, and :func:`remove_stale_temps` deletes those whose writer 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+import yaml
+
+from medhpm.config import Config, to_dict
 
 
 @contextlib.contextmanager
@@ -63,6 +68,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (encoders are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:

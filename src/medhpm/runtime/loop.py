@@ -12,7 +12,6 @@ that epoch exactly and, in ``--deterministic`` CPU mode, ends with the same weig
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config, save_config, to_dict
+from medhpm.config import Config, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
-from medhpm.runtime.io import atomic_write_text, check_writable, remove_stale_temps
+from medhpm.runtime.io import atomic_write_text, check_writable, remove_stale_temps, save_config
 from medhpm.runtime.logging import MetricLogger
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
@@ -62,7 +61,7 @@ class Trainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ steps a stage implements
-    def build_data(self):  # -> training DataLoader
+    def build_data(self):  # -> training DataLoader (medhpm.data.dataset.training_loader)
         raise NotImplementedError
 
     def build_model(self) -> torch.nn.Module:
@@ -91,22 +90,6 @@ class Trainer:
                 f"config key '{self.stage}.batch_size' ({b}) must be a multiple of 'data.num_samples' "
                 f"({d.num_samples}): each volume gives num_samples crops per step"
             )
-
-    def training_loader(self, entries: list[dict], transform):
-        """Dataset (cached as configured) and loader over ``entries``. A DistributedSampler is used also
-        for one process, so the order of volumes in the global batch is the same whatever the number of
-        processes."""
-        from torch.utils.data.distributed import DistributedSampler
-
-        from medhpm.data.dataset import make_dataset, make_loader
-
-        d = self.cfg.data
-        ds = make_dataset(entries, transform, d, cache_dir=d.cache_dir or (self.run_dir / "cache"))
-        sampler = DistributedSampler(ds, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True,
-                                     seed=self.cfg.seed, drop_last=False)
-        return make_loader(ds, batch_size=self.sec.batch_size // d.num_samples, shuffle=False,
-                           num_workers=d.num_workers, seed=self.cfg.seed, sampler=sampler,
-                           prefetch_factor=d.prefetch_factor)
 
     def extra_state(self) -> dict:
         return {}
@@ -199,9 +182,9 @@ class Trainer:
         if not path.exists():
             raise TrainingError(f"cannot resume: {path} does not exist (the run stopped before its first "
                                 f"checkpoint, or {self.run_dir} is not a run folder); start it again without --resume")
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("stage") != self.stage:
-            raise TrainingError(f"cannot resume: {path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
+        state = load_checkpoint(path, stage=self.stage, map_location=self.device,
+                                keys=("model", "optimizer", "epoch", "step"),
+                                purpose=f"cannot resume a {self.stage} run from it")
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"]) + 1
@@ -465,9 +448,3 @@ def write_run_summary(run_dir: Path, summary: dict) -> None:
 
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
-
-def env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default

@@ -1,5 +1,2 @@
-"""Fine-tuning: layer-decay parameter groups, the UNETR training loop, the sliding-window predictor."""
-
-from medhpm.segment.layer_decay import param_groups_layer_decay, param_groups_weight_decay
-
-__all__ = ["param_groups_layer_decay", "param_groups_weight_decay"]
+"""Fine-tuning: the UNETR training loop and the sliding-window predictor. The layer-decay parameter groups
+live in ``medhpm.runtime.param_groups`` (pre-training uses its weight-decay split too)."""

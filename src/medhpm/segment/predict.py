@@ -12,25 +12,22 @@ affine and orientation. The same :class:`Predictor` serves the command line and 
 
 from __future__ import annotations
 
-import json
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medhpm.config import Config, from_dict
+from medhpm.config import Config, checkpoint_keys, from_dict, get_key
+from medhpm.data.datalist import detect_format, load_datalist
+from medhpm.data.dataset import root_cause
+from medhpm.data.scans import case_name, is_nifti
+from medhpm.data.transforms import predict_transforms
+from medhpm.models.dynunet import build_dynunet
+from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
-
-
-def case_name(path: str | Path) -> str:
-    p = Path(path)
-    name = p.name
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+from medhpm.runtime.io import atomic_save_nifti, atomic_write_text, check_writable
 
 
 class Predictor:
@@ -43,17 +40,15 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.classes = classes or {}
-        self.overlap = cfg.evaluate.overlap if overlap is None else float(overlap)
+        self.overlap = cfg.inference.overlap if overlap is None else float(overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
-        self.blend = blend or cfg.evaluate.blend
+        self.blend = blend or cfg.inference.blend
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be gaussian or constant, got {self.blend!r}")
-        self.sw_batch_size = sw_batch_size or cfg.evaluate.sw_batch_size
+        self.sw_batch_size = sw_batch_size or cfg.inference.sw_batch_size
         self.output_on_cpu = output_on_cpu
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
-        from medhpm.data.transforms import predict_transforms
-
         self.transform = predict_transforms(cfg.data)
 
     @classmethod
@@ -63,21 +58,9 @@ class Predictor:
         ``expect``: a config to compare with the checkpoint's metadata (preset, patch size, ROI,
         spacing, HU window, classes); a mismatch raises an error that explains it.
         """
-        from medhpm.models.unetr import build_unetr
-
-        state = load_checkpoint(path)
-        if state.get("format") != "medhpm-checkpoint" and "stage" not in state:
-            raise CheckpointError(
-                f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); "
-                "prediction needs best.pt or final.pt of `medhpm finetune`")
-        if state.get("stage") != "finetune":
-            raise CheckpointError(
-                f"{path} is a {state.get('stage')!r} checkpoint; prediction needs a fine-tuning checkpoint "
-                "(best.pt or final.pt of `medhpm finetune`)")
-        lacking = [k for k in ("config", "model_args", "model") if not isinstance(state.get(k), dict)]
-        if lacking:
-            raise CheckpointError(f"fine-tuning checkpoint {path} lacks {', '.join(lacking)}: it is damaged or "
-                                  "was written by an incompatible medhpm version")
+        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"),
+                                purpose="prediction needs a fine-tuning checkpoint (best.pt or final.pt of "
+                                "`medhpm finetune`)")
         try:
             cfg = from_dict(state["config"])
         except ValueError as e:
@@ -89,8 +72,6 @@ class Predictor:
         try:
             u = args["unetr"]
             if args.get("architecture", "unetr") == "dynunet":
-                from medhpm.segment.trainer import build_dynunet
-
                 model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
             else:
                 model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
@@ -154,8 +135,6 @@ class Predictor:
         """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``."""
         import nibabel as nib
 
-        from medhpm.runtime.io import atomic_save_nifti
-
         source = Path(source)
         if not source.exists():
             raise FileNotFoundError(f"input scan {source} does not exist")
@@ -188,8 +167,6 @@ class Predictor:
 
         A scan that fails is reported (``ok`` False, ``error``) and the others still run.
         """
-        from medhpm.runtime.io import check_writable
-
         check_writable(out_dir)
         items = _list_inputs(Path(source), split)
         results = []
@@ -204,46 +181,24 @@ class Predictor:
 
 
 def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
+    """(scan, case name) of every scan behind ``source``, found and named as ``medhpm data check`` reads
+    them (:func:`medhpm.data.datalist.load_datalist`): a plain folder gives all its scans (recursively,
+    named by their path below it), a datalist JSON or a data set folder (MSD, nnU-Net, BTCV) the entries
+    of ``split``. A single file is predicted whatever its name."""
     if not source.exists():
         raise FileNotFoundError(f"input {source} does not exist")
-    if source.is_file() and source.suffix == ".json":
-        from medhpm.data.datalist import load_datalist
-
-        dl = load_datalist(source, format="msd")
-        entries = dl.get(split) or []
-        if not entries:
-            raise ValueError(f"datalist {source} has no {split!r} entries to predict")
-        return [(Path(e["image"]), e.get("case") or case_name(e["image"])) for e in entries]
-    if source.is_file():
+    if source.is_file() and source.suffix.lower() != ".json":
         return [(source, case_name(source))]
-    if _is_dicom_folder(source):
-        return [(source, source.name)]
-    items = []
-    for p in sorted(source.iterdir()):
-        if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
-            items.append((p, case_name(p)))
-        elif p.is_dir() and _is_dicom_folder(p):
-            items.append((p, p.name))
-    if not items:
-        raise ValueError(f"{source} holds no NIfTI files or DICOM series to predict")
-    return items
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    for p in sorted(folder.iterdir())[:20]:
-        if p.is_file():
-            try:
-                with open(p, "rb") as fh:
-                    fh.seek(128)
-                    if fh.read(4) == b"DICM":
-                        return True
-            except OSError:
-                continue
-    return False
+    fmt = detect_format(source)
+    dl = load_datalist(source, format=fmt)
+    entries = dl["training"] if fmt == "folder" else dl.get(split) or []
+    if not entries:
+        raise ValueError(f"datalist {source} has no {split!r} entries to predict")
+    return [(Path(e["image"]), e["case"]) for e in entries]
 
 
 def _reference_header(source: Path):
-    if source.is_file() and (source.name.endswith(".nii") or source.name.endswith(".nii.gz")):
+    if source.is_file() and is_nifti(source.name):
         import nibabel as nib
 
         return nib.load(str(source))
@@ -258,29 +213,16 @@ def _original_affine(data) -> np.ndarray:
 
 def _error_line(e: BaseException) -> str:
     """First line of the message of the error under MONAI's "applying transform" wrappers (it names the file)."""
-    from medhpm.data.dataset import root_cause
-
     root = root_cause(e)
     text = str(root).strip()
     return text.splitlines()[0] if text else type(root).__name__
 
 
-# what a fine-tuning checkpoint's use depends on: model shape, preprocessing, classes
-COMPATIBLE_KEYS = ("model.preset", "model.patch_size", "data.roi", "data.spacing", "data.orientation",
-                   "data.a_min", "data.a_max", "data.b_min", "data.b_max", "finetune.num_classes")
-
-
 def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
-    """Explain every difference between a checkpoint's metadata and the config it is used with."""
-    from medhpm.config import get_key
-
-    diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}" for k in COMPATIBLE_KEYS
-             if get_key(ckpt_cfg, k) != get_key(cfg, k)]
+    """Explain every difference between a fine-tuning checkpoint's metadata and the config it is used with,
+    over the keys the checkpoint depends on (model shape, preprocessing, classes: ``checkpoint_keys``)."""
+    diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}"
+             for k in checkpoint_keys("finetune") if get_key(ckpt_cfg, k) != get_key(cfg, k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
 
-
-def write_results_json(results: list[dict], path: str | Path) -> None:
-    from medhpm.runtime.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps([{k: v for k, v in r.items() if k != "traceback"} for r in results], indent=2))

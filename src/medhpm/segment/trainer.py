@@ -18,32 +18,27 @@ from pathlib import Path
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config
+from medhpm.config import Config, check_resume
+from medhpm.data.datalist import load_datalist, split_validation
+from medhpm.data.headers import check_headers
+from medhpm.data.dataset import training_loader
+from medhpm.data.sources import resolve_dataset
+from medhpm.data.transforms import train_transforms, transforms_spec, val_transforms
+from medhpm.evaluate.classes import parse_classes
+from medhpm.models import build_encoder
+from medhpm.models.dynunet import build_dynunet
+from medhpm.models.unetr import build_unetr
+from medhpm.runtime.device import autocast, peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.loop import Trainer, echo
-
-
-def build_dynunet(in_channels: int, out_channels: int, roi):
-    """MONAI DynUNet sized for the ROI: the paper's CNN (U-Net) reference row, trained from scratch."""
-    from monai.networks.nets import DynUNet
-
-    # 3x3x3 kernels; stride 2 while every axis stays >= 8 voxels (at most 5 down-samplings)
-    strides, size = [1], list(roi)
-    while len(strides) < 6 and all(s // 2 >= 4 for s in size):
-        strides.append(2)
-        size = [s // 2 for s in size]
-    return DynUNet(3, in_channels, out_channels, kernel_size=[3] * len(strides), strides=strides,
-                   upsample_kernel_size=strides[1:], norm_name="instance", res_block=True)
+from medhpm.runtime.loop import Trainer, echo, write_run_summary
+from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_weight_decay
+from medhpm.runtime.weights import load_encoder_weights
 
 
 def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
     """UNETR around the configured encoder (preset, patch size, ROI from the config), or DynUNet."""
-    from medhpm.models import build_encoder
-
     if cfg.finetune.architecture == "dynunet":
         return build_dynunet(cfg.model.in_chans, cfg.finetune.num_classes, tuple(cfg.data.roi))
-    from medhpm.models.unetr import build_unetr
-
     if encoder_args is None:
         encoder_args = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi),
                                      patch_size=cfg.model.patch_size, in_chans=cfg.model.in_chans).config()
@@ -62,11 +57,6 @@ class FinetuneTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def build_data(self):
-        from medhpm.data.datalist import load_datalist, split_validation
-        from medhpm.data.headers import check_headers
-        from medhpm.data.sources import resolve_dataset
-        from medhpm.data.transforms import train_transforms
-
         d = self.cfg.data
         self.check_batch_size()
         src = resolve_dataset(d, self.run_dir)
@@ -84,19 +74,18 @@ class FinetuneTrainer(Trainer):
             train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
-        check_headers(val, what="validation")  # bad headers fail now, not after the first epoch
-        return self.training_loader(train, train_transforms(d, self.cfg.finetune.num_classes))
+        # unreadable, 2D/4D, a label off its image's grid: every case of the run, before any training work
+        check_headers(train + val, what="training and validation")
+        transform = train_transforms(d, self.cfg.finetune.num_classes)
+        return training_loader(train, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
+                               self.dist.world_size, self.dist.rank)
 
     def transforms_spec(self) -> dict:
-        from medhpm.data.transforms import transforms_spec
-
         return transforms_spec(self.cfg.data)
 
     # ------------------------------------------------------------------ model
     def build_model(self):
         from monai.losses import DiceCELoss
-
-        from medhpm.models.transfer import load_encoder_weights
 
         model = build_segmentation_model(self.cfg)
         if self.cfg.finetune.architecture != "unetr" and self.init:
@@ -115,8 +104,6 @@ class FinetuneTrainer(Trainer):
         return model
 
     def param_groups(self, model, lr):
-        from medhpm.segment.layer_decay import param_groups_layer_decay, param_groups_weight_decay
-
         if self.cfg.finetune.architecture != "unetr":
             return param_groups_weight_decay(model, lr, self.cfg.finetune.weight_decay)
         return param_groups_layer_decay(model, lr, self.cfg.finetune.weight_decay, self.cfg.finetune.layer_decay)
@@ -127,8 +114,6 @@ class FinetuneTrainer(Trainer):
         self.init = None if init in (None, "", "none") else str(init)
 
     def model_args(self) -> dict:
-        from medhpm.evaluate.classes import parse_classes
-
         m = unwrap(self.model)
         c = self.cfg
         skips = getattr(m, "skip_blocks", None)  # a DynUNet has none (model.skip_blocks may be unset too)
@@ -152,12 +137,7 @@ class FinetuneTrainer(Trainer):
     def train_step(self, batch, epoch_f):
         x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
         y = batch["label"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
-        if not hasattr(self, "_label_checked"):
-            top = int(y.max())
-            if top >= self.cfg.finetune.num_classes:
-                raise ValueError(f"label value {top} in the training data exceeds finetune.num_classes="
-                                 f"{self.cfg.finetune.num_classes} (classes 0..{self.cfg.finetune.num_classes - 1})")
-            self._label_checked = True
+        # label values were checked against finetune.num_classes when the case was loaded (LoadCTd)
         logits = self.ddp(x)
         with torch.autocast(device_type=self.device.type, enabled=False):
             loss = self.loss_fn(logits.float(), y.float())
@@ -189,9 +169,6 @@ class FinetuneTrainer(Trainer):
         from monai.metrics import DiceMetric
         from monai.networks.utils import one_hot
 
-        from medhpm.data.transforms import val_transforms
-        from medhpm.evaluate.classes import parse_classes
-
         model = unwrap(self.model)
         model.eval()
         if not hasattr(self, "_val_items"):
@@ -200,13 +177,11 @@ class FinetuneTrainer(Trainer):
         reported = [k for k in parse_classes(self.cfg.finetune.reported) if k < self.cfg.finetune.num_classes]
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         per_case = []
-        from medhpm.runtime.device import autocast
-
         for item in self._val_items:
             x = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)[None].to(self.device)
             y = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[None].long()
             with autocast(self.device, self.amp_dtype):
-                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.evaluate.sw_batch_size,
+                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.inference.sw_batch_size,
                                                   model, overlap=self.cfg.finetune.val_overlap, mode="gaussian")
             pred = logits.float().argmax(1, keepdim=True).cpu()
             nc = self.cfg.finetune.num_classes
@@ -226,8 +201,6 @@ class FinetuneTrainer(Trainer):
 
     def on_finish(self):
         if self.dist.is_main:
-            from medhpm.runtime.loop import write_run_summary
-
             write_run_summary(self.run_dir, {
                 **peak_memory(self.device),
                 "stage": "finetune", "init": self.init or "none", "epochs": self.cfg.finetune.epochs,
@@ -241,17 +214,13 @@ class FinetuneTrainer(Trainer):
             })
 
 
-def peak_memory(device) -> dict:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the max resident set size."""
-    if getattr(device, "type", "cpu") == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_memory_kind": "cuda_max_allocated"}
-    import resource
-
-    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_memory_kind": "cpu_max_rss"}
-
-
 def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:
-    """Fine-tune UNETR as configured; returns the run folder."""
+    """Fine-tune UNETR as configured; returns the run folder.
+
+    ``resume``: continue the run in ``out_dir`` from ``last.pt``; ``cfg`` may extend its config (more epochs)
+    but not change what its checkpoint depends on (``config.check_resume``; ``config.resume_config`` gives
+    the run's own config with overrides).
+    """
+    if resume:
+        check_resume(cfg, out_dir, "finetune")
     return FinetuneTrainer(cfg, out_dir, init=init, resume=resume).run()

@@ -18,7 +18,8 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..evaluate.classes import BTCV13, display_name, parse_classes
+from ..data.labels import BTCV13
+from ..evaluate.classes import display_name, parse_classes
 from ..evaluate.metrics import as_label_map
 from ..runtime.io import atomic_write_with
 

@@ -13,6 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medhpm.config import from_dict
+from medhpm.data.transforms import predict_transforms
+from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.pretrain.model import HPMPretrainModel
+from medhpm.runtime.checkpoint import load_checkpoint
+from medhpm.runtime.io import atomic_path
+
 
 def tokens_to_volume(values: np.ndarray, grid, patch_size: int) -> np.ndarray:
     """Per-token values ``(N,)`` in token order -> a voxel volume ``(H, W, D)`` (each patch constant)."""
@@ -45,8 +52,6 @@ def pretrain_figure(original, masked, recon, pasted, difficulty, mask, grid, pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from medhpm.runtime.io import atomic_path
 
     mask = np.asarray(mask, dtype=bool)
     mask_vol_vals = mask.astype(np.float32)
@@ -99,15 +104,7 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
     import torch
     from monai.transforms import CenterSpatialCrop, SpatialPad
 
-    from medhpm.config import from_dict
-    from medhpm.data.transforms import predict_transforms
-    from medhpm.pretrain.model import HPMPretrainModel
-    from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
-    from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
-
-    state = load_checkpoint(ckpt)
-    if state.get("stage") != "pretrain":
-        raise CheckpointError(f"{ckpt} is not a pre-training checkpoint (stage {state.get('stage')!r})")
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch"))
     cfg = from_dict(state["config"])
     model = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
     model.load_state_dict(state["model"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from medhpm.runtime.io import atomic_path, atomic_write_text
@@ -133,6 +132,3 @@ def write_report(out_html: str | Path, title: str, sections: list[dict]) -> Path
     parts.append("</body></html>")
     return atomic_write_text(out_html, "\n".join(parts))
 
-
-def json_pretty(path: str | Path) -> str:
-    return json.dumps(json.loads(Path(path).read_text()), indent=2)

@@ -5,7 +5,7 @@ import torch
 
 from medhpm.models.unetr import UNETR
 from medhpm.models.vit import ViTEncoder
-from medhpm.segment import param_groups_layer_decay, param_groups_weight_decay
+from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_weight_decay
 
 
 @pytest.fixture(scope="module")
