@@ -78,7 +78,7 @@ def build_case(spec: dict, device: str) -> Case:
     """spec: preset, roi, batch, decoder, method, alpha, fused."""
     from medhpm.pretrain.ema import momentum_at
     from medhpm.pretrain.trainer import METHOD_SWITCHES, build_pretrain_model, make_teacher, pretrain_iteration
-    from medhpm.segment.layer_decay import param_groups_weight_decay
+    from medhpm.runtime.param_groups import param_groups_weight_decay
 
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
     seeded(0)

@@ -28,13 +28,9 @@ LAYERS: dict[str, int] = {
 }
 EXEMPT = {"medhpm", "medhpm.__init__", "medhpm.__main__"}  # the package root (its __version__) is below all
 
-# Upward imports that remain, each for a move that is someone else's part of issue 12; remove an entry
-# when its import is gone (the test fails on an entry that no longer occurs, so the list stays true).
-ALLOWED: set[tuple[str, str]] = {
-    # the pre-training figure is drawn by viz; PretrainTrainer.write_figure and
-    # viz.reconstruction.visualize_pretrain_checkpoint are to become one (the reconstruction figure item)
-    ("medhpm.pretrain.trainer", "medhpm.viz.reconstruction"),
-}
+# Upward imports that remain, each with its reason; remove an entry when its import is gone (the test
+# fails on an entry that no longer occurs, so the list stays true). None remain.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -125,3 +125,19 @@ def test_transfer_into_unetr_keeps_encoder_outputs(runs, tmp_path):
         a, _ = ref(x)
         b, _ = unetr.encoder(x)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,columns", [("hpm", 6), ("mae", 5)])
+def test_visualize_pretrain_checkpoint_draws_the_training_figure(runs, tiny_phantoms, tmp_path, method, columns):
+    """`medhpm visualize pretrain` draws the trainer's figure for a checkpoint: with a teacher it adds the
+    predicted-difficulty column (2.3 inches a column at 90 dpi)."""
+    import matplotlib.image as mpimg
+
+    from medhpm.viz.reconstruction import visualize_pretrain_checkpoint
+
+    scan = sorted((tiny_phantoms / "imagesTr").glob("*.nii.gz"))[0]
+    png = visualize_pretrain_checkpoint(runs[method] / "final.pt", scan, tmp_path / "fig.png")
+    width = mpimg.imread(str(png)).shape[1]
+    assert abs(width - round(2.3 * columns * 90)) <= 2, width
+    trainer_png = runs[method] / "figures" / "reconstruction_latest.png"
+    assert abs(mpimg.imread(str(trainer_png)).shape[1] - width) <= 2

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from medhpm.config import CHECKPOINT_KEYS
-from medhpm.runtime.checkpoint import CheckpointError, checkpoint_keys, load_checkpoint, save_checkpoint
+from medhpm.config import checkpoint_keys
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _ckpt(tmp_path, name="final.pt", **entries):

@@ -15,8 +15,10 @@ and predicts their losses -> L = L_rec + lambda_pred * L_pred -> AdamW step -> E
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import torch
 
 from medhpm import __version__
@@ -25,11 +27,12 @@ from medhpm.data.headers import check_headers
 from medhpm.data.datalist import load_datalist
 from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
-from medhpm.data.transforms import predict_transforms, pretrain_transforms, transforms_spec
+from medhpm.data.transforms import pretrain_transforms, transforms_spec
 from medhpm.models import build_encoder, patchify
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, patches_with_organ
 from medhpm.pretrain.ema import EMATeacher, momentum_at
+from medhpm.pretrain.figure import figure_crop, reconstruction_figure
 from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
@@ -273,46 +276,15 @@ class PretrainTrainer(Trainer):
     def figure_input(self) -> torch.Tensor:
         """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
         if not hasattr(self, "_fig_x"):
-            from monai.transforms import CenterSpatialCrop, SpatialPad
-
-            item = predict_transforms(self.cfg.data)({"image": self.entries[0]["image"]})
-            img = item["image"]
-            img = SpatialPad(self.cfg.data.roi)(CenterSpatialCrop(self.cfg.data.roi)(img))
-            self._fig_x = torch.as_tensor(img).as_subclass(torch.Tensor)[None].float()
+            self._fig_x = figure_crop(self.cfg.data, self.entries[0]["image"])
         return self._fig_x.to(self.device)
 
     def write_figure(self, epoch: int) -> Path:
-        from medhpm.viz.reconstruction import pretrain_figure
-
-        model = unwrap(self.model)
-        x = self.figure_input()
-        g = torch.Generator(device="cpu").manual_seed(1234)
-        alpha = self.alpha(epoch)
-        scores = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                scores = self.teacher.model.predict_difficulty(x).cpu()
-            mask = hard_patch_mask(scores, self.cfg.pretrain.mask_ratio, alpha, generator=g)
-        else:
-            mask = random_mask(1, self.num_patches, self.cfg.pretrain.mask_ratio, generator=g)
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            rec = model.reconstruct_full(x, mask.to(self.device))
-        model.train(was)
         path = self.run_dir / "figures" / f"reconstruction_epoch{epoch + 1:04d}.png"
-        pretrain_figure(
-            original=x[0, 0].cpu().numpy(), masked=rec["masked_input"][0, 0].cpu().numpy(),
-            recon=rec["recon"][0, 0].cpu().numpy(), pasted=rec["pasted"][0, 0].cpu().numpy(),
-            difficulty=None if scores is None else scores[0].numpy(), mask=mask[0].cpu().numpy(),
-            grid=model.encoder.grid_size, patch_size=model.patch_size, out_png=path,
-            title=f"{self.cfg.pretrain.method} epoch {epoch + 1}, alpha {alpha:.2f}",
-            n_hard_mask=int(alpha * self.num_masked),
-        )
-        import shutil
-
-        import matplotlib.image as mpimg
-
+        teacher = self.teacher.model if self.teacher is not None else None
+        reconstruction_figure(unwrap(self.model), teacher, self.figure_input(), self.cfg.pretrain.mask_ratio,
+                              self.alpha(epoch), path, title=f"{self.cfg.pretrain.method} epoch {epoch + 1}",
+                              seed=1234)
         shutil.copyfile(path, self.run_dir / "figures" / "reconstruction_latest.png")
         self.logger.image("pretrain/reconstruction", mpimg.imread(str(path))[..., :3], epoch)
         return path

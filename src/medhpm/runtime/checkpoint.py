@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from medhpm.config import checkpoint_keys  # re-exported: the keys a stage's checkpoint depends on
 from medhpm.runtime.io import atomic_write_bytes
 
 STAGES = {"pretrain": "pre-training", "finetune": "fine-tuning"}

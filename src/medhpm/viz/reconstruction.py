@@ -1,98 +1,14 @@
-"""Pre-training figure: what the encoder saw, what it reconstructed, and where HPM chose to mask.
-
-Rows: the three orthogonal slices through the centre of the crop (axial, coronal, sagittal).
-Columns: original, masked input, reconstruction (targets de-normalised with each patch's own statistics),
-reconstruction with the visible patches pasted back, the teacher's predicted difficulty per patch, and the
-mask (dark = visible, grey = randomly masked, red = mined hard patch). Arrays are (H, W, D) in RAS voxel
-order as the pre-training chain produces them; slices are shown in radiological convention.
-"""
+"""``medhpm visualize pretrain``: the pre-training figure (``medhpm.pretrain.figure``) for a checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from medhpm.config import from_dict
-from medhpm.data.transforms import predict_transforms
-from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.pretrain.figure import figure_crop, reconstruction_figure
+from medhpm.pretrain.masking import curriculum_alpha
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.runtime.checkpoint import load_checkpoint
-from medhpm.runtime.io import atomic_path
-
-
-def tokens_to_volume(values: np.ndarray, grid, patch_size: int) -> np.ndarray:
-    """Per-token values ``(N,)`` in token order -> a voxel volume ``(H, W, D)`` (each patch constant)."""
-    g = tuple(int(v) for v in grid)
-    vol = np.asarray(values, dtype=np.float32).reshape(g)  # token index (ih*Gw + iw)*Gd + id
-    for axis in range(3):
-        vol = np.repeat(vol, patch_size, axis=axis)
-    return vol
-
-
-def _views(vol: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal, sagittal centre slices of an (H, W, D) RAS volume, oriented for display."""
-    h, w, d = vol.shape
-    axial = vol[:, :, d // 2]  # (x, y): show y anterior up, patient right on image left
-    coronal = vol[:, w // 2, :]  # (x, z): superior up
-    sagittal = vol[h // 2, :, :]  # (y, z): anterior left
-    # RAS: +x is the patient's right, shown on the image's left (radiological convention)
-    return [np.flipud(axial.T)[:, ::-1], np.flipud(coronal.T)[:, ::-1], np.flipud(sagittal.T)[:, ::-1]]
-
-
-def pretrain_figure(original, masked, recon, pasted, difficulty, mask, grid, patch_size, out_png,
-                    title: str | None = None, vmin: float = 0.0, vmax: float = 1.0, n_hard_mask=None) -> Path:
-    """Write the reconstruction figure as PNG (atomically) and return its path.
-
-    ``original``/``masked``/``recon``/``pasted``: (H, W, D) intensities in [vmin, vmax];
-    ``difficulty``: (N,) predicted per-patch loss or None (methods without a teacher);
-    ``mask``: (N,) bool, True = masked.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mask = np.asarray(mask, dtype=bool)
-    mask_vol_vals = mask.astype(np.float32)
-    if difficulty is not None:
-        # mark the patches the teacher ranked hardest among the masked ones: the mined patches
-        diff = np.asarray(difficulty, dtype=np.float32)
-        k = int(n_hard_mask) if n_hard_mask is not None else 0
-        if k > 0:
-            top = np.argsort(-diff)[:k]
-            mask_vol_vals[top] = 2.0
-    columns = [("original", original, "gray", (vmin, vmax)),
-               ("masked input", masked, "gray", (vmin, vmax)),
-               ("reconstruction", recon, "gray", (vmin, vmax)),
-               ("reconstruction + visible", pasted, "gray", (vmin, vmax))]
-    if difficulty is not None:
-        dv = tokens_to_volume(diff, grid, patch_size)
-        columns.append(("predicted difficulty", dv, "magma", (float(diff.min()), float(diff.max()))))
-    mv = tokens_to_volume(mask_vol_vals, grid, patch_size)
-    columns.append(("mask (grey random, red hard)" if difficulty is not None else "mask (grey = masked)", mv,
-                    matplotlib.colors.ListedColormap(["#1a1a1a", "#9a9a9a", "#d62728"]), (0, 2)))
-    rows = ["axial", "coronal", "sagittal"]
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.4 * len(rows) + 0.4))
-    for c, (name, vol, cmap, (lo, hi)) in enumerate(columns):
-        views = _views(np.asarray(vol, dtype=np.float32))
-        for r, view in enumerate(views):
-            ax = axes[r, c]
-            ax.imshow(view, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=9)
-            if c == 0:
-                ax.set_ylabel(rows[r], fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out_png
 
 
 def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
@@ -101,39 +17,18 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
     The mask is HPM's (teacher difficulty, the checkpoint's alpha) when the checkpoint has a teacher,
     else random.
     """
-    import torch
-    from monai.transforms import CenterSpatialCrop, SpatialPad
-
     state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch"))
     cfg = from_dict(state["config"])
     model = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
     model.load_state_dict(state["model"])
-    model.eval()
     teacher = None
     if state.get("teacher") is not None:
         teacher = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
         teacher.load_state_dict(state["teacher"], strict=False)  # the teacher carries no reconstructor
         teacher.eval()
-    item = predict_transforms(cfg.data)({"image": str(image)})
-    roi = tuple(cfg.data.roi)
-    x = torch.as_tensor(SpatialPad(roi)(CenterSpatialCrop(roi)(item["image"]))).as_subclass(torch.Tensor)
-    x = x[None].float()
-    g = torch.Generator().manual_seed(seed)
-    n = model.encoder.num_patches
-    alpha = curriculum_alpha(int(state["epoch"]), cfg.pretrain.epochs, cfg.pretrain.alpha_0, cfg.pretrain.alpha_T)
-    scores = None
-    with torch.no_grad():
-        if teacher is not None:
-            scores = teacher.predict_difficulty(x)
-            mask = hard_patch_mask(scores, cfg.pretrain.mask_ratio, alpha, generator=g)
-        else:
-            alpha = 0.0
-            mask = random_mask(1, n, cfg.pretrain.mask_ratio, generator=g)
-        rec = model.reconstruct_full(x, mask)
-    return pretrain_figure(
-        original=x[0, 0].numpy(), masked=rec["masked_input"][0, 0].numpy(), recon=rec["recon"][0, 0].numpy(),
-        pasted=rec["pasted"][0, 0].numpy(), difficulty=None if scores is None else scores[0].numpy(),
-        mask=mask[0].numpy(), grid=model.encoder.grid_size, patch_size=model.patch_size, out_png=out_png,
-        title=f"{Path(str(image)).name}: {cfg.pretrain.method}, epoch {int(state['epoch']) + 1}, alpha {alpha:.2f}",
-        n_hard_mask=int(alpha * num_masked(n, cfg.pretrain.mask_ratio)),
+    p = cfg.pretrain
+    alpha = curriculum_alpha(int(state["epoch"]), p.epochs, p.alpha_0, p.alpha_T)
+    return reconstruction_figure(
+        model, teacher, figure_crop(cfg.data, image), p.mask_ratio, alpha, out_png, seed=seed,
+        title=f"{Path(str(image)).name}: {p.method}, epoch {int(state['epoch']) + 1}",
     )
