@@ -135,7 +135,7 @@ def test_visualize_pretrain_checkpoint_draws_the_training_figure(runs, tiny_phan
 
     from medhpm.viz.reconstruction import visualize_pretrain_checkpoint
 
-    scan = sorted((tiny_phantoms / "imagesTr").glob("*.nii.gz"))[0]
+    scan = tiny_phantoms.parent / json.loads(tiny_phantoms.read_text())["training"][0]["image"]  # dataset.json
     png = visualize_pretrain_checkpoint(runs[method] / "final.pt", scan, tmp_path / "fig.png")
     width = mpimg.imread(str(png)).shape[1]
     assert abs(width - round(2.3 * columns * 90)) <= 2, width
