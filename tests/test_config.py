@@ -131,7 +131,7 @@ def test_both_stages_share_the_training_fields_with_their_own_defaults():
     assert shared <= {f.name for f in dataclasses.fields(FinetuneConfig)}
     p, f = Config().pretrain, Config().finetune
     assert (p.lr, tuple(p.betas), p.clip_grad) == (1.5e-4, (0.9, 0.95), 5.0)
-    assert (f.lr, tuple(f.betas), f.clip_grad) == (8e-4, (0.9, 0.999), 1.0)
+    assert (f.lr, tuple(f.betas), f.clip_grad) == (8e-4, (0.9, 0.95), 0.0)  # SelfMedMAE: no clipping in fine-tuning
     cfg = load_config("demo", ["finetune.nonfinite=skip", "pretrain.checkpoint_every=3"])
     assert (cfg.finetune.nonfinite, cfg.pretrain.nonfinite, cfg.pretrain.checkpoint_every) == ("skip", "stop", 3)
     with pytest.raises(ConfigError, match="finetune.nonfinite"):
