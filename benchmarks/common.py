@@ -478,7 +478,7 @@ def _clean(obj: Any) -> Any:
 
 
 def write_result(ctx: Context, name: str, payload: dict, started: float) -> Path:
-    from medhpm.runtime.io import atomic_write_text
+    from medhpm.runtime.files import atomic_write_text
 
     doc = {
         "schema": SCHEMA,

@@ -347,7 +347,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
 
 
 def write_docs(results_dir: Path = RESULTS_DIR, docs_path: Path = DOCS_PATH) -> Path:
-    from medhpm.runtime.io import atomic_write_text
+    from medhpm.runtime.files import atomic_write_text
 
     return atomic_write_text(docs_path, render(results_dir))
 

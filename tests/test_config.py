@@ -22,7 +22,7 @@ from medhpm.config import (
     resume_config,
     to_dict,
 )
-from medhpm.runtime.io import save_config
+from medhpm.runtime.files import save_config
 
 
 def test_precedence_defaults_then_yaml_then_overrides(tmp_path):

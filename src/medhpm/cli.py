@@ -109,7 +109,7 @@ def data_check(
     import json
 
     from medhpm.data.check import check_dataset
-    from medhpm.runtime.io import atomic_write_text
+    from medhpm.runtime.files import atomic_write_text
 
     report = check_dataset(dataset, num_classes=num_classes, roi=_triple(roi, int, "--roi"),
                            spacing=_triple(spacing, float, "--spacing"), format=format)

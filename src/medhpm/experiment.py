@@ -29,7 +29,7 @@ from medhpm.config import METHODS, ConfigError, load_config, read_yaml
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.classes import parse_classes
 from medhpm.evaluate.tables import aggregate_seeds, paper_table
-from medhpm.runtime.io import atomic_write_text, check_writable, save_config
+from medhpm.runtime.files import atomic_write_text, check_writable, save_config
 from medhpm.runtime.logging import read_metrics
 
 ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-training methods

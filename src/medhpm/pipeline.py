@@ -20,7 +20,7 @@ from medhpm.data.datalist import load_datalist
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.run import evaluate_predictions
 from medhpm.pretrain.trainer import export_encoder, pretrain
-from medhpm.runtime.io import atomic_write_text, check_writable
+from medhpm.runtime.files import atomic_write_text, check_writable
 from medhpm.segment.predict import Predictor
 from medhpm.segment.trainer import finetune
 from medhpm.viz.overlay import segmentation_figure_from_files

@@ -246,7 +246,7 @@ def _one_case(root: Path, nifti_writer, synthetic_ct, fault: str) -> Path:
 @pytest.mark.parametrize("fault", ["spacing", "nan", "scale", "nonint", "negative", "over", "almost_integer"])
 def test_loader_and_check_apply_one_rule_set(tmp_path, nifti_writer, synthetic_ct, fault):
     from medhpm.data.datalist import DataError
-    from medhpm.data.io import LoadCTd
+    from medhpm.data.ct_reader import LoadCTd
 
     js = _one_case(tmp_path, nifti_writer, synthetic_ct, fault)
     rep = check_dataset(js, num_classes=3, roi=(8, 8, 4))

@@ -11,7 +11,7 @@ from monai.transforms import Invertd
 from medhpm.config import DataConfig
 from medhpm.data.check import check_dataset
 from medhpm.data.datalist import DataError
-from medhpm.data.io import load_image, read_volume
+from medhpm.data.ct_reader import load_image, read_volume
 from medhpm.data.transforms import val_transforms
 
 # label values present in the real fixture (README of tests/data/real_ct)
@@ -77,7 +77,7 @@ def test_real_label_round_trip_at_the_protocol_spacing(real_abdomen_dicom):
     import nibabel as nib
     from monai.transforms import Compose, Orientationd, Spacingd
 
-    from medhpm.data.io import LoadCTd
+    from medhpm.data.ct_reader import LoadCTd
 
     _, labels = real_abdomen_dicom
     chain = Compose([LoadCTd("label"), Orientationd("label", axcodes="RAS", labels=None),

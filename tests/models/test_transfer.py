@@ -11,7 +11,7 @@ from torch import nn
 from medhpm.models.transfer import detect_source_format, inflate_patch_embed_2d
 from medhpm.models.unetr import UNETR, build_unetr
 from medhpm.models.vit import ViTEncoder
-from medhpm.runtime.io import sha256_file
+from medhpm.runtime.files import sha256_file
 from medhpm.runtime.weights import load_encoder_weights, read_encoder_sidecar
 
 ROI = (32, 32, 32)

@@ -190,7 +190,7 @@ def _check_checkpoint(path: Path, written: set[int]) -> int:
 
 @pytest.mark.slow
 def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
-    from medhpm.runtime.io import remove_stale_temps
+    from medhpm.runtime.files import remove_stale_temps
 
     path = tmp_path / "last.pt"
     rng = random.Random(1234)
@@ -230,7 +230,7 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
 
 
 def test_remove_stale_temps_keeps_live_writers_and_other_files(tmp_path):
-    from medhpm.runtime.io import atomic_path, remove_stale_temps
+    from medhpm.runtime.files import atomic_path, remove_stale_temps
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

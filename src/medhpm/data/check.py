@@ -6,7 +6,7 @@ values far outside any CT range, the same scan in two splits). Warnings do not (
 look like HU, scans smaller than the ROI at the target spacing, which get padded). The rules for one
 volume's values and spacing are :mod:`medhpm.data.volume_checks`, which the loader applies too. Every problem is
 listed, not only the first. Files are read with the same loader as the training chains
-(:func:`medhpm.data.io.load_image`), reoriented to RAS so that a DICOM series and its NIfTI label map
+(:func:`medhpm.data.ct_reader.load_image`), reoriented to RAS so that a DICOM series and its NIfTI label map
 are compared in world space.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from medhpm.data.datalist import SPLITS, DataError, load_datalist
-from medhpm.data.io import load_image
+from medhpm.data.ct_reader import load_image
 from medhpm.data.volume_checks import HU_LIMITS, SPACING_LIMITS, image_problems, label_problems, spacing_of
 
 __all__ = ["Finding", "CheckReport", "check_dataset", "HU_LIMITS", "SPACING_LIMITS"]

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from medhpm.data.labels import BTCV_LABELS
 from medhpm.data.scans import case_name, find_scans, is_nifti
-from medhpm.runtime.io import atomic_write_text
+from medhpm.runtime.files import atomic_write_text
 
 __all__ = [
     "DataError",

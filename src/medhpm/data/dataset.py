@@ -32,7 +32,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from medhpm.config import DataConfig
 from medhpm.data.datalist import DataError
-from medhpm.runtime.io import atomic_path
+from medhpm.runtime.files import atomic_path
 
 __all__ = ["make_dataset", "make_loader", "training_loader", "seed_worker", "item_hash", "chain_hash", "case_error",
            "root_cause"]

@@ -1,7 +1,7 @@
 """Checks of a datalist's NIfTI headers, before any voxel is read or any training starts.
 
 Only NumPy and nibabel are imported here (no torch, no MONAI), so that the command line can check a data
-set in a second before it starts the training stack; the loader (:class:`medhpm.data.io.LoadCTd`) applies
+set in a second before it starts the training stack; the loader (:class:`medhpm.data.ct_reader.LoadCTd`) applies
 :func:`grid_problem` again to what it loads.
 """
 

@@ -32,7 +32,7 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
         except json.JSONDecodeError:
             pass
     path = write_phantom_dataset(out, cases=cfg.phantom_cases, seed=cfg.phantom_seed)
-    from medhpm.runtime.io import atomic_write_text
+    from medhpm.runtime.files import atomic_write_text
 
     atomic_write_text(stamp, json.dumps(want))
     return path

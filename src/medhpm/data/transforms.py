@@ -46,7 +46,7 @@ from monai.transforms import (
 )
 
 from medhpm.config import DataConfig
-from medhpm.data.io import LoadCTd
+from medhpm.data.ct_reader import LoadCTd
 
 __all__ = [
     "SPEC_VERSION",

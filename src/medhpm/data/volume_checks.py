@@ -1,7 +1,7 @@
 """The per-volume rules: what makes one CT volume or label map unusable (an error) or suspicious (a warning).
 
 One rule set for the ``medhpm data check`` command (:mod:`medhpm.data.check`, which reports every problem)
-and the loader at the head of every transform chain (:class:`medhpm.data.io.LoadCTd`, which raises on the
+and the loader at the head of every transform chain (:class:`medhpm.data.ct_reader.LoadCTd`, which raises on the
 errors). Only NumPy is needed; messages do not name the file (the caller does).
 
 Image rules: the affine must be finite and give a voxel spacing within ``SPACING_LIMITS`` mm; voxels must be

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.scans import case_name, is_nifti, strip_nifti_ext
-from ..runtime.io import atomic_write_text
+from ..runtime.files import atomic_write_text
 from .classes import parse_classes
 from .metrics import CONVENTIONS, as_label_map, compute_case_metrics, summarize
 from .tables import paper_table

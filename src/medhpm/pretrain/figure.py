@@ -22,7 +22,7 @@ from medhpm.config import DataConfig
 from medhpm.data.transforms import predict_transforms
 from medhpm.pretrain.masking import hard_patch_mask, num_masked, random_mask
 from medhpm.pretrain.model import HPMPretrainModel
-from medhpm.runtime.io import atomic_path
+from medhpm.runtime.files import atomic_path
 
 
 def tokens_to_volume(values: np.ndarray, grid, patch_size: int) -> np.ndarray:

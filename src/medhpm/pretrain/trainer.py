@@ -38,7 +38,7 @@ from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo, write_run_summary
-from medhpm.runtime.io import atomic_write_text, atomic_write_with, sha256_file
+from medhpm.runtime.files import atomic_write_text, atomic_write_with, sha256_file
 from medhpm.runtime.param_groups import param_groups_weight_decay
 from medhpm.runtime.weights import sidecar_path
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from medhpm.runtime.io import atomic_write_bytes
+from medhpm.runtime.files import atomic_write_bytes
 
 STAGES = {"pretrain": "pre-training", "finetune": "fine-tuning"}
 

@@ -25,7 +25,7 @@ from medhpm.config import Config, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
-from medhpm.runtime.io import atomic_write_text, check_writable, remove_stale_temps, save_config
+from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, save_config
 from medhpm.runtime.logging import MetricLogger
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state

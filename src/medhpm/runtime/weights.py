@@ -20,7 +20,7 @@ from torch import nn
 
 from medhpm.models.transfer import EncoderSource, LoadReport, encoder_source, load_encoder_state
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
-from medhpm.runtime.io import sha256_file
+from medhpm.runtime.files import sha256_file
 
 __all__ = ["load_encoder_weights", "read_encoder_source", "read_encoder_sidecar", "sidecar_path"]
 

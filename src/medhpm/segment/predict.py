@@ -27,7 +27,7 @@ from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
-from medhpm.runtime.io import atomic_save_nifti, check_writable
+from medhpm.runtime.files import atomic_save_nifti, check_writable
 
 
 class Predictor:

@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 from ..data.labels import BTCV13
 from ..evaluate.classes import display_name, parse_classes
 from ..evaluate.metrics import as_label_map
-from ..runtime.io import atomic_write_with
+from ..runtime.files import atomic_write_with
 
 # Label value -> colour. 1-13 are the BTCV organs; the list is a set of well-separated colours so that
 # neighbouring organs (kidney/adrenal, liver/IVC, stomach/spleen) stay distinguishable.

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from medhpm.runtime.io import atomic_path, atomic_write_text
+from medhpm.runtime.files import atomic_path, atomic_write_text
 from medhpm.runtime.logging import read_metrics
 
 
