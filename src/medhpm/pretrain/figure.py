@@ -22,7 +22,7 @@ from medhpm.config import DataConfig
 from medhpm.data.transforms import predict_transforms
 from medhpm.pretrain.masking import hard_patch_mask, num_masked, random_mask
 from medhpm.pretrain.model import HPMPretrainModel
-from medhpm.runtime.files import atomic_path
+from medhpm.runtime.files import save_png
 
 
 def tokens_to_volume(values: np.ndarray, grid, patch_size: int) -> np.ndarray:
@@ -92,11 +92,7 @@ def pretrain_figure(original, masked, recon, pasted, difficulty, mask, grid, pat
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
 
 
 def figure_crop(data_cfg: DataConfig, image) -> torch.Tensor:

@@ -91,6 +91,16 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+def save_png(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it (the one way figures are saved)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def atomic_save_nifti(img, path: str | Path) -> Path:
     """Save a nibabel image atomically (keeps the .nii/.nii.gz extension on the temp file)."""
     import nibabel as nib

@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 from ..data.labels import BTCV13
 from ..evaluate.classes import display_name, parse_classes
 from ..evaluate.metrics import as_label_map
-from ..runtime.files import atomic_write_with
+from ..runtime.files import save_png
 
 # Label value -> colour. 1-13 are the BTCV organs; the list is a set of well-separated colours so that
 # neighbouring organs (kidney/adrenal, liver/IVC, stomach/spleen) stay distinguishable.
@@ -230,9 +230,7 @@ def segmentation_figure(
     if title:
         fig.suptitle(title, fontsize=11, y=1.0 - 0.08 / fig_h, va="top")
 
-    out_png = Path(out_png)
-    atomic_write_with(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    return out_png
+    return save_png(fig, out_png, dpi=dpi)
 
 
 def _load_canonical(path: str | Path, what: str):

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from medhpm.runtime.files import atomic_path, atomic_write_text
+from medhpm.runtime.files import atomic_write_text, save_png
 from medhpm.runtime.logging import read_metrics
 
 
@@ -63,11 +63,7 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png)
 
 
 def _img(path: Path, alt: str) -> str:
