@@ -80,7 +80,7 @@ def test_label_of_another_shape_is_caught_before_training(tmp_path):
     dl = dataset_with(tmp_path / "data", bad_label=ct_volume((48, 48, 40))[1])
     res = _finetune(dl, tmp_path / "run")
     lab = tmp_path / "data" / "labelsTr" / "c1.nii.gz"
-    assert_clean_error(res, lab, "label shape (48, 48, 40) differs from the shape (48, 48, 48)",
+    assert_clean_error(res, lab, "label shape (48, 48, 40) differs from the image's (48, 48, 48)",
                        tmp_path / "data" / "imagesTr" / "c1.nii.gz", "nothing was trained")
     assert "epoch" not in res.stdout
     assert_nothing_complete(tmp_path / "run")

@@ -21,7 +21,14 @@ import numpy as np
 
 from medhpm.data.datalist import SPLITS, DataError, load_datalist
 from medhpm.data.ct_reader import load_image
-from medhpm.data.volume_checks import HU_LIMITS, SPACING_LIMITS, image_problems, label_problems, spacing_of
+from medhpm.data.volume_checks import (
+    HU_LIMITS,
+    SPACING_LIMITS,
+    grid_problem,
+    image_problems,
+    label_problems,
+    spacing_of,
+)
 
 __all__ = ["Finding", "CheckReport", "check_dataset", "HU_LIMITS", "SPACING_LIMITS"]
 
@@ -150,13 +157,10 @@ def _check_label(rep: CheckReport, split: str, case: str, path: str, lab: np.nda
                  img_shape: Optional[tuple], img_aff: Optional[np.ndarray], declared: dict, num_classes: Optional[int],
                  tol: float, info: dict) -> None:
     err = lambda msg: rep.add("error", split, case, path, msg)  # noqa: E731
-    if img_shape is not None and tuple(lab.shape) != tuple(img_shape):
-        err(f"label shape {tuple(lab.shape)} differs from the image's {tuple(img_shape)} (both in RAS order)")
-    elif img_aff is not None:
-        diff = float(np.max(np.abs(np.asarray(laff) - np.asarray(img_aff))))
-        if not np.isfinite(diff) or diff > tol:
-            err(f"label geometry differs from the image's (largest affine difference {diff:.4g} mm > {tol:g}): "
-                "the label map does not lie on the image's voxel grid")
+    if img_shape is not None and img_aff is not None:
+        problem = grid_problem(img_shape, img_aff, lab.shape, laff, tol)
+        if problem:
+            err(problem)
     for problem in label_problems(lab, num_classes, declared):
         rep.add(problem.severity, split, case, path, problem.message)
     a = lab

@@ -14,11 +14,12 @@ import numpy as np
 
 from medhpm.data.datalist import DataError
 from medhpm.data.scans import is_nifti
+from medhpm.data.volume_checks import GRID_TOL_MM
+from medhpm.data.volume_checks import grid_problem as volume_grid_problem
 
 __all__ = ["GRID_TOL_MM", "grid_problem", "nifti_header", "check_headers"]
 
 
-GRID_TOL_MM = 1e-3  # largest affine difference between an image and its label map (as ``medhpm data check``)
 
 
 def _ras_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
@@ -34,18 +35,12 @@ def _ras_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...]
 
 def grid_problem(image_path: str, image_shape: Sequence[int], image_affine, label_path: str,
                  label_shape: Sequence[int], label_affine) -> str | None:
-    """Why a label map does not lie on its image's voxel grid (a message naming both files), or None."""
+    """Why a label map does not lie on its image's voxel grid (the rule of
+    :func:`medhpm.data.volume_checks.grid_problem` on the headers reoriented to RAS, naming both files), or None."""
     ishape, iaff = _ras_grid(image_shape, image_affine)
     lshape, laff = _ras_grid(label_shape, label_affine)
-    if ishape != lshape:
-        return (f"{label_path}: label shape {lshape} differs from the shape {ishape} of its image {image_path} "
-                "(both in RAS order); the label map must lie on the image's voxel grid")
-    diff = float(np.max(np.abs(laff - iaff)))
-    if not np.isfinite(diff) or diff > GRID_TOL_MM:
-        return (f"{label_path}: label geometry differs from that of its image {image_path} (same shape {ishape}, "
-                f"largest affine difference {diff:.4g} mm > {GRID_TOL_MM:g}): the label map does not lie on the "
-                "image's voxel grid (wrong origin, spacing or direction in one of the headers?)")
-    return None
+    problem = volume_grid_problem(ishape, iaff, lshape, laff)
+    return None if problem is None else f"{label_path}: {problem} (image {image_path})"
 
 
 def nifti_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:

@@ -9,6 +9,9 @@ finite; with ``reject_constant`` the image must not be constant; intensities mus
 (one fill value below the lower limit, as some scanners write outside the field of view, is only a warning);
 intensities that do not look like Hounsfield units are a warning.
 
+Grid rule (:func:`grid_problem`): a label map must lie on its image's voxel grid, the same shape and affines
+within ``tol`` mm, both in RAS order.
+
 Label rules: voxels must be finite whole numbers (within ``LABEL_TOL``: a label stored with a float scale
 factor may read as 0.9999999), not negative, below ``num_classes`` when given, and among the ``declared``
 label values when given.
@@ -20,12 +23,13 @@ from typing import Collection, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["HU_LIMITS", "SPACING_LIMITS", "LABEL_TOL", "Problem", "spacing_of", "image_problems",
-           "label_problems"]
+__all__ = ["HU_LIMITS", "SPACING_LIMITS", "LABEL_TOL", "GRID_TOL_MM", "Problem", "spacing_of", "image_problems",
+           "label_problems", "grid_problem"]
 
 HU_LIMITS = (-4000.0, 40000.0)  # beyond these no CT scale (incl. extended-range) reaches
 SPACING_LIMITS = (0.1, 10.0)  # mm; outside: a wrong header unit or not a CT volume
 LABEL_TOL = 1e-3  # largest distance of a label voxel from a whole number
+GRID_TOL_MM = 1e-3  # largest affine difference between an image and its label map
 
 
 class Problem(NamedTuple):
@@ -137,3 +141,19 @@ def label_problems(arr: np.ndarray, num_classes: Optional[int] = None, declared:
             out.append(Problem("error", f"label values {_values(undeclared)} are not in the datalist's labels "
                                         f"({_values(sorted(declared))})"))
     return out
+
+
+def grid_problem(image_shape: Sequence[int], image_affine, label_shape: Sequence[int], label_affine,
+                 tol: float = GRID_TOL_MM) -> Optional[str]:
+    """Why a label map does not lie on its image's voxel grid, or None; shapes and affines both in RAS
+    order (the caller reorients headers first)."""
+    ishape, lshape = tuple(int(v) for v in image_shape[:3]), tuple(int(v) for v in label_shape[:3])
+    if ishape != lshape:
+        return (f"label shape {lshape} differs from the image's {ishape} (both in RAS order): the label map must "
+                "lie on the image's voxel grid")
+    diff = float(np.max(np.abs(np.asarray(label_affine, dtype=np.float64) - np.asarray(image_affine, dtype=np.float64))))
+    if not np.isfinite(diff) or diff > tol:
+        return (f"label geometry differs from the image's (same shape {ishape}, largest affine difference "
+                f"{diff:.4g} mm > {tol:g}): the label map does not lie on the image's voxel grid (wrong origin, "
+                "spacing or direction in one of the headers?)")
+    return None
