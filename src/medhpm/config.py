@@ -134,6 +134,7 @@ class FinetuneConfig(TrainingConfig):
     dice_squared_pred: bool = True
     dice_smooth_nr: float = 0.0
     dice_smooth_dr: float = 1e-6
+    labelled_cases: int = 0  # learn from the labels of only this many training cases, chosen by seed (0: all)
     num_classes: int = 14  # including background
     reported: str = "btcv8"  # classes to report: btcv8 | btcv13 | NAME=VALUE,...
     val_every: int = 5
@@ -492,6 +493,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
     _check(0.0 <= f.drop_path < 1.0, "finetune.drop_path", "must lie in [0, 1)")
     _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")
+    _check(f.labelled_cases >= 0, "finetune.labelled_cases", "must be 0 (all training cases) or a count of cases")
     _check(f.dice_smooth_nr >= 0, "finetune.dice_smooth_nr", "must be 0 or more")
     _check(f.dice_smooth_dr > 0, "finetune.dice_smooth_dr", "must be positive (it keeps an empty class's Dice finite)")
     for sec, name in ((p, "pretrain"), (f, "finetune")):

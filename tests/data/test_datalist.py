@@ -313,3 +313,22 @@ def test_datalist_reads_real_dicom_entry(tmp_path, real_abdomen_dicom):
     js.write_text(json.dumps({"training": [{"image": str(dicom), "label": str(labels)}]}))
     dl = read_msd(js)
     assert dl["training"][0] == {"image": str(dicom.absolute()), "label": str(labels.absolute()), "case": "dicom"}
+
+
+def test_labelled_cases_are_k_training_cases_chosen_by_seed():
+    from medhpm.data.datalist import choose_labelled
+
+    entries = [{"image": f"/d/{i}.nii.gz", "case": f"c{i:02d}"} for i in range(12)]
+    train, val = split_validation(entries, 2, seed=0)
+    for k in (1, 3, 10):
+        chosen = choose_labelled(train, k, seed=0)
+        assert len(chosen) == k and {e["case"] for e in chosen} <= {e["case"] for e in train}
+        assert not {e["case"] for e in chosen} & {e["case"] for e in val}  # never a validation case
+        # the choice depends on the case names and the seed, not on the listing order
+        assert {e["case"] for e in chosen} == {e["case"] for e in choose_labelled(train[::-1], k, seed=0)}
+    # the same seed, the same cases (every method of a seed learns from the same labels); seeds differ
+    picks = {frozenset(e["case"] for e in choose_labelled(train, 3, seed=s)) for s in range(6)}
+    assert len(picks) > 1
+    assert choose_labelled(train, 0, seed=0) == train
+    with pytest.raises(DataError, match="finetune.labelled_cases"):
+        choose_labelled(train, 11, seed=0)

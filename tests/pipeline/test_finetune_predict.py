@@ -95,3 +95,26 @@ def test_predict_reports_a_bad_file_and_goes_on(ft_run, tiny_phantoms, tmp_path)
     assert r.returncode == 1
     assert "broken.nii.gz" in r.stdout and "FAILED" in r.stdout
     assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "broken.nii.gz").exists()
+
+
+def test_labelled_cases_limit_what_finetuning_learns_from(tiny_phantoms, tmp_path, capsys):
+    """finetune.labelled_cases=k: the trainer's training cases are k of the data set's training cases (never
+    a validation or test case; these phantoms list 4 training, 1 validation, 1 test), chosen by seed."""
+    from medhpm.runtime.distributed import DistInfo
+    from medhpm.segment.trainer import FinetuneTrainer
+
+    dl = json.loads(Path(tiny_phantoms).read_text())
+    test_cases = {Path(e["image"]).name for e in dl["test"]}
+    seen = {}
+    for seed in (0, 1):
+        cfg = load_config("demo", TINY + [f"data.dataset={tiny_phantoms}", "finetune.labelled_cases=2",
+                                          f"seed={seed}"])
+        trainer = FinetuneTrainer(cfg, tmp_path / f"run{seed}", init=None)
+        trainer.dist = DistInfo()
+        trainer.build_data()
+        train = {Path(e["image"]).name for e in trainer.train_entries}
+        val = {Path(e["image"]).name for e in trainer.val_entries}
+        assert len(train) == 2 and not train & val and not train & test_cases
+        assert val == {Path(e["image"]).name for e in dl["validation"]} and len(dl["training"]) == 4
+        seen[seed] = train
+        assert "learning from the labels of 2 of 4 training cases" in capsys.readouterr().out

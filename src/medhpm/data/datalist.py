@@ -43,6 +43,7 @@ __all__ = [
     "detect_format",
     "write_datalist",
     "split_validation",
+    "choose_labelled",
 ]
 
 SPLITS = ("training", "validation", "test")
@@ -511,3 +512,28 @@ def split_validation(training_entries: list[dict], n_val: int, seed: int = 0) ->
     chosen = {id(e) for e in sorted(entries, key=rank)[:n_val]}
     return [e for e in entries if id(e) not in chosen], [e for e in entries if id(e) in chosen]
 
+
+
+def choose_labelled(train_entries: list[dict], k: int, seed: int = 0) -> list[dict]:
+    """The ``k`` training cases whose labels fine-tuning learns from (label-efficiency runs); ``k = 0``
+    keeps them all.
+
+    Call it on the training cases left after :func:`split_validation`, so a validation or test case is never
+    chosen. Like the validation split, the choice depends only on the case names and the seed (ranked by a
+    hash of ``labelled:seed:case``, another draw than the validation split's): every method run with the
+    same seed learns from the same cases. The result keeps the input order.
+    """
+    entries = list(train_entries)
+    if k <= 0:
+        return entries
+    if k > len(entries):
+        raise DataError(
+            f"config key 'finetune.labelled_cases' ({k}) asks for more labelled cases than the {len(entries)} "
+            "training case(s) left after the validation split; lower it, or 0 for all"
+        )
+
+    def rank(e: dict) -> str:
+        return hashlib.sha256(f"labelled:{seed}:{e.get('case') or e['image']}".encode()).hexdigest()
+
+    chosen = {id(e) for e in sorted(entries, key=rank)[:k]}
+    return [e for e in entries if id(e) in chosen]

@@ -19,7 +19,7 @@ import torch
 
 from medhpm import __version__
 from medhpm.config import Config, check_resume
-from medhpm.data.datalist import load_datalist, split_validation
+from medhpm.data.datalist import choose_labelled, load_datalist, split_validation
 from medhpm.data.headers import check_headers
 from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
@@ -72,6 +72,12 @@ class FinetuneTrainer(Trainer):
             train, val = list(dl["training"]), given
         else:
             train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
+        k = self.cfg.finetune.labelled_cases
+        if k:  # label efficiency: learn from k of the training cases (pre-training still used them all)
+            n = len(train)
+            train = choose_labelled(train, k, seed=self.cfg.seed)
+            echo(f"[finetune] learning from the labels of {len(train)} of {n} training cases "
+                 f"(finetune.labelled_cases={k}): {', '.join(e.get('case') or str(e['image']) for e in train)}", self.dist)
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
         # unreadable, 2D/4D, a label off its image's grid: every case of the run, before any training work
