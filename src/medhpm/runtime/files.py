@@ -161,3 +161,53 @@ def check_writable(folder: str | Path, need_bytes: int = 50 * 1024 * 1024) -> Pa
             f"{need_bytes / 2**20:.0f} MiB are needed for checkpoints and outputs"
         )
     return folder
+
+
+class OverwriteError(ValueError):
+    """An output of a command would be written onto one of its inputs."""
+
+
+def _same_place(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # a hard link to the input
+    except OSError:
+        return False
+
+
+def _input_files(inputs) -> list[str]:
+    """The input files: each input that is not a folder, and for a folder (a DICOM series, a folder of
+    scans) the files directly inside it (writing into an input folder is fine, onto its files is not)."""
+    out: list[str] = []
+    for p in inputs:
+        if p is None:
+            continue
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            with contextlib.suppress(OSError):
+                out += [e.path for e in os.scandir(p) if e.is_file()]
+        else:
+            out.append(p)
+    return out
+
+
+def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another output path (-o)") -> None:
+    """The one rule of every command that writes: no output may be written onto an input.
+
+    ``outputs``: the paths a command will write (files, or a folder it writes into); ``inputs``: the files
+    and folders it reads (a folder stands for the files directly in it). Paths are compared after
+    resolving symbolic links (and hard links to one file). Raises :class:`OverwriteError` naming both
+    paths, so call it before anything is read or written.
+    """
+    ins = _input_files(inputs)
+    for out in outputs:
+        if out is None:
+            continue
+        out = os.fspath(out)
+        for inp in ins:
+            if _same_place(out, inp):
+                what = "is" if os.path.normpath(out) == os.path.normpath(inp) else "would be written onto"
+                raise OverwriteError(
+                    f"refusing to write {out}: it {what} the input {inp}, which would be destroyed; "
+                    f"nothing was read or written ({hint})")
