@@ -211,3 +211,85 @@ def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another outpu
                 raise OverwriteError(
                     f"refusing to write {out}: it {what} the input {inp}, which would be destroyed; "
                     f"nothing was read or written ({hint})")
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+LOCK_NAME = ".medhpm.lock"
+
+
+class RunFolderLocked(OSError):
+    """Another live process holds the run folder's lock."""
+
+
+def _lock_holder(fd: int) -> dict:
+    """The holder record in an open lock file ({} when empty or unreadable)."""
+    import json
+    import time
+
+    for _ in range(20):  # the holder writes its record just after taking the lock: give it a moment
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 4096).decode("utf-8", "replace")
+            if text.strip():
+                return json.loads(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return {}
+
+
+def _holder_text(h: dict) -> str:
+    if not h:
+        return "a process that has not written its pid yet"
+    return (f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
+            + (f" ({h['command']})" if h.get("command") else ""))
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | Path, enabled: bool = True, what: str = "run") -> Iterator[Path | None]:
+    """Hold an exclusive lock on a run folder (``folder/.medhpm.lock``, ``fcntl.flock``) for the ``with``
+    block: one run per folder, or its config, metrics and checkpoints would mix two runs.
+
+    A second process is refused at once with :class:`RunFolderLocked` naming the holder (pid, host, start
+    time, command). The kernel releases a flock when its holder dies, even by SIGKILL: the lock of a killed
+    run is taken over (and said so on stderr). ``enabled=False`` (torchrun ranks other than 0) holds nothing.
+    Yields the lock file (None when disabled).
+    """
+    import fcntl
+    import json
+    import socket
+    import sys
+    import time
+
+    if not enabled:
+        yield None
+        return
+    folder = check_writable(folder)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            raise RunFolderLocked(
+                f"{folder} is in use by another {what}: {_holder_text(holder)} holds {path}. One run per folder: "
+                "wait for it to finish (or stop it), or choose another --out") from None
+        previous = _lock_holder(fd) if os.fstat(fd).st_size else {}
+        if previous and previous.get("pid") != os.getpid():  # its holder died without releasing the folder
+            print(f"note: {folder} was locked by a run that is gone ({_holder_text(previous)}); taking it over",
+                  file=sys.stderr, flush=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+        os.fsync(fd)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):  # an empty file: released on purpose, not a killed holder
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
