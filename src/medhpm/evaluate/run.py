@@ -250,7 +250,7 @@ def evaluate_predictions(
     label_items = _collect(label_src, datalist_key, "label")
     refuse_overwriting_inputs([out_dir] + [out_dir / n for n in ("metrics.json", "metrics.csv", "table.md")],
                               [pred_src, label_src] + [it.path for it in pred_items + label_items],
-                              hint="choose another output folder (-o)")
+                              hint="choose another output folder with -o")
     pairs = _match(pred_items, label_items, pred_src, label_src)
 
     names = [_case_name(g) for _, g in pairs]

@@ -192,7 +192,7 @@ def _input_files(inputs) -> list[str]:
     return out
 
 
-def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another output path (-o)") -> None:
+def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another output path with -o") -> None:
     """The one rule of every command that writes: no output may be written onto an input.
 
     ``outputs``: the paths a command will write (files, or a folder it writes into); ``inputs``: the files

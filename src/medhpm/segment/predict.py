@@ -188,7 +188,7 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
     out_dir = Path(out_dir)
     items = _list_inputs(Path(source), split)
-    planned, by_output = [], {}
+    planned, by_output, outputs = [], {}, [out_dir]
     for src, name in items:
         outs = [out_dir / f"{name}.nii.gz"] + ([out_dir / f"{name}_probs.nii.gz"] if save_probabilities else [])
         for o in outs:
@@ -197,9 +197,10 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
                 raise ValueError(f"{by_output[key]} and {src} would both be written to {o}; nothing was "
                                  "predicted. Rename one of them (or predict them into separate folders)")
             by_output[key] = src
+        outputs += outs
         planned.append((src, name, outs[0]))
-    refuse_overwriting_inputs([out_dir, *(Path(k) for k in by_output)], [Path(source), model, *(s for s, _ in items)],
-                              hint="choose another output folder (-o)")
+    refuse_overwriting_inputs(outputs, [Path(source), model, *(s for s, _ in items)],
+                              hint="choose another output folder with -o")
     return planned
 
 

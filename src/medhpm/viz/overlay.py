@@ -264,7 +264,7 @@ def segmentation_figure_from_files(
     when shapes or affines (tolerance 1e-3 mm) of the label maps differ from the image's. ``kwargs`` go to
     ``segmentation_figure`` (classes, slices, window, title, coronal, alpha, ...).
     """
-    refuse_overwriting_inputs([out_png], [image_path, label_path, pred_path], hint="choose another PNG path (-o)")
+    refuse_overwriting_inputs([out_png], [image_path, label_path, pred_path], hint="choose another PNG path with -o")
     image, aff = _load_canonical(image_path, "image")
     maps = {}
     for what, p in (("ground truth", label_path), ("prediction", pred_path)):
