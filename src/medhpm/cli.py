@@ -89,8 +89,12 @@ def data_datalist(
 ):
     """Convert any supported layout into an MSD-style datalist JSON."""
     from medhpm.data.datalist import load_datalist, write_datalist
+    from medhpm.runtime.files import refuse_overwriting_inputs
 
+    refuse_overwriting_inputs([out], [source], hint="choose another -o")  # before the source is read
     dl = load_datalist(source, format=format, split=split)
+    refuse_overwriting_inputs([out], [e[k] for s in ("training", "validation", "test") for e in dl.get(s, [])
+                                      for k in ("image", "label") if e.get(k)], hint="choose another -o")
     write_datalist(dl, out)
     counts = ", ".join(f"{len(dl.get(k, []))} {k}" for k in ("training", "validation", "test"))
     typer.echo(f"{dl['format']} data set at {source}: {counts}; wrote {out}")
@@ -215,8 +219,10 @@ def predict(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Segment new scans; writes label maps in each scan's own shape, affine and orientation."""
-    from medhpm.segment.predict import Predictor
+    from medhpm.segment.predict import Predictor, plan_predictions
 
+    # outputs onto inputs, two scans with one output name: refused before the checkpoint or a scan is read
+    plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model)
     pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
                                    output_on_cpu=not gpu_output)
     results = pr.predict_path(input, out, save_probabilities=probabilities, split=split)

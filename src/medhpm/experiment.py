@@ -29,7 +29,7 @@ from medhpm.config import METHODS, ConfigError, load_config, read_yaml
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.classes import parse_classes
 from medhpm.evaluate.tables import aggregate_seeds, paper_table
-from medhpm.runtime.files import atomic_write_text, check_writable, save_config
+from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
 from medhpm.runtime.logging import read_metrics
 
 ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-training methods
@@ -62,6 +62,11 @@ def run_experiment(config: str, out: str | Path | None = None, overrides: list[s
     spec = load_experiment(config)
     out = Path(out or Path("runs") / f"experiment-{spec['name']}")
     check_writable(out)
+    with run_folder_lock(out, what="experiment"):  # one experiment per folder; each run locks its own
+        return _run_experiment(spec, out, overrides)
+
+
+def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
     cfg = load_config(spec["base"], list(spec["overrides"]) + list(overrides or []))
     spec["command_line_overrides"] = list(overrides or [])
     atomic_write_text(out / "experiment.json", json.dumps(spec, indent=2))

@@ -20,7 +20,7 @@ from medhpm.data.datalist import load_datalist
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.run import evaluate_predictions
 from medhpm.pretrain.trainer import export_encoder, pretrain
-from medhpm.runtime.files import atomic_write_text, check_writable
+from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock
 from medhpm.segment.predict import Predictor
 from medhpm.segment.trainer import finetune
 from medhpm.viz.overlay import segmentation_figure_from_files
@@ -115,6 +115,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, overrides: list
     check_writable(out)
     ov = (QUICK_OVERRIDES if quick else []) + list(overrides or [])
     cfg = load_config("demo", ov)
+    with run_folder_lock(out, what="demo"):  # one demo per folder (its stages lock their own folders)
+        return _run_demo(out, quick, ov, cfg)
+
+
+def _run_demo(out: Path, quick: bool, ov: list[str], cfg: Config) -> Path:
     _claim_demo_folder(out, quick, ov)
     t_start = time.time()
     stages = Stages(7)
@@ -224,8 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start.add_argument("--init", help="fine-tune from these weights instead (no pre-training)")
     ap.add_argument("--name", help="row name in the evaluation table")
     args = ap.parse_args(argv)
-    run_stages(load_config(args.config), args.out, args.dataset, pretrain_method=args.pretrain, init=args.init,
-               name=args.name)
+    with run_folder_lock(args.out, what="pipeline run"):
+        run_stages(load_config(args.config), args.out, args.dataset, pretrain_method=args.pretrain, init=args.init,
+                   name=args.name)
 
 
 if __name__ == "__main__":

@@ -83,11 +83,24 @@ class DicomSeriesReader(PydicomReader):
         files = dicom_files_in(path)
         if not files:
             raise DataError(f"{path}: no DICOM files in this folder (files with 'DICM' at byte 128)")
-        slices = []
+        slices, no_pixels = [], []
         for f in files:
             ds = _dcmread(f, kw)
-            if "PixelData" in ds:  # skip non-image objects (e.g. a structured report) of the study
+            if "PixelData" in ds:
                 slices.append((ds, str(f)))
+            else:
+                no_pixels.append((ds, f))
+        uids = {str(ds.SeriesInstanceUID) for ds, _ in slices if "SeriesInstanceUID" in ds}
+        # a non-image object of the study (a structured report, a presentation state) is skipped; a file that
+        # says it is a CT image of this series but has no pixels is damaged: skipping it would drop a slice
+        damaged = [(f, why) for ds, f in no_pixels if (why := _claims_ct_image(ds, uids))]
+        if damaged:
+            listing = "; ".join(f"{f.name} ({why})" for f, why in damaged[:5])
+            more = f"; ... and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+            raise DataError(
+                f"{path}: {len(damaged)} file(s) of this DICOM series folder claim to be CT images of the series "
+                f"but hold no readable pixel data (truncated or damaged?): {listing}{more}. The series would "
+                "lose these slices; copy the files again (or remove those that do not belong to the series)")
         if not slices:
             raise DataError(f"{path}: none of its {len(files)} DICOM files holds pixel data")
         by_uid: dict[str, int] = {}
@@ -110,6 +123,29 @@ class DicomSeriesReader(PydicomReader):
         self.has_series = True
         self.filenames = [[f for _, f in slices]]
         return [ds for ds, _ in slices]
+
+
+# CT Image Storage, Enhanced CT Image Storage, Legacy Converted Enhanced CT Image Storage
+_CT_IMAGE_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+                         "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+                         "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage"}
+
+
+def _claims_ct_image(ds, series_uids: set[str]) -> str:
+    """Why a DICOM file without pixel data says it is a CT image of the series ('' if it does not): its SOP
+    class (of the data set, else of the file meta, which survives a truncated body) is a CT image class, or,
+    without a SOP class, its Modality is CT or its SeriesInstanceUID is the series'."""
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    if sop in _CT_IMAGE_SOP_CLASSES:
+        return f"SOP class {_CT_IMAGE_SOP_CLASSES[sop]}"
+    if sop:
+        return ""  # another kind of object: a report, a presentation state, raw data
+    if str(ds.get("Modality", "")).upper() == "CT":
+        return "Modality CT"
+    if str(ds.get("SeriesInstanceUID", "")) in series_uids:
+        return "SeriesInstanceUID of the series"
+    return ""
 
 
 def _dcmread(path: Path, kw: dict):

@@ -136,10 +136,14 @@ def _unique_case_names(datalist: dict) -> None:
     for e in entries:
         if seen[e["case"]] > 1:  # e.g. case1/ct.nii.gz and case2/ct.nii.gz: use the relative path
             e["case"] = case_name(e["image"], root)
-    names = [e["case"] for e in entries]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise DataError(f"{datalist['source']}: case names are not unique: {', '.join(dup[:10])}")
+    by_name: dict[str, list[str]] = {}
+    for e in entries:
+        by_name.setdefault(e["case"], []).append(e["image"])
+    dup = {n: imgs for n, imgs in sorted(by_name.items()) if len(imgs) > 1}
+    if dup:  # e.g. case.nii and case.nii.gz: one prediction file, one log row for two scans
+        listing = "\n  ".join(f"{n}: {' and '.join(imgs)}" for n, imgs in list(dup.items())[:10])
+        raise DataError(f"{datalist['source']}: {len(dup)} case name(s) are given to more than one scan (their "
+                        f"predictions would overwrite each other); rename or move one of each:\n  {listing}")
 
 
 def _check_paths_exist(datalist: dict, where: str) -> None:

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.scans import case_name, is_nifti, strip_nifti_ext
-from ..runtime.files import atomic_write_text
+from ..runtime.files import atomic_write_text, refuse_overwriting_inputs
 from .classes import parse_classes
 from .metrics import CONVENTIONS, as_label_map, compute_case_metrics, summarize
 from .tables import paper_table
@@ -248,6 +248,9 @@ def evaluate_predictions(
     pred_src, label_src, out_dir = Path(pred), Path(label), Path(out_dir)
     pred_items = _collect(pred_src, datalist_key, "pred")
     label_items = _collect(label_src, datalist_key, "label")
+    refuse_overwriting_inputs([out_dir] + [out_dir / n for n in ("metrics.json", "metrics.csv", "table.md")],
+                              [pred_src, label_src] + [it.path for it in pred_items + label_items],
+                              hint="choose another output folder with -o")
     pairs = _match(pred_items, label_items, pred_src, label_src)
 
     names = [_case_name(g) for _, g in pairs]

@@ -38,7 +38,7 @@ from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.loop import Trainer, echo, write_run_summary
-from medhpm.runtime.files import atomic_write_text, atomic_write_with, sha256_file
+from medhpm.runtime.files import atomic_write_text, atomic_write_with, refuse_overwriting_inputs, sha256_file
 from medhpm.runtime.param_groups import param_groups_weight_decay
 from medhpm.runtime.weights import sidecar_path
 
@@ -338,15 +338,16 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
     """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata."""
     from safetensors.torch import save_file
 
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    refuse_overwriting_inputs([out, sidecar_path(out)], [ckpt], hint="choose another --out")
     state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch"),
                             purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
     key = "teacher" if use_teacher else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights (the teacher exists only for method hpm)")
     enc = {k[len("encoder."):]: v.contiguous() for k, v in state[key].items() if k.startswith("encoder.")}
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(".safetensors")
     atomic_write_with(out, lambda tmp: save_file(enc, str(tmp), metadata={"format": "pt"}))
     sha = sha256_file(out)
     cfg = state["config"]

@@ -171,3 +171,135 @@ def check_writable(folder: str | Path, need_bytes: int = 50 * 1024 * 1024) -> Pa
             f"{need_bytes / 2**20:.0f} MiB are needed for checkpoints and outputs"
         )
     return folder
+
+
+class OverwriteError(ValueError):
+    """An output of a command would be written onto one of its inputs."""
+
+
+def _same_place(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # a hard link to the input
+    except OSError:
+        return False
+
+
+def _input_files(inputs) -> list[str]:
+    """The input files: each input that is not a folder, and for a folder (a DICOM series, a folder of
+    scans) the files directly inside it (writing into an input folder is fine, onto its files is not)."""
+    out: list[str] = []
+    for p in inputs:
+        if p is None:
+            continue
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            with contextlib.suppress(OSError):
+                out += [e.path for e in os.scandir(p) if e.is_file()]
+        else:
+            out.append(p)
+    return out
+
+
+def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another output path with -o") -> None:
+    """The one rule of every command that writes: no output may be written onto an input.
+
+    ``outputs``: the paths a command will write (files, or a folder it writes into); ``inputs``: the files
+    and folders it reads (a folder stands for the files directly in it). Paths are compared after
+    resolving symbolic links (and hard links to one file). Raises :class:`OverwriteError` naming both
+    paths, so call it before anything is read or written.
+    """
+    ins = _input_files(inputs)
+    for out in outputs:
+        if out is None:
+            continue
+        out = os.fspath(out)
+        for inp in ins:
+            if _same_place(out, inp):
+                what = "is" if os.path.normpath(out) == os.path.normpath(inp) else "would be written onto"
+                raise OverwriteError(
+                    f"refusing to write {out}: it {what} the input {inp}, which would be destroyed; "
+                    f"nothing was read or written ({hint})")
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+LOCK_NAME = ".medhpm.lock"
+
+
+class RunFolderLocked(OSError):
+    """Another live process holds the run folder's lock."""
+
+
+def _lock_holder(fd: int) -> dict:
+    """The holder record in an open lock file ({} when empty or unreadable)."""
+    import json
+    import time
+
+    for _ in range(20):  # the holder writes its record just after taking the lock: give it a moment
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 4096).decode("utf-8", "replace")
+            if text.strip():
+                return json.loads(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return {}
+
+
+def _holder_text(h: dict) -> str:
+    if not h:
+        return "a process that has not written its pid yet"
+    return (f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
+            + (f" ({h['command']})" if h.get("command") else ""))
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | Path, enabled: bool = True, what: str = "run") -> Iterator[Path | None]:
+    """Hold an exclusive lock on a run folder (``folder/.medhpm.lock``, ``fcntl.flock``) for the ``with``
+    block: one run per folder, or its config, metrics and checkpoints would mix two runs.
+
+    A second process is refused at once with :class:`RunFolderLocked` naming the holder (pid, host, start
+    time, command). The kernel releases a flock when its holder dies, even by SIGKILL: the lock of a killed
+    run is taken over (and said so on stderr). ``enabled=False`` (torchrun ranks other than 0) holds nothing.
+    Yields the lock file (None when disabled).
+    """
+    import fcntl
+    import json
+    import socket
+    import sys
+    import time
+
+    if not enabled:
+        yield None
+        return
+    folder = check_writable(folder)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            raise RunFolderLocked(
+                f"{folder} is in use by another {what}: {_holder_text(holder)} holds {path}. One run per folder: "
+                "wait for it to finish (or stop it), or choose another --out") from None
+        previous = _lock_holder(fd) if os.fstat(fd).st_size else {}
+        if previous and previous.get("pid") != os.getpid():  # its holder died without releasing the folder
+            print(f"note: {folder} was locked by a run that is gone ({_holder_text(previous)}); taking it over",
+                  file=sys.stderr, flush=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+        os.fsync(fd)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):  # an empty file: released on purpose, not a killed holder
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

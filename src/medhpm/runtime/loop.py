@@ -12,6 +12,7 @@ that epoch exactly and, in ``--deterministic`` CPU mode, ends with the same weig
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -25,7 +26,7 @@ from medhpm.config import Config, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
-from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, save_config
+from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, run_folder_lock, save_config
 from medhpm.runtime.logging import MetricLogger
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
@@ -225,6 +226,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
+        # one run per folder, for the whole run; under torchrun rank 0 holds the lock (set-up starts the group)
+        with run_folder_lock(self.run_dir, enabled=os.environ.get("RANK", "0") == "0", what=f"{self.stage} run"):
+            return self._run()
+
+    def _run(self) -> Path:
         self.setup()
         try:
             if self.start_epoch >= self.sec.epochs:

@@ -12,6 +12,7 @@ affine and orientation. The same :class:`Predictor` serves the command line and 
 
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
-from medhpm.runtime.files import atomic_save_nifti, check_writable
+from medhpm.runtime.files import atomic_save_nifti, check_writable, refuse_overwriting_inputs
 
 
 class Predictor:
@@ -167,10 +168,10 @@ class Predictor:
 
         A scan that fails is reported (``ok`` False, ``error``) and the others still run.
         """
+        items = plan_predictions(source, out_dir, split, save_probabilities)
         check_writable(out_dir)
-        items = _list_inputs(Path(source), split)
         results = []
-        for src, name in items:
+        for src, name, _ in items:
             try:
                 path = self.predict_file(src, out_dir, save_probabilities, name=name)
                 results.append({"input": str(src), "output": str(path), "ok": True})
@@ -178,6 +179,29 @@ class Predictor:
                 results.append({"input": str(src), "ok": False, "error": _error_line(e),
                                 "traceback": traceback.format_exc()})
         return results
+
+
+def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test", save_probabilities: bool = False,
+                     model: str | Path | None = None) -> list[tuple[Path, str, Path]]:
+    """(scan, case name, label map to write) of every scan behind ``source``, checked before any scan or
+    checkpoint is read: two scans whose outputs would share one file (``case.nii`` and ``case.nii.gz``)
+    and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
+    out_dir = Path(out_dir)
+    items = _list_inputs(Path(source), split)
+    planned, by_output, outputs = [], {}, [out_dir]
+    for src, name in items:
+        outs = [out_dir / f"{name}.nii.gz"] + ([out_dir / f"{name}_probs.nii.gz"] if save_probabilities else [])
+        for o in outs:
+            key = os.path.normpath(os.path.abspath(o))
+            if key in by_output and by_output[key] != src:
+                raise ValueError(f"{by_output[key]} and {src} would both be written to {o}; nothing was "
+                                 "predicted. Rename one of them (or predict them into separate folders)")
+            by_output[key] = src
+        outputs += outs
+        planned.append((src, name, outs[0]))
+    refuse_overwriting_inputs(outputs, [Path(source), model, *(s for s, _ in items)],
+                              hint="choose another output folder with -o")
+    return planned
 
 
 def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:

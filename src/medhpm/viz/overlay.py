@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 from ..data.labels import BTCV13
 from ..evaluate.classes import display_name, parse_classes
 from ..evaluate.metrics import as_label_map
-from ..runtime.files import save_png
+from ..runtime.files import refuse_overwriting_inputs, save_png
 
 # Label value -> colour. 1-13 are the BTCV organs; the list is a set of well-separated colours so that
 # neighbouring organs (kidney/adrenal, liver/IVC, stomach/spleen) stay distinguishable.
@@ -262,6 +262,7 @@ def segmentation_figure_from_files(
     when shapes or affines (tolerance 1e-3 mm) of the label maps differ from the image's. ``kwargs`` go to
     ``segmentation_figure`` (classes, slices, window, title, coronal, alpha, ...).
     """
+    refuse_overwriting_inputs([out_png], [image_path, label_path, pred_path], hint="choose another PNG path with -o")
     image, aff = _load_canonical(image_path, "image")
     maps = {}
     for what, p in (("ground truth", label_path), ("prediction", pred_path)):

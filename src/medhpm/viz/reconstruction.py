@@ -9,6 +9,7 @@ from medhpm.pretrain.figure import figure_crop, reconstruction_figure
 from medhpm.pretrain.masking import curriculum_alpha
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.runtime.checkpoint import load_checkpoint
+from medhpm.runtime.files import refuse_overwriting_inputs
 
 
 def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
@@ -17,6 +18,7 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
     The mask is HPM's (teacher difficulty, the checkpoint's alpha) when the checkpoint has a teacher,
     else random.
     """
+    refuse_overwriting_inputs([out_png], [ckpt, image], hint="choose another PNG path with -o")
     state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch"))
     cfg = from_dict(state["config"])
     model = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])

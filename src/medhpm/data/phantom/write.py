@@ -101,6 +101,7 @@ def write_phantom_dataset(
     counts = _split_counts(cases, split)
 
     out = pathlib.Path(out_dir)
+    _refuse_foreign_dataset(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
 
@@ -113,6 +114,22 @@ def write_phantom_dataset(
     path = out / "dataset.json"
     _atomic_write(path, (json.dumps(_dataset_meta(entries, counts, seed), indent=2) + "\n").encode("utf-8"))
     return path
+
+
+def _refuse_foreign_dataset(out: pathlib.Path) -> None:
+    """A folder may be rewritten with phantoms only if it holds no data set or a phantom one: a user's
+    dataset.json (or a file where the folder should be) must not be replaced."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"refusing to write phantoms into {out}: it is a file, not a folder; nothing was written")
+    meta = out / "dataset.json"
+    if meta.is_file():
+        try:
+            name = json.loads(meta.read_text()).get("name")
+        except (ValueError, AttributeError, OSError):
+            name = None
+        if name != "medhpm-phantom":
+            raise ValueError(f"refusing to write phantoms into {out}: {meta} belongs to another data set (name "
+                             f"{name!r}) and would be replaced; nothing was written (choose another folder)")
 
 
 def _check_cases(cases) -> int:

@@ -1,0 +1,107 @@
+"""Outputs never destroy inputs and two scans never share one output name (issue 15): every command that
+writes refuses, before anything is read, an output path that is (or resolves to) one of its inputs, naming
+both; predict refuses scans whose outputs would collide, naming both scans. Real files, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rel_helpers import assert_clean_error, ct_volume, medhpm, write_nifti
+
+
+def _model(finetune_run) -> Path:
+    return finetune_run[0] / "final.pt"
+
+
+# ================================================================================ outputs onto inputs
+def test_predict_into_the_folder_of_its_input_scan_is_refused(finetune_run, good_data, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = Path(shutil.copy(good_data.parent / "imagesTr" / "c1.nii.gz", scans / "scan.nii.gz"))
+    before = scan.read_bytes()
+    res = medhpm("predict", "--model", _model(finetune_run), "-i", scan, "-o", scans)
+    msg = assert_clean_error(res, f"refusing to write {scans / 'scan.nii.gz'}", f"the input {scan}",
+                             "nothing was read or written")
+    assert " ok" not in res.stdout and "segmented" not in res.stdout, res.stdout
+    assert scan.read_bytes() == before, "the CT was overwritten"
+    assert sorted(p.name for p in scans.iterdir()) == ["scan.nii.gz"], msg  # no temporary file either
+
+
+def test_predict_a_folder_into_itself_is_refused(finetune_run, good_data, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(good_data.parent / "imagesTr" / "c1.nii.gz", scans / f"{name}.nii.gz")
+    before = {p.name: p.read_bytes() for p in scans.iterdir()}
+    res = medhpm("predict", "--model", _model(finetune_run), "-i", scans, "-o", scans)
+    assert_clean_error(res, "refusing to write", str(scans / "a.nii.gz"), "the input")
+    assert {p.name: p.read_bytes() for p in scans.iterdir()} == before
+
+
+def test_evaluate_with_the_output_on_a_prediction_is_refused(tmp_path):
+    lab = ct_volume((24, 24, 16))[1]
+    pred = write_nifti(tmp_path / "pred" / "case.nii.gz", lab)
+    gt = write_nifti(tmp_path / "gt" / "case.nii.gz", lab)
+    before = pred.read_bytes()
+    res = medhpm("evaluate", "--pred", pred, "--label", gt, "--classes", "organ=1,bone=2", "-o", pred)
+    assert_clean_error(res, f"refusing to write {pred}", f"the input {pred}")
+    assert pred.read_bytes() == before and pred.is_file()
+
+
+def test_visualize_segmentation_onto_the_ct_is_refused(tmp_path):
+    img, lab = ct_volume((24, 24, 16))
+    scan = write_nifti(tmp_path / "scan.nii.gz", img)
+    label = write_nifti(tmp_path / "label.nii.gz", lab)
+    before = scan.read_bytes()
+    res = medhpm("visualize", "segmentation", "--image", scan, "--label", label, "-o", scan)
+    assert_clean_error(res, f"refusing to write {scan}", f"the input {scan}")
+    assert scan.read_bytes() == before
+
+
+def test_data_datalist_onto_its_source_is_refused(tmp_path):
+    root = tmp_path / "data"
+    write_nifti(root / "imagesTr" / "c0.nii.gz", ct_volume((24, 24, 16))[0])
+    source = root / "dataset.json"
+    source.write_text(json.dumps({"name": "mine", "labels": {"0": "background"},
+                                  "training": [{"image": "imagesTr/c0.nii.gz"}]}))
+    before = source.read_bytes()
+    res = medhpm("data", "datalist", root, "-o", source)  # the folder's own dataset.json is what it reads
+    assert_clean_error(res, f"refusing to write {source}", f"the input {source}")
+    assert source.read_bytes() == before
+
+
+def test_phantom_into_a_folder_holding_another_data_set_is_refused(tmp_path):
+    source = tmp_path / "dataset.json"
+    source.write_text(json.dumps({"name": "BTCV", "training": []}))
+    before = source.read_bytes()
+    res = medhpm("phantom", tmp_path, "--cases", "1", "--size", "16,16,8")
+    assert_clean_error(res, f"refusing to write phantoms into {tmp_path}", str(source), "'BTCV'")
+    assert source.read_bytes() == before
+    assert not (tmp_path / "imagesTr").exists()
+
+
+# ================================================================================ two scans, one name
+def test_predict_refuses_nii_and_nii_gz_of_one_name(finetune_run, good_data, tmp_path):
+    scans, out = tmp_path / "scans", tmp_path / "pred"
+    scans.mkdir()
+    img = ct_volume()[0]
+    write_nifti(scans / "case.nii", img)
+    write_nifti(scans / "case.nii.gz", img)
+    res = medhpm("predict", "--model", _model(finetune_run), "-i", scans, "-o", out)
+    assert_clean_error(res, "case name(s) are given to more than one scan", str(scans / "case.nii"),
+                       str(scans / "case.nii.gz"))
+    assert "segmented" not in res.stdout
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_predict_refuses_two_dicom_series_of_one_name(finetune_run, dicom_series_writer, tmp_path):
+    scans, out = tmp_path / "scans", tmp_path / "pred"
+    vol = ct_volume((32, 32, 8))[0]
+    one = dicom_series_writer(scans / "p1_ct", vol)  # named p1_ct
+    two = dicom_series_writer(scans / "p1" / "ct", vol)  # p1/ct: named p1_ct too
+    res = medhpm("predict", "--model", _model(finetune_run), "-i", scans, "-o", out)
+    assert_clean_error(res, "p1_ct:", str(one), str(two), "more than one scan")
+    assert "segmented" not in res.stdout
+    assert not out.exists() or not any(out.iterdir())
