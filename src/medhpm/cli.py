@@ -321,6 +321,9 @@ def _triple(text: Optional[str], kind, name: str):
         raise typer.BadParameter(f"{name} must be three numbers like 96,96,96, not {text!r}") from None
     if len(vals) != 3:
         raise typer.BadParameter(f"{name} must be three numbers like 96,96,96, not {text!r}")
+    if not all(0 < v < float("inf") for v in vals):  # a zero spacing divided by zero further on
+        example = "1.5,1.5,2.0" if kind is float else "96,96,96"
+        raise typer.BadParameter(f"{name} must be three positive numbers like {example}, not {text!r}")
     return vals
 
 

@@ -338,7 +338,8 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
     """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata."""
     from safetensors.torch import save_file
 
-    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch"),
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch", "config.model",
+                                                          "config.data", "config.pretrain", "model_args.encoder"),
                             purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
     key = "teacher" if use_teacher else "model"
     if state.get(key) is None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config, to_dict
+from medhpm.config import Config, checkpoint_keys, differences, from_dict, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
@@ -185,8 +185,11 @@ class Trainer:
         state = load_checkpoint(path, stage=self.stage, map_location=self.device,
                                 keys=("model", "optimizer", "epoch", "step"),
                                 purpose=f"cannot resume a {self.stage} run from it")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another method's or model's weights
+            raise TrainingError(self._misfit(path, state, e)) from None
         self.start_epoch = int(state["epoch"]) + 1
         self.global_step = int(state["step"])
         self.best_metric = float(state.get("best_metric", -math.inf))
@@ -202,6 +205,22 @@ class Trainer:
             echo(f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
                  f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
                  self.dist)
+
+    def _misfit(self, path: Path, state: dict, e: BaseException) -> str:
+        """Why the weights in ``path`` do not fit this run's model: the checkpoint keys whose values differ
+        from the run's config (e.g. another pre-training method), else torch's first line."""
+        changed: list[str] = []
+        try:
+            changed = differences(from_dict(state.get("config") or {}), self.cfg, checkpoint_keys(self.stage))
+        except Exception:  # a stored config this version cannot read: say what torch said
+            pass
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        why = (f"it was written with {'; '.join(changed)} (checkpoint -> this run)" if changed
+               else f"{type(e).__name__}: {first}")
+        cfg_file = self.run_dir / f"config_{self.stage}.yaml"
+        return (f"cannot resume from {path}: its weights do not fit the model of this run ({why}); the checkpoint "
+                f"comes from another run than {cfg_file}. Put the run's own last.pt back, or start a new run "
+                "with another --out")
 
     def _trim_metrics(self) -> None:
         """Drop the log records of the epochs that are about to be (re)done: work after ``last.pt`` that a

@@ -17,7 +17,8 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
     The mask is HPM's (teacher difficulty, the checkpoint's alpha) when the checkpoint has a teacher,
     else random.
     """
-    state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch"))
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch",
+                                                          "model_args.pretrain_model"))
     cfg = from_dict(state["config"])
     model = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
     model.load_state_dict(state["model"])
