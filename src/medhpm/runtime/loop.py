@@ -39,6 +39,10 @@ class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says why."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; the message says where its last checkpoint is and how to resume it."""
+
+
 def echo(msg: str, info: DistInfo | None = None) -> None:
     if info is None or info.is_main:
         print(msg, flush=True)
@@ -59,6 +63,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.skipped_steps = 0
         self.history: list[dict] = []
+        self._last_saved: int | None = None  # the epoch of the last.pt this process wrote
 
     # ------------------------------------------------------------------ steps a stage implements
     def build_data(self):  # -> training DataLoader (medhpm.data.dataset.training_loader)
@@ -244,6 +249,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
+        try:
+            return self._run()
+        except KeyboardInterrupt as e:  # Ctrl-C: say where the run stands and how to go on
+            if isinstance(e, RunInterrupted):
+                raise
+            raise RunInterrupted(self.interrupted_message()) from None
+
+    def interrupted_message(self) -> str:
+        """What a user needs after Ctrl-C: where the last checkpoint is (or that none was written yet) and
+        the command that resumes the run."""
+        import shlex
+
+        last = self.run_dir / "last.pt"
+        run = shlex.quote(str(self.run_dir))
+        if not last.exists():
+            return (f"interrupted: the {self.stage} run in {self.run_dir} stopped before its first checkpoint, so "
+                    f"there is nothing to resume; start it again (the same command, same --out {run})")
+        done = self._last_saved if self._last_saved is not None else self.start_epoch - 1
+        at = f" (after epoch {done + 1} of {self.sec.epochs})" if done >= 0 else ""
+        return (f"interrupted: the {self.stage} run in {self.run_dir} stopped; its last checkpoint is {last}{at}. "
+                f"Resume it with: medhpm {self.stage} --resume {run}")
+
+    def _run(self) -> Path:
         self.setup()
         try:
             if self.start_epoch >= self.sec.epochs:
@@ -444,6 +472,8 @@ class Trainer:
             return None
         path = self.run_dir / f"{name}.pt"
         save_checkpoint(self.checkpoint_state(epoch), path)
+        if name == "last":
+            self._last_saved = epoch
         return path
 
 
