@@ -137,8 +137,8 @@ class Trainer:
         self.fused = _fused_adamw_ok(self.device)
         self.optimizer = torch.optim.AdamW(self.param_groups(model, self.base_lr), lr=self.base_lr,
                                            betas=tuple(self.sec.betas), fused=self.fused)
-        if self.dist.is_main:  # room for a checkpoint and its temporary copy, known now that the model is built
-            check_writable(self.run_dir, need_bytes=max(50 * 2**20, 2 * self._checkpoint_bytes()))
+        if self.dist.is_main:  # room for what the run will write, known now that the model is built
+            self._check_disk()
         if self.resume:
             self._restore()
             for group in self.optimizer.param_groups:  # a checkpoint carries the writer's choice
@@ -166,6 +166,19 @@ class Trainer:
             f"optimizer steps per epoch, {self.sec.epochs} epochs",
             self.dist,
         )
+
+    # the checkpoints a run of this stage leaves (fine-tuning adds best.pt)
+    checkpoint_names: tuple[str, ...] = ("last", "final")
+
+    def _check_disk(self) -> None:
+        import shutil
+
+        need, why = disk_needed(self._checkpoint_bytes(), self.checkpoint_names,
+                                existing=[n for n in self.checkpoint_names if (self.run_dir / f"{n}.pt").exists()])
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise OSError(f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; at least "
+                          f"{need / 2**20:.0f} MiB are needed for checkpoints and outputs ({why})")
 
     def _checkpoint_bytes(self) -> int:
         """About the size of one checkpoint: model, AdamW's two moments, tensors of ``extra_state``."""
@@ -475,6 +488,23 @@ class Trainer:
         if name == "last":
             self._last_saved = epoch
         return path
+
+
+OUTPUT_MARGIN = 50 * 2**20  # figures, metrics.jsonl, TensorBoard events, configs
+
+
+def disk_needed(checkpoint_bytes: int, names, existing=(), margin: int = OUTPUT_MARGIN) -> tuple[int, str]:
+    """The bytes a run will write, and how they add up: one checkpoint for each of ``names`` that does
+    not exist yet (a resumed run replaces ``existing`` ones in place), one temporary copy while a
+    checkpoint is written (atomic writes: the old file stays until the new one is complete), and
+    ``margin`` for figures and logs."""
+    new = [n for n in names if n not in set(existing)]
+    mib = checkpoint_bytes / 2**20
+    total = (len(new) + 1) * checkpoint_bytes + margin
+    files = ", ".join(f"{n}.pt" for n in new)
+    parts = [f"{len(new)} new checkpoint(s) of {mib:.1f} MiB ({files})" if new else "no new checkpoint",
+             f"1 temporary copy of {mib:.1f} MiB while one is written", f"{margin / 2**20:.0f} MiB for figures and logs"]
+    return total, " + ".join(parts)
 
 
 def _fused_adamw_ok(device: torch.device) -> bool:
