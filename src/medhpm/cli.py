@@ -146,13 +146,33 @@ def pretrain(
 
     Several GPUs: torchrun --nproc_per_node 4 -m medhpm.cli pretrain --config btcv_paper --out runs/pt
     """
-    # the config first: a typo is reported before the (slow) import of the training stack
-    cfg, out = _stage_cfg("pretrain", config, overrides, deterministic, out, resume)
-    from medhpm.pretrain.trainer import pretrain as run_pretrain
+    with _interruptible("pretrain"):
+        # the config first: a typo is reported before the (slow) import of the training stack
+        cfg, out = _stage_cfg("pretrain", config, overrides, deterministic, out, resume)
+        from medhpm.pretrain.trainer import pretrain as run_pretrain
 
-    run = run_pretrain(cfg, out, resume=resume is not None)
+        run = run_pretrain(cfg, out, resume=resume is not None)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
+
+
+class _interruptible:
+    """Ctrl-C in a training command: the trainer's message (where the last checkpoint is, the command that
+    resumes the run), or that the run had not started; exit code 130. (Typer would exit 130 silently.)"""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is None or not issubclass(kind, KeyboardInterrupt):
+            return False
+        if os.environ.get("RANK", "0") == "0":
+            msg = str(e) or f"interrupted before the {self.stage} run started: nothing was trained or written"
+            print(msg, file=sys.stderr, flush=True)
+        raise typer.Exit(130)
 
 
 def _stage_cfg(stage: str, config: str, overrides, deterministic: bool, out: Optional[Path], resume: Optional[Path]):
@@ -197,10 +217,11 @@ def finetune(
         ov.append("finetune.use_teacher=true")
     if allow_partial:
         ov.append("finetune.allow_partial_init=true")
-    cfg, out = _stage_cfg("finetune", config, ov, deterministic, out, resume)
-    from medhpm.segment.trainer import finetune as run_finetune
+    with _interruptible("finetune"):
+        cfg, out = _stage_cfg("finetune", config, ov, deterministic, out, resume)
+        from medhpm.segment.trainer import finetune as run_finetune
 
-    run = run_finetune(cfg, out, init=init, resume=resume is not None)
+        run = run_finetune(cfg, out, init=init, resume=resume is not None)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"fine-tuning finished: {run} (best.pt, final.pt, metrics.jsonl)")
 
@@ -327,6 +348,9 @@ def _triple(text: Optional[str], kind, name: str):
         raise typer.BadParameter(f"{name} must be three numbers like 96,96,96, not {text!r}") from None
     if len(vals) != 3:
         raise typer.BadParameter(f"{name} must be three numbers like 96,96,96, not {text!r}")
+    if not all(0 < v < float("inf") for v in vals):  # a zero spacing divided by zero further on
+        example = "1.5,1.5,2.0" if kind is float else "96,96,96"
+        raise typer.BadParameter(f"{name} must be three positive numbers like {example}, not {text!r}")
     return vals
 
 

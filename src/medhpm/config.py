@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,56 +27,59 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    # Valid ranges are written beside each field and enforced by validate() (tests/test_config_ranges.py).
     # Where the data is: a datalist JSON, an nnU-Net raw folder, a BTCV download folder, a plain folder
     # of NIfTI files / DICOM series, or "phantom" (generated into the run folder).
-    dataset: str = "phantom"
+    dataset: str = "phantom"  # a path (checked when the run starts) or "phantom"
     format: str = "auto"  # auto | msd | nnunet | btcv | folder
     split: str = "transunet"  # BTCV only: transunet (18/12) | monai (24/6)
-    phantom_cases: int = 12  # only when dataset == "phantom"
-    phantom_seed: int = 0
+    phantom_cases: int = 12  # >= 1; only when dataset == "phantom"
+    phantom_seed: int = 0  # >= 0
     # Preprocessing recipe of PROTOCOL.md
-    orientation: str = "RAS"
-    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
-    a_min: float = -175.0
-    a_max: float = 250.0
-    b_min: float = 0.0
-    b_max: float = 1.0
+    orientation: str = "RAS"  # three letters, one of each pair L/R, A/P, S/I (RAS, LPS, ...)
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)  # three sizes > 0 (mm)
+    a_min: float = -175.0  # < a_max (HU)
+    a_max: float = 250.0  # > a_min (HU)
+    b_min: float = 0.0  # < b_max
+    b_max: float = 1.0  # > b_min
     crop_foreground: bool = True
-    roi: tuple[int, int, int] = (96, 96, 96)
+    roi: tuple[int, int, int] = (96, 96, 96)  # three sizes > 0, each divisible by model.patch_size (voxels)
     crop: str = "label"  # label (pos:neg crops, needs labels) | classes (equal odds per organ) | random
-    num_samples: int = 4  # crops per volume per iteration
-    pos: float = 1.0
-    neg: float = 1.0
-    flip_prob: float = 0.2
-    rot90_prob: float = 0.2
-    intensity_scale_prob: float = 0.1
-    intensity_shift_prob: float = 0.1
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.1
+    num_samples: int = 4  # >= 1; crops per volume per iteration
+    pos: float = 1.0  # >= 0; pos + neg > 0
+    neg: float = 1.0  # >= 0; pos + neg > 0
+    flip_prob: float = 0.2  # [0, 1]
+    rot90_prob: float = 0.2  # [0, 1]
+    intensity_scale_prob: float = 0.1  # [0, 1]
+    intensity_shift_prob: float = 0.1  # [0, 1]
+    intensity_scale: float = 0.1  # [0, 1): intensities scaled by 1 + U(-s, s)
+    intensity_shift: float = 0.1  # >= 0: intensities shifted by U(-s, s)
     # Validation subset drawn from the TRAINING cases (never the test cases)
-    val_cases: int = 2
+    val_cases: int = 2  # >= 0 (fewer than the training cases, checked when the datalist is read)
     # Loading at scale
     cache: str = "none"  # none | memory | disk
-    cache_dir: str = ""
-    num_workers: int = 0
-    prefetch_factor: int = 2
+    cache_dir: str = ""  # a folder; "" = inside the run folder
+    num_workers: int = 0  # >= 0
+    prefetch_factor: int = 2  # >= 1 (batches per worker loaded ahead)
     extra_unlabelled: list[str] = field(default_factory=list)  # extra scans for label-free pre-training
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "base"  # micro | tiny | small | base
-    patch_size: int = 16
-    in_chans: int = 1
+    preset: str = "base"  # micro | tiny | small | base (ENCODER_PRESETS)
+    patch_size: int = 16  # >= 1, divides every data.roi size (UNETR: 8 or 16)
+    in_chans: int = 1  # >= 1
     pos_embed: str = "sincos"  # sincos (fixed) | learnable
     # pre-training decoders (ALGORITHM.md section 1)
-    decoder_dim: int = 384
-    decoder_depth: int = 8
-    decoder_heads: int = 12
+    decoder_dim: int = 384  # >= 1, divisible by decoder_heads
+    decoder_depth: int = 8  # >= 1
+    decoder_heads: int = 12  # >= 1
     # UNETR
-    feature_size: int = 16
-    skip_blocks: Optional[tuple[int, ...]] = None  # 1-based blocks for UNETR skips; None: (3, 6, 9) for patch 16
-    norm_name: str = "instance"
+    feature_size: int = 16  # >= 1
+    # 1-based blocks for UNETR skips, distinct, increasing, within the encoder depth, log2(patch) - 1 of
+    # them; None: (3, 6, 9) for patch 16
+    skip_blocks: Optional[tuple[int, ...]] = None
+    norm_name: str = "instance"  # instance | batch
     grad_checkpointing: bool = False
 
 
@@ -84,19 +88,19 @@ class TrainingConfig:
     """The optimisation schedule both training stages share; each stage sets its own ``lr``, ``betas`` and
     ``clip_grad`` (and may change any other default)."""
 
-    epochs: int = 100
-    steps_per_epoch: int = 0  # 0: one pass over the training volumes
-    batch_size: int = 4  # CROPS per step per process: batch_size / data.num_samples volumes
-    accum_steps: int = 1
-    lr: float = MISSING
-    lr_ref_batch: int = 4  # lr is scaled by effective_batch / lr_ref_batch
-    min_lr: float = 0.0
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = MISSING
-    clip_grad: float = MISSING
+    epochs: int = 100  # >= 1
+    steps_per_epoch: int = 0  # >= 0; 0: one pass over the training volumes
+    batch_size: int = 4  # >= 1; CROPS per step per process: batch_size / data.num_samples volumes
+    accum_steps: int = 1  # >= 1
+    lr: float = MISSING  # > 0
+    lr_ref_batch: int = 4  # >= 1; lr is scaled by effective_batch / lr_ref_batch
+    min_lr: float = 0.0  # [0, lr]
+    warmup_epochs: float = 5.0  # >= 0
+    weight_decay: float = 0.05  # >= 0
+    betas: tuple[float, float] = MISSING  # two values in [0, 1)
+    clip_grad: float = MISSING  # >= 0 (0: no clipping)
     nonfinite: str = "stop"  # stop | skip
-    checkpoint_every: int = 1  # epochs between 'last' checkpoints
+    checkpoint_every: int = 1  # >= 1; epochs between 'last' checkpoints
 
 
 @dataclass
@@ -105,19 +109,19 @@ class PretrainConfig(TrainingConfig):
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 5.0
     method: str = "hpm"  # one of METHODS: mae | hpm | no_lpred | no_learn_to_mask
-    mask_ratio: float = 0.75
-    alpha_0: float = 0.0
-    alpha_T: float = 0.5
-    lambda_pred: float = 1.0
+    mask_ratio: float = 0.75  # (0, 1)
+    alpha_0: float = 0.0  # [0, 1]
+    alpha_T: float = 0.5  # [0, 1]
+    lambda_pred: float = 1.0  # >= 0
     prediction_loss: str = "ranking"  # ranking (eq. 1) | absolute
     norm_pix_loss: bool = True
     # EMA teacher: its averaging horizon 1/(1-m) as a SHARE of the run's optimizer steps, rising from
     # ema_horizon_start to ema_horizon_end over the first ema_ramp of the run (HPM's ImageNet schedule,
     # 0.999 -> 0.9999 over 100 of 200 epochs, in these terms; docs/method.md)
-    ema_horizon_start: float = 0.001
-    ema_horizon_end: float = 0.01
-    ema_ramp: float = 0.5
-    figure_every: int = 0  # epochs between reconstruction figures (0: first and last only)
+    ema_horizon_start: float = 0.001  # (0, 1]
+    ema_horizon_end: float = 0.01  # (0, 1]
+    ema_ramp: float = 0.5  # [0, 1]
+    figure_every: int = 0  # >= 0; epochs between reconstruction figures (0: first and last only)
 
 
 @dataclass
@@ -126,19 +130,20 @@ class FinetuneConfig(TrainingConfig):
     betas: tuple[float, float] = (0.9, 0.95)  # SelfMedMAE's fine-tuning AdamW
     clip_grad: float = 0.0  # 0: no clipping (SelfMedMAE)
     architecture: str = "unetr"  # unetr | dynunet (the CNN reference row, always from scratch)
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
+    layer_decay: float = 0.75  # (0, 1]
+    drop_path: float = 0.1  # [0, 1)
     # DiceCE as SelfMedMAE and MONAI's BTCV recipe: Dice per sample, squared denominators, smooth 0 / 1e-6;
     # batch_dice=true takes the Dice over the whole batch (nnU-Net style), steadier for organs absent from a crop
     batch_dice: bool = False
     dice_squared_pred: bool = True
-    dice_smooth_nr: float = 0.0
-    dice_smooth_dr: float = 1e-6
-    labelled_cases: int = 0  # learn from the labels of only this many training cases, chosen by seed (0: all)
-    num_classes: int = 14  # including background
-    reported: str = "btcv8"  # classes to report: btcv8 | btcv13 | NAME=VALUE,...
-    val_every: int = 5
-    val_overlap: float = 0.5
+    dice_smooth_nr: float = 0.0  # >= 0
+    dice_smooth_dr: float = 1e-6  # > 0
+    labelled_cases: int = 0  # >= 0: learn from the labels of only this many training cases, chosen by seed (0: all)
+    num_classes: int = 14  # >= 2, including background
+    # classes to report: btcv8 | btcv13 (CLASS_PRESETS) | NAME=VALUE,... with at least one value < num_classes
+    reported: str = "btcv8"
+    val_every: int = 5  # >= 1
+    val_overlap: float = 0.5  # [0, 1)
     use_teacher: bool = False
     allow_partial_init: bool = False
 
@@ -147,9 +152,9 @@ class FinetuneConfig(TrainingConfig):
 class InferenceConfig:
     """Sliding-window inference of ``medhpm predict`` (and the pipeline's prediction of the test scans)."""
 
-    overlap: float = 0.5
+    overlap: float = 0.5  # [0, 1)
     blend: str = "gaussian"  # gaussian | constant
-    sw_batch_size: int = 4  # windows per forward pass (also used by fine-tuning's validation)
+    sw_batch_size: int = 4  # >= 1; windows per forward pass (also used by fine-tuning's validation)
 
 
 @dataclass
@@ -158,15 +163,15 @@ class RuntimeConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     deterministic: bool = False
-    threads: int = 0  # torch intra-op threads on CPU; 0 = library default
-    log_every: int = 1  # steps between JSON-lines log records
+    threads: int = 0  # >= 0; torch intra-op threads on CPU; 0 = library default
+    log_every: int = 1  # >= 1; steps between JSON-lines log records
     progress: bool = True
 
 
 @dataclass
 class Config:
-    name: str = "default"
-    seed: int = 0
+    name: str = "default"  # free text (default run folder names)
+    seed: int = 0  # >= 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -291,9 +296,34 @@ def _merge(base, other, where: str):
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
+        if not key:  # a tuple of the wrong length is reported without its key: find it leaf by leaf
+            key = _failing_key(base, other)
         if "not in struct" in msg or "Key '" in msg and "not" in msg:
             raise ConfigError(f"unknown config key {key!r} in {where}.{_suggest(key)}") from None
+        n = re.match(r"TupleConfig length (\d+) does not match type hint length (\d+)", msg)
+        if n:
+            msg = f"must hold {n.group(2)} values, not {n.group(1)}"
         raise ConfigError(f"bad value for config key {key!r} in {where}: {msg}") from None
+
+
+def _failing_key(base, other) -> str:
+    """The dotted key of ``other`` whose merge into ``base`` fails ("" if none does alone)."""
+    data = OmegaConf.to_container(other)
+    for key in _leaves(data) if isinstance(data, dict) else []:
+        value: Any = data
+        for part in key.split("."):
+            value = value[part]
+        try:
+            OmegaConf.merge(base, _nested(key, value))
+        except OmegaConfBaseException:
+            return key
+    return ""
+
+
+def _nested(key: str, value: Any):
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return OmegaConf.create(value)
 
 
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -453,51 +483,215 @@ ENCODER_PRESETS: dict[str, dict] = {
 }
 
 
+# The class syntax of ``finetune.reported`` (and of ``--classes``): a preset name or a ``NAME=VALUE,...``
+# list. The rule lives here so that validate() can check it before any data is read; the presets' classes
+# (BTCV label values) are ``medhpm.evaluate.classes.PRESETS``, whose names are these.
+CLASS_PRESETS = ("btcv8", "btcv13")
+
+# Names end up in CSV cells, JSON keys and NAME=VALUE specs, so separators are not allowed in them.
+_CLASS_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+def check_class_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or not _CLASS_NAME_RE.match(name):
+        raise ValueError(
+            f"Invalid class name {name!r} in {where}: a name starts with a letter and contains only "
+            "letters, digits, '_' and '-'."
+        )
+    return name
+
+
+def check_label_value(value: object, where: str) -> int:
+    if isinstance(value, bool):  # bool is an int subclass; True=1 is almost surely a mistake
+        raise ValueError(f"Invalid label value {value!r} in {where}: expected a positive integer.")
+    try:
+        as_int = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError(f"Invalid label value {value!r} in {where}: expected a positive integer.") from None
+    if as_int <= 0:
+        raise ValueError(
+            f"Invalid label value {value!r} in {where}: label values must be >= 1 (0 is the background)."
+        )
+    return as_int
+
+
+def class_table(pairs: list[tuple[int, str]], where: str) -> dict[int, str]:
+    """``{value: name}`` sorted by value from ``(value, name)`` pairs; repeated values or names are errors."""
+    if not pairs:
+        raise ValueError(f"No classes given in {where}.")
+    seen_values: dict[int, str] = {}
+    seen_names: dict[str, int] = {}
+    for value, name in pairs:
+        if value in seen_values:
+            raise ValueError(
+                f"Label value {value} is given twice in {where} ({seen_values[value]!r} and {name!r})."
+            )
+        if name in seen_names:
+            raise ValueError(f"Class name {name!r} is given twice in {where} (values {seen_names[name]} and {value}).")
+        seen_values[value] = name
+        seen_names[name] = value
+    return dict(sorted(seen_values.items()))
+
+
+def parse_class_list(spec: str) -> str | dict[int, str]:
+    """A class string: the preset's name (lower case, one of :data:`CLASS_PRESETS`) or the ``{value: name}``
+    of a ``"NAME=VALUE,NAME=VALUE"`` list. Raises ValueError naming the offending token."""
+    text = spec.strip()
+    if text.lower() in CLASS_PRESETS:
+        return text.lower()
+    if "=" not in text:
+        raise ValueError(
+            f"Unknown class preset {text!r}: use one of {sorted(CLASS_PRESETS)} or a 'NAME=VALUE,...' list "
+            "such as 'spleen=1,liver=6'."
+        )
+    where = f"the class list {text!r}"
+    pairs = []
+    for token in text.split(","):
+        token = token.strip()
+        if not token:
+            continue  # tolerate a trailing comma
+        name, sep, value = token.partition("=")
+        if not sep or not name.strip() or not value.strip() or "=" in value:
+            raise ValueError(f"Bad item {token!r} in {where}: expected NAME=VALUE, e.g. 'liver=6'.")
+        name, value = name.strip(), value.strip()
+        if name.isdigit() and not value.isdigit():
+            raise ValueError(f"Bad item {token!r} in {where}: the order is NAME=VALUE, e.g. '{value}={name}'.")
+        at = f"item {token!r} of {where}"
+        pairs.append((check_label_value(value, at), check_class_name(name, at)))
+    return class_table(pairs, where)
+
+
+_AXIS_PAIRS = ("LR", "AP", "SI")
+
+
+def _orientation_ok(code: str) -> bool:
+    return (len(code) == 3 and all(c in "LRAPSI" for c in code)
+            and sorted("".join(p for p in _AXIS_PAIRS if c in p) for c in code) == sorted(_AXIS_PAIRS))
+
+
+def _count(value, key: str, low: int, what: str = "") -> None:
+    _check(value >= low, key, f"{value} is out of range: must be at least {low}{what}")
+
+
+def _unit(value, key: str, what: str = "a probability") -> None:
+    _check(0.0 <= value <= 1.0, key, f"{value} is out of range: must lie in [0, 1] ({what})")
+
+
 def validate(cfg: Config) -> Config:
+    """Raise a :class:`ConfigError` naming the key for any value outside its range (written beside each
+    field); called on every resolved config, before any data is read or any folder is made."""
     d, m, p, f = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
+    _count(cfg.seed, "seed", 0)
+    # data
+    _check(d.format in ("auto", "msd", "nnunet", "btcv", "folder"), "data.format",
+           "must be auto, msd, nnunet, btcv or folder")
+    _check(d.split in ("transunet", "monai"), "data.split", f"{d.split!r} is not transunet or monai")
+    _count(d.phantom_cases, "data.phantom_cases", 1)
+    _count(d.phantom_seed, "data.phantom_seed", 0)
+    _check(_orientation_ok(d.orientation), "data.orientation",
+           f"{d.orientation!r} must be three letters, one of each pair L/R, A/P, S/I (e.g. RAS or LPS)")
+    _check(len(d.spacing) == 3 and all(s > 0 for s in d.spacing), "data.spacing",
+           f"{tuple(d.spacing)} must be three positive voxel sizes (mm)")
+    _check(d.a_max > d.a_min, "data.a_max", f"HU window [data.a_min, data.a_max] = [{d.a_min}, {d.a_max}] is empty")
+    _check(d.b_max > d.b_min, "data.b_max",
+           f"output range [data.b_min, data.b_max] = [{d.b_min}, {d.b_max}] is empty")
+    _check(d.crop in ("label", "classes", "random"), "data.crop", "must be 'label', 'classes' or 'random'")
+    _count(d.num_samples, "data.num_samples", 1)
+    for k in ("pos", "neg"):
+        _check(getattr(d, k) >= 0, f"data.{k}", f"{getattr(d, k)} is out of range: must be 0 or more")
+    _check(d.pos + d.neg > 0, "data.pos", "data.pos and data.neg are both 0: no crop centre could be drawn")
+    for k in ("flip_prob", "rot90_prob", "intensity_scale_prob", "intensity_shift_prob"):
+        _unit(getattr(d, k), f"data.{k}")
+    _check(0.0 <= d.intensity_scale < 1.0, "data.intensity_scale",
+           f"{d.intensity_scale} is out of range: must lie in [0, 1) (intensities are scaled by 1 + U(-s, s))")
+    _check(d.intensity_shift >= 0, "data.intensity_shift", f"{d.intensity_shift} is out of range: must be 0 or more")
+    _count(d.val_cases, "data.val_cases", 0)
+    _check(d.cache in ("none", "memory", "disk"), "data.cache", "must be none, memory or disk")
+    _count(d.num_workers, "data.num_workers", 0)
+    _count(d.prefetch_factor, "data.prefetch_factor", 1)
+    # model
     _check(m.preset in ENCODER_PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(ENCODER_PRESETS)}")
     width, heads = ENCODER_PRESETS[m.preset]["embed_dim"], ENCODER_PRESETS[m.preset]["num_heads"]
     _check(width % heads == 0, "model.preset", f"width {width} is not divisible by {heads} heads")
-    _check(m.patch_size > 0, "model.patch_size", "must be positive")
-    _check(len(d.roi) == 3 and all(r > 0 for r in d.roi), "data.roi", "must be three positive sizes")
+    _check(m.patch_size > 0, "model.patch_size", f"{m.patch_size} is out of range: must be positive")
+    _check(len(d.roi) == 3 and all(r > 0 for r in d.roi), "data.roi", f"{tuple(d.roi)} must be three positive sizes")
     _check(
         all(r % m.patch_size == 0 for r in d.roi),
         "data.roi",
         f"{tuple(d.roi)} is not divisible by the patch size {m.patch_size} in every axis",
     )
+    _count(m.in_chans, "model.in_chans", 1)
+    _check(m.pos_embed in ("sincos", "learnable"), "model.pos_embed", f"{m.pos_embed!r} is not sincos or learnable")
+    for k in ("decoder_dim", "decoder_depth", "decoder_heads", "feature_size"):
+        _count(getattr(m, k), f"model.{k}", 1)
     _check(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
            f"decoder width {m.decoder_dim} is not divisible by {m.decoder_heads} heads")
-    _check(all(s > 0 for s in d.spacing), "data.spacing", "must be positive (mm)")
-    _check(d.a_max > d.a_min, "data.a_max", f"HU window [{d.a_min}, {d.a_max}] is empty")
-    _check(d.format in ("auto", "msd", "nnunet", "btcv", "folder"), "data.format",
-           "must be auto, msd, nnunet, btcv or folder")
-    _check(d.crop in ("label", "classes", "random"), "data.crop", "must be 'label', 'classes' or 'random'")
-    _check(d.cache in ("none", "memory", "disk"), "data.cache", "must be none, memory or disk")
-    _check(d.num_samples >= 1, "data.num_samples", "must be at least 1")
+    if m.skip_blocks is not None:
+        depth, blocks = ENCODER_PRESETS[m.preset]["depth"], tuple(m.skip_blocks)
+        _check(all(1 <= b <= depth for b in blocks) and list(blocks) == sorted(set(blocks)), "model.skip_blocks",
+               f"{blocks} must be distinct increasing block numbers within the encoder depth 1..{depth}")
+        if m.patch_size & (m.patch_size - 1) == 0 and m.patch_size > 1:
+            n = m.patch_size.bit_length() - 2  # log2(patch) - 1 intermediate resolutions
+            _check(len(blocks) == n, "model.skip_blocks",
+                   f"{blocks} has {len(blocks)} block(s); with patch {m.patch_size} UNETR needs {n}")
+    _check(m.norm_name in ("instance", "batch"), "model.norm_name", f"{m.norm_name!r} is not instance or batch")
+    # both training stages
+    for sec, name in ((p, "pretrain"), (f, "finetune")):
+        _count(sec.epochs, f"{name}.epochs", 1)
+        _count(sec.steps_per_epoch, f"{name}.steps_per_epoch", 0, " (0: one pass over the training volumes)")
+        _count(sec.batch_size, f"{name}.batch_size", 1)
+        _count(sec.accum_steps, f"{name}.accum_steps", 1)
+        _check(sec.lr > 0, f"{name}.lr", f"{sec.lr} is out of range: must be positive")
+        _count(sec.lr_ref_batch, f"{name}.lr_ref_batch", 1, " (the lr is scaled by effective batch / lr_ref_batch)")
+        _check(0 <= sec.min_lr <= sec.lr, f"{name}.min_lr",
+               f"{sec.min_lr} is out of range: must lie in [0, {name}.lr] = [0, {sec.lr}]")
+        _check(sec.warmup_epochs >= 0, f"{name}.warmup_epochs", f"{sec.warmup_epochs} is out of range: must be 0 or more")
+        _check(sec.weight_decay >= 0, f"{name}.weight_decay", f"{sec.weight_decay} is out of range: must be 0 or more")
+        _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas",
+               f"{tuple(sec.betas)} must be two values in [0, 1)")
+        _check(sec.clip_grad >= 0, f"{name}.clip_grad", "must be 0 (no clipping) or a positive gradient norm")
+        _check(sec.nonfinite in ("stop", "skip"), f"{name}.nonfinite", "must be stop or skip")
+        _count(sec.checkpoint_every, f"{name}.checkpoint_every", 1)
+    # pre-training
     _check(p.method in METHODS, "pretrain.method", f"{p.method!r} is not one of {', '.join(METHODS)}")
     _check(0.0 < p.mask_ratio < 1.0, "pretrain.mask_ratio", f"{p.mask_ratio} is outside (0, 1)")
     for k in ("alpha_0", "alpha_T"):
         _check(0.0 <= getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in [0, 1]")
+    _check(p.lambda_pred >= 0, "pretrain.lambda_pred", f"{p.lambda_pred} is out of range: must be 0 or more")
+    _check(p.prediction_loss in ("ranking", "absolute"), "pretrain.prediction_loss",
+           "must be ranking or absolute" + (" ('relative' is now called 'ranking')" if p.prediction_loss == "relative" else ""))
     for k in ("ema_horizon_start", "ema_horizon_end"):
         _check(0.0 < getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in (0, 1]: a share of the run's optimizer steps")
     _check(0.0 <= p.ema_ramp <= 1.0, "pretrain.ema_ramp", "must lie in [0, 1]: a share of the run's optimizer steps")
-    _check(p.prediction_loss in ("ranking", "absolute"), "pretrain.prediction_loss",
-           "must be ranking or absolute" + (" ('relative' is now called 'ranking')" if p.prediction_loss == "relative" else ""))
-    for sec, name in ((p, "pretrain"), (f, "finetune")):
-        _check(sec.epochs >= 1, f"{name}.epochs", "must be at least 1")
-        _check(sec.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
-        _check(sec.accum_steps >= 1, f"{name}.accum_steps", "must be at least 1")
-        _check(sec.lr > 0, f"{name}.lr", "must be positive")
-        _check(sec.nonfinite in ("stop", "skip"), f"{name}.nonfinite", "must be stop or skip")
+    _count(p.figure_every, "pretrain.figure_every", 0, " (0: first and last epoch only)")
+    # fine-tuning
     _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
     _check(0.0 <= f.drop_path < 1.0, "finetune.drop_path", "must lie in [0, 1)")
-    _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")
     _check(f.labelled_cases >= 0, "finetune.labelled_cases", "must be 0 (all training cases) or a count of cases")
     _check(f.dice_smooth_nr >= 0, "finetune.dice_smooth_nr", "must be 0 or more")
     _check(f.dice_smooth_dr > 0, "finetune.dice_smooth_dr", "must be positive (it keeps an empty class's Dice finite)")
-    for sec, name in ((p, "pretrain"), (f, "finetune")):
-        _check(sec.clip_grad >= 0, f"{name}.clip_grad", "must be 0 (no clipping) or a positive gradient norm")
+    _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")
+    try:
+        reported = parse_class_list(f.reported)
+    except ValueError as e:
+        raise ConfigError(f"config key 'finetune.reported': {e}") from None
+    if isinstance(reported, dict):  # a preset always holds label 1, below any num_classes >= 2
+        _check(min(reported) < f.num_classes, "finetune.reported",
+               f"none of its label values {sorted(reported)} is below finetune.num_classes={f.num_classes}: "
+               "nothing would be reported")
+    _count(f.val_every, "finetune.val_every", 1)
+    _check(0.0 <= f.val_overlap < 1.0, "finetune.val_overlap", f"{f.val_overlap} is out of range: must lie in [0, 1)")
+    # inference
     _check(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must lie in [0, 1)")
-    _check(cfg.runtime.precision in ("auto", "fp32", "bf16"), "runtime.precision", "must be auto, fp32 or bf16")
+    _check(cfg.inference.blend in ("gaussian", "constant"), "inference.blend",
+           f"{cfg.inference.blend!r} is not gaussian or constant")
+    _count(cfg.inference.sw_batch_size, "inference.sw_batch_size", 1)
+    # runtime
+    r = cfg.runtime
+    _check(r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None, "runtime.device",
+           f"{r.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    _check(r.precision in ("auto", "fp32", "bf16"), "runtime.precision", "must be auto, fp32 or bf16")
+    _count(r.threads, "runtime.threads", 0, " (0: the library default)")
+    _count(r.log_every, "runtime.log_every", 1)
     return cfg

@@ -108,3 +108,23 @@ def test_disk_too_small_for_this_models_checkpoints(tiny_dataset, tmp_path):
         need = re.search(r"at least (\d+) MiB", p.stderr)
         assert need and int(need.group(1)) > 56, p.stderr  # sized from the model, not the 50 MiB floor
         _no_training(out)
+
+
+def test_the_free_disk_estimate_counts_what_the_run_will_write():
+    """last, best (fine-tuning) and final, one temporary copy while one is written, and a margin for figures
+    and logs; a resumed run replaces its existing checkpoints in place (issue 15)."""
+    from medhpm.runtime.loop import OUTPUT_MARGIN, disk_needed
+    from medhpm.pretrain.trainer import PretrainTrainer
+    from medhpm.segment.trainer import FinetuneTrainer
+
+    mib = 2**20
+    assert PretrainTrainer.checkpoint_names == ("last", "final")
+    assert FinetuneTrainer.checkpoint_names == ("last", "best", "final")
+    need, why = disk_needed(100 * mib, FinetuneTrainer.checkpoint_names)
+    assert need == 4 * 100 * mib + OUTPUT_MARGIN  # was 2 checkpoints' worth
+    assert why == ("3 new checkpoint(s) of 100.0 MiB (last.pt, best.pt, final.pt) + 1 temporary copy of 100.0 MiB "
+                   "while one is written + 50 MiB for figures and logs")
+    need, why = disk_needed(100 * mib, PretrainTrainer.checkpoint_names)
+    assert need == 3 * 100 * mib + OUTPUT_MARGIN and "(last.pt, final.pt)" in why
+    need, why = disk_needed(100 * mib, FinetuneTrainer.checkpoint_names, existing=["last", "best"])
+    assert need == 2 * 100 * mib + OUTPUT_MARGIN and "1 new checkpoint(s) of 100.0 MiB (final.pt)" in why

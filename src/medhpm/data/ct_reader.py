@@ -35,7 +35,7 @@ from monai.utils import ensure_tuple
 from medhpm.data.datalist import DataError
 from medhpm.data.headers import check_headers, grid_problem  # noqa: F401  (re-exported)
 from medhpm.data.scans import dicom_files_in, is_dicom_file, is_nifti
-from medhpm.data.volume_checks import image_problems, label_problems
+from medhpm.data.volume_checks import grid_problem_of_affine, image_problems, label_problems
 
 __all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path", "check_headers",
            "grid_problem"]
@@ -236,6 +236,8 @@ class CTReader(ImageReader):
             inner = DicomSeriesReader()
         else:
             raise DataError(f"{path}: not a NIfTI file (.nii, .nii.gz) nor a DICOM series folder")
+        if is_nifti(path):
+            _check_nifti_grid(path)
         try:
             return _Read(inner, inner.read(path, **kwargs), path)
         except DataError:
@@ -264,9 +266,27 @@ class CTReader(ImageReader):
             raise DataError(f"{img.path}: {arr.ndim}D image {tuple(arr.shape)}; medhpm needs a 3D CT volume")
         if min(arr.shape) < 2:
             raise DataError(f"{img.path}: a single slice {tuple(arr.shape)} (2D); medhpm needs a 3D CT volume")
+        problem = grid_problem_of_affine(meta["affine"]) if meta.get("affine") is not None else None
+        if problem:  # as the header's, for every reader
+            raise DataError(f"{img.path}: {problem}")
         if arr.dtype == np.float64:  # nibabel's scaled data: float32 halves the memory at no loss for CT
             arr = arr.astype(np.float32)
         return arr, meta
+
+
+def _check_nifti_grid(path: str) -> None:
+    """A NIfTI header whose voxel grid is broken (a zero spacing, NaN) is an error naming the file: MONAI's
+    reader would silently replace its affine by the identity (1 mm voxels), nibabel's orientation code
+    fails on it without the file's name."""
+    import nibabel as nib
+
+    try:
+        affine = nib.load(path).header.get_best_affine()
+    except Exception:
+        return  # an unreadable header is reported by the reader itself
+    problem = grid_problem_of_affine(affine)
+    if problem:
+        raise DataError(f"{path}: {problem}")
 
 
 @functools.lru_cache(maxsize=1)

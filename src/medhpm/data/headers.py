@@ -16,6 +16,7 @@ from medhpm.data.datalist import DataError
 from medhpm.data.scans import is_nifti
 from medhpm.data.volume_checks import GRID_TOL_MM
 from medhpm.data.volume_checks import grid_problem as volume_grid_problem
+from medhpm.data.volume_checks import grid_problem_of_affine
 
 __all__ = ["GRID_TOL_MM", "grid_problem", "nifti_header", "check_headers"]
 
@@ -62,6 +63,9 @@ def nifti_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
         raise DataError(f"{path}: {len(shape)}D image {shape}; medhpm needs a 3D CT volume")
     if min(shape) < 2:
         raise DataError(f"{path}: a single slice {shape} (2D); medhpm needs a 3D CT volume")
+    problem = grid_problem_of_affine(affine)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     return shape, affine
 
 

@@ -23,8 +23,8 @@ from typing import Collection, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["HU_LIMITS", "SPACING_LIMITS", "LABEL_TOL", "GRID_TOL_MM", "Problem", "spacing_of", "image_problems",
-           "label_problems", "grid_problem"]
+__all__ = ["HU_LIMITS", "SPACING_LIMITS", "LABEL_TOL", "GRID_TOL_MM", "Problem", "spacing_of", "grid_problem_of_affine",
+           "image_problems", "label_problems", "grid_problem"]
 
 HU_LIMITS = (-4000.0, 40000.0)  # beyond these no CT scale (incl. extended-range) reaches
 SPACING_LIMITS = (0.1, 10.0)  # mm; outside: a wrong header unit or not a CT volume
@@ -40,6 +40,26 @@ class Problem(NamedTuple):
 def spacing_of(affine) -> np.ndarray:
     """Voxel size (mm) along each array axis of a voxel-to-world affine."""
     return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def grid_problem_of_affine(affine) -> Optional[str]:
+    """Why a voxel-to-world affine gives no usable voxel grid (NaN or infinite entries, an axis of zero
+    length, axes that span no volume), or None. Such a header cannot be oriented or resampled; the readers
+    (:class:`medhpm.data.ct_reader.CTReader`, :func:`medhpm.data.headers.nifti_header`) refuse it with the
+    file named, before nibabel or MONAI would fail on it."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape[0] < 3 or a.shape[1] < 3:
+        return f"the affine has shape {a.shape}, not 4x4"
+    if not np.all(np.isfinite(a)):
+        return "the affine (voxel-to-world matrix) holds NaN or infinite values"
+    sp = spacing_of(a)
+    if np.any(sp <= 0):
+        return (f"voxel spacing {tuple(round(float(s), 4) for s in sp)} mm has an axis of zero length: the header's "
+                "pixdim or sform/qform is broken, so the scan cannot be oriented or resampled")
+    if abs(float(np.linalg.det(a[:3, :3]))) <= 1e-6 * float(np.prod(sp)):
+        return ("the voxel axes of the affine are parallel (its 3x3 part is singular): the header's sform/qform is "
+                "broken, so the scan cannot be oriented or resampled")
+    return None
 
 
 def _values(vals: Sequence, limit: int = 8) -> str:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+from medhpm.config import check_class_name, check_label_value, class_table, parse_class_list
 from medhpm.data.labels import BTCV13, PROTOCOL_ORGANS
 
 
 # The 8 organs the paper's Table 1 reports (TransUNet's protocol), see docs/PROTOCOL.md.
 BTCV8: dict[int, str] = {v: BTCV13[v] for v in PROTOCOL_ORGANS}
 
-PRESETS: dict[str, dict[int, str]] = {"btcv8": BTCV8, "btcv13": BTCV13}
+# The classes of the presets that medhpm.config.CLASS_PRESETS names (the syntax of a class string is
+# medhpm.config.parse_class_list, so that a config's finetune.reported is checked before any data is read).
+PRESETS: dict[str, dict[int, str]] = {"btcv8": BTCV8, "btcv13": BTCV13}  # the keys: config.CLASS_PRESETS
 
 # Column headers as in the paper's Table 1; unknown names fall back to a title-cased name.
 DISPLAY_NAMES: dict[str, str] = {
@@ -34,55 +37,11 @@ DISPLAY_NAMES: dict[str, str] = {
     "left_adrenal": "Adrenal(L)",
 }
 
-# Names end up in CSV cells, JSON keys and NAME=VALUE specs, so separators are not allowed in them.
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
-
-
 def display_name(name: str) -> str:
     """Table header for an organ name: ``"right_kidney"`` -> ``"Kidney(R)"``, ``"left_lung"`` -> ``"Left Lung"``."""
     if name in DISPLAY_NAMES:
         return DISPLAY_NAMES[name]
     return " ".join(part.capitalize() for part in re.split(r"[_\-]+", name) if part)
-
-
-def _check_name(name: object, where: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"Invalid class name {name!r} in {where}: a name starts with a letter and contains only "
-            "letters, digits, '_' and '-'."
-        )
-    return name
-
-
-def _check_value(value: object, where: str) -> int:
-    if isinstance(value, bool):  # bool is an int subclass; True=1 is almost surely a mistake
-        raise ValueError(f"Invalid label value {value!r} in {where}: expected a positive integer.")
-    try:
-        as_int = int(str(value).strip()) if not isinstance(value, int) else value
-    except ValueError:
-        raise ValueError(f"Invalid label value {value!r} in {where}: expected a positive integer.") from None
-    if as_int <= 0:
-        raise ValueError(
-            f"Invalid label value {value!r} in {where}: label values must be >= 1 (0 is the background)."
-        )
-    return as_int
-
-
-def _finish(pairs: list[tuple[int, str]], where: str) -> dict[int, str]:
-    if not pairs:
-        raise ValueError(f"No classes given in {where}.")
-    seen_values: dict[int, str] = {}
-    seen_names: dict[str, int] = {}
-    for value, name in pairs:
-        if value in seen_values:
-            raise ValueError(
-                f"Label value {value} is given twice in {where} ({seen_values[value]!r} and {name!r})."
-            )
-        if name in seen_names:
-            raise ValueError(f"Class name {name!r} is given twice in {where} (values {seen_names[name]} and {value}).")
-        seen_values[value] = name
-        seen_names[name] = value
-    return dict(sorted(seen_values.items()))
 
 
 def parse_classes(spec: str | Mapping) -> dict[int, str]:
@@ -104,35 +63,14 @@ def parse_classes(spec: str | Mapping) -> dict[int, str]:
         for key, val in spec.items():
             key_is_value = isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit())
             if key_is_value:
-                pairs.append((_check_value(key, where), _check_name(val, where)))
+                pairs.append((check_label_value(key, where), check_class_name(val, where)))
             else:
                 if str(key).lower() == "background" and str(val).strip() == "0":
                     continue
-                pairs.append((_check_value(val, where), _check_name(key, where)))
-        return _finish(pairs, where)
+                pairs.append((check_label_value(val, where), check_class_name(key, where)))
+        return class_table(pairs, where)
 
     if not isinstance(spec, str):
         raise ValueError(f"Classes must be a preset name, a 'NAME=VALUE,...' string or a mapping; got {spec!r}.")
-    text = spec.strip()
-    if text.lower() in PRESETS:
-        return dict(PRESETS[text.lower()])
-    if "=" not in text:
-        raise ValueError(
-            f"Unknown class preset {text!r}: use one of {sorted(PRESETS)} or a 'NAME=VALUE,...' list "
-            "such as 'spleen=1,liver=6'."
-        )
-    where = f"the class list {text!r}"
-    pairs = []
-    for token in text.split(","):
-        token = token.strip()
-        if not token:
-            continue  # tolerate a trailing comma
-        name, sep, value = token.partition("=")
-        if not sep or not name.strip() or not value.strip() or "=" in value:
-            raise ValueError(f"Bad item {token!r} in {where}: expected NAME=VALUE, e.g. 'liver=6'.")
-        name, value = name.strip(), value.strip()
-        if name.isdigit() and not value.isdigit():
-            raise ValueError(f"Bad item {token!r} in {where}: the order is NAME=VALUE, e.g. '{value}={name}'.")
-        at = f"item {token!r} of {where}"
-        pairs.append((_check_value(value, at), _check_name(name, at)))
-    return _finish(pairs, where)
+    parsed = parse_class_list(spec)
+    return dict(PRESETS[parsed]) if isinstance(parsed, str) else parsed

@@ -342,7 +342,8 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
     refuse_overwriting_inputs([out, sidecar_path(out)], [ckpt], hint="choose another --out")
-    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch"),
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch", "config.model",
+                                                          "config.data", "config.pretrain", "model_args.encoder"),
                             purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
     key = "teacher" if use_teacher else "model"
     if state.get(key) is None:

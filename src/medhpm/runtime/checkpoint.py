@@ -45,9 +45,9 @@ def load_error_reason(e: BaseException) -> str:
     """The telling part of a ``torch.load`` error, in one line: the first sentence of a damaged-file error, or
     what ``weights_only`` refused (not torch's advice to load the file unsafely)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of its message
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0][:200]
+    if "WeightsUnpickler error:" in text:  # the reason follows, on the same line or the next non-empty one
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return (rest or [type(e).__name__])[0].split(". ")[0][:200]
     first = (text.strip().splitlines() or [type(e).__name__])[0]
     return first.split(". ")[0][:200]
 
@@ -61,7 +61,8 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
         stage: ``None`` to accept any dict (foreign state dicts included); ``"pretrain"`` or ``"finetune"``
             to require a medhpm checkpoint of that stage holding every entry of ``keys``.
         map_location: as for ``torch.load``.
-        keys: entries a ``stage`` checkpoint must hold (not None; a dict for model, config, ...).
+        keys: entries a ``stage`` checkpoint must hold (not None; a dict for model, config, ...); a dotted
+            key (``"model_args.encoder"``) names a nested entry.
         purpose: what the checkpoint is for, said when it is of another stage
             (e.g. ``"prediction needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`)"``).
     Returns:
@@ -76,16 +77,24 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {load_error_reason(e)}") from None
-    except Exception as e:  # weights_only refuses arbitrary pickled objects: say so plainly
-        raise CheckpointError(
-            f"checkpoint {path} holds objects that cannot be loaded safely (weights_only=True): "
-            f"{load_error_reason(e)}"
-        ) from None
+    except Exception as e:
+        reason = load_error_reason(e)
+        if _UNSAFE.search(reason):  # weights_only refuses arbitrary pickled objects: say so plainly
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that cannot be loaded safely (weights_only=True): {reason}"
+            ) from None
+        # anything else the unpickler stumbles on (random bytes, a cut or overwritten file) is damage
+        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint: it is damaged or not a PyTorch "
+                              f"file ({reason})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state dict")
     if stage is not None:
         _check_stage(state, path, stage, keys, purpose)
     return state
+
+
+# what weights_only=True says when a file holds objects it will not build (a pickle that would run code)
+_UNSAFE = re.compile(r"global|not an allowed|Unsupported class|weights_only", re.IGNORECASE)
 
 
 def _resolve(path: Path) -> Path:
@@ -107,7 +116,18 @@ def _check_stage(state: dict, path: Path, stage: str, keys: Sequence[str], purpo
             f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); {need}")
     if state.get("stage") != stage:
         raise CheckpointError(f"{path} is a {state.get('stage')!r} checkpoint, not a {name} one; {need}")
-    lacking = [k for k in keys if state.get(k) is None or (k in _DICT_ENTRIES and not isinstance(state[k], dict))]
+    lacking = [k for k in keys if _entry(state, k) is None
+               or (k in _DICT_ENTRIES and not isinstance(state[k], dict))]
     if lacking:
         raise CheckpointError(f"{name} checkpoint {path} lacks {', '.join(lacking)}: it is damaged or was written "
                               "by an incompatible medhpm version")
+
+
+def _entry(state: dict, key: str):
+    """``state[key]``, or for a dotted key (``"model_args.encoder"``) the nested entry; None if absent."""
+    obj = state
+    for part in key.split("."):
+        if not isinstance(obj, dict) or obj.get(part) is None:
+            return None
+        obj = obj[part]
+    return obj

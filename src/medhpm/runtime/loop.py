@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config, to_dict
+from medhpm.config import Config, checkpoint_keys, differences, from_dict, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
@@ -38,6 +38,10 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says why."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; the message says where its last checkpoint is and how to resume it."""
 
 
 def echo(msg: str, info: DistInfo | None = None) -> None:
@@ -60,6 +64,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.skipped_steps = 0
         self.history: list[dict] = []
+        self._last_saved: int | None = None  # the epoch of the last.pt this process wrote
 
     # ------------------------------------------------------------------ steps a stage implements
     def build_data(self):  # -> training DataLoader (medhpm.data.dataset.training_loader)
@@ -133,8 +138,8 @@ class Trainer:
         self.fused = _fused_adamw_ok(self.device)
         self.optimizer = torch.optim.AdamW(self.param_groups(model, self.base_lr), lr=self.base_lr,
                                            betas=tuple(self.sec.betas), fused=self.fused)
-        if self.dist.is_main:  # room for a checkpoint and its temporary copy, known now that the model is built
-            check_writable(self.run_dir, need_bytes=max(50 * 2**20, 2 * self._checkpoint_bytes()))
+        if self.dist.is_main:  # room for what the run will write, known now that the model is built
+            self._check_disk()
         if self.resume:
             self._restore()
             for group in self.optimizer.param_groups:  # a checkpoint carries the writer's choice
@@ -163,6 +168,19 @@ class Trainer:
             self.dist,
         )
 
+    # the checkpoints a run of this stage leaves (fine-tuning adds best.pt)
+    checkpoint_names: tuple[str, ...] = ("last", "final")
+
+    def _check_disk(self) -> None:
+        import shutil
+
+        need, why = disk_needed(self._checkpoint_bytes(), self.checkpoint_names,
+                                existing=[n for n in self.checkpoint_names if (self.run_dir / f"{n}.pt").exists()])
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise OSError(f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; at least "
+                          f"{need / 2**20:.0f} MiB are needed for checkpoints and outputs ({why})")
+
     def _checkpoint_bytes(self) -> int:
         """About the size of one checkpoint: model, AdamW's two moments, tensors of ``extra_state``."""
         def nbytes(obj) -> int:
@@ -186,8 +204,11 @@ class Trainer:
         state = load_checkpoint(path, stage=self.stage, map_location=self.device,
                                 keys=("model", "optimizer", "epoch", "step"),
                                 purpose=f"cannot resume a {self.stage} run from it")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another method's or model's weights
+            raise TrainingError(self._misfit(path, state, e)) from None
         self.start_epoch = int(state["epoch"]) + 1
         self.global_step = int(state["step"])
         self.best_metric = float(state.get("best_metric", -math.inf))
@@ -203,6 +224,22 @@ class Trainer:
             echo(f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
                  f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
                  self.dist)
+
+    def _misfit(self, path: Path, state: dict, e: BaseException) -> str:
+        """Why the weights in ``path`` do not fit this run's model: the checkpoint keys whose values differ
+        from the run's config (e.g. another pre-training method), else torch's first line."""
+        changed: list[str] = []
+        try:
+            changed = differences(from_dict(state.get("config") or {}), self.cfg, checkpoint_keys(self.stage))
+        except Exception:  # a stored config this version cannot read: say what torch said
+            pass
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        why = (f"it was written with {'; '.join(changed)} (checkpoint -> this run)" if changed
+               else f"{type(e).__name__}: {first}")
+        cfg_file = self.run_dir / f"config_{self.stage}.yaml"
+        return (f"cannot resume from {path}: its weights do not fit the model of this run ({why}); the checkpoint "
+                f"comes from another run than {cfg_file}. Put the run's own last.pt back, or start a new run "
+                "with another --out")
 
     def _trim_metrics(self) -> None:
         """Drop the log records of the epochs that are about to be (re)done: work after ``last.pt`` that a
@@ -227,8 +264,28 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
         # one run per folder, for the whole run; under torchrun rank 0 holds the lock (set-up starts the group)
-        with run_folder_lock(self.run_dir, enabled=os.environ.get("RANK", "0") == "0", what=f"{self.stage} run"):
-            return self._run()
+        try:
+            with run_folder_lock(self.run_dir, enabled=os.environ.get("RANK", "0") == "0", what=f"{self.stage} run"):
+                return self._run()
+        except KeyboardInterrupt as e:  # Ctrl-C: say where the run stands and how to go on
+            if isinstance(e, RunInterrupted):
+                raise
+            raise RunInterrupted(self.interrupted_message()) from None
+
+    def interrupted_message(self) -> str:
+        """What a user needs after Ctrl-C: where the last checkpoint is (or that none was written yet) and
+        the command that resumes the run."""
+        import shlex
+
+        last = self.run_dir / "last.pt"
+        run = shlex.quote(str(self.run_dir))
+        if not last.exists():
+            return (f"interrupted: the {self.stage} run in {self.run_dir} stopped before its first checkpoint, so "
+                    f"there is nothing to resume; start it again (the same command, same --out {run})")
+        done = self._last_saved if self._last_saved is not None else self.start_epoch - 1
+        at = f" (after epoch {done + 1} of {self.sec.epochs})" if done >= 0 else ""
+        return (f"interrupted: the {self.stage} run in {self.run_dir} stopped; its last checkpoint is {last}{at}. "
+                f"Resume it with: medhpm {self.stage} --resume {run}")
 
     def _run(self) -> Path:
         self.setup()
@@ -431,7 +488,26 @@ class Trainer:
             return None
         path = self.run_dir / f"{name}.pt"
         save_checkpoint(self.checkpoint_state(epoch), path)
+        if name == "last":
+            self._last_saved = epoch
         return path
+
+
+OUTPUT_MARGIN = 50 * 2**20  # figures, metrics.jsonl, TensorBoard events, configs
+
+
+def disk_needed(checkpoint_bytes: int, names, existing=(), margin: int = OUTPUT_MARGIN) -> tuple[int, str]:
+    """The bytes a run will write, and how they add up: one checkpoint for each of ``names`` that does
+    not exist yet (a resumed run replaces ``existing`` ones in place), one temporary copy while a
+    checkpoint is written (atomic writes: the old file stays until the new one is complete), and
+    ``margin`` for figures and logs."""
+    new = [n for n in names if n not in set(existing)]
+    mib = checkpoint_bytes / 2**20
+    total = (len(new) + 1) * checkpoint_bytes + margin
+    files = ", ".join(f"{n}.pt" for n in new)
+    parts = [f"{len(new)} new checkpoint(s) of {mib:.1f} MiB ({files})" if new else "no new checkpoint",
+             f"1 temporary copy of {mib:.1f} MiB while one is written", f"{margin / 2**20:.0f} MiB for figures and logs"]
+    return total, " + ".join(parts)
 
 
 def _fused_adamw_ok(device: torch.device) -> bool:

@@ -49,6 +49,7 @@ def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
 
 class FinetuneTrainer(Trainer):
     stage = "finetune"
+    checkpoint_names = ("last", "best", "final")  # best.pt: the best validation Dice
 
     def __init__(self, cfg: Config, out_dir, init: str | None = None, resume: bool = False):
         super().__init__(cfg, out_dir, resume)

@@ -19,7 +19,8 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
     else random.
     """
     refuse_overwriting_inputs([out_png], [ckpt, image], hint="choose another PNG path with -o")
-    state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch"))
+    state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch",
+                                                          "model_args.pretrain_model"))
     cfg = from_dict(state["config"])
     model = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
     model.load_state_dict(state["model"])
