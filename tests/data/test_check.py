@@ -260,3 +260,28 @@ def test_loader_and_check_apply_one_rule_set(tmp_path, nifti_writer, synthetic_c
     with pytest.raises(DataError) as e:
         load(item)
     assert rep.errors[0].problem in str(e.value) and rep.errors[0].file in str(e.value)
+
+
+def test_complex_voxels_are_an_error_for_the_check_and_the_loader(clean_dataset, nifti_writer, synthetic_ct):
+    """One rule set (issue 15): what data check calls unusable, the loader at the head of every chain refuses,
+    naming the file; before, a complex image was silently cast to its real part."""
+    from medhpm.data.ct_reader import LoadCTd
+    from medhpm.data.datalist import DataError
+
+    img, _ = synthetic_ct(SHAPE, seed=0)
+    path = nifti_writer(clean_dataset.parent / "imagesTr" / "a.nii.gz", img.astype(np.complex64) * (1 + 1j))
+    rep = check_dataset(clean_dataset, roi=ROI)
+    assert "complex voxel values (complex64)" in only_problem(rep, "a.nii.gz", "error")
+    with pytest.raises(DataError, match=r"a\.nii\.gz: complex voxel values"):
+        LoadCTd(["image"])({"image": str(path)})
+
+
+def test_background_only_label_is_a_warning_for_both(clean_dataset, nifti_writer):
+    from medhpm.data.ct_reader import DataWarning, LoadCTd
+
+    lab = nifti_writer(clean_dataset.parent / "labelsTr" / "a.nii.gz", np.zeros(SHAPE, np.uint8))
+    rep = check_dataset(clean_dataset, roi=ROI)
+    assert rep.ok and "background only" in only_problem(rep, "a.nii.gz", "warning")
+    img = clean_dataset.parent / "imagesTr" / "a.nii.gz"
+    with pytest.warns(DataWarning, match=r"labelsTr/a\.nii\.gz: the label map holds background only"):
+        LoadCTd(["image", "label"], label_keys=("label",))({"image": str(img), "label": str(lab)})

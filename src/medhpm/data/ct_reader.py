@@ -369,8 +369,8 @@ class LoadCTd(MapTransform):
         paths = {key: str(d[key]) for key in self.key_iterator(d)}
         for key in self.key_iterator(d):
             img = read_volume(d[key])
+            self._check(paths[key], img, is_label=key in self.label_keys)  # on the stored values (complex too)
             img = img.to(torch.float32)
-            self._check(paths[key], img, is_label=key in self.label_keys)
             if key in self.label_keys:
                 img = torch.round(img)
             d[key] = img
@@ -394,6 +394,12 @@ class LoadCTd(MapTransform):
         errors = [p.message for p in problems if p.severity == "error"]
         if errors:
             raise DataError(f"{path}: " + "; ".join(errors))
+        for p in problems:  # what data check calls a warning, the loader says once per file
+            warnings.warn(f"{path}: {p.message}", DataWarning, stacklevel=2)
+
+
+class DataWarning(UserWarning):
+    """A volume the loader accepts but ``medhpm data check`` flags as suspicious; the message names the file."""
 
 
 def _affine(img) -> np.ndarray:

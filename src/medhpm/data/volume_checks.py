@@ -12,7 +12,8 @@ intensities that do not look like Hounsfield units are a warning.
 Grid rule (:func:`grid_problem`): a label map must lie on its image's voxel grid, the same shape and affines
 within ``tol`` mm, both in RAS order.
 
-Label rules: voxels must be finite whole numbers (within ``LABEL_TOL``: a label stored with a float scale
+Complex voxels are an error for both. Label rules: a label map of background only is a warning; voxels must
+be finite whole numbers (within ``LABEL_TOL``: a label stored with a float scale
 factor may read as 0.9999999), not negative, below ``num_classes`` when given, and among the ``declared``
 label values when given.
 """
@@ -84,6 +85,10 @@ def image_problems(arr: np.ndarray, affine=None, reject_constant: bool = True) -
             out.append(Problem("error", f"implausible voxel spacing {tuple(round(float(s), 4) for s in sp)} mm "
                                         f"(expected {SPACING_LIMITS[0]}-{SPACING_LIMITS[1]} mm): check the "
                                         "header's units and pixdim"))
+    if np.iscomplexobj(arr):
+        out.append(Problem("error", f"complex voxel values ({arr.dtype}): a CT image holds real intensities "
+                                    "(raw scanner data, or a wrongly converted file?)"))
+        return out
     a = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float32)
     if a.size == 0:
         return out
@@ -132,6 +137,8 @@ def label_problems(arr: np.ndarray, num_classes: Optional[int] = None, declared:
     the setting ``classes_key``); ``declared``: the label values a datalist lists (empty or None: any)."""
     out: list[Problem] = []
     a = arr
+    if np.iscomplexobj(a):
+        return [Problem("error", f"complex voxel values ({a.dtype}): a label map holds class numbers")]
     if np.issubdtype(a.dtype, np.floating):
         fin = np.isfinite(a)
         if not fin.all():
@@ -146,6 +153,9 @@ def label_problems(arr: np.ndarray, num_classes: Optional[int] = None, declared:
     if a.size == 0:
         return out
     lo, hi = float(a.min()), float(a.max())
+    if lo == hi == 0:
+        out.append(Problem("warning", "the label map holds background only: this case teaches no organ (an empty "
+                                      "or wrongly converted label map?)"))
     if lo < 0:
         neg = np.unique(a[a < 0]).astype(np.int64)
         out.append(Problem("error", f"negative label values {_values(neg)}; label values must be >= 0"))
