@@ -52,3 +52,24 @@ def test_probe_finds_a_planted_feature_and_not_shuffled_classes():
 
 def F_onehot(y, c):
     return torch.nn.functional.one_hot(y, c).float()
+
+
+def test_volume_tokens_tile_the_volume_with_roi_windows():
+    from medhpm.evaluate.probe import volume_tokens
+    from medhpm.models import ViTEncoder
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(img_size=(16, 16, 8), patch_size=8, embed_dim=24, depth=1, num_heads=2).eval()
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 30, 16, 8, generator=g)  # 30 voxels: two windows along x, the second padded
+    label = torch.randint(0, 3, (1, 30, 16, 8), generator=g)
+    feats, classes = volume_tokens(enc, image, label, (16, 16, 8), 8)
+    assert feats.shape == (2 * 4, 24) and classes.shape == (8,)
+    with torch.no_grad():
+        first, _ = enc(image[:, :16][None])
+    torch.testing.assert_close(feats[:4], first[0])
+    padded = torch.cat([image[:, 16:], image.min().expand(1, 2, 16, 8)], dim=1)
+    with torch.no_grad():
+        second, _ = enc(padded[None])
+    torch.testing.assert_close(feats[4:], second[0])
+    torch.testing.assert_close(classes[:4], patch_majority_labels(label[:, :16][None], 8)[0])

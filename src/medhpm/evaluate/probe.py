@@ -89,3 +89,31 @@ def balanced_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
         raise ValueError(f"pred and true must have the same, non-zero size, got {tuple(pred.shape)} and {tuple(true.shape)}")
     classes = torch.unique(true)
     return float(torch.stack([(pred[true == c] == c).float().mean() for c in classes]).mean())
+
+
+@torch.no_grad()
+def volume_tokens(encoder, image: torch.Tensor, label: torch.Tensor, roi, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen ``encoder``'s tokens of a whole preprocessed volume and their patches' majority classes.
+
+    ``image``, ``label``: ``(1, H, W, D)`` on the encoder's grid (the validation chain's output). The volume
+    is padded with its minimum (air) and background up to whole ROI windows and tiled by them without
+    overlap; each window goes through the encoder with nothing masked. Returns ``(M, D)`` tokens and
+    ``(M,)`` classes, windows in C order, tokens in token order.
+    """
+    roi = tuple(int(r) for r in roi)
+    img, lab = image.float(), label.float()
+    pads = [(-s) % r for s, r in zip(img.shape[1:], roi)]
+    pad = [p for axis in reversed(pads) for p in (0, axis)]  # F.pad wants the last axis first
+    img = F.pad(img, pad, value=float(img.min()))
+    lab = F.pad(lab, pad, value=0.0)
+    feats, classes = [], []
+    grid = [s // r for s, r in zip(img.shape[1:], roi)]
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            for k in range(grid[2]):
+                win = (slice(None), slice(i * roi[0], (i + 1) * roi[0]), slice(j * roi[1], (j + 1) * roi[1]),
+                       slice(k * roi[2], (k + 1) * roi[2]))
+                tokens, _ = encoder(img[win][None])  # (1, N, D)
+                feats.append(tokens[0])
+                classes.append(patch_majority_labels(lab[win][None], patch_size)[0])
+    return torch.cat(feats), torch.cat(classes)
