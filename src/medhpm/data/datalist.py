@@ -510,12 +510,17 @@ def split_validation(training_entries: list[dict], n_val: int, seed: int = 0) ->
             "must remain for training (lower data.val_cases)"
         )
 
-    def rank(e: dict) -> str:
-        return hashlib.sha256(f"{seed}:{e.get('case') or e['image']}".encode()).hexdigest()
-
-    chosen = {id(e) for e in sorted(entries, key=rank)[:n_val]}
+    chosen = _drawn(entries, n_val, f"{seed}")
     return [e for e in entries if id(e) not in chosen], [e for e in entries if id(e) in chosen]
 
+
+def _drawn(entries: list[dict], n: int, salt: str) -> set[int]:
+    """``id()`` of the ``n`` entries first in the order of a hash of ``salt:case``: a draw that depends only
+    on the case names and the salt, not on the listing order or the Python version."""
+    def rank(e: dict) -> str:
+        return hashlib.sha256(f"{salt}:{e.get('case') or e['image']}".encode()).hexdigest()
+
+    return {id(e) for e in sorted(entries, key=rank)[:n]}
 
 
 def choose_labelled(train_entries: list[dict], k: int, seed: int = 0) -> list[dict]:
@@ -536,8 +541,5 @@ def choose_labelled(train_entries: list[dict], k: int, seed: int = 0) -> list[di
             "training case(s) left after the validation split; lower it, or 0 for all"
         )
 
-    def rank(e: dict) -> str:
-        return hashlib.sha256(f"labelled:{seed}:{e.get('case') or e['image']}".encode()).hexdigest()
-
-    chosen = {id(e) for e in sorted(entries, key=rank)[:k]}
+    chosen = _drawn(entries, k, f"labelled:{seed}")
     return [e for e in entries if id(e) in chosen]
