@@ -32,6 +32,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from medhpm.config import DataConfig
 from medhpm.data.datalist import DataError
+from medhpm.data.transforms import DETERMINISTIC_FIELDS, transforms_spec
 from medhpm.runtime.files import atomic_path
 
 __all__ = ["make_dataset", "make_loader", "training_loader", "seed_worker", "item_hash", "chain_hash", "case_error",
@@ -75,7 +76,6 @@ def _deterministic_head(transform: Any) -> list:
 def chain_hash(transform: Any, cfg: DataConfig) -> str:
     """Hash of what the cached (deterministic) head computes: its transforms and their keys, and the
     chain parameters (the spec attached by medhpm.data.transforms, else those of ``cfg``)."""
-    from medhpm.data.transforms import DETERMINISTIC_FIELDS, transforms_spec
 
     spec = getattr(transform, "medhpm_spec", None) or transforms_spec(cfg)
     head = []

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from medhpm.config import DataConfig
+from medhpm.data.phantom import write_phantom_dataset
+from medhpm.runtime.files import atomic_write_text
 
 
 def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
@@ -20,7 +22,6 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
         if not path.exists():
             raise FileNotFoundError(f"data.dataset {cfg.dataset!r} does not exist")
         return path
-    from medhpm.data.phantom import write_phantom_dataset
 
     out = Path(work_dir) / "phantom"
     stamp = out / "phantom.json"
@@ -32,7 +33,6 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
         except json.JSONDecodeError:
             pass
     path = write_phantom_dataset(out, cases=cfg.phantom_cases, seed=cfg.phantom_seed)
-    from medhpm.runtime.files import atomic_write_text
 
     atomic_write_text(stamp, json.dumps(want))
     return path
