@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 from scipy import stats
 
+from medhpm.evaluate.tables import mean_std
+
 __all__ = ["paired_difference"]
 
 
@@ -33,11 +35,10 @@ def paired_difference(a: Mapping, b: Mapping, confidence: float = 0.95) -> dict:
            "mean": float("nan"), "std": float("nan"), "lo": float("nan"), "hi": float("nan")}
     if n == 0:
         return out
-    mean = sum(d) / n
+    mean, std, _ = mean_std(d)  # the seeds' mean and sample std, as the tables compute them
     out["mean"] = mean
     if n < 2:
         return out
-    std = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
     out.update(std=std, lo=mean - half, hi=mean + half)
     return out

@@ -27,7 +27,8 @@ def _label_keys(summary: Mapping[str, Mapping]) -> list[str]:
     return [k for k in summary if k != "mean"]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample std with ddof=1 (NaN under 2 values), count) of the finite ``values``; None is NaN."""
     arr = np.array([_num(v) for v in values], dtype=float)
     arr = arr[np.isfinite(arr)]
     mean = float(arr.mean()) if arr.size else math.nan
@@ -55,8 +56,8 @@ def aggregate_seeds(summaries: Sequence[Mapping[str, Mapping]]) -> dict[str, dic
     for key in [*labels, "mean"]:
         dice_seeds = [_num(s[key].get("dice_mean")) for s in summaries]
         hd_seeds = [_num(s[key].get("hd95_mean")) for s in summaries]
-        dice_mean, dice_std, n_seeds = _mean_std(dice_seeds)
-        hd_mean, hd_std, _ = _mean_std(hd_seeds)
+        dice_mean, dice_std, n_seeds = mean_std(dice_seeds)
+        hd_mean, hd_std, _ = mean_std(hd_seeds)
         out[key] = {
             "dice_mean": dice_mean,
             "dice_std": dice_std,
@@ -78,13 +79,13 @@ def _average(summary: Mapping[str, Mapping], labels: list[str]) -> tuple[float, 
     entries = [summary[k] for k in labels]
     if all("dice_seeds" in e for e in entries):
         n = len(entries[0]["dice_seeds"])
-        per_seed_dice = [_mean_std([e["dice_seeds"][i] for e in entries])[0] for i in range(n)]
-        per_seed_hd = [_mean_std([e["hd95_seeds"][i] for e in entries])[0] for i in range(n)]
-        d, ds, nd = _mean_std(per_seed_dice)
-        h, hs, _ = _mean_std(per_seed_hd)
+        per_seed_dice = [mean_std([e["dice_seeds"][i] for e in entries])[0] for i in range(n)]
+        per_seed_hd = [mean_std([e["hd95_seeds"][i] for e in entries])[0] for i in range(n)]
+        d, ds, nd = mean_std(per_seed_dice)
+        h, hs, _ = mean_std(per_seed_hd)
         return d, ds, h, hs, nd > 1
-    d, _, _ = _mean_std([e.get("dice_mean") for e in entries])
-    h, _, _ = _mean_std([e.get("hd95_mean") for e in entries])
+    d, _, _ = mean_std([e.get("dice_mean") for e in entries])
+    h, _, _ = mean_std([e.get("hd95_mean") for e in entries])
     return d, math.nan, h, math.nan, False
 
 
