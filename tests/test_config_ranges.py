@@ -22,6 +22,7 @@ BAD: dict[str, list[str]] = {
     "data.split": ["random"],
     "data.phantom_cases": ["0"],
     "data.phantom_seed": ["-1"],
+    "data.phantom_variability": ["huge"],
     "data.orientation": ["XYZ", "RAR", "RA", "ras"],
     "data.spacing": ["[0,1,1]", "[1,-1,1]", "[1,1]", "[1,1,1,1]"],
     "data.a_min": ["300"],  # above a_max

@@ -35,6 +35,7 @@ class DataConfig:
     split: str = "transunet"  # BTCV only: transunet (18/12) | monai (24/6)
     phantom_cases: int = 12  # >= 1; only when dataset == "phantom"
     phantom_seed: int = 0  # >= 0
+    phantom_variability: str = "standard"  # standard | wide (the variability of real scans: phase, scanner, ...)
     # Preprocessing recipe of PROTOCOL.md
     orientation: str = "RAS"  # three letters, one of each pair L/R, A/P, S/I (RAS, LPS, ...)
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)  # three sizes > 0 (mm)
@@ -588,6 +589,8 @@ def validate(cfg: Config) -> Config:
     _check(d.split in ("transunet", "monai"), "data.split", f"{d.split!r} is not transunet or monai")
     _count(d.phantom_cases, "data.phantom_cases", 1)
     _count(d.phantom_seed, "data.phantom_seed", 0)
+    _check(d.phantom_variability in ("standard", "wide"), "data.phantom_variability",
+           f"{d.phantom_variability!r} is not standard or wide")
     _check(_orientation_ok(d.orientation), "data.orientation",
            f"{d.orientation!r} must be three letters, one of each pair L/R, A/P, S/I (e.g. RAS or LPS)")
     _check(len(d.spacing) == 3 and all(s > 0 for s in d.spacing), "data.spacing",

@@ -26,13 +26,16 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
     out = Path(work_dir) / "phantom"
     stamp = out / "phantom.json"
     want = {"cases": cfg.phantom_cases, "seed": cfg.phantom_seed}
+    if cfg.phantom_variability != "standard":  # stamps of standard data sets stay as they were
+        want["variability"] = cfg.phantom_variability
     if stamp.exists() and (out / "dataset.json").exists():
         try:
             if json.loads(stamp.read_text()) == want:
                 return out / "dataset.json"
         except json.JSONDecodeError:
             pass
-    path = write_phantom_dataset(out, cases=cfg.phantom_cases, seed=cfg.phantom_seed)
+    path = write_phantom_dataset(out, cases=cfg.phantom_cases, seed=cfg.phantom_seed,
+                                 variability=cfg.phantom_variability)
 
     atomic_write_text(stamp, json.dumps(want))
     return path

@@ -16,6 +16,7 @@ from medhpm.data.phantom.fields import _smooth_field
 from medhpm.data.phantom.geometry import _affine, _Grid, _resolve_geometry
 from medhpm.data.phantom.organs import _paint_organs
 from medhpm.data.phantom.params import _draw_params
+from medhpm.data.phantom.variability import _draw_wide, _paint_lesions, check_variability
 
 _F32 = np.float32
 
@@ -30,6 +31,7 @@ class PhantomCase:
     spacing: tuple[float, float, float]
     orientation: str  # "RAS" or "LPS" (nibabel axis codes of the array axes)
     seed: int = 0
+    variation: dict = dataclasses.field(default_factory=dict)  # wide variability: what was drawn (phase, ...)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,21 +88,27 @@ def generate_case(
     size: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
     orientation: str | None = None,
+    variability: str = "standard",
 ) -> PhantomCase:
     """Generate one synthetic abdominal CT case.
 
     ``size`` (voxels) and ``spacing`` (mm), both (x, y, z), override the drawn geometry as described
     in the module docstring. ``orientation`` is "RAS" or "LPS"; ``None`` draws it from the seed.
+    ``variability`` is ``standard`` or ``wide`` (the variability of real scans; see ``variability``).
     """
     seed = _check_seed(seed)
     size = _check_triplet(size, "size", integer=True)
     spacing = _check_triplet(spacing, "spacing", integer=False)
     orientation = _check_orientation(orientation)
+    variability = check_variability(variability)
 
-    # Separate streams keep the anatomy independent of the grid size: only the last stream's use
-    # depends on the number of voxels.
-    ss_params, ss_fields, ss_noise = np.random.SeedSequence(seed).spawn(3)
+    # Separate streams keep the anatomy independent of the grid size: only the noise stream's use
+    # depends on the number of voxels. The fourth stream widens the draws (``wide`` only), so that
+    # ``standard`` cases are the same as before it existed.
+    ss_params, ss_fields, ss_noise, ss_wide = np.random.SeedSequence(seed).spawn(4)
     p = _draw_params(np.random.default_rng(ss_params))
+    if variability == "wide":
+        _draw_wide(np.random.default_rng(ss_wide), p)
     fields_rng = np.random.default_rng(ss_fields)
     noise_rng = np.random.default_rng(ss_noise)
     orientation = orientation or p["orientation"]
@@ -111,7 +119,15 @@ def generate_case(
     image, label = _store(image, canvas.label, orientation)
     affine = _affine(shape, spc, origin, orientation)
     return PhantomCase(image=image, label=label, affine=affine, spacing=spc, orientation=orientation,
-                       seed=seed)
+                       seed=seed, variation=_variation(p) if variability == "wide" else {})
+
+
+def _variation(p: dict) -> dict:
+    """What a wide case drew that a user may want to stratify by (written into dataset.json)."""
+    return {"phase": p["phase"], "hu_offset": round(float(p["hu_offset"]), 1),
+            "noise_hu": round(float(p["noise_hu"]), 1), "fat_mm": round(float(p["fat_mm"]), 1),
+            "partial_fov": p["partial_fov"], "fov_z_mm": round(float(p["fov_z"]), 1),
+            "lesions": [f"{les['kind']} {les['organ']} r={les['radius_mm']:.0f}mm" for les in p["lesions"]]}
 
 
 def _check_orientation(orientation):
@@ -147,6 +163,7 @@ def _paint(grid: _Grid, p: dict, fields_rng) -> _Canvas:
     _paint_muscles(canvas)
     _paint_bowel(canvas, fields_rng)
     _paint_organs(canvas)
+    _paint_lesions(canvas)
     _paint_bones(canvas)
     return canvas
 
@@ -157,6 +174,8 @@ def _scan(hu: np.ndarray, p: dict, shape, noise_rng) -> np.ndarray:
     noise = noise_rng.standard_normal(shape, dtype=_F32)
     noise *= _F32(p["noise_hu"])
     hu += noise
+    if "hu_offset" in p:  # wide variability: the scanner's calibration offset
+        hu += _F32(p["hu_offset"])
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
