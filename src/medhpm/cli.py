@@ -71,12 +71,18 @@ def phantom(
     seed: int = typer.Option(0, help="Random seed (the same seed gives the same data)."),
     size: Optional[str] = typer.Option(None, help="Voxels per case as X,Y,Z (default: about 128x128x70)."),
     spacing: Optional[str] = typer.Option(None, help="Voxel spacing in mm as X,Y,Z (default: varied per case)."),
+    variability: str = typer.Option("standard", help="standard (portal-venous, full abdomen) or wide (every "
+                                    "contrast phase, scanner, build, lesions, partial fields of view; docs/phantoms.md)."),
 ):
     """Write synthetic abdominal CT phantoms (NIfTI, BTCV labels) with an MSD-style dataset.json."""
     from medhpm.data.phantom import write_phantom_dataset
+    from medhpm.data.phantom.variability import VARIABILITY
 
+    if variability not in VARIABILITY:
+        raise typer.BadParameter(f"--variability must be standard or wide, not {variability!r}")
     path = write_phantom_dataset(out, cases=cases, seed=seed, size=_triple(size, int, "--size"),
-                                 spacing=_triple(spacing, float, "--spacing"), progress=True)
+                                 spacing=_triple(spacing, float, "--spacing"), progress=True,
+                                 variability=variability)
     typer.echo(f"wrote {cases} phantom cases and {path}")
 
 

@@ -139,3 +139,17 @@ def test_dataset_json_records_each_wide_case_and_the_config_key_reaches_the_gene
     # Standard data sets are written as before: no variability entry.
     std = json.loads(write_phantom_dataset(tmp_path / "std", cases=1, size=SMALL).read_text())
     assert "variability" not in std and "phantom" not in std["training"][0]
+
+
+def test_phantom_command_takes_the_variability(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "medhpm", "phantom", str(tmp_path / "w"), "--cases", "1", "--size", "32,32,24"]
+    r = subprocess.run(cmd + ["--variability", "wide"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "w" / "dataset.json").read_text())["variability"] == "wide"
+    r = subprocess.run(cmd[:4] + [str(tmp_path / "bad")] + cmd[5:] + ["--variability", "huge"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--variability must be standard or wide, not 'huge'" in r.stderr
+    assert not (tmp_path / "bad").exists()
