@@ -1,4 +1,5 @@
-"""The experiment runner: methods x seeds on one data set and split, same budget, then the paper's tables.
+"""The experiment runner: methods x seeds (x a grid over one config key) on one data set and split, same
+budget, then the paper's tables, paired differences over seeds and a frozen-encoder probe.
 
 An experiment config (packaged under ``configs/experiments/`` or a YAML path)::
 
@@ -8,16 +9,22 @@ An experiment config (packaged under ``configs/experiments/`` or a YAML path)::
     methods: [scratch, mae, hpm, no_lpred, no_learn_to_mask, unet, imagenet]
     seeds: [0, 1]
     imagenet_weights: null     # a 2D ViT-B/16 checkpoint (timm or MAE layout) for the `imagenet` row
+    grid: {key: finetune.labelled_cases, values: [1, 3]}   # optional: one config key, several values
+    probe: true                # the frozen-encoder probe per (method, seed) (default true)
 
 Methods: ``scratch`` (UNETR, no pre-training), ``mae``/``hpm``/``no_lpred``/``no_learn_to_mask``
 (pre-training then UNETR), ``imagenet`` (UNETR from an inflated 2D ViT), ``unet`` (MONAI DynUNet CNN from
 scratch, the paper's U-Net reference row). Each (method, seed) runs in its own process (so its peak memory
-is its own) under ``OUT/runs/METHOD/seedS``; finished runs are skipped and an interrupted one resumes.
+is its own) under ``OUT/runs/METHOD/seedS``, or with a grid ``OUT/runs/KEY=VALUE/METHOD/seedS``; finished
+runs are skipped and an interrupted one resumes. When the grid key is one pre-training does not depend on
+(``finetune.*``, ``inference.*``, UNETR's decoder keys), each (method, seed) is pre-trained once, under
+``OUT/pretrain/METHOD/seedS``, and every grid value fine-tunes from that encoder. See docs/experiments.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -25,18 +32,34 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from medhpm.config import METHODS, ConfigError, load_config, read_yaml
+from medhpm.config import METHODS, STAGE_ONLY_KEYS, ConfigError, get_key, load_config, read_yaml
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.classes import parse_classes
-from medhpm.evaluate.tables import aggregate_seeds, paper_table
+from medhpm.evaluate.paired import paired_difference
+from medhpm.evaluate.tables import aggregate_seeds, mean_std, paper_table
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
 from medhpm.runtime.logging import read_metrics
+from medhpm.segment.probe import run_probe
+from medhpm.viz.report import grid_figure
 
 ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-training methods
 LABELS = {"unet": "U-Net (DynUNet)", "scratch": "UNETR", "imagenet": "UNETR+ImageNet", "mae": "UNETR+MAE",
           "no_lpred": "UNETR+HPM w/o L_pred, learn to mask", "no_learn_to_mask": "UNETR+HPM w/o learn to mask",
           "hpm": "UNETR+HPM"}
-_KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "description"}
+_KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "description", "grid", "probe"}
+# paired differences A - B reported when both methods ran
+PAIRS = (("hpm", "mae"), ("mae", "scratch"), ("hpm", "scratch"), ("hpm", "no_learn_to_mask"),
+         ("no_learn_to_mask", "scratch"))
+CONFIDENCE = 0.95
+INTERVAL = ("two-sided 95 % Student-t interval of the mean of the paired per-seed differences "
+            "(mean ± t(0.975, n-1) · sd / √n over the n seeds both methods ran; evaluate/paired.py)")
+# grid keys that pre-training does not read: the runs of all grid values share one pre-training
+PRETRAIN_FREE = ("inference.",) + STAGE_ONLY_KEYS["finetune"]
+# fine-tuning keys that change the encoder fine-tuning starts from (the probe then runs per grid value)
+ENCODER_KEYS = ("finetune.use_teacher", "finetune.allow_partial_init", "finetune.architecture")
+# grid keys the runner refuses: the data set is made once per experiment, seeds and methods are axes
+_NOT_GRID = ("seed", "pretrain.method", "data.dataset", "data.phantom_", "data.format", "data.split")
+LABELLED = "finetune.labelled_cases"
 
 
 def load_experiment(name_or_path: str) -> dict:
@@ -48,6 +71,7 @@ def load_experiment(name_or_path: str) -> dict:
     spec.setdefault("name", Path(name_or_path).stem)
     spec.setdefault("overrides", [])
     spec.setdefault("seeds", [0])
+    spec.setdefault("probe", True)
     bad = [m for m in spec.get("methods", []) if m not in ALL_METHODS]
     if not spec.get("methods") or bad:
         raise ConfigError(f"{where}: 'methods' must list some of {', '.join(ALL_METHODS)} (bad: {bad})")
@@ -55,7 +79,56 @@ def load_experiment(name_or_path: str) -> dict:
         raise ConfigError(f"{where}: method 'imagenet' needs 'imagenet_weights' (a 2D ViT-B/16 checkpoint you supply)")
     if "base" not in spec:
         raise ConfigError(f"{where}: 'base' (the pipeline config, e.g. demo or btcv_paper) is missing")
+    if not isinstance(spec["probe"], bool):
+        raise ConfigError(f"{where}: 'probe' must be true or false, not {spec['probe']!r}")
+    if spec.get("grid") is not None:
+        _check_grid(spec, where)
+    else:
+        spec["grid"] = None
     return spec
+
+
+def _check_grid(spec: dict, where: str) -> None:
+    grid = spec["grid"]
+    if not isinstance(grid, dict) or set(grid) != {"key", "values"}:
+        raise ConfigError(f"{where}: 'grid' must be a mapping with 'key' (a config key, e.g. {LABELLED}) and "
+                          f"'values' (a list), got {grid!r}")
+    key, values = grid["key"], grid["values"]
+    if not isinstance(key, str) or not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: grid 'key' must be a config key and 'values' a non-empty list, got "
+                          f"key={key!r}, values={values!r}")
+    if key == "seed" or key.startswith(_NOT_GRID[1:]):
+        raise ConfigError(f"{where}: grid key {key!r} cannot be a grid axis (seeds and methods have their own "
+                          f"lists; the data set is made once per experiment)")
+    names = [_value_name(v) for v in values]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: grid values {values!r} repeat a value")
+    cfg = load_config(spec["base"], list(spec["overrides"]))
+    try:
+        leaf = get_key(cfg, key)
+    except AttributeError:  # load_config below says why (an unknown key, with a suggestion)
+        leaf = _MISSING
+    if hasattr(leaf, "__dataclass_fields__"):
+        raise ConfigError(f"{where}: grid key {key!r} is a config section, not a key (e.g. {LABELLED})")
+    for v in values:
+        try:
+            load_config(spec["base"], list(spec["overrides"]) + [_override(key, v)])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: grid value {key}={v!r}: {e}") from None
+    if leaf is _MISSING:
+        raise ConfigError(f"{where}: grid key {key!r} is not a config key (e.g. {LABELLED}, finetune.epochs)")
+
+
+_MISSING = object()
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _value_name(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return text.replace("/", "_")
 
 
 def run_experiment(config: str, out: str | Path | None = None, overrides: list[str] | None = None) -> Path:
@@ -66,31 +139,68 @@ def run_experiment(config: str, out: str | Path | None = None, overrides: list[s
         return _run_experiment(spec, out, overrides)
 
 
+def _cells(spec: dict, overrides: list[str] | None) -> list[dict]:
+    """One cell per grid value (one without a grid): its value, folder name and resolved config."""
+    base_ov = list(spec["overrides"]) + list(overrides or [])
+    grid = spec.get("grid")
+    if not grid:
+        return [{"value": None, "name": None, "cfg": load_config(spec["base"], base_ov)}]
+    return [{"value": v, "name": f"{grid['key']}={_value_name(v)}",
+             "cfg": load_config(spec["base"], base_ov + [_override(grid["key"], v)])} for v in grid["values"]]
+
+
+def shares_pretraining(spec: dict) -> bool:
+    """Whether the grid's runs share one pre-training per (method, seed): the key is one pre-training
+    does not depend on."""
+    grid = spec.get("grid")
+    return bool(grid) and grid["key"].startswith(PRETRAIN_FREE)
+
+
+def _probe_cell(spec: dict, cells: list[dict]) -> dict:
+    """The cell whose config the shared probe uses: the fewest labelled cases of a labelled-cases grid
+    (0 means all), else the first."""
+    if spec["grid"] and spec["grid"]["key"] == LABELLED:
+        return min(cells, key=lambda c: c["cfg"].finetune.labelled_cases or math.inf)
+    return cells[0]
+
+
 def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
-    cfg = load_config(spec["base"], list(spec["overrides"]) + list(overrides or []))
+    cells = _cells(spec, overrides)
+    cfg = cells[0]["cfg"]
     spec["command_line_overrides"] = list(overrides or [])
     atomic_write_text(out / "experiment.json", json.dumps(spec, indent=2))
     if cfg.data.dataset == "phantom":
         dataset = resolve_dataset(cfg.data, out)
     else:
         dataset = Path(cfg.data.dataset)
+    shared = shares_pretraining(spec)
     runs = []
-    total = len(spec["methods"]) * len(spec["seeds"])
+    total = len(spec["methods"]) * len(spec["seeds"]) * len(cells)
     t0 = time.time()
     for seed in spec["seeds"]:
-        for method in spec["methods"]:
-            run_dir = out / "runs" / method / f"seed{seed}"
-            done = (run_dir / "evaluation" / "metrics.json").exists()
-            print(f"\n##### [{len(runs) + 1}/{total}] {method}, seed {seed}: "
-                  f"{'done, skipped' if done else 'running'} ({(time.time() - t0) / 60:.1f} min so far) #####",
-                  flush=True)
-            if not done:
-                _run_one(cfg, spec, method, seed, dataset, run_dir)
-            runs.append({"method": method, "seed": seed, "dir": run_dir})
-    return write_experiment_results(out, spec, cfg, runs)
+        for cell in cells:
+            for method in spec["methods"]:
+                where = out / "runs" / cell["name"] if cell["name"] else out / "runs"
+                run_dir = where / method / f"seed{seed}"
+                pt_dir = None
+                if method in METHODS:
+                    pt_dir = out / "pretrain" / method / f"seed{seed}" if shared else run_dir / "pretrain"
+                done = (run_dir / "evaluation" / "metrics.json").exists()
+                at = f", {cell['name']}" if cell["name"] else ""
+                reuse = (" (pre-trained once, shared by the grid: "
+                         f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})") if shared and pt_dir else ""
+                print(f"\n##### [{len(runs) + 1}/{total}] {method}, seed {seed}{at}: "
+                      f"{'done, skipped' if done else 'running' + reuse} ({(time.time() - t0) / 60:.1f} min so far) #####",
+                      flush=True)
+                if not done:
+                    _run_one(cell["cfg"], spec, method, seed, dataset, run_dir, pt_dir if shared else None)
+                runs.append({"method": method, "seed": seed, "dir": run_dir, "cell": cell["name"],
+                             "value": cell["value"], "pretrain_dir": pt_dir})
+    probes = _run_probes(spec, cells, runs, dataset, out, shared) if spec["probe"] else []
+    return write_experiment_results(out, spec, cfg, runs, probes)
 
 
-def _run_one(cfg, spec, method, seed, dataset, run_dir: Path) -> None:
+def _run_one(cfg, spec, method, seed, dataset, run_dir: Path, pretrain_dir: Path | None = None) -> None:
     """One (method, seed) run in its own process: ``python -m medhpm.pipeline`` (see its ``main``)."""
     run_cfg = replace(cfg, seed=int(seed))
     if method == "unet":
@@ -101,6 +211,8 @@ def _run_one(cfg, spec, method, seed, dataset, run_dir: Path) -> None:
            "--dataset", str(dataset), "--out", str(run_dir), "--name", method]
     if method in METHODS:  # pre-training, then UNETR from its encoder
         cmd += ["--pretrain", method]
+        if pretrain_dir is not None:  # one pre-training shared by the grid's runs
+            cmd += ["--pretrain-dir", str(pretrain_dir)]
     elif method == "imagenet":  # UNETR from the inflated 2D ViT; scratch and unet start from nothing
         cmd += ["--init", str(spec["imagenet_weights"])]
     rc = subprocess.call(cmd)
@@ -108,8 +220,34 @@ def _run_one(cfg, spec, method, seed, dataset, run_dir: Path) -> None:
         raise RuntimeError(f"run {method} seed {seed} failed (exit {rc}); rerun the same command to resume it")
 
 
-def _pretrain_cost(run_dir: Path) -> dict | None:
-    pt = run_dir / "pretrain"
+def _run_probes(spec: dict, cells: list[dict], runs: list[dict], dataset: Path, out: Path, shared: bool) -> list[dict]:
+    """The frozen-encoder probe of every (method, seed): once per encoder (per pre-training; per grid value
+    when the grid key changes the encoder). ``unet`` has no ViT encoder and no probe."""
+    per_cell = not shared or spec["grid"]["key"].startswith(ENCODER_KEYS)
+    pcell = _probe_cell(spec, cells)
+    probes, seen = [], set()
+    for r in runs:
+        if r["method"] == "unet" or (not per_cell and r["cell"] != pcell["name"]):
+            continue
+        cell = next(c for c in cells if c["name"] == r["cell"])
+        path = (r["dir"] if per_cell else out / "probe" / r["method"] / f"seed{r['seed']}") / "probe.json"
+        if path in seen:
+            continue
+        seen.add(path)
+        init = None
+        if r["method"] in METHODS:
+            init = r["pretrain_dir"] / "encoder.safetensors"
+        elif r["method"] == "imagenet":
+            init = spec["imagenet_weights"]
+        if not path.exists():
+            print(f"[probe] {r['method']}, seed {r['seed']}: frozen-encoder probe -> {path}", flush=True)
+        res = run_probe(replace(cell["cfg"], seed=int(r["seed"])), dataset, path, init=init)
+        probes.append({"method": r["method"], "seed": r["seed"], "cell": r["cell"] if per_cell else None,
+                       "path": path, "result": res})
+    return probes
+
+
+def _pretrain_cost(pt: Path) -> dict | None:
     recs = read_metrics(pt / "metrics.jsonl")
     steps = [r["compute_time"] + r.get("data_time", 0.0) for r in recs if r.get("kind") == "step" and "compute_time" in r]
     epochs = [r["epoch_time"] for r in recs if r.get("kind") == "epoch" and "epoch_time" in r]
@@ -122,27 +260,191 @@ def _pretrain_cost(run_dir: Path) -> dict | None:
         "peak_memory_kind": summ.get("peak_memory_kind")}
 
 
-def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict]) -> Path:
+def _paired(per_seed: dict[str, dict], methods: list[str]) -> dict:
+    """``{"A-B": paired_difference(...)}`` for the :data:`PAIRS` among ``methods``; ``per_seed`` maps a
+    method to ``{seed: value}``."""
+    return {f"{a}-{b}": paired_difference(per_seed[a], per_seed[b], CONFIDENCE)
+            for a, b in PAIRS if a in methods and b in methods}
+
+
+def _ms(values) -> dict:
+    mean, std, n = mean_std(list(values))
+    return {"mean": mean, "std": std, "n": n}
+
+
+def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probes: list[dict] | None = None) -> Path:
     classes = parse_classes(cfg.finetune.reported)
-    per_method: dict[str, list] = {}
+    probes = probes or []
+    methods = [m for m in spec["methods"]]
+    cell_names = list(dict.fromkeys(r["cell"] for r in runs))
+    per_cell: dict = {c: {} for c in cell_names}  # cell -> method -> [summary]
+    seeds_of: dict = {c: {} for c in cell_names}  # cell -> method -> [seed]
     costs: dict[str, list] = {}
+    seen_pt = set()
     for r in runs:
         m = json.loads((r["dir"] / "evaluation" / "metrics.json").read_text())
-        per_method.setdefault(r["method"], []).append(m["summary"])
-        c = _pretrain_cost(r["dir"])
-        if c:
-            costs.setdefault(r["method"], []).append(c)
-    rows = {LABELS[m]: aggregate_seeds(s) for m, s in per_method.items()}
-    table1 = paper_table(rows, classes)
-    ablation = [m for m in ("no_lpred", "no_learn_to_mask", "hpm") if m in per_method]
+        per_cell[r["cell"]].setdefault(r["method"], []).append(m["summary"])
+        seeds_of[r["cell"]].setdefault(r["method"], []).append(r["seed"])
+        pt = r.get("pretrain_dir") or r["dir"] / "pretrain"
+        if pt not in seen_pt:
+            seen_pt.add(pt)
+            c = _pretrain_cost(pt)
+            if c:
+                costs.setdefault(r["method"], []).append(c)
+    grid = spec.get("grid")
+    values = {r["cell"]: r["value"] for r in runs}
+    cells_out = []
+    for c in cell_names:
+        dice = {m: {s: sm["mean"].get("dice_mean") for s, sm in zip(seeds_of[c][m], per_cell[c][m])} for m in per_cell[c]}
+        hd = {m: {s: sm["mean"].get("hd95_mean") for s, sm in zip(seeds_of[c][m], per_cell[c][m])} for m in per_cell[c]}
+        dice = {m: {s: math.nan if v is None else float(v) for s, v in d.items()} for m, d in dice.items()}
+        hd = {m: {s: math.nan if v is None else float(v) for s, v in d.items()} for m, d in hd.items()}
+        cells_out.append({
+            "name": c, "value": values[c],
+            "methods": {m: {"dice": {**_ms(dice[m].values()), "seeds": dice[m]},
+                            "hd95": {**_ms(hd[m].values()), "seeds": hd[m]}} for m in per_cell[c]},
+            "paired": {"dice": _paired(dice, list(per_cell[c])), "hd95": _paired(hd, list(per_cell[c]))},
+            "aggregate": {m: aggregate_seeds(s) for m, s in per_cell[c].items()},
+        })
+    probe_out = _probe_summary(probes, out)
+    figure = None
+    if grid:
+        series = {LABELS[m]: [(cell["value"], 100 * cell["methods"][m]["dice"]["mean"],
+                               100 * cell["methods"][m]["dice"]["std"]) for cell in cells_out if m in cell["methods"]]
+                  for m in methods}
+        figure = grid_figure(series, out / f"dice_vs_{_value_name(grid['key'])}.png", xlabel=grid["key"],
+                             title=f"{spec['name']}: mean ± std over seeds {spec['seeds']}")
+    md = _results_md(spec, cfg, classes, cells_out, probe_out, costs, figure, out)
+    atomic_write_text(out / "results.md", md)
+    payload = {"spec": spec, "interval": INTERVAL, "confidence": CONFIDENCE, "grid": grid,
+               "cells": cells_out, "probe": probe_out,
+               "pretrain_cost": costs, "figure": figure.name if figure else None}
+    if not grid:  # the layout of experiments without a grid, as before
+        payload["methods"] = cells_out[0]["aggregate"]
+        payload["per_seed"] = per_cell[None]
+    atomic_write_text(out / "results.json", json.dumps(_finite(payload), indent=2, default=_json_default))
+    print("\n" + md)
+    return out / "results.md"
+
+
+def _probe_summary(probes: list[dict], out: Path) -> dict | None:
+    if not probes:
+        return None
+    out: dict = {"metric": probes[0]["result"]["metric"], "cells": {}}
+    for p in probes:
+        cell = out["cells"].setdefault(p["cell"] or "all", {"methods": {}, "labelled_cases": p["result"]["labelled_cases"]})
+        e = cell["methods"].setdefault(p["method"], {"seeds": {}, "chance": {}, "files": {}})
+        e["seeds"][p["seed"]] = p["result"]["balanced_accuracy"]
+        e["chance"][p["seed"]] = p["result"]["chance"]
+        e["files"][p["seed"]] = str(p["path"].relative_to(out))
+    for cell in out["cells"].values():
+        for e in cell["methods"].values():
+            e.update(_ms(e["seeds"].values()))
+        cell["paired"] = _paired({m: e["seeds"] for m, e in cell["methods"].items()}, list(cell["methods"]))
+    return out
+
+
+def _ci(d: dict, scale: float, digits: int) -> str:
+    if not math.isfinite(d["mean"]):
+        return "n/a"
+    text = f"{d['mean'] * scale:+.{digits}f}"
+    if math.isfinite(d["lo"]):
+        text += f" [{d['lo'] * scale:+.{digits}f}, {d['hi'] * scale:+.{digits}f}]"
+    return text
+
+
+def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path) -> str:
+    grid = spec.get("grid")
+    n_seeds = len(spec["seeds"])
+    key = grid["key"] if grid else None
+    parts = [f"# Experiment {spec['name']}\n\nBase config `{spec['base']}` with overrides "
+             f"{list(spec['overrides']) + list(spec.get('command_line_overrides', []))}; "
+             f"seeds {spec['seeds']} (cells: mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''})"
+             + (f"; grid over `{key}`: {grid['values']}" + (
+                 " (each (method, seed) pre-trained once; every grid value fine-tunes from that encoder)"
+                 if shares_pretraining(spec) else " (each grid value pre-trains anew)") if grid else "") + ".\n"]
+    # summary: mean Dice and HD95 per method (and grid value), probe beside
+    head = (f"| {key} | " if grid else "| ") + "method | DSC (%) | HD95 (mm) | probe bal. acc. (%) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in cells:
+        pc = (probe or {}).get("cells", {})
+        pcell = pc.get(c["name"]) or pc.get("all")
+        for m, e in c["methods"].items():
+            pe = (pcell or {}).get("methods", {}).get(m)
+            pr = _pm(100 * pe["mean"], 100 * pe["std"] if math.isfinite(pe["std"]) else 0, 1) if pe else "n/a"
+            lines.append(("| " + _value_name(c["value"]) + " " if grid else "") + f"| {LABELS[m]} | "
+                         f"{_pm(100 * e['dice']['mean'], 100 * e['dice']['std'] if math.isfinite(e['dice']['std']) else 0, 2)} | "
+                         f"{_pm(e['hd95']['mean'], e['hd95']['std'] if math.isfinite(e['hd95']['std']) else 0, 2)} | {pr} |")
+    parts.append("## Mean Dice over the reported organs, HD95, and the frozen-encoder probe\n\n" + "\n".join(lines) + "\n")
+    if figure:
+        parts.append(f"![mean Dice against {key}]({figure.name})\n\n[{figure.name}]({figure.name}): mean Dice "
+                     "against the grid value per method, error bars ± one std over seeds.\n")
+    # paired differences
+    plines = [(f"| {key} | " if grid else "| ") + "A - B | ΔDSC (points) [95 % CI] | ΔHD95 (mm) [95 % CI] | seeds |"]
+    plines.append("|" + "---|" * (plines[0].count("|") - 1))
+    for c in cells:
+        for pair, d in c["paired"]["dice"].items():
+            h = c["paired"]["hd95"][pair]
+            plines.append(("| " + _value_name(c["value"]) + " " if grid else "") +
+                          f"| {pair} | {_ci(d, 100, 2)} | {_ci(h, 1, 2)} | {d['n']} |")
+    if len(plines) > 2:
+        parts.append("## Paired differences over seeds\n\nA - B per seed (runs with the same seed share the "
+                     "validation split, the labelled cases and the data order), then the mean and its " + INTERVAL
+                     + ". ΔDSC > 0: A segments better; ΔHD95 < 0: A's boundaries are closer. With 3 to 5 seeds "
+                     "read the interval as the width the seeds allow, not as a test.\n\n" + "\n".join(plines) + "\n")
+    if probe:
+        pl = ["| method | balanced accuracy (%) | chance (%) | seeds |", "|---|---|---|---|"]
+        ql = ["| A - B | Δ balanced accuracy (points) [95 % CI] | seeds |", "|---|---|---|"]
+        texts = []
+        for name, cell in probe["cells"].items():
+            tag = "" if name == "all" else f" ({name})"
+            for m, e in cell["methods"].items():
+                ch = statistics.mean(e["chance"].values())
+                pl.append(f"| {LABELS[m]}{tag} | {_pm(100 * e['mean'], 100 * e['std'] if math.isfinite(e['std']) else 0, 1)}"
+                          f" | {100 * ch:.1f} | {e['n']} |")
+            for pair, d in cell["paired"].items():
+                ql.append(f"| {pair}{tag} | {_ci(d, 100, 2)} | {d['n']} |")
+            k = cell["labelled_cases"]
+            texts.append(f"{'all' if not k else k} labelled training case{'s' if k != 1 else ''}{tag}")
+        fitted = "; ".join(dict.fromkeys(texts))
+        why = (f"the smallest `{LABELLED}` of the grid" if grid and key == LABELLED else
+               f"the config's `{LABELLED}` (0: every training case left after the validation split)")
+        parts.append(
+            "## Frozen-encoder probe\n\nThe encoder UNETR fine-tuning starts from (pre-trained; for `scratch` the "
+            "seeded random initialisation of the same ViT), frozen; every token labelled with its patch's majority "
+            "class (background included). A class-balanced linear probe is fitted on the tokens of the labelled "
+            f"training cases, here {fitted} ({why}, drawn per seed as fine-tuning draws them), and scored on the "
+            "test cases by balanced accuracy (the mean over the classes present of the share predicted right). "
+            + ("One probe per (method, seed): the grid key does not change the encoder. " if shares_pretraining(spec)
+               and not key.startswith(ENCODER_KEYS) else "")
+            + "Files: `probe.json` beside each run"
+            + (" (`probe/METHOD/seedS/probe.json`)" if shares_pretraining(spec) and not key.startswith(ENCODER_KEYS) else "")
+            + ".\n\n" + "\n".join(pl) + "\n\n" + ("\n".join(ql) + "\n" if len(ql) > 2 else ""))
+    # Table 1 and Table 3, per grid value
+    for c in cells:
+        tag = f" ({c['name']})" if c["name"] else ""
+        rows = {LABELS[m]: a for m, a in c["aggregate"].items()}
+        parts.append(f"## Table 1 style{tag}: per organ (DSC %) and average DSC / HD95 (mm)\n\n{paper_table(rows, classes)}")
+        ablation = [m for m in ("no_lpred", "no_learn_to_mask", "hpm") if m in c["aggregate"]]
+        if not grid or len(ablation) > 1:  # with a grid only when there is an ablation to show
+            parts.append(f"## Table 3 style{tag}: ablation\n\n{_table3(c['aggregate'], ablation)}\n")
+    parts.append(f"## Pre-training cost\n\n{_cost_table(costs)}\n\nTime per step is the median wall time of an "
+                 "optimizer step (data + compute); peak memory is the pre-training process's peak (CUDA: max "
+                 "allocated; CPU: max resident set size).\n")
+    return "\n".join(parts)
+
+
+def _table3(agg: dict, ablation: list[str]) -> str:
     lines = ["| components | DSC | HD95 |", "|---|---|---|"]
     names = {"no_lpred": "w/o L_pred, learn to mask", "no_learn_to_mask": "w/o learn to mask", "hpm": "Ours (HPM)"}
     for m in ablation:
-        agg = aggregate_seeds(per_method[m])
-        mean = agg["mean"]
+        mean = agg[m]["mean"]
         lines.append(f"| {names[m]} | {_pm(mean.get('dice_mean'), mean.get('dice_std'), 3)} | "
                      f"{_pm(mean.get('hd95_mean'), mean.get('hd95_std'), 2)} |")
-    table3 = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def _cost_table(costs: dict) -> str:
     cost_lines = ["| method | time per step (s) | time per epoch (s) | peak memory (MiB) | step time vs mae |",
                   "|---|---|---|---|---|"]
     base = statistics.median([c["step_s"] for c in costs["mae"]]) if "mae" in costs else None
@@ -152,28 +454,27 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict]) -> Pa
         mem = [c["peak_memory_mib"] for c in cs if c.get("peak_memory_mib")]
         cost_lines.append(f"| {m} | {st:.3f} | {statistics.median(ep) if ep else float('nan'):.1f} | "
                           f"{max(mem) if mem else float('nan'):.0f} | {st / base if base else float('nan'):.2f} |")
-    cost = "\n".join(cost_lines)
-    n_seeds = len(spec["seeds"])
-    md = (f"# Experiment {spec['name']}\n\nBase config `{spec['base']}` with overrides "
-          f"{list(spec['overrides']) + list(spec.get('command_line_overrides', []))}; "
-          f"seeds {spec['seeds']} (cells: mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}).\n\n"
-          f"## Table 1 style: per organ (DSC %) and average DSC / HD95 (mm)\n\n{table1}\n\n"
-          f"## Table 3 style: ablation\n\n{table3}\n\n## Pre-training cost\n\n{cost}\n\n"
-          "Time per step is the median wall time of an optimizer step (data + compute); peak memory is the "
-          "pre-training process's peak (CUDA: max allocated; CPU: max resident set size).\n")
-    atomic_write_text(out / "results.md", md)
-    atomic_write_text(out / "results.json", json.dumps(
-        {"spec": spec, "methods": {m: aggregate_seeds(s) for m, s in per_method.items()},
-         "per_seed": per_method, "pretrain_cost": costs}, indent=2, default=_nan_none))
-    print("\n" + md)
-    return out / "results.md"
+    return "\n".join(cost_lines)
 
 
 def _pm(mean, std, digits) -> str:
-    if mean is None:
+    if mean is None or (isinstance(mean, float) and not math.isfinite(mean)):
         return "n/a"
     return f"{mean:.{digits}f} ± {std or 0:.{digits}f}"
 
 
-def _nan_none(x):
+def _finite(x):
+    """NaN (an undefined mean or std) as JSON null, so that results.json is standard JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _json_default(x):
+    if isinstance(x, Path):
+        return str(x)
     return None

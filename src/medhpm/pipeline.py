@@ -3,7 +3,7 @@
 ``run_demo`` is what ``medhpm demo`` runs with no data at all; ``run_stages`` is the same chain on any
 config. The experiment runner starts one process per method and seed with this module's entry point::
 
-    python -m medhpm.pipeline --config RUN/config.yaml --dataset DATA --out RUN [--pretrain hpm | --init W]
+    python -m medhpm.pipeline --config RUN/config.yaml --dataset DATA --out RUN [--pretrain hpm [--pretrain-dir PT] | --init W]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from medhpm.config import METHODS, Config, load_config, to_dict
+from medhpm.config import METHODS, Config, check_resume, load_config, to_dict
 from medhpm.data.datalist import load_datalist
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.run import evaluate_predictions
@@ -53,7 +53,7 @@ class Stages:
 
 
 def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | None = None, init: str | None = None,
-               name: str | None = None, stages: Stages | None = None) -> dict:
+               name: str | None = None, stages: Stages | None = None, pretrain_dir: str | Path | None = None) -> dict:
     """Pre-train (when ``pretrain_method`` is given), fine-tune, predict the test split, evaluate; resumable.
 
     ``pretrain_method``: one of ``config.METHODS``; fine-tuning then starts from its encoder. Without it,
@@ -61,10 +61,18 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
     scratch; both at once is an error. ``name`` is the row name in the evaluation table (default: the
     pre-training method, else ``init`` or ``scratch``). Finished stages are skipped; a stage interrupted
     after its first checkpoint resumes from ``last.pt``.
+
+    ``pretrain_dir``: where the pre-training lives (default ``out/pretrain``); runs that differ only in what
+    pre-training does not depend on (fine-tuning and inference keys, e.g. the experiment runner's grid over
+    ``finetune.labelled_cases``) share one: the first run pre-trains there, the others fine-tune from its
+    encoder. A finished pre-training is reused only if its config agrees in every key its checkpoint
+    depends on (``config.check_resume``).
     """
     if pretrain_method is not None and init is not None:
         raise ValueError(f"run_stages: fine-tuning starts from the {pretrain_method} pre-training or from "
                          f"init={init!r}, not both")
+    if pretrain_dir is not None and pretrain_method is None:
+        raise ValueError(f"run_stages: pretrain_dir={str(pretrain_dir)!r} needs a pretrain_method")
     if pretrain_method is not None and pretrain_method not in METHODS:
         raise ValueError(f"run_stages: pretrain_method {pretrain_method!r} is not one of {', '.join(METHODS)}")
     name = name or pretrain_method or ("init" if init else "scratch")
@@ -75,10 +83,12 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
     init = init or "none"
     if pretrain_method:
         cfg = replace(cfg, pretrain=replace(cfg.pretrain, method=pretrain_method))
-        pt = out / "pretrain"
+        pt = Path(pretrain_dir) if pretrain_dir is not None else out / "pretrain"
         enc = pt / "encoder.safetensors"
         if not (pt / "final.pt").exists():
             stages.run(f"self-pre-training ({pretrain_method})", pretrain, cfg, pt, resume=(pt / "last.pt").exists())
+        else:  # reused: made with this method and model (a shared folder may have been made by another run)
+            check_resume(cfg, pt, "pretrain")
         if not enc.exists():
             export_encoder(pt / "final.pt", enc)
         init = str(enc)
@@ -227,11 +237,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start = ap.add_mutually_exclusive_group()
     start.add_argument("--pretrain", choices=METHODS, help="pre-train with this method, then fine-tune from it")
     start.add_argument("--init", help="fine-tune from these weights instead (no pre-training)")
+    ap.add_argument("--pretrain-dir", type=Path, help="with --pretrain: the pre-training folder (default "
+                    "OUT/pretrain); a finished one is reused, an interrupted one resumed")
     ap.add_argument("--name", help="row name in the evaluation table")
     args = ap.parse_args(argv)
+    if args.pretrain_dir is not None and args.pretrain is None:
+        ap.error("--pretrain-dir needs --pretrain METHOD")
     with run_folder_lock(args.out, what="pipeline run"):
         run_stages(load_config(args.config), args.out, args.dataset, pretrain_method=args.pretrain, init=args.init,
-                   name=args.name)
+                   name=args.name, pretrain_dir=args.pretrain_dir)
 
 
 if __name__ == "__main__":

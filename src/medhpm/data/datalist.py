@@ -44,6 +44,7 @@ __all__ = [
     "write_datalist",
     "split_validation",
     "choose_labelled",
+    "finetune_cases",
 ]
 
 SPLITS = ("training", "validation", "test")
@@ -543,3 +544,21 @@ def choose_labelled(train_entries: list[dict], k: int, seed: int = 0) -> list[di
 
     chosen = _drawn(entries, k, f"labelled:{seed}")
     return [e for e in entries if id(e) in chosen]
+
+
+def finetune_cases(datalist: dict, val_cases: int, labelled_cases: int = 0,
+                   seed: int = 0) -> tuple[list[dict], list[dict], int]:
+    """The cases fine-tuning learns from and validates on: ``(train, val, n)``, ``n`` the training cases
+    before the ``labelled_cases`` draw.
+
+    Validation: the datalist's own labelled ``validation`` split when it has one (a split the user chose,
+    disjoint from ``test``), else ``val_cases`` drawn from the training cases (:func:`split_validation`);
+    then ``labelled_cases`` of the rest (:func:`choose_labelled`; 0 keeps them all). The fine-tuning
+    trainer and the frozen-encoder probe both choose their cases here.
+    """
+    given = [e for e in datalist.get("validation", []) if "label" in e]
+    if given:
+        train, val = list(datalist["training"]), given
+    else:
+        train, val = split_validation(datalist["training"], val_cases, seed=seed)
+    return choose_labelled(train, labelled_cases, seed=seed), val, len(train)

@@ -19,7 +19,7 @@ import torch
 
 from medhpm import __version__
 from medhpm.config import Config, check_resume
-from medhpm.data.datalist import choose_labelled, load_datalist, split_validation
+from medhpm.data.datalist import finetune_cases, load_datalist
 from medhpm.data.headers import check_headers
 from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
@@ -66,17 +66,12 @@ class FinetuneTrainer(Trainer):
         if missing:
             raise ValueError(f"fine-tuning needs labels; {len(missing)} training scans of {src} have none "
                              f"(e.g. {missing[0]})")
-        # validation: the datalist's own labelled "validation" split when it has one (a split the user
-        # chose, disjoint from "test"), else data.val_cases drawn from the training cases
-        given = [e for e in dl.get("validation", []) if "label" in e]
-        if given:
-            train, val = list(dl["training"]), given
-        else:
-            train, val = split_validation(dl["training"], d.val_cases, seed=self.cfg.seed)
+        # validation: the datalist's own labelled "validation" split, else data.val_cases drawn from the
+        # training cases; label efficiency: learn from finetune.labelled_cases of the rest (pre-training
+        # still used them all)
         k = self.cfg.finetune.labelled_cases
-        if k:  # label efficiency: learn from k of the training cases (pre-training still used them all)
-            n = len(train)
-            train = choose_labelled(train, k, seed=self.cfg.seed)
+        train, val, n = finetune_cases(dl, d.val_cases, k, seed=self.cfg.seed)
+        if k:
             echo(f"[finetune] learning from the labels of {len(train)} of {n} training cases "
                  f"(finetune.labelled_cases={k}): {', '.join(e.get('case') or str(e['image']) for e in train)}", self.dist)
         self.datalist, self.train_entries, self.val_entries = dl, train, val

@@ -66,6 +66,42 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
     return save_png(fig, out_png)
 
 
+def grid_figure(series: dict[str, list[tuple[object, float, float]]], out_png: str | Path, xlabel: str,
+                ylabel: str = "mean Dice (reported organs, %)", title: str = "") -> Path:
+    """One line per method of ``(grid value, mean, std)`` points with ``std`` error bars (NaN std: none).
+
+    Numeric grid values are placed at their value; otherwise the values stand at equal steps in the
+    order given. Methods are offset a little sideways so that their error bars do not hide each other."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(dict.fromkeys(v for pts in series.values() for v, _, _ in pts))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = {v: float(v) if numeric else float(i) for i, v in enumerate(values)}
+    span = (max(xs.values()) - min(xs.values())) or 1.0
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (name, pts) in enumerate(series.items()):
+        shift = (i - (len(series) - 1) / 2) * 0.012 * span
+        x = [xs[v] + shift for v, _, _ in pts]
+        y = [m for _, m, _ in pts]
+        err = [0.0 if not math.isfinite(s) else s for _, _, s in pts]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=name)
+    ax.set_xticks([xs[v] for v in values])
+    ax.set_xticklabels([str(v) for v in values])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_png(fig, out_png)
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'

@@ -1,0 +1,62 @@
+"""The frozen-encoder probe of a run (segment/probe.py) on real phantom files: the encoder it probes is the
+one fine-tuning starts from, the cases are fine-tuning's, and a finished probe.json is read back."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from medhpm.config import load_config
+from medhpm.data.datalist import load_datalist
+from medhpm.segment.probe import probe_encoder, run_probe
+from medhpm.segment.trainer import FinetuneTrainer
+
+from pipeline_settings import TINY
+
+
+def _cfg(dataset, *more):
+    return load_config("demo", TINY + [f"data.dataset={dataset}", "runtime.threads=1", *more])
+
+
+def test_the_scratch_probe_encoder_is_fine_tunings_random_init(tiny_phantoms, tmp_path):
+    cfg = _cfg(tiny_phantoms, "seed=3")
+    trainer = FinetuneTrainer(cfg, tmp_path / "ft", init=None)
+    trainer.setup()  # seeds, builds the data and the model exactly as a fine-tuning run from scratch does
+    want = trainer.model.encoder.state_dict()
+    got = probe_encoder(cfg).state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    other = probe_encoder(_cfg(tiny_phantoms, "seed=4")).state_dict()
+    assert not torch.equal(other["patch_embed.proj.weight"], got["patch_embed.proj.weight"])
+
+
+def test_run_probe_uses_fine_tunings_labelled_cases_and_is_read_back(tiny_phantoms, tmp_path):
+    cfg = _cfg(tiny_phantoms, "seed=1", "finetune.labelled_cases=2")
+    out = tmp_path / "probe.json"
+    res = run_probe(cfg, tiny_phantoms, out)
+    assert 0.0 <= res["balanced_accuracy"] <= 1.0 and 0.0 < res["chance"] <= 1.0
+    dl = load_datalist(tiny_phantoms)
+    test_cases = [e["case"] for e in dl["test"]]
+    assert res["test_cases"] == test_cases
+    assert len(res["training_cases"]) == 2 and not set(res["training_cases"]) & set(test_cases)
+    assert not set(res["training_cases"]) & {e["case"] for e in dl["validation"]}
+    trainer = FinetuneTrainer(cfg, tmp_path / "ft", init=None)
+    trainer.setup()
+    assert res["training_cases"] == [e["case"] for e in trainer.train_entries]  # the cases fine-tuning learns from
+    # every token of the 32^3 windows: (ceil of each axis / 32) windows of (32 / 8)^3 tokens per case
+    assert res["train_tokens"] % 64 == 0 and res["token_dim"] == 96
+    # a finished probe.json is read back, not recomputed
+    data = json.loads(out.read_text())
+    data["balanced_accuracy"] = 0.123
+    out.write_text(json.dumps(data))
+    assert run_probe(cfg, tiny_phantoms, out)["balanced_accuracy"] == 0.123
+    all_cases = run_probe(replace_k(cfg, 0), tiny_phantoms, tmp_path / "all.json")
+    assert len(all_cases["training_cases"]) == all_cases["training_cases_available"] == len(dl["training"])
+
+
+def replace_k(cfg, k):
+    from dataclasses import replace
+
+    return replace(cfg, finetune=replace(cfg.finetune, labelled_cases=k))
