@@ -330,7 +330,7 @@ def demo(
 
 @app.command()
 def experiment(
-    config: str = typer.Option("demo_experiment", "--config", "-c", help="demo_experiment | btcv_paper | smwb_paper | a YAML path."),
+    config: str = typer.Option("demo_experiment", "--config", "-c", help="demo_experiment | label_efficiency | btcv_paper | smwb_paper | a YAML path."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment folder (default runs/experiment-NAME)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of the base config, key=value."),
 ):

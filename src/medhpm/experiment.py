@@ -230,6 +230,8 @@ def _run_probes(spec: dict, cells: list[dict], runs: list[dict], dataset: Path, 
         if r["method"] == "unet" or (not per_cell and r["cell"] != pcell["name"]):
             continue
         cell = next(c for c in cells if c["name"] == r["cell"])
+        if cell["cfg"].finetune.architecture != "unetr":  # no ViT encoder to probe
+            continue
         path = (r["dir"] if per_cell else out / "probe" / r["method"] / f"seed{r['seed']}") / "probe.json"
         if path in seen:
             continue
