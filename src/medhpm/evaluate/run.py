@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
+from ..data.scans import CHANNEL_SUFFIX as _CHANNEL_SUFFIX
 from ..data.scans import case_name, is_nifti, strip_nifti_ext
 from ..runtime.files import atomic_write_text, refuse_overwriting_inputs
 from .classes import parse_classes
@@ -26,7 +27,6 @@ from .metrics import CONVENTIONS, as_label_map, compute_case_metrics, summarize
 from .tables import paper_table
 
 AFFINE_TOL_MM = 1e-3
-_CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's first-channel suffix on image files
 _ROLE_SUFFIX = re.compile(r"_(pred|prediction|seg|segmentation|label|labels|gt)$", re.IGNORECASE)
 _ROLE_PREFIX = re.compile(r"^(img|image|labels|label|seg|pred)(?:[_\-]|(?=\d))", re.IGNORECASE)
 

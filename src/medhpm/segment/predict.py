@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from medhpm.config import Config, checkpoint_keys, from_dict, get_key
+from medhpm.data.color_tables import color_table_paths, write_color_tables
 from medhpm.data.datalist import detect_format, load_datalist
 from medhpm.data.dataset import root_cause
 from medhpm.data.scans import case_name, is_nifti
@@ -201,7 +202,9 @@ class Predictor:
     def predict_file(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
                      name: str | None = None) -> Path:
         """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``
-        (:meth:`predict`, then written atomically); returns the label map's path."""
+        (:meth:`predict`, then written atomically) with its colour tables beside it (``NAME.ctbl`` for 3D
+        Slicer, ``NAME.itksnap.txt`` for ITK-SNAP: :mod:`medhpm.data.color_tables`); returns the label
+        map's path."""
         import nibabel as nib
 
         source = Path(source)
@@ -212,6 +215,7 @@ class Predictor:
         out_dir = Path(out_dir)
         img = res.to_nifti()
         path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
+        write_color_tables(path, self.classes or _value_names(res.label))
         if save_probabilities:
             pr = np.moveaxis(res.probabilities, 0, -1)  # (X, Y, Z, C)
             atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
@@ -245,7 +249,8 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
     items = _list_inputs(Path(source), split)
     planned, by_output, outputs = [], {}, [out_dir]
     for src, name in items:
-        outs = [out_dir / f"{name}.nii.gz"] + ([out_dir / f"{name}_probs.nii.gz"] if save_probabilities else [])
+        outs = [out_dir / f"{name}.nii.gz", *color_table_paths(out_dir / f"{name}.nii.gz")]
+        outs += [out_dir / f"{name}_probs.nii.gz"] if save_probabilities else []
         for o in outs:
             key = os.path.normpath(os.path.abspath(o))
             if key in by_output and by_output[key] != src:
@@ -323,6 +328,11 @@ def _as_source(image, affine) -> tuple:
     if header is not None:
         header = header.copy()
     return vol, header
+
+
+def _value_names(label: np.ndarray) -> dict[int, str]:
+    """``{value: "class_<value>"}`` of the values in a label map (a checkpoint without class names)."""
+    return {int(v): f"class_{int(v)}" for v in np.unique(label) if v > 0}
 
 
 def _header_affine(image, header) -> np.ndarray:
