@@ -259,7 +259,8 @@ def predict(
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Predicted label map, folder of them, or a datalist."),
     label: Path = typer.Option(..., "--label", help="Ground-truth label map, folder of them, or a datalist."),
-    classes: str = typer.Option("btcv8", "--classes", help="btcv8 | btcv13 | NAME=VALUE,..."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="btcv8 | btcv13 | NAME=VALUE,... (default: the "
+                                          "datalist's labels, else the checkpoint's from predict, else by value)."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for metrics.json, metrics.csv and table.md."),
     method: str = typer.Option("model", help="Row name in the Table-1-style table."),
 ):

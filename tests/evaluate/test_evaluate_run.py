@@ -62,7 +62,7 @@ def test_folders_metrics_files(btcv_folders, tmp_path):
     text = (out / "metrics.json").read_text()
     on_disk = json.loads(text, parse_constant=lambda c: pytest.fail(f"JSON contains {c}"))
     assert on_disk == m
-    assert set(m) == {"classes", "cases", "summary", "conventions"}
+    assert set(m) == {"classes", "classes_source", "cases", "summary", "conventions"}
     assert m["classes"] == {"1": "spleen", "6": "liver", "11": "pancreas"}
     assert set(m["cases"]) == {"0001", "0002"}
     assert set(m["summary"]) == {"1", "6", "11", "mean"}
@@ -140,7 +140,7 @@ def test_datalist_labels_match_predictions_named_after_images(tmp_path):
 def test_two_files_pair_whatever_their_names(tmp_path):
     lab = _save(_label(), tmp_path / "gt.nii.gz")
     pred = _save(_label(shift=1), tmp_path / "my_prediction.nii")
-    m = evaluate_predictions(pred, lab, "btcv8", tmp_path / "o", method="UNETR")
+    m = evaluate_predictions(pred, lab, "spleen=1,liver=6", tmp_path / "o", method="UNETR")
     assert list(m["cases"]) == ["gt"]
     assert m["cases"]["gt"]["6"]["dice"] == pytest.approx(0.9, abs=1e-6)
     assert (tmp_path / "o" / "table.md").read_text().splitlines()[2].startswith("| UNETR | ")
@@ -186,7 +186,12 @@ def test_probability_map_rejected_with_file_name(tmp_path):
 def test_all_absent_class_writes_null_not_nan(tmp_path):
     _save(_label(), tmp_path / "l" / "x.nii.gz")
     _save(_label(), tmp_path / "p" / "x.nii.gz")
-    m = evaluate_predictions(tmp_path / "p", tmp_path / "l", "pancreas=11,liver=6", tmp_path / "o")
+    # the data set names pancreas, which no case holds: reported as absent (an explicit --classes naming a
+    # value found nowhere is refused instead, see tests/evaluate/test_evaluate_classes.py)
+    (tmp_path / "l" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "6": "liver",
+                                                                        "11": "pancreas"}}))
+    m = evaluate_predictions(tmp_path / "p", tmp_path / "l", None, tmp_path / "o")
+    assert m["classes"] == {"6": "liver", "11": "pancreas"}
     assert m["summary"]["11"]["dice_mean"] is None
     assert m["summary"]["mean"]["dice_mean"] == pytest.approx(1.0)
     literals = []  # json calls parse_constant for the non-standard NaN / Infinity / -Infinity literals only
