@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from medhpm.data.color_tables import read_itksnap, read_slicer_ctbl, slicer_ctbl_text, itksnap_text
 from medhpm.data.labels import label_rgb
@@ -81,3 +82,48 @@ def test_colour_table_texts_follow_the_viewers_formats():
                         f"2 right_kidney {r} {g} {b} 255"]
     rows = [ln.split(maxsplit=7) for ln in itksnap_text(classes).splitlines() if not ln.startswith("#")]
     assert rows[2] == ["2", str(r), str(g), str(b), "1", "1", "1", '"right kidney"']
+
+
+def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(tiny_checkpoint, seg_phantoms,
+                                                                              tmp_path):
+    from medhpm.evaluate.statistics import organ_statistics
+    from medhpm.segment.predict import Predictor
+
+    dl = json.loads(Path(seg_phantoms).read_text())
+    scans = [Path(seg_phantoms).parent / e["image"] for e in dl["training"] + dl["validation"] + dl["test"]]
+    scan = next(p for p in scans if nib.aff2axcodes(nib.load(str(p)).affine)[0] == "L")  # an LPS header
+    (tmp_path / "in").mkdir()
+    shutil.copy(scan, tmp_path / "in" / "ct.nii.gz")
+    out = tmp_path / "pred"
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint),
+                        "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu", "--statistics"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads((out / "statistics.json").read_text())
+    assert set(doc["conventions"]) == {"volume_ml", "hu_mean", "hu_std"}
+    assert doc["cases"]["ct"]["input"] == str(tmp_path / "in" / "ct.nii.gz")
+    img = nib.load(str(scan))
+    label = np.asarray(nib.load(str(out / "ct.nii.gz")).dataobj)
+    hu = img.get_fdata()
+    classes = {int(k): v for k, v in load_checkpoint(tiny_checkpoint, stage="finetune")["model_args"]["classes"].items()}
+    expected = organ_statistics(hu, label, img.affine, classes)
+    got = doc["cases"]["ct"]["organs"]
+    assert set(got) == {str(v) for v in classes}
+    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000
+    for v, e in expected.items():
+        assert got[v]["voxels"] == int((label == int(v)).sum()) == e["voxels"]
+        assert got[v]["volume_ml"] == pytest.approx(e["voxels"] * voxel_ml, rel=1e-5)
+        if e["voxels"]:
+            assert got[v]["hu_mean"] == pytest.approx(float(hu[label == int(v)].mean()), abs=1e-3)
+            assert got[v]["hu_std"] == pytest.approx(float(hu[label == int(v)].std()), abs=1e-3)
+    assert sum(e["voxels"] for e in expected.values()) > 0
+    rows = (out / "statistics.csv").read_text().splitlines()
+    assert rows[0] == "case,label,name,voxels,volume_ml,hu_mean,hu_std" and len(rows) == 1 + len(classes)
+    # in memory, from the array: the same numbers
+    mem = Predictor.from_checkpoint(tiny_checkpoint, device="cpu").predict(
+        np.asanyarray(img.dataobj), affine=img.affine, statistics=True)
+    for v in got:
+        assert mem.statistics[v]["voxels"] == got[v]["voxels"]
+        assert mem.statistics[v]["volume_ml"] == pytest.approx(got[v]["volume_ml"], rel=1e-9)
+        if got[v]["voxels"]:
+            assert mem.statistics[v]["hu_mean"] == pytest.approx(got[v]["hu_mean"], abs=1e-4)

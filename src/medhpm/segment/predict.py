@@ -19,6 +19,7 @@ call :meth:`Predictor.predict` and write what it returns.
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
 from dataclasses import dataclass
@@ -29,16 +30,18 @@ import torch
 
 from medhpm.config import Config, checkpoint_keys, from_dict, get_key
 from medhpm.data.color_tables import color_table_paths, write_color_tables
+from medhpm.data.ct_reader import read_volume
 from medhpm.data.datalist import detect_format, load_datalist
 from medhpm.data.dataset import root_cause
 from medhpm.data.scans import case_name, is_nifti
 from medhpm.data.transforms import predict_transforms
 from medhpm.data.volume_checks import grid_problem_of_affine
+from medhpm.evaluate.statistics import STATISTICS_CONVENTIONS, organ_statistics, statistics_csv
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
-from medhpm.runtime.files import atomic_save_nifti, check_writable, refuse_overwriting_inputs
+from medhpm.runtime.files import atomic_save_nifti, atomic_write_text, check_writable, refuse_overwriting_inputs
 
 
 @dataclass
@@ -48,7 +51,9 @@ class Prediction:
     ``label``: uint8 (X, Y, Z) label map on the input's voxel grid; ``affine``: its 4x4 voxel -> world (mm)
     matrix, nibabel's convention (RAS); ``probabilities``: float32 (C, X, Y, Z) softmax, on request, else
     None; ``classes``: ``{label value: name}`` of the checkpoint; ``header``: the input's NIfTI header
-    (None for DICOM or array input), so that :meth:`to_nifti` keeps its exact geometry codes.
+    (None for DICOM or array input), so that :meth:`to_nifti` keeps its exact geometry codes;
+    ``statistics``: on request, per organ volume (mL) and HU mean/std inside the mask on the input's own
+    grid (:func:`medhpm.evaluate.statistics.organ_statistics`), else None.
     """
 
     label: np.ndarray
@@ -56,6 +61,7 @@ class Prediction:
     probabilities: np.ndarray | None = None
     classes: dict | None = None
     header: object | None = None
+    statistics: dict | None = None
 
     def to_nifti(self):
         """The label map as a ``nibabel.Nifti1Image`` (uint8), with the input's header when it had one."""
@@ -143,24 +149,29 @@ class Predictor:
         logits = logits[0].float()
         return torch.softmax(logits, dim=0, out=logits) if probabilities else logits
 
-    def predict(self, image, affine=None, probabilities: bool = False) -> Prediction:
+    def predict(self, image, affine=None, probabilities: bool = False, statistics: bool = False) -> Prediction:
         """Segment one scan in memory; nothing is written.
 
         ``image``: a path (NIfTI file or DICOM series folder), a ``nibabel`` image, or a NumPy array
         (X, Y, Z) of HU with ``affine`` (4x4 voxel -> world in mm, nibabel's RAS convention, as
         ``nib.load(f).affine``). Returns a :class:`Prediction` on the input's own grid (same shape and
-        affine); ``probabilities=True`` adds the softmax. The array path and the file path give the same
-        label map for the same voxels and affine.
+        affine); ``probabilities=True`` adds the softmax, ``statistics=True`` each organ's volume and HU.
+        The array path and the file path give the same label map for the same voxels and affine.
         """
         source, header = _as_source(image, affine)
+        hu = None
+        if statistics:  # the scan's own intensities on its own grid, before any preprocessing
+            hu = read_volume(source).numpy()[0] if isinstance(source, str) else source.numpy()[0].copy()
         res = self.predict_item(source, want_probabilities=probabilities)
         label = res["label"]
         if header is not None and tuple(int(n) for n in header.get_data_shape()[:3]) != label.shape:
             raise RuntimeError(f"internal error: prediction shape {label.shape} differs from the input's "
                                f"{tuple(header.get_data_shape()[:3])}")
         out_affine = res["affine"] if header is None else _header_affine(image, header)
+        classes = dict(self.classes) or _value_names(label)
+        stats = organ_statistics(hu, label, out_affine, classes) if statistics else None
         return Prediction(label=label, affine=out_affine, probabilities=res.get("probs"),
-                          classes=dict(self.classes), header=header)
+                          classes=dict(self.classes), header=header, statistics=stats)
 
     def predict_item(self, source, want_probabilities: bool = False) -> dict:
         """Preprocess, infer and invert one scan (a path, or a channel-first MetaTensor in memory).
@@ -205,43 +216,50 @@ class Predictor:
         (:meth:`predict`, then written atomically) with its colour tables beside it (``NAME.ctbl`` for 3D
         Slicer, ``NAME.itksnap.txt`` for ITK-SNAP: :mod:`medhpm.data.color_tables`); returns the label
         map's path."""
+        source = Path(source)
+        res = self.predict(source, probabilities=save_probabilities)
+        return self._write(res, Path(out_dir), name or case_name(source))
+
+    def _write(self, res: Prediction, out_dir: Path, name: str) -> Path:
+        """The files of one prediction: the label map, its colour tables, the probabilities if computed."""
         import nibabel as nib
 
-        source = Path(source)
-        if not source.exists():
-            raise FileNotFoundError(f"input scan {source} does not exist")
-        res = self.predict(source, probabilities=save_probabilities)
-        name = name or case_name(source)
-        out_dir = Path(out_dir)
         img = res.to_nifti()
         path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
         write_color_tables(path, self.classes or _value_names(res.label))
-        if save_probabilities:
+        if res.probabilities is not None:
             pr = np.moveaxis(res.probabilities, 0, -1)  # (X, Y, Z, C)
             atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
         return path
 
     def predict_path(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                     split: str = "test") -> list[dict]:
+                     split: str = "test", statistics: bool = False) -> list[dict]:
         """Segment a file, a folder of NIfTI files / DICOM series, or a datalist's split.
 
-        A scan that fails is reported (``ok`` False, ``error``) and the others still run.
+        A scan that fails is reported (``ok`` False, ``error``) and the others still run. ``statistics``:
+        also write ``statistics.json`` and ``statistics.csv`` (every segmented scan's organ volumes and HU).
         """
-        items = plan_predictions(source, out_dir, split, save_probabilities)
+        items = plan_predictions(source, out_dir, split, save_probabilities, statistics=statistics)
+        out_dir = Path(out_dir)
         check_writable(out_dir)
-        results = []
+        results, per_case = [], {}
         for src, name, _ in items:
             try:
-                path = self.predict_file(src, out_dir, save_probabilities, name=name)
+                res = self.predict(src, probabilities=save_probabilities, statistics=statistics)
+                path = self._write(res, out_dir, name)
                 results.append({"input": str(src), "output": str(path), "ok": True})
+                if statistics:
+                    per_case[name] = {"input": str(src), "organs": res.statistics}
             except Exception as e:  # one bad scan must not stop the others
                 results.append({"input": str(src), "ok": False, "error": _error_line(e),
                                 "traceback": traceback.format_exc()})
+        if statistics and per_case:
+            write_statistics(out_dir, per_case)
         return results
 
 
 def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test", save_probabilities: bool = False,
-                     model: str | Path | None = None) -> list[tuple[Path, str, Path]]:
+                     model: str | Path | None = None, statistics: bool = False) -> list[tuple[Path, str, Path]]:
     """(scan, case name, label map to write) of every scan behind ``source``, checked before any scan or
     checkpoint is read: two scans whose outputs would share one file (``case.nii`` and ``case.nii.gz``)
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
@@ -259,6 +277,7 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
             by_output[key] = src
         outputs += outs
         planned.append((src, name, outs[0]))
+    outputs += [out_dir / STATISTICS_FILES[0], out_dir / STATISTICS_FILES[1]] if statistics else []
     refuse_overwriting_inputs(outputs, [Path(source), model, *(s for s, _ in items)],
                               hint="choose another output folder with -o")
     return planned
@@ -328,6 +347,18 @@ def _as_source(image, affine) -> tuple:
     if header is not None:
         header = header.copy()
     return vol, header
+
+
+STATISTICS_FILES = ("statistics.json", "statistics.csv")
+
+
+def write_statistics(out_dir: Path, per_case: dict) -> tuple[Path, Path]:
+    """``statistics.json`` (``{"conventions", "cases": {case: {"input", "organs": {value: {...}}}}}``) and
+    ``statistics.csv`` (one row per case and organ) in ``out_dir``, atomically."""
+    doc = {"conventions": STATISTICS_CONVENTIONS, "cases": per_case}
+    js = atomic_write_text(out_dir / STATISTICS_FILES[0], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    csv_text = statistics_csv({c: v["organs"] for c, v in per_case.items()})
+    return js, atomic_write_text(out_dir / STATISTICS_FILES[1], csv_text)
 
 
 def _value_names(label: np.ndarray) -> dict[int, str]:
