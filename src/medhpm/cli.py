@@ -264,11 +264,13 @@ def evaluate(
                                           "datalist's labels, else the checkpoint's from predict, else by value)."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for metrics.json, metrics.csv and table.md."),
     method: str = typer.Option("model", help="Row name in the Table-1-style table."),
+    surface_tolerance: Optional[float] = typer.Option(None, "--surface-tolerance", help="Normalised surface Dice tolerance in mm (default: finetune.surface_tolerance_mm, 1)."),
 ):
-    """Per-case, per-organ Dice and HD95 (mm); a Table-1-style Markdown table."""
+    """Per-case, per-organ Dice, HD95, surface Dice and ASSD (mm); a Table-1-style Markdown table."""
     from medhpm.evaluate.run import evaluate_predictions
 
-    res = evaluate_predictions(pred, label, classes, out, method=method)
+    tol = {} if surface_tolerance is None else {"surface_tolerance_mm": surface_tolerance}
+    res = evaluate_predictions(pred, label, classes, out, method=method, **tol)
     mean = res["summary"]["mean"]
     typer.echo(f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
                f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md")

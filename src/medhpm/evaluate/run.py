@@ -25,7 +25,8 @@ from ..runtime.files import atomic_write_text, refuse_overwriting_inputs
 from ..data.color_tables import color_table_paths, read_slicer_ctbl
 from ..data.datalist import DataError, _parse_labels
 from .classes import classes_from_labels, parse_classes, value_name
-from .metrics import ABSENT, CONVENTIONS, as_label_map, compute_case_metrics, summarize
+from ..config import FinetuneConfig
+from .metrics import ABSENT, CONVENTIONS, as_label_map, check_tolerance, compute_case_metrics, summarize
 from .tables import paper_table
 
 AFFINE_TOL_MM = 1e-3
@@ -201,12 +202,13 @@ def _json_safe(x: Any) -> Any:
 def _csv_text(cases: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "label", "name", "dice", "hd95", "status"])
+    w.writerow(["case", "label", "name", "dice", "hd95", "surface_dice", "assd", "status"])
     for case, per_label in cases.items():
         for v, name in classes.items():
             e = per_label[str(v)]
             cell = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731 - empty cell = undefined
-            w.writerow([case, v, name, cell(e["dice"]), cell(e["hd95"]), e["status"]])
+            w.writerow([case, v, name, cell(e["dice"]), cell(e["hd95"]), cell(e.get("surface_dice")),
+                        cell(e.get("assd")), e["status"]])
     return buf.getvalue()
 
 
@@ -259,6 +261,7 @@ def evaluate_predictions(
     datalist_key: str = "test",
     *,
     method: str | None = None,
+    surface_tolerance_mm: float = FinetuneConfig.surface_tolerance_mm,
 ) -> dict:
     """Per-case, per-organ Dice and HD95 (mm) of predictions against ground truth; writes the result files.
 
@@ -277,6 +280,8 @@ def evaluate_predictions(
         out_dir: folder for ``metrics.json``, ``metrics.csv`` and ``table.md`` (each written atomically).
         datalist_key: which list of a datalist JSON to evaluate.
         method: row name in table.md (default: the name of ``pred``).
+        surface_tolerance_mm: tolerance of the normalised surface Dice (default: the config's
+            ``finetune.surface_tolerance_mm``); ASSD needs none.
 
     Matching rule: two files given directly are paired whatever their names. Otherwise cases pair by file name
     without ``.nii.gz``/``.nii``: exact names first, then names equal after removing any of a ``_0000``
@@ -292,6 +297,7 @@ def evaluate_predictions(
         "status"}}}, "summary": {"1": {...}, "mean": {...}}, "conventions": {...}}``, with None for undefined
         values (see ``metrics.CONVENTIONS``).
     """
+    tolerance = check_tolerance(surface_tolerance_mm)
     pred_src, label_src, out_dir = Path(pred), Path(label), Path(out_dir)
     pred_items = _collect(pred_src, datalist_key, "pred")
     label_items = _collect(label_src, datalist_key, "label")
@@ -320,7 +326,7 @@ def evaluate_predictions(
         here = _present(pred_arr) | _present(label_arr)
         present |= here
         wanted = table if table is not None else {v: value_name(v) for v in here}
-        per_label = compute_case_metrics(pred_arr, label_arr, spacing, wanted) if wanted else {}
+        per_label = compute_case_metrics(pred_arr, label_arr, spacing, wanted, tolerance) if wanted else {}
         cases[names[i]] = {str(v): m for v, m in per_label.items()}
 
     if table is None:  # named by value: every value found in a prediction or a ground truth
@@ -330,7 +336,8 @@ def evaluate_predictions(
         table, source = {v: value_name(v) for v in sorted(present)}, "the label values found (no names given)"
         for per_label in cases.values():  # a value this case lacks on both sides is absent in it
             for v in table:
-                per_label.setdefault(str(v), {"dice": math.nan, "hd95": math.nan, "status": ABSENT})
+                per_label.setdefault(str(v), {"dice": math.nan, "hd95": math.nan, "status": ABSENT,
+                                              "surface_dice": math.nan, "assd": math.nan})
             per_label.update({k: per_label.pop(k) for k in sorted(per_label, key=int)})
     elif classes is not None:
         unseen = [f"{v} ({n})" for v, n in table.items() if v not in present]
@@ -345,6 +352,7 @@ def evaluate_predictions(
         {
             "classes": {str(v): n for v, n in classes.items()},
             "classes_source": source,
+            "surface_tolerance_mm": tolerance,
             "cases": cases,
             "summary": summarize(cases, classes),
             "conventions": CONVENTIONS,
@@ -354,14 +362,15 @@ def evaluate_predictions(
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "metrics.csv", _csv_text(metrics["cases"], classes))
     row_name = method or strip_nifti_ext(pred_src.name) or "prediction"
-    table = paper_table({row_name: metrics["summary"]}, classes)
+    table = paper_table({row_name: metrics["summary"]}, classes, surface_tolerance_mm=tolerance)
     per_label = [metrics["summary"][str(v)] for v in classes]
     n_missed = sum(s["n_missed"] for s in per_label)
     n_fp = sum(s["n_false_positive"] for s in per_label)
     note = (
-        f"\nDSC in %, HD95 in mm; {len(cases)} case(s); Avg = mean over the organs shown (classes: {source}). "
-        f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice 0, no HD95, so not in the HD95 "
-        "mean); organs absent from both are left out. See \"conventions\" in metrics.json.\n"
+        f"\nDSC in %, HD95 in mm; NSD (normalised surface Dice at {tolerance:g} mm) in %, ASSD in mm; "
+        f"{len(cases)} case(s); Avg = mean over the organs shown (classes: {source}). "
+        f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice and NSD 0, no HD95 or ASSD, so not "
+        "in their means); organs absent from both are left out. See \"conventions\" in metrics.json.\n"
     )
     atomic_write_text(out_dir / "table.md", table + note)
     return metrics
