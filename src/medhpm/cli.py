@@ -239,15 +239,18 @@ def predict(
     split: str = typer.Option("test", help="Datalist split to predict when --input is a datalist."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     statistics: bool = typer.Option(False, "--statistics", help="Also write statistics.json/.csv: organ volumes (mL), HU mean/std."),
+    output_type: str = typer.Option("nifti", "--output-type", help="nifti | dicom-seg | both (DICOM-SEG: DICOM series input only)."),
 ):
     """Segment new scans; writes label maps in each scan's own shape, affine and orientation."""
     from medhpm.segment.predict import Predictor, plan_predictions
 
     # outputs onto inputs, two scans with one output name: refused before the checkpoint or a scan is read
-    plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model, statistics=statistics)
+    plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model, statistics=statistics,
+                     output_type=output_type)
     pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
                                    output_on_cpu=not gpu_output)
-    results = pr.predict_path(input, out, save_probabilities=probabilities, split=split, statistics=statistics)
+    results = pr.predict_path(input, out, save_probabilities=probabilities, split=split, statistics=statistics,
+                              output_type=output_type)
     failed = [r for r in results if not r["ok"]]
     for r in results:
         status = "ok" if r["ok"] else f"FAILED: {r['error']}"

@@ -33,7 +33,8 @@ from medhpm.data.color_tables import color_table_paths, write_color_tables
 from medhpm.data.ct_reader import read_volume
 from medhpm.data.datalist import detect_format, load_datalist
 from medhpm.data.dataset import root_cause
-from medhpm.data.scans import case_name, is_nifti
+from medhpm.data.dicom_seg import write_dicom_seg
+from medhpm.data.scans import case_name, is_dicom_series, is_nifti
 from medhpm.data.transforms import predict_transforms
 from medhpm.data.volume_checks import grid_problem_of_affine
 from medhpm.evaluate.statistics import STATISTICS_CONVENTIONS, organ_statistics, statistics_csv
@@ -220,33 +221,46 @@ class Predictor:
         res = self.predict(source, probabilities=save_probabilities)
         return self._write(res, Path(out_dir), name or case_name(source))
 
-    def _write(self, res: Prediction, out_dir: Path, name: str) -> Path:
-        """The files of one prediction: the label map, its colour tables, the probabilities if computed."""
+    def _write(self, res: Prediction, out_dir: Path, name: str, output_type: str = "nifti",
+               source: Path | None = None) -> Path:
+        """The files of one prediction: the label map and its colour tables (``nifti``), the DICOM-SEG
+        referencing the DICOM series ``source`` (``dicom-seg``), or both; the probabilities if computed.
+        Returns the label map's path (the SEG's for ``dicom-seg``)."""
         import nibabel as nib
 
+        from medhpm import __version__
+
         img = res.to_nifti()
-        path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
-        write_color_tables(path, self.classes or _value_names(res.label))
+        path = None
+        if output_type in ("dicom-seg", "both"):
+            path = write_dicom_seg(res.label, res.affine, source, self.classes or _value_names(res.label),
+                                   out_dir / f"{name}{SEG_SUFFIX}", software_version=__version__)
+        if output_type in ("nifti", "both"):
+            path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
+            write_color_tables(path, self.classes or _value_names(res.label))
         if res.probabilities is not None:
             pr = np.moveaxis(res.probabilities, 0, -1)  # (X, Y, Z, C)
             atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
         return path
 
     def predict_path(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                     split: str = "test", statistics: bool = False) -> list[dict]:
+                     split: str = "test", statistics: bool = False, output_type: str = "nifti") -> list[dict]:
         """Segment a file, a folder of NIfTI files / DICOM series, or a datalist's split.
 
         A scan that fails is reported (``ok`` False, ``error``) and the others still run. ``statistics``:
         also write ``statistics.json`` and ``statistics.csv`` (every segmented scan's organ volumes and HU).
+        ``output_type``: ``nifti`` (label maps), ``dicom-seg`` (a DICOM-SEG per DICOM series, ``NAME_seg.dcm``)
+        or ``both``.
         """
-        items = plan_predictions(source, out_dir, split, save_probabilities, statistics=statistics)
+        items = plan_predictions(source, out_dir, split, save_probabilities, statistics=statistics,
+                                 output_type=output_type)
         out_dir = Path(out_dir)
         check_writable(out_dir)
         results, per_case = [], {}
         for src, name, _ in items:
             try:
                 res = self.predict(src, probabilities=save_probabilities, statistics=statistics)
-                path = self._write(res, out_dir, name)
+                path = self._write(res, out_dir, name, output_type, Path(src))
                 results.append({"input": str(src), "output": str(path), "ok": True})
                 if statistics:
                     per_case[name] = {"input": str(src), "organs": res.statistics}
@@ -259,15 +273,29 @@ class Predictor:
 
 
 def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test", save_probabilities: bool = False,
-                     model: str | Path | None = None, statistics: bool = False) -> list[tuple[Path, str, Path]]:
+                     model: str | Path | None = None, statistics: bool = False,
+                     output_type: str = "nifti") -> list[tuple[Path, str, Path]]:
     """(scan, case name, label map to write) of every scan behind ``source``, checked before any scan or
     checkpoint is read: two scans whose outputs would share one file (``case.nii`` and ``case.nii.gz``)
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     out_dir = Path(out_dir)
     items = _list_inputs(Path(source), split)
+    if output_type != "nifti":
+        not_dicom = [str(src) for src, _ in items if not (src.is_dir() and is_dicom_series(src))]
+        if not_dicom:
+            raise ValueError(
+                f"--output-type {output_type} writes a DICOM-SEG that references the DICOM series it was predicted "
+                f"from, but {not_dicom[0]}" + (f" (and {len(not_dicom) - 1} more)" if len(not_dicom) > 1 else "")
+                + " is not a DICOM series; nothing was predicted. Use --output-type nifti for NIfTI input.")
     planned, by_output, outputs = [], {}, [out_dir]
     for src, name in items:
         outs = [out_dir / f"{name}.nii.gz", *color_table_paths(out_dir / f"{name}.nii.gz")]
+        if output_type == "dicom-seg":
+            outs = [out_dir / f"{name}{SEG_SUFFIX}"]
+        elif output_type == "both":
+            outs.append(out_dir / f"{name}{SEG_SUFFIX}")
         outs += [out_dir / f"{name}_probs.nii.gz"] if save_probabilities else []
         for o in outs:
             key = os.path.normpath(os.path.abspath(o))
@@ -350,6 +378,8 @@ def _as_source(image, affine) -> tuple:
 
 
 STATISTICS_FILES = ("statistics.json", "statistics.csv")
+OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
+SEG_SUFFIX = "_seg.dcm"  # the DICOM-SEG of case NAME: NAME_seg.dcm
 
 
 def write_statistics(out_dir: Path, per_case: dict) -> tuple[Path, Path]:
