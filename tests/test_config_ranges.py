@@ -87,6 +87,7 @@ BAD: dict[str, list[str]] = {
     "finetune.dice_smooth_dr": ["0"],
     "finetune.num_classes": ["1"],
     "finetune.reported": ["foo", "liver", "liver=0", "liver=six", "6=liver", "liver=6,liver=7", "liver=20"],
+    "finetune.surface_tolerance_mm": ["-1", "nan"],
     "finetune.val_every": ["0"],
     "finetune.val_overlap": ["1.0", "-0.5"],
     "inference.overlap": ["1.0", "-0.1"],

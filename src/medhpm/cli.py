@@ -244,15 +244,19 @@ def predict(
     gpu_output: bool = typer.Option(False, "--gpu-output", help="Keep the stitched output on the GPU (faster, more memory)."),
     split: str = typer.Option("test", help="Datalist split to predict when --input is a datalist."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    statistics: bool = typer.Option(False, "--statistics", help="Also write statistics.json/.csv: organ volumes (mL), HU mean/std."),
+    output_type: str = typer.Option("nifti", "--output-type", help="nifti | dicom-seg | both (DICOM-SEG: DICOM series input only)."),
 ):
     """Segment new scans; writes label maps in each scan's own shape, affine and orientation."""
     from medhpm.segment.predict import Predictor, plan_predictions
 
     # outputs onto inputs, two scans with one output name: refused before the checkpoint or a scan is read
-    plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model)
+    plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model, statistics=statistics,
+                     output_type=output_type)
     pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
                                    output_on_cpu=not gpu_output)
-    results = pr.predict_path(input, out, save_probabilities=probabilities, split=split)
+    results = pr.predict_path(input, out, save_probabilities=probabilities, split=split, statistics=statistics,
+                              output_type=output_type)
     failed = [r for r in results if not r["ok"]]
     for r in results:
         status = "ok" if r["ok"] else f"FAILED: {r['error']}"
@@ -265,14 +269,17 @@ def predict(
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Predicted label map, folder of them, or a datalist."),
     label: Path = typer.Option(..., "--label", help="Ground-truth label map, folder of them, or a datalist."),
-    classes: str = typer.Option("btcv8", "--classes", help="btcv8 | btcv13 | NAME=VALUE,..."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="btcv8 | btcv13 | NAME=VALUE,... (default: the "
+                                          "datalist's labels, else the checkpoint's from predict, else by value)."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for metrics.json, metrics.csv and table.md."),
     method: str = typer.Option("model", help="Row name in the Table-1-style table."),
+    surface_tolerance: Optional[float] = typer.Option(None, "--surface-tolerance", help="Normalised surface Dice tolerance in mm (default: finetune.surface_tolerance_mm, 1)."),
 ):
-    """Per-case, per-organ Dice and HD95 (mm); a Table-1-style Markdown table."""
+    """Per-case, per-organ Dice, HD95, surface Dice and ASSD (mm); a Table-1-style Markdown table."""
     from medhpm.evaluate.run import evaluate_predictions
 
-    res = evaluate_predictions(pred, label, classes, out, method=method)
+    tol = {} if surface_tolerance is None else {"surface_tolerance_mm": surface_tolerance}
+    res = evaluate_predictions(pred, label, classes, out, method=method, **tol)
     mean = res["summary"]["mean"]
     typer.echo(f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
                f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md")

@@ -9,6 +9,7 @@ outside (0, 1)) are errors that name the key and say what would be valid.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -143,6 +144,8 @@ class FinetuneConfig(TrainingConfig):
     num_classes: int = 14  # >= 2, including background
     # classes to report: btcv8 | btcv13 (CLASS_PRESETS) | NAME=VALUE,... with at least one value < num_classes
     reported: str = "btcv8"
+    # tolerance (mm, >= 0) of the normalised surface Dice in every evaluation (FLARE's abdominal-CT choice: 1 mm)
+    surface_tolerance_mm: float = 1.0
     val_every: int = 5  # >= 1
     val_overlap: float = 0.5  # [0, 1)
     use_teacher: bool = False
@@ -683,6 +686,8 @@ def validate(cfg: Config) -> Config:
         _check(min(reported) < f.num_classes, "finetune.reported",
                f"none of its label values {sorted(reported)} is below finetune.num_classes={f.num_classes}: "
                "nothing would be reported")
+    _check(math.isfinite(f.surface_tolerance_mm) and f.surface_tolerance_mm >= 0, "finetune.surface_tolerance_mm",
+           f"{f.surface_tolerance_mm} is out of range: must be 0 or more millimetres")
     _count(f.val_every, "finetune.val_every", 1)
     _check(0.0 <= f.val_overlap < 1.0, "finetune.val_overlap", f"{f.val_overlap} is out of range: must lie in [0, 1)")
     # inference

@@ -111,7 +111,8 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
     if not (out / "evaluation" / "metrics.json").exists():
         stages.run("prediction of the test scans", _predict)
         metrics = stages.run("evaluation (Dice, HD95)", evaluate_predictions, pred_dir, dataset,
-                             cfg.finetune.reported, out / "evaluation", method=name)
+                             cfg.finetune.reported, out / "evaluation", method=name,
+                             surface_tolerance_mm=cfg.finetune.surface_tolerance_mm)
     else:
         metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     result["metrics"] = str(out / "evaluation" / "metrics.json")

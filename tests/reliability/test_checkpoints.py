@@ -119,7 +119,8 @@ def test_predict_with_a_corrupt_scan_writes_no_partial_output(finetune_run, good
     assert len(failed) == 1 and str(bad) in failed[0] and "unreadable" in failed[0], res.stdout
     assert "applying transform" not in failed[0]
     assert "1 of 2 scans segmented" in res.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]  # no bad.nii.gz, no temporary file
+    # no bad.nii.gz (nor its colour tables), no temporary file
+    assert sorted(p.name for p in out.iterdir()) == ["good.ctbl", "good.itksnap.txt", "good.nii.gz"]
     assert nib.load(str(out / "good.nii.gz")).shape == nib.load(str(inputs / "good.nii.gz")).shape
 
 

@@ -333,6 +333,7 @@ def load_image(path: str | os.PathLike, orientation: str | None = None) -> tuple
 
 class LoadCTd(MapTransform):
     """Load the CT volumes named by ``keys`` (NIfTI files or DICOM series folders), channel first.
+    A value that is already a channel-first ``MetaTensor`` (a volume in memory) is checked, not read.
 
     Images become float32; the keys in ``label_keys`` are rounded to integer values (float32), since a
     label stored with a float scale factor may read as 0.9999999 and would be truncated to 0 later.
@@ -366,9 +367,10 @@ class LoadCTd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        paths = {key: str(d[key]) for key in self.key_iterator(d)}
+        paths = {key: _source_name(d[key]) for key in self.key_iterator(d)}
         for key in self.key_iterator(d):
-            img = read_volume(d[key])
+            # a volume already in memory (Predictor.predict on an array) is checked as a loaded one
+            img = d[key] if isinstance(d[key], MetaTensor) else read_volume(d[key])
             self._check(paths[key], img, is_label=key in self.label_keys)  # on the stored values (complex too)
             img = img.to(torch.float32)
             if key in self.label_keys:
@@ -400,6 +402,13 @@ class LoadCTd(MapTransform):
 
 class DataWarning(UserWarning):
     """A volume the loader accepts but ``medhpm data check`` flags as suspicious; the message names the file."""
+
+
+def _source_name(value) -> str:
+    """What an error names: the path, or for a volume in memory its ``filename_or_obj``."""
+    if isinstance(value, MetaTensor):
+        return str(value.meta.get("filename_or_obj") or "the image in memory")
+    return str(value)
 
 
 def _affine(img) -> np.ndarray:

@@ -4,8 +4,9 @@ check, prediction and evaluation.
 * A scan is a NIfTI file (``.nii``, ``.nii.gz``, any case) or a folder holding one DICOM series. A DICOM
   file is recognised by the 4 bytes ``DICM`` after its 128-byte preamble, whatever its extension; hidden
   files and ``DICOMDIR`` (the index of a medium, not an image) never count.
-* A case is named after its scan: the file name without ``.nii``/``.nii.gz`` (a DICOM series: the
-  folder's name). Where scans are named relative to a folder (a plain folder of scans, or several images
+* A case is named after its scan: the file name without ``.nii``/``.nii.gz`` and without nnU-Net's
+  first-channel suffix ``_0000`` (``CASE_0000.nii.gz`` -> ``CASE``, as nnU-Net names its outputs); a DICOM
+  series: the folder's name. Where scans are named relative to a folder (a plain folder of scans, or several images
   of a datalist sharing one file name) the name is the path below that folder without the extension,
   with ``_`` for the path separators: ``root/p1/ct.nii.gz`` -> ``p1_ct``.
 """
@@ -17,10 +18,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["is_nifti", "strip_nifti_ext", "is_dicom_file", "dicom_files_in", "is_dicom_series", "case_name",
+__all__ = ["CHANNEL_SUFFIX", "is_nifti", "strip_nifti_ext", "is_dicom_file", "dicom_files_in", "is_dicom_series", "case_name",
            "find_scans"]
 
 _NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's first-channel suffix on image files
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -64,19 +66,21 @@ def is_dicom_series(folder: str | os.PathLike) -> bool:
 def case_name(path: str | os.PathLike, root: Optional[str | os.PathLike] = None) -> str:
     """The name of the case whose scan is ``path`` (see the module docstring).
 
-    Without ``root``: the file (or DICOM folder) name without .nii/.nii.gz. With ``root``: the path
+    Without ``root``: the file (or DICOM folder) name without .nii/.nii.gz and a final ``_0000``. With
+    ``root``: the path
     relative to ``root`` (a relative ``path`` is taken as relative to it already; a path outside it is
     used whole), without the extension, separators replaced by ``_``; ``root`` itself is named after
     its own folder name.
     """
+    drop = (lambda s: CHANNEL_SUFFIX.sub("", s) or s) if is_nifti(path) else (lambda s: s)
     if root is None:
-        return strip_nifti_ext(Path(path).name)
+        return drop(strip_nifti_ext(Path(path).name))
     p, r = os.path.normpath(str(path)), os.path.normpath(str(root))
     if p == r:
         return Path(r).name
     if os.path.isabs(p) and p.startswith(r.rstrip(os.sep) + os.sep):
         p = os.path.relpath(p, r)
-    return strip_nifti_ext(p).strip("/").replace(os.sep, "_").replace("/", "_")
+    return drop(strip_nifti_ext(p).strip("/").replace(os.sep, "_").replace("/", "_"))
 
 
 def find_scans(folder: str | os.PathLike) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ import re
 from typing import Mapping
 
 from medhpm.config import check_class_name, check_label_value, class_table, parse_class_list
-from medhpm.data.labels import BTCV13, PROTOCOL_ORGANS
+from medhpm.data.labels import BTCV13, BTCV_LABELS, PROTOCOL_ORGANS
 
 
 # The 8 organs the paper's Table 1 reports (TransUNet's protocol), see docs/PROTOCOL.md.
@@ -74,3 +74,32 @@ def parse_classes(spec: str | Mapping) -> dict[int, str]:
         raise ValueError(f"Classes must be a preset name, a 'NAME=VALUE,...' string or a mapping; got {spec!r}.")
     parsed = parse_class_list(spec)
     return dict(PRESETS[parsed]) if isinstance(parsed, str) else parsed
+
+
+def value_name(value: int) -> str:
+    """The name of a label value that has none: ``class_<value>`` (as fine-tuning names unnamed classes)."""
+    return f"class_{int(value)}"
+
+
+def classes_from_labels(labels: Mapping[int, str]) -> dict[int, str]:
+    """Evaluation class names from a datalist's or dataset.json's ``labels`` (``{value: name}``; the
+    background, value 0, is dropped) or a colour table's names.
+
+    A BTCV organ at its BTCV value keeps its BTCV class name (``2: "right kidney"`` -> ``right_kidney``, so
+    Table-1 headers stay the paper's); any other name becomes a valid class name (runs of characters other
+    than letters, digits, ``_`` and ``-`` become ``_``; a name that does not start with a letter, or
+    repeats one, is named by value: ``class_<value>``).
+    """
+    out: dict[int, str] = {}
+    for v, raw in sorted((int(k), str(n)) for k, n in labels.items()):
+        if v <= 0:
+            continue
+        spoken = re.sub(r"[_\s]+", " ", raw).strip().lower()
+        if BTCV_LABELS.get(v) == spoken or BTCV13.get(v) == raw:
+            name = BTCV13[v]
+        else:
+            name = re.sub(r"[^A-Za-z0-9_-]+", "_", raw.strip()).strip("_")
+            if not re.match(r"[A-Za-z]", name) or name in out.values():
+                name = value_name(v)
+        out[v] = name
+    return out

@@ -1,6 +1,8 @@
-"""Per-case, per-organ Dice and HD95 (millimetres) on label maps, with the conventions written down.
+"""Per-case, per-organ Dice, HD95, normalised surface Dice and ASSD (millimetres) on label maps, with the
+conventions written down.
 
-The numbers come from MONAI (``compute_dice`` and ``compute_hausdorff_distance(percentile=95)``); this
+The numbers come from MONAI (``compute_dice``, ``compute_hausdorff_distance(percentile=95)``,
+``compute_surface_dice`` and ``compute_average_surface_distance(symmetric=True)``); this
 module only decides what happens when an organ is empty on one or both sides, crops each organ to its
 bounding box first (a 512x512x150 CT takes a second, not minutes), and summarises over cases.
 """
@@ -13,7 +15,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_surface_dice,
+)
 from scipy import ndimage
 
 # Per-case status of one organ; the strings are written into metrics.json and metrics.csv.
@@ -31,15 +38,22 @@ CONVENTIONS: dict[str, str] = {
     "metrics are computed in the original voxel grid of each ground-truth file.",
     "status": "Each case x label has a status: 'ok' (organ in ground truth and prediction), 'absent' (in "
     "neither), 'missed' (in ground truth only), 'false_positive' (in prediction only).",
-    "absent": "Ground truth empty and prediction empty: dice = null and hd95 = null (nothing to measure, as in "
-    "nnU-Net and MONAI's ignore_empty); excluded from every mean; counted in n_absent.",
-    "missed": "Ground truth non-empty, prediction empty: dice = 0 (enters the Dice mean); hd95 = null (undefined; "
-    "excluded from the HD95 mean); counted in n_missed.",
-    "false_positive": "Ground truth empty, prediction non-empty: dice = 0 (enters the Dice mean); hd95 = null "
-    "(excluded from the HD95 mean); counted in n_false_positive.",
+    "surface_dice": "Normalised surface Dice at a tolerance of tau mm (monai.metrics.compute_surface_dice, "
+    "use_subvoxels=False, spacing=voxel spacing): the surface voxels of both masks (as for HD95) within tau mm "
+    "of the other mask's surface, over all surface voxels of both; tau is surface_tolerance_mm in metrics.json "
+    "(config finetune.surface_tolerance_mm, medhpm evaluate --surface-tolerance). A fraction in [0, 1].",
+    "assd": "Average symmetric surface distance (monai.metrics.compute_average_surface_distance, symmetric=True, "
+    "spacing=voxel spacing): the mean of the distances from every surface voxel of each mask to the other "
+    "mask's surface, both directions pooled. Millimetres.",
+    "absent": "Ground truth empty and prediction empty: dice, hd95, surface_dice and assd = null (nothing to "
+    "measure, as in nnU-Net and MONAI's ignore_empty); excluded from every mean; counted in n_absent.",
+    "missed": "Ground truth non-empty, prediction empty: dice = 0 and surface_dice = 0 (enter their means); hd95 = "
+    "null and assd = null (undefined; excluded from their means); counted in n_missed.",
+    "false_positive": "Ground truth empty, prediction non-empty: dice = 0 and surface_dice = 0 (enter their means); "
+    "hd95 = null and assd = null (excluded from their means); counted in n_false_positive.",
     "summary": "Per label: mean and sample standard deviation (ddof=1, null below 2 values) over cases, "
-    "ignoring nulls; n = cases with a Dice value, n_hd95 = cases with an HD95 value. 'mean' = unweighted "
-    "mean over labels of the per-label means (labels without any value are skipped).",
+    "ignoring nulls; n = cases with a Dice value, n_hd95 = cases with an HD95 value (n_assd: an ASSD value). "
+    "'mean' = unweighted mean over labels of the per-label means (labels without any value are skipped).",
     "null": "JSON null (empty CSV cell) stands for an undefined value (NaN); JSON files never contain NaN.",
 }
 
@@ -97,8 +111,27 @@ def _dice_hd95(p: np.ndarray, g: np.ndarray, spacing: tuple[float, ...]) -> tupl
     return float(dice.reshape(-1)[0]), float(hd.reshape(-1)[0])
 
 
+def _surface(p: np.ndarray, g: np.ndarray, spacing: tuple[float, ...], tolerance_mm: float) -> tuple[float, float]:
+    """Normalised surface Dice at ``tolerance_mm`` and ASSD (mm) of two non-empty boolean masks, through MONAI."""
+    pt = torch.from_numpy(np.ascontiguousarray(p))[None, None].float()
+    gt = torch.from_numpy(np.ascontiguousarray(g))[None, None].float()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        nsd = compute_surface_dice(pt, gt, [float(tolerance_mm)], include_background=True, spacing=list(spacing))
+        assd = compute_average_surface_distance(pt, gt, include_background=True, symmetric=True, spacing=list(spacing))
+    return float(nsd.reshape(-1)[0]), float(assd.reshape(-1)[0])
+
+
+def check_tolerance(tolerance_mm: float) -> float:
+    t = float(tolerance_mm)
+    if not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"the surface-Dice tolerance must be 0 or more millimetres, got {tolerance_mm!r}.")
+    return t
+
+
 def compute_case_metrics(
-    pred: np.ndarray, label: np.ndarray, spacing: Sequence[float], classes: Mapping[int, str]
+    pred: np.ndarray, label: np.ndarray, spacing: Sequence[float], classes: Mapping[int, str],
+    surface_tolerance_mm: float | None = None,
 ) -> dict[int, dict[str, float | str]]:
     """Dice and HD95 (mm) of every class in one case.
 
@@ -106,10 +139,14 @@ def compute_case_metrics(
         pred, label: integer label maps of the same shape (spatial dims only, e.g. (X, Y, Z)).
         spacing: voxel size in mm along each axis of the arrays (anisotropic allowed).
         classes: ``{label_value: name}``; label values not listed are ignored.
+        surface_tolerance_mm: with a tolerance, also ``"surface_dice"`` (normalised surface Dice at that
+            tolerance) and ``"assd"`` (mm).
     Returns:
-        ``{label_value: {"dice": float, "hd95": float, "status": str}}`` with NaN where a value is undefined;
-        see ``CONVENTIONS`` for the empty-mask rules.
+        ``{label_value: {"dice": float, "hd95": float, "status": str}}`` (plus ``"surface_dice"``, ``"assd"``)
+        with NaN where a value is undefined; see ``CONVENTIONS`` for the empty-mask rules.
     """
+    surface = surface_tolerance_mm is not None
+    tol = check_tolerance(surface_tolerance_mm) if surface else 0.0
     pred = as_label_map(pred, "prediction")
     label = as_label_map(label, "ground truth")
     if pred.shape != label.shape:
@@ -127,15 +164,19 @@ def compute_case_metrics(
     for v in values:
         bp, bg = boxes_p[v - 1], boxes_g[v - 1]
         if bp is None and bg is None:
-            out[v] = {"dice": math.nan, "hd95": math.nan, "status": ABSENT}
-        elif bp is None:
-            out[v] = {"dice": 0.0, "hd95": math.nan, "status": MISSED}
-        elif bg is None:
-            out[v] = {"dice": 0.0, "hd95": math.nan, "status": FALSE_POSITIVE}
+            e = {"dice": math.nan, "hd95": math.nan, "status": ABSENT}
+            e.update({"surface_dice": math.nan, "assd": math.nan} if surface else {})
+        elif bp is None or bg is None:
+            e = {"dice": 0.0, "hd95": math.nan, "status": MISSED if bp is None else FALSE_POSITIVE}
+            e.update({"surface_dice": 0.0, "assd": math.nan} if surface else {})
         else:
             box = _union_box(bp, bg, label.shape)
-            dice, hd95 = _dice_hd95(pred[box] == v, label[box] == v, sp)
-            out[v] = {"dice": dice, "hd95": hd95, "status": OK}
+            p, g = pred[box] == v, label[box] == v
+            dice, hd95 = _dice_hd95(p, g, sp)
+            e = {"dice": dice, "hd95": hd95, "status": OK}
+            if surface:
+                e["surface_dice"], e["assd"] = _surface(p, g, sp, tol)
+        out[v] = e
     return out
 
 
@@ -184,6 +225,11 @@ def summarize(
             "n_missed": status.count(MISSED),
             "n_false_positive": status.count(FALSE_POSITIVE),
         }
+        if entries and all("surface_dice" in e for e in entries):
+            nsd = _finite(e.get("surface_dice") for e in entries)
+            assd = _finite(e.get("assd") for e in entries)
+            summary[str(v)].update({"surface_dice_mean": _mean(nsd), "surface_dice_std": _std(nsd),
+                                    "assd_mean": _mean(assd), "assd_std": _std(assd), "n_assd": int(assd.size)})
     dice_means = _finite(s["dice_mean"] for s in summary.values())
     hd_means = _finite(s["hd95_mean"] for s in summary.values())
     summary["mean"] = {
@@ -191,4 +237,8 @@ def summarize(
         "hd95_mean": _mean(hd_means),
         "n_labels": int(dice_means.size),
     }
+    per_label = [s for k, s in summary.items() if k != "mean"]
+    if per_label and all("surface_dice_mean" in s for s in per_label):
+        summary["mean"]["surface_dice_mean"] = _mean(_finite(s["surface_dice_mean"] for s in per_label))
+        summary["mean"]["assd_mean"] = _mean(_finite(s["assd_mean"] for s in per_label))
     return summary

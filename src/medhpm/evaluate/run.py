@@ -19,14 +19,17 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
+from ..data.scans import CHANNEL_SUFFIX as _CHANNEL_SUFFIX
 from ..data.scans import case_name, is_nifti, strip_nifti_ext
 from ..runtime.files import atomic_write_text, refuse_overwriting_inputs
-from .classes import parse_classes
-from .metrics import CONVENTIONS, as_label_map, compute_case_metrics, summarize
+from ..data.color_tables import color_table_paths, read_slicer_ctbl
+from ..data.datalist import DataError, _parse_labels
+from .classes import classes_from_labels, parse_classes, value_name
+from ..config import FinetuneConfig
+from .metrics import ABSENT, CONVENTIONS, as_label_map, check_tolerance, compute_case_metrics, summarize
 from .tables import paper_table
 
 AFFINE_TOL_MM = 1e-3
-_CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's first-channel suffix on image files
 _ROLE_SUFFIX = re.compile(r"_(pred|prediction|seg|segmentation|label|labels|gt)$", re.IGNORECASE)
 _ROLE_PREFIX = re.compile(r"^(img|image|labels|label|seg|pred)(?:[_\-]|(?=\d))", re.IGNORECASE)
 
@@ -199,23 +202,66 @@ def _json_safe(x: Any) -> Any:
 def _csv_text(cases: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "label", "name", "dice", "hd95", "status"])
+    w.writerow(["case", "label", "name", "dice", "hd95", "surface_dice", "assd", "status"])
     for case, per_label in cases.items():
         for v, name in classes.items():
             e = per_label[str(v)]
             cell = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731 - empty cell = undefined
-            w.writerow([case, v, name, cell(e["dice"]), cell(e["hd95"]), e["status"]])
+            w.writerow([case, v, name, cell(e["dice"]), cell(e["hd95"]), cell(e.get("surface_dice")),
+                        cell(e.get("assd")), e["status"]])
     return buf.getvalue()
+
+
+def _datalist_labels(label_src: Path) -> tuple[dict[int, str], str] | None:
+    """The ``labels`` of the datalist or dataset.json behind the ground truth: the JSON given, or a
+    ``dataset.json`` in the ground-truth folder or the folder above it (nnU-Net's ``labelsTr/..``)."""
+    if label_src.suffix.lower() == ".json":
+        candidates = [label_src]
+    else:
+        folder = label_src if label_src.is_dir() else label_src.parent
+        candidates = [folder / "dataset.json", folder.parent / "dataset.json"]
+    for js in candidates:
+        if not js.is_file():
+            continue
+        try:
+            raw = json.loads(js.read_text()).get("labels")
+        except (json.JSONDecodeError, AttributeError):
+            continue  # an unreadable datalist given as ground truth is reported by _collect
+        try:
+            labels = _parse_labels(raw, str(js))
+        except DataError as e:
+            raise ValueError(f"{e}; pass --classes NAME=VALUE,... instead") from None
+        named = classes_from_labels(labels)
+        if named:
+            return named, f"the labels of {js}"
+    return None
+
+
+def _checkpoint_labels(pred_items: list[_Item]) -> tuple[dict[int, str], str] | None:
+    """The checkpoint's classes as ``medhpm predict`` wrote them beside the first prediction (``CASE.ctbl``)."""
+    for it in pred_items[:1]:
+        ctbl = color_table_paths(it.path)[0]
+        if ctbl.is_file():
+            named = classes_from_labels({v: name for v, (name, _) in read_slicer_ctbl(ctbl).items()})
+            if named:
+                return named, f"the checkpoint's classes in {ctbl} (written by medhpm predict)"
+    return None
+
+
+def _present(arr: np.ndarray) -> set[int]:
+    counts = np.bincount(arr.ravel()) if arr.size else np.zeros(1, int)
+    return {int(v) for v in np.flatnonzero(counts) if v > 0}
 
 
 def evaluate_predictions(
     pred: str | Path,
     label: str | Path,
-    classes: str | Mapping,
+    classes: str | Mapping | None,
     out_dir: str | Path,
     datalist_key: str = "test",
     *,
     method: str | None = None,
+    surface_tolerance_mm: float = FinetuneConfig.surface_tolerance_mm,
 ) -> dict:
     """Per-case, per-organ Dice and HD95 (mm) of predictions against ground truth; writes the result files.
 
@@ -225,10 +271,17 @@ def evaluate_predictions(
             ``datalist_key`` is read (paths relative to the JSON's folder) and the case is named by the
             entry's ``"case"`` if given, else after its ``"image"``, so predictions named after the images
             (as ``medhpm predict`` writes them) match.
-        classes: anything ``parse_classes`` takes (``"btcv8"``, ``"btcv13"``, ``"spleen=1,liver=6"``, a dict).
+        classes: anything ``parse_classes`` takes (``"btcv8"``, ``"btcv13"``, ``"spleen=1,liver=6"``, a dict);
+            a value that appears in no prediction and no ground truth is a ValueError (a typo, or the wrong
+            numbering). None: the names of the ground truth's datalist / ``dataset.json`` ``labels``, else
+            the checkpoint's classes from the colour table ``medhpm predict`` wrote beside the predictions,
+            else every label value found, named ``class_<value>``; never BTCV names unless the data names
+            them. metrics.json says which under ``"classes_source"``.
         out_dir: folder for ``metrics.json``, ``metrics.csv`` and ``table.md`` (each written atomically).
         datalist_key: which list of a datalist JSON to evaluate.
         method: row name in table.md (default: the name of ``pred``).
+        surface_tolerance_mm: tolerance of the normalised surface Dice (default: the config's
+            ``finetune.surface_tolerance_mm``); ASSD needs none.
 
     Matching rule: two files given directly are paired whatever their names. Otherwise cases pair by file name
     without ``.nii.gz``/``.nii``: exact names first, then names equal after removing any of a ``_0000``
@@ -244,7 +297,7 @@ def evaluate_predictions(
         "status"}}}, "summary": {"1": {...}, "mean": {...}}, "conventions": {...}}``, with None for undefined
         values (see ``metrics.CONVENTIONS``).
     """
-    classes = parse_classes(classes)
+    tolerance = check_tolerance(surface_tolerance_mm)
     pred_src, label_src, out_dir = Path(pred), Path(label), Path(out_dir)
     pred_items = _collect(pred_src, datalist_key, "pred")
     label_items = _collect(label_src, datalist_key, "label")
@@ -252,6 +305,10 @@ def evaluate_predictions(
                               [pred_src, label_src] + [it.path for it in pred_items + label_items],
                               hint="choose another output folder with -o")
     pairs = _match(pred_items, label_items, pred_src, label_src)
+    if classes is not None:
+        table, source = parse_classes(classes), "given (--classes)"
+    else:
+        table, source = _datalist_labels(label_src) or _checkpoint_labels(pred_items) or (None, "")
 
     names = [_case_name(g) for _, g in pairs]
     if len(set(names)) != len(names):  # short names collide: keep the full stems
@@ -259,18 +316,43 @@ def evaluate_predictions(
     order = sorted(range(len(pairs)), key=lambda i: names[i])
 
     cases: dict[str, dict[str, dict]] = {}
+    present: set[int] = set()
     for i in order:
         p, g = pairs[i]
         label_arr, label_aff = _load(g.path, "ground truth")
         pred_arr, pred_aff = _load(p.path, "prediction")
         _check_geometry(p.path, pred_arr.shape, pred_aff, g.path, label_arr.shape, label_aff)
         spacing = np.linalg.norm(label_aff[:3, :3], axis=0)  # mm per voxel along each array axis
-        per_label = compute_case_metrics(pred_arr, label_arr, spacing, classes)
+        here = _present(pred_arr) | _present(label_arr)
+        present |= here
+        wanted = table if table is not None else {v: value_name(v) for v in here}
+        per_label = compute_case_metrics(pred_arr, label_arr, spacing, wanted, tolerance) if wanted else {}
         cases[names[i]] = {str(v): m for v, m in per_label.items()}
+
+    if table is None:  # named by value: every value found in a prediction or a ground truth
+        if not present:
+            raise ValueError(f"no label value other than 0 in any prediction ({pred_src}) or ground truth "
+                             f"({label_src}): nothing to evaluate.")
+        table, source = {v: value_name(v) for v in sorted(present)}, "the label values found (no names given)"
+        for per_label in cases.values():  # a value this case lacks on both sides is absent in it
+            for v in table:
+                per_label.setdefault(str(v), {"dice": math.nan, "hd95": math.nan, "status": ABSENT,
+                                              "surface_dice": math.nan, "assd": math.nan})
+            per_label.update({k: per_label.pop(k) for k in sorted(per_label, key=int)})
+    elif classes is not None:
+        unseen = [f"{v} ({n})" for v, n in table.items() if v not in present]
+        if unseen:
+            raise ValueError(
+                f"--classes names label value(s) {', '.join(unseen)} that appear in no prediction ({pred_src}) and "
+                f"no ground truth ({label_src}); the values found are {sorted(present) or 'none'}. Check the "
+                "numbering, or leave --classes out to take the names from the datalist.")
+    classes = table
 
     metrics = _json_safe(
         {
             "classes": {str(v): n for v, n in classes.items()},
+            "classes_source": source,
+            "surface_tolerance_mm": tolerance,
             "cases": cases,
             "summary": summarize(cases, classes),
             "conventions": CONVENTIONS,
@@ -280,14 +362,15 @@ def evaluate_predictions(
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "metrics.csv", _csv_text(metrics["cases"], classes))
     row_name = method or strip_nifti_ext(pred_src.name) or "prediction"
-    table = paper_table({row_name: metrics["summary"]}, classes)
+    table = paper_table({row_name: metrics["summary"]}, classes, surface_tolerance_mm=tolerance)
     per_label = [metrics["summary"][str(v)] for v in classes]
     n_missed = sum(s["n_missed"] for s in per_label)
     n_fp = sum(s["n_false_positive"] for s in per_label)
     note = (
-        f"\nDSC in %, HD95 in mm; {len(cases)} case(s); Avg = mean over the organs shown. "
-        f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice 0, no HD95, so not in the HD95 "
-        "mean); organs absent from both are left out. See \"conventions\" in metrics.json.\n"
+        f"\nDSC in %, HD95 in mm; NSD (normalised surface Dice at {tolerance:g} mm) in %, ASSD in mm; "
+        f"{len(cases)} case(s); Avg = mean over the organs shown (classes: {source}). "
+        f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice and NSD 0, no HD95 or ASSD, so not "
+        "in their means); organs absent from both are left out. See \"conventions\" in metrics.json.\n"
     )
     atomic_write_text(out_dir / "table.md", table + note)
     return metrics

@@ -98,7 +98,8 @@ def _fmt(value: float, std: float, show_std: bool, scale: float = 1.0) -> str:
     return text
 
 
-def paper_table(rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, str]) -> str:
+def paper_table(rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, str],
+                surface_tolerance_mm: float | None = None) -> str:
     """A Markdown table like the paper's Table 1.
 
     Args:
@@ -109,12 +110,18 @@ def paper_table(rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int,
     Returns:
         ``| Method | Avg DSC / HD95 | <organ> ... |`` with one line per method: DSC in percent and HD95 in mm,
         2 decimals; "Avg" is the unweighted mean over the shown organs of the per-organ means
-        (undefined values print as ``n/a``).
+        (undefined values print as ``n/a``). When every summary holds surface metrics (one run of
+        ``medhpm evaluate``), an extra column set follows the paper's columns, which stay as they are:
+        ``Avg NSD@<t> mm / ASSD`` and one ``<organ> NSD`` column per organ (NSD in percent, ASSD in mm).
     """
     if not classes:
         raise ValueError("paper_table needs at least one class to show.")
     labels = [str(int(v)) for v in classes]
     header = ["Method", "Avg DSC / HD95", *(display_name(classes[v]) for v in classes)]
+    surface = surface_tolerance_mm is not None and all(
+        "surface_dice_mean" in s.get(k, {}) for s in rows.values() for k in labels)
+    if surface:
+        header += [f"Avg NSD@{surface_tolerance_mm:g} mm / ASSD", *(f"{display_name(classes[v])} NSD" for v in classes)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for method, summary in rows.items():
         missing = [k for k in labels if k not in summary]
@@ -129,5 +136,10 @@ def paper_table(rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int,
             e = summary[k]
             show_std = int(e.get("n_seeds", 0) or 0) > 1
             cells.append(_fmt(_num(e.get("dice_mean")), _num(e.get("dice_std")), show_std, 100))
+        if surface:
+            nsd, _, _ = mean_std([summary[k].get("surface_dice_mean") for k in labels])
+            assd, _, _ = mean_std([summary[k].get("assd_mean") for k in labels])
+            cells.append(f"{_fmt(nsd, math.nan, False, 100)} / {_fmt(assd, math.nan, False)}")
+            cells += [_fmt(_num(summary[k].get("surface_dice_mean")), math.nan, False, 100) for k in labels]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -6,29 +6,78 @@ affine and orientation. The same :class:`Predictor` serves the command line and 
 
     from medhpm.segment.predict import Predictor
     p = Predictor.from_checkpoint("runs/ft/best.pt")
-    labels = p.predict_file("scan.nii.gz", "out/")          # writes out/scan.nii.gz
-    arr, affine = p.predict_array_file("scan.nii.gz")       # or keep it in memory
+    path = p.predict_file("scan.nii.gz", "out/")              # writes out/scan.nii.gz, returns its path
+    res = p.predict("scan.nii.gz")                            # or keep it in memory: a Prediction
+    res = p.predict(nib.load("scan.nii.gz"))                  # a nibabel image
+    res = p.predict(array, affine=affine, probabilities=True) # a NumPy array (X, Y, Z) and its affine
+    res.label, res.affine, res.probabilities, res.classes     # uint8 (X, Y, Z), 4x4, (C, X, Y, Z) or None
+    res.to_nifti()                                            # a nibabel image (the input's header kept)
+
+The file commands (:meth:`Predictor.predict_file`, :meth:`Predictor.predict_path`, ``medhpm predict``)
+call :meth:`Predictor.predict` and write what it returns.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medhpm.config import Config, checkpoint_keys, from_dict, get_key
+from medhpm.data.color_tables import color_table_paths, write_color_tables
+from medhpm.data.ct_reader import read_volume
 from medhpm.data.datalist import detect_format, load_datalist
 from medhpm.data.dataset import root_cause
-from medhpm.data.scans import case_name, is_nifti
+from medhpm.data.dicom_seg import write_dicom_seg
+from medhpm.data.scans import case_name, is_dicom_series, is_nifti
 from medhpm.data.transforms import predict_transforms
+from medhpm.data.volume_checks import grid_problem_of_affine
+from medhpm.evaluate.statistics import STATISTICS_CONVENTIONS, organ_statistics, statistics_csv
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, pick_device
-from medhpm.runtime.files import atomic_save_nifti, check_writable, refuse_overwriting_inputs
+from medhpm.runtime.files import atomic_save_nifti, atomic_write_text, check_writable, refuse_overwriting_inputs
+
+
+@dataclass
+class Prediction:
+    """One scan's prediction in the scan's own geometry.
+
+    ``label``: uint8 (X, Y, Z) label map on the input's voxel grid; ``affine``: its 4x4 voxel -> world (mm)
+    matrix, nibabel's convention (RAS); ``probabilities``: float32 (C, X, Y, Z) softmax, on request, else
+    None; ``classes``: ``{label value: name}`` of the checkpoint; ``header``: the input's NIfTI header
+    (None for DICOM or array input), so that :meth:`to_nifti` keeps its exact geometry codes;
+    ``statistics``: on request, per organ volume (mL) and HU mean/std inside the mask on the input's own
+    grid (:func:`medhpm.evaluate.statistics.organ_statistics`), else None.
+    """
+
+    label: np.ndarray
+    affine: np.ndarray
+    probabilities: np.ndarray | None = None
+    classes: dict | None = None
+    header: object | None = None
+    statistics: dict | None = None
+
+    def to_nifti(self):
+        """The label map as a ``nibabel.Nifti1Image`` (uint8), with the input's header when it had one."""
+        import nibabel as nib
+
+        if self.header is None:
+            img = nib.Nifti1Image(self.label, self.affine)
+        else:  # NIfTI input: keep its exact header geometry (qform/sform codes)
+            hdr = self.header.copy()
+            hdr.set_data_dtype(np.uint8)
+            img = nib.Nifti1Image(self.label, self.affine, hdr)
+            img.set_qform(self.affine, code=int(self.header["qform_code"]) or 1)
+            img.set_sform(self.affine, code=int(self.header["sform_code"]) or 1)
+        img.header["descrip"] = b"medhpm prediction"
+        return img
 
 
 class Predictor:
@@ -101,12 +150,43 @@ class Predictor:
         logits = logits[0].float()
         return torch.softmax(logits, dim=0, out=logits) if probabilities else logits
 
-    def predict_item(self, source: str | Path, want_probabilities: bool = False) -> dict:
-        """Preprocess, infer and invert one scan. Returns dict(label (X,Y,Z) uint8, affine, probs?)."""
+    def predict(self, image, affine=None, probabilities: bool = False, statistics: bool = False) -> Prediction:
+        """Segment one scan in memory; nothing is written.
+
+        ``image``: a path (NIfTI file or DICOM series folder), a ``nibabel`` image, or a NumPy array
+        (X, Y, Z) of HU with ``affine`` (4x4 voxel -> world in mm, nibabel's RAS convention, as
+        ``nib.load(f).affine``). Returns a :class:`Prediction` on the input's own grid (same shape and
+        affine); ``probabilities=True`` adds the softmax, ``statistics=True`` each organ's volume and HU.
+        The array path and the file path give the same label map for the same voxels and affine.
+        """
+        source, header = _as_source(image, affine)
+        hu = None
+        if statistics:  # the scan's own intensities on its own grid, before any preprocessing
+            hu = read_volume(source).numpy()[0] if isinstance(source, str) else source.numpy()[0].copy()
+        res = self.predict_item(source, want_probabilities=probabilities)
+        label = res["label"]
+        if header is not None and tuple(int(n) for n in header.get_data_shape()[:3]) != label.shape:
+            raise RuntimeError(f"internal error: prediction shape {label.shape} differs from the input's "
+                               f"{tuple(header.get_data_shape()[:3])}")
+        out_affine = res["affine"] if header is None else _header_affine(image, header)
+        classes = dict(self.classes) or _value_names(label)
+        stats = organ_statistics(hu, label, out_affine, classes) if statistics else None
+        return Prediction(label=label, affine=out_affine, probabilities=res.get("probs"),
+                          classes=dict(self.classes), header=header, statistics=stats)
+
+    def predict_item(self, source, want_probabilities: bool = False) -> dict:
+        """Preprocess, infer and invert one scan (a path, or a channel-first MetaTensor in memory).
+        Returns dict(label (X,Y,Z) uint8, affine, probs?)."""
         from monai.data import MetaTensor
         from monai.transforms import Invertd
 
-        data = self.transform({"image": str(source)})
+        try:
+            data = self.transform({"image": source if isinstance(source, MetaTensor) else str(source)})
+        except RuntimeError as e:  # MONAI's "applying transform" wrapper: raise the error that names the input
+            root = root_cause(e)
+            if root is e:
+                raise
+            raise root from None
         img = data["image"]
         probs = self._infer(img, probabilities=want_probabilities)  # (C, h, w, d) in preprocessed space
         out = {"label_pre": probs.argmax(0, keepdim=True).to(torch.uint8)}
@@ -133,64 +213,90 @@ class Predictor:
 
     def predict_file(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
                      name: str | None = None) -> Path:
-        """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``."""
+        """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``
+        (:meth:`predict`, then written atomically) with its colour tables beside it (``NAME.ctbl`` for 3D
+        Slicer, ``NAME.itksnap.txt`` for ITK-SNAP: :mod:`medhpm.data.color_tables`); returns the label
+        map's path."""
+        source = Path(source)
+        res = self.predict(source, probabilities=save_probabilities)
+        return self._write(res, Path(out_dir), name or case_name(source))
+
+    def _write(self, res: Prediction, out_dir: Path, name: str, output_type: str = "nifti",
+               source: Path | None = None) -> Path:
+        """The files of one prediction: the label map and its colour tables (``nifti``), the DICOM-SEG
+        referencing the DICOM series ``source`` (``dicom-seg``), or both; the probabilities if computed.
+        Returns the label map's path (the SEG's for ``dicom-seg``)."""
         import nibabel as nib
 
-        source = Path(source)
-        if not source.exists():
-            raise FileNotFoundError(f"input scan {source} does not exist")
-        res = self.predict_item(source, want_probabilities=save_probabilities)
-        name = name or case_name(source)
-        out_dir = Path(out_dir)
-        label, affine = res["label"], res["affine"]
-        ref = _reference_header(source)
-        if ref is not None:  # NIfTI input: keep its exact header geometry (qform/sform codes, shape)
-            if tuple(ref.shape[:3]) != label.shape:
-                raise RuntimeError(f"internal error: prediction shape {label.shape} differs from {source} "
-                                   f"{tuple(ref.shape[:3])}")
-            hdr = ref.header.copy()
-            hdr.set_data_dtype(np.uint8)
-            img = nib.Nifti1Image(label, ref.affine, hdr)
-            img.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
-            img.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
-        else:
-            img = nib.Nifti1Image(label, affine)
-        img.header["descrip"] = b"medhpm prediction"
-        path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
-        if save_probabilities:
-            pr = np.moveaxis(res["probs"], 0, -1)  # (X, Y, Z, C)
+        from medhpm import __version__
+
+        img = res.to_nifti()
+        path = None
+        if output_type in ("dicom-seg", "both"):
+            path = write_dicom_seg(res.label, res.affine, source, self.classes or _value_names(res.label),
+                                   out_dir / f"{name}{SEG_SUFFIX}", software_version=__version__)
+        if output_type in ("nifti", "both"):
+            path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
+            write_color_tables(path, self.classes or _value_names(res.label))
+        if res.probabilities is not None:
+            pr = np.moveaxis(res.probabilities, 0, -1)  # (X, Y, Z, C)
             atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
         return path
 
     def predict_path(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                     split: str = "test") -> list[dict]:
+                     split: str = "test", statistics: bool = False, output_type: str = "nifti") -> list[dict]:
         """Segment a file, a folder of NIfTI files / DICOM series, or a datalist's split.
 
-        A scan that fails is reported (``ok`` False, ``error``) and the others still run.
+        A scan that fails is reported (``ok`` False, ``error``) and the others still run. ``statistics``:
+        also write ``statistics.json`` and ``statistics.csv`` (every segmented scan's organ volumes and HU).
+        ``output_type``: ``nifti`` (label maps), ``dicom-seg`` (a DICOM-SEG per DICOM series, ``NAME_seg.dcm``)
+        or ``both``.
         """
-        items = plan_predictions(source, out_dir, split, save_probabilities)
+        items = plan_predictions(source, out_dir, split, save_probabilities, statistics=statistics,
+                                 output_type=output_type)
+        out_dir = Path(out_dir)
         check_writable(out_dir)
-        results = []
+        results, per_case = [], {}
         for src, name, _ in items:
             try:
-                path = self.predict_file(src, out_dir, save_probabilities, name=name)
+                res = self.predict(src, probabilities=save_probabilities, statistics=statistics)
+                path = self._write(res, out_dir, name, output_type, Path(src))
                 results.append({"input": str(src), "output": str(path), "ok": True})
+                if statistics:
+                    per_case[name] = {"input": str(src), "organs": res.statistics}
             except Exception as e:  # one bad scan must not stop the others
                 results.append({"input": str(src), "ok": False, "error": _error_line(e),
                                 "traceback": traceback.format_exc()})
+        if statistics and per_case:
+            write_statistics(out_dir, per_case)
         return results
 
 
 def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test", save_probabilities: bool = False,
-                     model: str | Path | None = None) -> list[tuple[Path, str, Path]]:
+                     model: str | Path | None = None, statistics: bool = False,
+                     output_type: str = "nifti") -> list[tuple[Path, str, Path]]:
     """(scan, case name, label map to write) of every scan behind ``source``, checked before any scan or
     checkpoint is read: two scans whose outputs would share one file (``case.nii`` and ``case.nii.gz``)
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     out_dir = Path(out_dir)
     items = _list_inputs(Path(source), split)
+    if output_type != "nifti":
+        not_dicom = [str(src) for src, _ in items if not (src.is_dir() and is_dicom_series(src))]
+        if not_dicom:
+            raise ValueError(
+                f"--output-type {output_type} writes a DICOM-SEG that references the DICOM series it was predicted "
+                f"from, but {not_dicom[0]}" + (f" (and {len(not_dicom) - 1} more)" if len(not_dicom) > 1 else "")
+                + " is not a DICOM series; nothing was predicted. Use --output-type nifti for NIfTI input.")
     planned, by_output, outputs = [], {}, [out_dir]
     for src, name in items:
-        outs = [out_dir / f"{name}.nii.gz"] + ([out_dir / f"{name}_probs.nii.gz"] if save_probabilities else [])
+        outs = [out_dir / f"{name}.nii.gz", *color_table_paths(out_dir / f"{name}.nii.gz")]
+        if output_type == "dicom-seg":
+            outs = [out_dir / f"{name}{SEG_SUFFIX}"]
+        elif output_type == "both":
+            outs.append(out_dir / f"{name}{SEG_SUFFIX}")
+        outs += [out_dir / f"{name}_probs.nii.gz"] if save_probabilities else []
         for o in outs:
             key = os.path.normpath(os.path.abspath(o))
             if key in by_output and by_output[key] != src:
@@ -199,6 +305,7 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
             by_output[key] = src
         outputs += outs
         planned.append((src, name, outs[0]))
+    outputs += [out_dir / STATISTICS_FILES[0], out_dir / STATISTICS_FILES[1]] if statistics else []
     refuse_overwriting_inputs(outputs, [Path(source), model, *(s for s, _ in items)],
                               hint="choose another output folder with -o")
     return planned
@@ -221,12 +328,81 @@ def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
     return [(Path(e["image"]), e["case"]) for e in entries]
 
 
-def _reference_header(source: Path):
-    if source.is_file() and is_nifti(source.name):
-        import nibabel as nib
+def _as_source(image, affine) -> tuple:
+    """(what the chain's loader takes: a path string or a channel-first MetaTensor, the NIfTI header to keep
+    or None) for :meth:`Predictor.predict`; a bad input raises ValueError / FileNotFoundError saying why."""
+    import nibabel as nib
+    from monai.data import MetaTensor
 
-        return nib.load(str(source))
-    return None
+    if isinstance(image, (str, os.PathLike)):
+        if affine is not None:
+            raise ValueError(f"affine is read from {image}; pass affine only with a NumPy array")
+        path = Path(image)
+        if not path.exists():
+            raise FileNotFoundError(f"input scan {path} does not exist")
+        header = nib.load(str(path)).header if path.is_file() and is_nifti(path.name) else None
+        return str(path), header
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        if affine is not None:
+            raise ValueError("affine is read from the nibabel image; pass affine only with a NumPy array")
+        header = image.header if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)) else None
+        data, affine, name = np.asanyarray(image.dataobj), image.affine, image.get_filename() or "the nibabel image"
+    else:
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"predict takes a path, a nibabel image or a NumPy array, got {type(image).__name__}")
+        if affine is None:
+            raise ValueError("a NumPy array needs its affine (4x4 voxel -> world in mm, nibabel's RAS convention, "
+                             "as nib.load(f).affine): predict(array, affine=...)")
+        data, header, name = image, None, "the array"
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"the affine of {name} must be a finite 4x4 matrix, got shape {affine.shape}")
+    problem = grid_problem_of_affine(affine)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise ValueError(f"{name} has shape {tuple(data.shape)}; predict needs one 3D CT volume (X, Y, Z)")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise ValueError(f"{name} has dtype {data.dtype}; predict needs real CT intensities (HU)")
+    shape = tuple(int(n) for n in data.shape)
+    vol = MetaTensor(torch.as_tensor(np.asarray(data, dtype=np.float32))[None], affine=torch.as_tensor(affine),
+                     meta={"original_affine": affine.copy(), "spatial_shape": np.asarray(shape),
+                           "space": "RAS", "original_channel_dim": float("nan"), "filename_or_obj": name})
+    if header is not None:
+        header = header.copy()
+    return vol, header
+
+
+STATISTICS_FILES = ("statistics.json", "statistics.csv")
+OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
+SEG_SUFFIX = "_seg.dcm"  # the DICOM-SEG of case NAME: NAME_seg.dcm
+
+
+def write_statistics(out_dir: Path, per_case: dict) -> tuple[Path, Path]:
+    """``statistics.json`` (``{"conventions", "cases": {case: {"input", "organs": {value: {...}}}}}``) and
+    ``statistics.csv`` (one row per case and organ) in ``out_dir``, atomically."""
+    doc = {"conventions": STATISTICS_CONVENTIONS, "cases": per_case}
+    js = atomic_write_text(out_dir / STATISTICS_FILES[0], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    csv_text = statistics_csv({c: v["organs"] for c, v in per_case.items()})
+    return js, atomic_write_text(out_dir / STATISTICS_FILES[1], csv_text)
+
+
+def _value_names(label: np.ndarray) -> dict[int, str]:
+    """``{value: "class_<value>"}`` of the values in a label map (a checkpoint without class names)."""
+    return {int(v): f"class_{int(v)}" for v in np.unique(label) if v > 0}
+
+
+def _header_affine(image, header) -> np.ndarray:
+    """The affine the input's own header gives (what nibabel reports, so the output matches it exactly)."""
+    import nibabel as nib
+
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        return np.asarray(image.affine, dtype=np.float64)
+    return np.asarray(nib.load(str(image)).affine, dtype=np.float64)
 
 
 def _original_affine(data) -> np.ndarray:

@@ -18,43 +18,19 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..data.labels import BTCV13
+from ..data.labels import BTCV13, LABEL_PALETTE, label_rgb
 from ..evaluate.classes import display_name, parse_classes
 from ..evaluate.metrics import as_label_map
 from ..runtime.files import refuse_overwriting_inputs, save_png
 
-# Label value -> colour. 1-13 are the BTCV organs; the list is a set of well-separated colours so that
-# neighbouring organs (kidney/adrenal, liver/IVC, stomach/spleen) stay distinguishable.
-_PALETTE = [
-    "#e6194b",  # 1 spleen
-    "#3cb44b",  # 2 right kidney
-    "#ffe119",  # 3 left kidney
-    "#4363d8",  # 4 gallbladder
-    "#f58231",  # 5 esophagus
-    "#911eb4",  # 6 liver
-    "#42d4f4",  # 7 stomach
-    "#f032e6",  # 8 aorta
-    "#bfef45",  # 9 inferior vena cava
-    "#fabed4",  # 10 portal and splenic vein
-    "#469990",  # 11 pancreas
-    "#dcbeff",  # 12 right adrenal
-    "#9a6324",  # 13 left adrenal
-    "#800000",
-    "#aaffc3",
-    "#808000",
-    "#ffd8b1",
-    "#000075",
-    "#fffac8",
-    "#a9a9a9",
-]
-LABEL_COLORS: dict[int, tuple[float, float, float]] = {i + 1: to_rgb(c) for i, c in enumerate(_PALETTE)}
+# Label value -> colour: the package's one table (medhpm.data.labels), shared with the colour tables written
+# beside every predicted label map.
+LABEL_COLORS: dict[int, tuple[float, float, float]] = {i + 1: to_rgb(c) for i, c in enumerate(LABEL_PALETTE)}
 
 
 def label_color(value: int) -> tuple[float, float, float]:
     """RGB in [0, 1] of a label value; values past the table reuse it cyclically (e.g. SMWB's 41 organs)."""
-    if value <= 0:
-        raise ValueError(f"label value {value} has no colour: 0 is the background.")
-    return LABEL_COLORS[(value - 1) % len(LABEL_COLORS) + 1]
+    return tuple(c / 255.0 for c in label_rgb(value))  # type: ignore[return-value]
 
 
 def _organ_name(value: int, classes: Mapping[int, str] | None) -> str:
