@@ -246,6 +246,8 @@ def predict(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     statistics: bool = typer.Option(False, "--statistics", help="Also write statistics.json/.csv: organ volumes (mL), HU mean/std."),
     output_type: str = typer.Option("nifti", "--output-type", help="nifti | dicom-seg | both (DICOM-SEG: DICOM series input only)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time flips: mean softmax over the 8 flips of the axes (8x slower)."),
+    largest_component: bool = typer.Option(False, "--largest-component", help="Keep each organ's largest connected component."),
 ):
     """Segment new scans; writes label maps in each scan's own shape, affine and orientation."""
     from medhpm.segment.predict import Predictor, plan_predictions
@@ -254,7 +256,7 @@ def predict(
     plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model, statistics=statistics,
                      output_type=output_type)
     pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
-                                   output_on_cpu=not gpu_output)
+                                   output_on_cpu=not gpu_output, tta=tta, largest_component=largest_component)
     results = pr.predict_path(input, out, save_probabilities=probabilities, split=split, statistics=statistics,
                               output_type=output_type)
     failed = [r for r in results if not r["ok"]]

@@ -19,6 +19,7 @@ call :meth:`Predictor.predict` and write what it returns.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import traceback
@@ -85,7 +86,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, cfg: Config, classes: dict[int, str] | None = None,
                  device: str = "auto", overlap: float | None = None, blend: str | None = None,
-                 sw_batch_size: int | None = None, output_on_cpu: bool = True):
+                 sw_batch_size: int | None = None, output_on_cpu: bool = True, tta: bool = False,
+                 largest_component: bool = False):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -98,6 +100,8 @@ class Predictor:
             raise ValueError(f"blend must be gaussian or constant, got {self.blend!r}")
         self.sw_batch_size = sw_batch_size or cfg.inference.sw_batch_size
         self.output_on_cpu = output_on_cpu
+        self.tta = bool(tta)  # test-time flips: mean softmax over the 8 flips of the three axes (nnU-Net's mirroring)
+        self.largest_component = bool(largest_component)  # keep each organ's largest connected component
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
         self.transform = predict_transforms(cfg.data)
 
@@ -138,7 +142,26 @@ class Predictor:
     @torch.no_grad()
     def _infer(self, image: torch.Tensor, probabilities: bool = True) -> torch.Tensor:
         """``image`` (1, H, W, D) preprocessed -> softmax probabilities (C, H, W, D), or the logits when
-        ``probabilities`` is False (same argmax, without a second full-size map in memory)."""
+        ``probabilities`` is False (same argmax, without a second full-size map in memory). With ``tta``:
+        the mean of the softmax over the image and its 7 flips (every subset of the three spatial axes,
+        MONAI's ``Flip``), each flipped back; always probabilities."""
+        if not self.tta:
+            return self._infer_once(image, probabilities)
+        from monai.transforms import Flip
+
+        image = torch.as_tensor(image).as_subclass(torch.Tensor)
+        total = None
+        flips = [axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n)]
+        for axes in flips:
+            flip = Flip(spatial_axis=list(axes)) if axes else None
+            x = flip(image).as_subclass(torch.Tensor) if flip else image
+            p = self._infer_once(x, probabilities=True)
+            p = flip(p).as_subclass(torch.Tensor) if flip else p  # a flip is its own inverse
+            total = p if total is None else total.add_(p)
+        return total.div_(len(flips))
+
+    @torch.no_grad()
+    def _infer_once(self, image: torch.Tensor, probabilities: bool = True) -> torch.Tensor:
         from monai.inferers import sliding_window_inference
 
         x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float().to(self.device)
@@ -164,7 +187,7 @@ class Predictor:
         if statistics:  # the scan's own intensities on its own grid, before any preprocessing
             hu = read_volume(source).numpy()[0] if isinstance(source, str) else source.numpy()[0].copy()
         res = self.predict_item(source, want_probabilities=probabilities)
-        label = res["label"]
+        label = res["label"] if not self.largest_component else keep_largest_components(res["label"])
         if header is not None and tuple(int(n) for n in header.get_data_shape()[:3]) != label.shape:
             raise RuntimeError(f"internal error: prediction shape {label.shape} differs from the input's "
                                f"{tuple(header.get_data_shape()[:3])}")
@@ -375,6 +398,19 @@ def _as_source(image, affine) -> tuple:
     if header is not None:
         header = header.copy()
     return vol, header
+
+
+def keep_largest_components(label: np.ndarray) -> np.ndarray:
+    """Each organ's largest connected component only (MONAI's ``KeepLargestConnectedComponent``, one organ
+    at a time, 26-connectivity); the removed voxels become background."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    values = [int(v) for v in np.unique(label) if v > 0]
+    if not values:
+        return label
+    keep = KeepLargestConnectedComponent(applied_labels=values, is_onehot=False, independent=True, connectivity=3)
+    out = keep(torch.as_tensor(label)[None])
+    return np.asarray(torch.as_tensor(out).as_subclass(torch.Tensor)[0].numpy(), dtype=label.dtype)
 
 
 STATISTICS_FILES = ("statistics.json", "statistics.csv")
