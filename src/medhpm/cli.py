@@ -267,6 +267,30 @@ def predict(
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command("export-model")
+def export_model_cmd(
+    ckpt: Path = typer.Argument(..., help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder to write (new or empty; see --force)."),
+    fmt: str = typer.Option("bundle", "--format", "-f", help="bundle | onnx | torchscript"),
+    force: bool = typer.Option(False, "--force", help="Replace an output folder that is not empty."),
+    license_file: Optional[Path] = typer.Option(None, "--license", help="A license text to ship as LICENSE."),
+):
+    """Export a fine-tuned model to run without medhpm, giving the label maps of `medhpm predict`.
+
+    \b
+    bundle       a MONAI bundle: `python -m monai.bundle run`, MONAI Label and the model zoo tools load it;
+                 its configs/inference.json holds the same preprocessing, sliding window and inversion
+    onnx         model.onnx (one ROI in, logits out) for onnxruntime, with export.json: the preprocessing
+                 and sliding-window settings to reproduce `medhpm predict` in your own pipeline
+    torchscript  model.ts (one ROI in, logits out) for torch.jit.load alone, with the same export.json
+    Every export records the medhpm version, the checkpoint's sha256 and its config (docs/export.md).
+    """
+    from medhpm.segment.export import export_model
+
+    path = export_model(ckpt, out, fmt, force=force, license_file=license_file)
+    typer.echo(f"wrote {path} ({fmt})")
+
+
 @app.command()
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Predicted label map, folder of them, or a datalist."),

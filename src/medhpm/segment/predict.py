@@ -112,30 +112,7 @@ class Predictor:
         ``expect``: a config to compare with the checkpoint's metadata (preset, patch size, ROI,
         spacing, HU window, classes); a mismatch raises an error that explains it.
         """
-        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"),
-                                purpose="prediction needs a fine-tuning checkpoint (best.pt or final.pt of "
-                                "`medhpm finetune`)")
-        try:
-            cfg = from_dict(state["config"])
-        except ValueError as e:
-            raise CheckpointError(f"fine-tuning checkpoint {path} holds a config this medhpm cannot read: "
-                                  f"{e}") from None
-        if expect is not None:
-            check_compatible(cfg, expect, path)
-        args = state["model_args"]
-        try:
-            u = args["unetr"]
-            if args.get("architecture", "unetr") == "dynunet":
-                model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
-            else:
-                model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
-                                    drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
-            model.load_state_dict(state["model"])
-        except (KeyError, TypeError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"the weights in fine-tuning checkpoint {path} do not fit the model its metadata "
-                                  f"describes ({type(e).__name__}: {first})") from None
-        classes = {int(k): v for k, v in args.get("classes", {}).items()}
+        model, cfg, classes = load_model(path, expect=expect)
         return cls(model, cfg, classes=classes, device=device, **kw)
 
     # ------------------------------------------------------------------ core
@@ -293,6 +270,38 @@ class Predictor:
         if statistics and per_case:
             write_statistics(out_dir, per_case)
         return results
+
+
+def load_model(path: str | Path, expect: Config | None = None,
+               purpose: str = "prediction needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`)",
+               state: dict | None = None) -> tuple[torch.nn.Module, Config, dict[int, str]]:
+    """(network with the checkpoint's weights, in eval mode, its config, class names by label value) of a
+    fine-tuning checkpoint: the one place prediction and export rebuild a trained network. ``purpose`` is
+    said when the file is not a fine-tuning checkpoint; ``state``: the checkpoint, if already read."""
+    if state is None:
+        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"), purpose=purpose)
+    try:
+        cfg = from_dict(state["config"])
+    except ValueError as e:
+        raise CheckpointError(f"fine-tuning checkpoint {path} holds a config this medhpm cannot read: "
+                              f"{e}") from None
+    if expect is not None:
+        check_compatible(cfg, expect, path)
+    args = state["model_args"]
+    try:
+        u = args["unetr"]
+        if args.get("architecture", "unetr") == "dynunet":
+            model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
+        else:
+            model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
+                                drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"the weights in fine-tuning checkpoint {path} do not fit the model its metadata "
+                              f"describes ({type(e).__name__}: {first})") from None
+    classes = {int(k): v for k, v in args.get("classes", {}).items()}
+    return model.eval(), cfg, classes
 
 
 def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test", save_probabilities: bool = False,

@@ -1,0 +1,644 @@
+"""A fine-tuned model leaves the project: a MONAI bundle, an ONNX model or a TorchScript model that run
+without medhpm and give the label maps of ``medhpm predict`` (docs/export.md).
+
+:func:`export_model` reads a fine-tuning checkpoint (:func:`medhpm.segment.predict.load_model`), traces the
+network at the fixed ROI (input ``(N, 1, *roi)`` float32 after preprocessing, output class logits
+``(N, C, *roi)``, ``N`` free), checks the exported network against the PyTorch one on a seeded ROI of
+realistic intensities, and writes one folder:
+
+* ``bundle``: the MONAI bundle layout (``configs/metadata.json``, ``configs/inference.json``,
+  ``models/model.ts``, ``docs/README.md``, ``LICENSE`` when given). ``inference.json`` rebuilds the
+  predictor's chain with MONAI's own transforms (``LoadImaged``, ``Orientationd``, ``Spacingd``,
+  ``ScaleIntensityRanged``, ``CropForegroundd``, ``SpatialPadd``), runs ``SlidingWindowInferer`` with the
+  checkpoint's ROI, overlap and blending, takes the argmax and inverts the chain with ``Invertd`` (nearest),
+  as :class:`~medhpm.segment.predict.Predictor` does; ``python -m monai.bundle run`` runs it.
+* ``onnx``: ``model.onnx`` (``torch.onnx``, checked with ``onnx.checker``, run here by ``onnxruntime``) and
+  ``export.json``, the preprocessing and sliding-window settings a user's own pipeline needs.
+* ``torchscript``: ``model.ts`` (traced; ``torch.jit.load`` alone loads it, ``export.json`` rides inside as
+  an extra file) and the same ``export.json`` beside it.
+
+Every export records the medhpm version, the checkpoint's path and sha256 and the full config it came from
+(``export.json``; in a bundle, the ``medhpm`` entry of ``metadata.json``). The folder is written under a
+temporary name beside the target and renamed at the end: a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medhpm import __version__
+from medhpm.config import Config, from_dict, to_dict
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.files import atomic_write_text, sha256_file
+from medhpm.segment.predict import Predictor, load_model
+
+__all__ = ["FORMATS", "ExportError", "export_model", "export_settings", "load_exported", "exported_predictor",
+           "OnnxRuntimeNetwork", "BUNDLE_METADATA_SCHEMA", "MONAI_SCHEMA_URL"]
+
+FORMATS = {
+    "bundle": "a MONAI bundle (configs/inference.json + models/model.ts) that `python -m monai.bundle run`, "
+              "MONAI Label and the model zoo tools load, with the preprocessing, sliding window and inversion "
+              "to the scan's geometry of `medhpm predict`",
+    "onnx": "model.onnx (one ROI in, class logits out) for onnxruntime and other ONNX runtimes, with "
+            "export.json: the preprocessing and sliding-window settings to reproduce `medhpm predict`",
+    "torchscript": "model.ts (one ROI in, class logits out) that torch.jit.load alone loads, with the same "
+                   "export.json",
+}
+EXPORT_JSON = "export.json"
+EXPORT_FORMAT_VERSION = 1
+# the largest |exported - PyTorch| logit difference accepted, relative to max(1, max |PyTorch logit|)
+TOLERANCE = 1e-4
+ONNX_OPSET = 18
+# The schema URL MONAI's own bundles name; verify_metadata downloads it unless --filepath names a file that
+# exists (offline: the bundle's docs/metadata_schema.json, medhpm's transcription of the specification).
+MONAI_SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                    "meta_schema_20240725.json")
+_FINETUNE_ONLY = ("export-model needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`); "
+                  "a pre-training checkpoint holds no segmentation head")
+
+
+class ExportError(ValueError):
+    """An export that cannot be made; the message names the file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read_checkpoint(ckpt: Path) -> dict:
+    """The fine-tuning checkpoint at ``ckpt``; an encoder file or a pre-training checkpoint is refused with
+    a sentence naming the file."""
+    if ckpt.suffix == ".safetensors" or (ckpt.suffix == ".json" and ckpt.with_suffix(".safetensors").exists()):
+        raise ExportError(f"{ckpt} is an encoder file (`medhpm export-encoder`: the pre-trained ViT without a "
+                          "segmentation head); export-model needs a fine-tuning checkpoint: fine-tune first "
+                          "(`medhpm finetune --init <this file>`), then export its best.pt")
+    try:
+        return load_checkpoint(ckpt, stage="finetune", keys=("config", "model_args", "model"),
+                               purpose=_FINETUNE_ONLY)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+
+
+def _pretraining(state: dict, cfg: Config) -> dict:
+    """What the encoder was pre-trained with: the initial weights file of the fine-tuning run and its
+    method (read from that file when it is still there, else the fine-tuning config's pretrain.method)."""
+    args = state.get("model_args") or {}
+    init = str(args.get("init") or "none")
+    if args.get("architecture") == "dynunet":
+        return {"method": "none", "init": "none", "note": "DynUNet, trained from scratch"}
+    if init in ("", "none"):
+        return {"method": "none", "init": "none", "note": "UNETR trained from scratch (--init none)"}
+    method, source = None, "the initial weights file"
+    path = Path(init)
+    with contextlib.suppress(Exception):  # a file that moved or is foreign: fall back to the config
+        if path.suffix == ".safetensors":
+            from medhpm.runtime.weights import read_encoder_sidecar
+
+            method = read_encoder_sidecar(path).get("method")
+        elif path.is_file():
+            method = (load_checkpoint(path).get("config") or {}).get("pretrain", {}).get("method")
+    if not method:
+        method, source = cfg.pretrain.method, "the fine-tuning config (pretrain.method)"
+    return {"method": str(method), "init": init, "method_from": source}
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def export_settings(cfg: Config, classes: dict[int, str], architecture: str, num_classes: int) -> dict:
+    """The preprocessing, network and sliding-window settings that reproduce ``medhpm predict`` (the
+    ``export.json`` of every format; plain JSON, no medhpm needed to read it)."""
+    d, inf = cfg.data, cfg.inference
+    roi = [int(r) for r in d.roi]
+    names = {0: "background", **{int(k): v for k, v in classes.items()}}
+    return {
+        "preprocessing": {
+            "steps": [
+                "load the scan (NIfTI, or a DICOM series folder) channel first, float32, world affine in RAS",
+                f"reorient to {d.orientation}",
+                f"resample to {list(map(float, d.spacing))} mm (bilinear)",
+                f"clip HU to [{d.a_min}, {d.a_max}] and scale linearly to [{d.b_min}, {d.b_max}]",
+                *([f"crop to the bounding box of voxels > {d.b_min} (after scaling)"] if d.crop_foreground else []),
+                f"pad each axis below {roi} symmetrically with {d.b_min}",
+            ],
+            "orientation": d.orientation,
+            "spacing_mm": [float(s) for s in d.spacing],
+            "spacing_interpolation": "bilinear",
+            "hu_window": [float(d.a_min), float(d.a_max)],
+            "scaled_range": [float(d.b_min), float(d.b_max)],
+            "clip": True,
+            "crop_foreground": bool(d.crop_foreground),
+            "foreground_threshold": float(d.b_min),
+            "pad_to": roi,
+            "pad_value": float(d.b_min),
+        },
+        "network": {
+            "architecture": architecture,
+            "input": {"name": "image", "shape": ["N", int(cfg.model.in_chans), *roi], "dtype": "float32"},
+            "output": {"name": "logits", "shape": ["N", int(num_classes), *roi], "dtype": "float32"},
+        },
+        "sliding_window": {
+            "roi": roi,
+            "overlap": float(inf.overlap),
+            "blend": inf.blend,
+            "sw_batch_size": int(inf.sw_batch_size),
+            "padding": "constant 0 (the volume is already padded to the ROI)",
+            "implementation": "monai.inferers.SlidingWindowInferer / sliding_window_inference",
+        },
+        "postprocessing": {
+            "steps": ["argmax over the class channels in the preprocessed grid",
+                      "undo pad, crop, resampling and reorientation with nearest-neighbour interpolation "
+                      "(monai.transforms.Invertd), giving the scan's own shape and affine"],
+            "label_dtype": "uint8",
+        },
+        "labels": {str(k): v for k, v in sorted(names.items())},
+    }
+
+
+def _provenance(ckpt: Path, state: dict, cfg: Config, fmt: str) -> dict:
+    return {
+        "format": "medhpm-export",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "export_format": fmt,
+        "medhpm_version": __version__,
+        "checkpoint": str(ckpt.resolve()),
+        "checkpoint_sha256": sha256_file(ckpt),
+        "checkpoint_medhpm_version": state.get("version"),
+        "checkpoint_epoch": state.get("epoch"),
+        "pretraining": _pretraining(state, cfg),
+        "torch_version": torch.__version__,
+        "config": to_dict(cfg),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+def _probe_input(cfg: Config, batch: int = 2) -> torch.Tensor:
+    """A seeded ROI batch of intensities in the scaled range: what the network sees after preprocessing."""
+    g = torch.Generator().manual_seed(0)
+    d = cfg.data
+    shape = (batch, int(cfg.model.in_chans), *(int(r) for r in d.roi))
+    return d.b_min + (d.b_max - d.b_min) * torch.rand(shape, generator=g)
+
+
+def _check_close(name: str, ckpt: Path, got: np.ndarray, ref: np.ndarray) -> float:
+    if got.shape != ref.shape:
+        raise ExportError(f"the {name} export of {ckpt} gives logits of shape {got.shape}, the PyTorch model "
+                          f"{ref.shape}; nothing was written. Try another --format")
+    diff = float(np.max(np.abs(got - ref)))
+    bound = TOLERANCE * max(1.0, float(np.max(np.abs(ref))))
+    if not diff <= bound:
+        raise ExportError(f"the {name} export of {ckpt} differs from the PyTorch model by {diff:.3g} in the "
+                          f"logits (more than {bound:.3g}); nothing was written. Try another --format")
+    return diff
+
+
+def _torchscript(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: dict) -> dict:
+    x = _probe_input(cfg)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: the shape checks are constant at a fixed ROI
+        try:
+            traced = torch.jit.trace(model, x[:1], check_trace=False)
+        except Exception as e:
+            raise ExportError(f"TorchScript cannot trace the network of {ckpt} at ROI {list(cfg.data.roi)} "
+                              f"({type(e).__name__}: {_first_line(e)}); nothing was written. Try --format onnx"
+                              ) from None
+        traced = traced.eval()
+        ref = model(x).numpy()
+        torch.jit.save(traced, str(path), _extra_files={EXPORT_JSON: json.dumps(extra)})
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        diff = _check_close("TorchScript", ckpt, loaded(x).numpy(), ref)
+    return {"max_abs_logit_difference": diff, "checked_on": list(x.shape)}
+
+
+def _onnx(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: dict) -> dict:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the onnx and onnxruntime packages ({e}); install medhpm with its "
+                          "dependencies (pip install -e .) or use --format torchscript") from None
+    x = _probe_input(cfg)
+    roi = list(cfg.data.roi)
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_onnx_logs():
+        warnings.simplefilter("ignore")
+        try:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            program = torch.onnx.export(model, (x[:1],), dynamo=True, input_names=["image"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch},),
+                                        opset_version=ONNX_OPSET, external_data=False, verbose=False,
+                                        report=False)
+            program.save(str(path), external_data=False)
+        except Exception as e:
+            raise ExportError(f"torch.onnx cannot export the network of {ckpt} at ROI {roi} "
+                              f"({type(e).__name__}: {_first_line(e)}); nothing was written. Use --format "
+                              "torchscript or bundle, or fine-tune with another data.roi") from None
+        ref = model(x).numpy()
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    for key, value in (("medhpm_version", __version__), ("checkpoint_sha256", extra["checkpoint_sha256"]),
+                       (EXPORT_JSON, json.dumps(extra))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"image": x.numpy()})[0]
+    diff = _check_close("ONNX", ckpt, got, ref)
+    return {"max_abs_logit_difference": diff, "checked_on": list(x.shape), "opset": ONNX_OPSET,
+            "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)"}
+
+
+@contextlib.contextmanager
+def _quiet_onnx_logs():
+    """torch.onnx's exporter prints its progress and logs missing optional packages (torchvision)."""
+    import io
+    import logging
+
+    names = ("torch.onnx", "torch.export", "onnxscript")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------- the bundle
+def _bundle_inference(settings: dict) -> dict:
+    """``configs/inference.json``: MONAI's transforms, inferer and evaluator only (no medhpm import)."""
+    pre, sw = settings["preprocessing"], settings["sliding_window"]
+    b_min = pre["scaled_range"][0]
+    transforms: list[dict] = [
+        # NIfTI through nibabel, a DICOM series folder through pydicom (tried in that order)
+        {"_target_": "LoadImaged", "keys": "image", "reader": ["PydicomReader", "NibabelReader"],
+         "ensure_channel_first": True, "dtype": "$numpy.float32", "image_only": True},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": pre["orientation"], "labels": None},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": pre["spacing_mm"], "mode": "bilinear"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": pre["hu_window"][0],
+         "a_max": pre["hu_window"][1], "b_min": pre["scaled_range"][0], "b_max": pre["scaled_range"][1],
+         "clip": True},
+    ]
+    if pre["crop_foreground"]:
+        transforms.append({"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
+                           "select_fn": f"$lambda x: x > {float(b_min)!r}", "allow_smaller": True,
+                           "start_coord_key": None, "end_coord_key": None})
+    transforms += [
+        {"_target_": "SpatialPadd", "keys": "image", "spatial_size": pre["pad_to"], "mode": "constant",
+         "value": pre["pad_value"]},
+        {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+    ]
+    return {
+        "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "$@bundle_root + '/data'",
+        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location='cpu')",
+        "network": "$@network_def.to(@device).eval()",
+        "preprocessing": {"_target_": "Compose", "transforms": transforms},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": sw["roi"], "sw_batch_size": sw["sw_batch_size"],
+                    "overlap": sw["overlap"], "mode": sw["blend"], "padding_mode": "constant", "cval": 0.0,
+                    "device": "$torch.device('cpu')"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": True, "to_tensor": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
+             "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False,
+             "separate_folder": False, "print_log": False},
+        ]},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "amp": False},
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def _bundle_metadata(settings: dict, provenance: dict, cfg: Config) -> dict:
+    import monai
+
+    pre, net = settings["preprocessing"], settings["network"]
+    labels = settings["labels"]
+    roi = settings["sliding_window"]["roi"]
+    method = provenance["pretraining"]["method"]
+    arch = "UNETR (medhpm ViT encoder)" if net["architecture"] == "unetr" else "DynUNet (MONAI)"
+    return {
+        "schema": MONAI_SCHEMA_URL,
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported by medhpm {__version__} from {Path(provenance['checkpoint']).name}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        # what `python -m monai.bundle run` of this bundle needs besides MONAI and torch (pylibjpeg: compressed DICOM)
+        "required_packages_version": {p: _version(p) for p in ("nibabel", "pydicom", "pytorch-ignite", "fire")},
+        "name": f"medhpm {net['architecture']} CT segmentation",
+        "task": f"CT segmentation of {len(labels) - 1} classes ({', '.join(list(labels.values())[1:])})",
+        "description": (f"{arch} fine-tuned with medhpm; encoder pre-training: {method}. Input: a CT scan "
+                        f"(NIfTI file or DICOM series folder) reoriented to {pre['orientation']}, resampled to "
+                        f"{pre['spacing_mm']} mm, HU window {pre['hu_window']} scaled to {pre['scaled_range']}"
+                        f"{', cropped to the body' if pre['crop_foreground'] else ''}; sliding window of {roi} "
+                        "voxels; output: a label map in the scan's own geometry."),
+        "authors": "medhpm export-model",
+        "copyright": "see LICENSE (the exporter's license, if one was given)",
+        "intended_use": "research; not for clinical use",
+        "data_type": "nibabel and dicom",
+        "image_classes": f"one channel: CT in HU, window {pre['hu_window']} scaled to {pre['scaled_range']}",
+        "label_classes": ", ".join(f"{k} {v}" for k, v in labels.items()),
+        "pred_classes": ", ".join(f"{k} {v}" for k, v in labels.items()),
+        "references": ["Wang et al., Hard Patches Mining for Masked Image Modeling, CVPR 2023",
+                       "Hatamizadeh et al., UNETR: Transformers for 3D Medical Image Segmentation, WACV 2022"],
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": net["input"]["shape"][1],
+                "spatial_shape": roi, "dtype": "float32", "value_range": pre["scaled_range"],
+                "is_patch_data": True, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": net["output"]["shape"][1],
+                "spatial_shape": roi, "dtype": "float32", "value_range": [],
+                "is_patch_data": True, "channel_def": dict(labels)}},
+        },
+        "medhpm": {**{k: v for k, v in provenance.items() if k != "config"}, "settings": settings,
+                   "config": provenance["config"]},
+        "labels": dict(labels),
+        "input_spacing_mm": pre["spacing_mm"],
+        "hu_window": pre["hu_window"],
+        "architecture": net["architecture"],
+        "pretraining_method": method,
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# The metadata.json mandatory keys and tensor format specifiers of the MONAI Bundle Specification
+# (docs.monai.io, "MONAI Bundle Specification"), transcribed as a JSON Schema by medhpm so that
+# `python -m monai.bundle verify_metadata` can check a bundle offline (see docs/export.md).
+_TENSOR = {
+    "type": "object",
+    "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+                 "channel_def"],
+    "properties": {
+        "type": {"type": "string"},
+        "format": {"type": "string"},
+        "modality": {"type": "string"},
+        "num_channels": {"type": "integer", "minimum": 1},
+        "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+        "dtype": {"type": "string"},
+        "value_range": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
+        "is_patch_data": {"type": "boolean"},
+        "channel_def": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+BUNDLE_METADATA_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "metadata.json of a MONAI bundle (mandatory keys of the MONAI Bundle Specification; medhpm)",
+    "type": "object",
+    "required": ["schema", "version", "monai_version", "pytorch_version", "numpy_version", "task", "description",
+                 "authors", "copyright", "network_data_format"],
+    "properties": {
+        "schema": {"type": "string"},
+        "version": {"type": "string"},
+        "changelog": {"type": "object", "additionalProperties": {"type": "string"}},
+        "monai_version": {"type": "string"},
+        "pytorch_version": {"type": "string"},
+        "numpy_version": {"type": "string"},
+        "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+        "optional_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+        "task": {"type": "string"},
+        "description": {"type": "string"},
+        "authors": {"type": ["string", "array"]},
+        "copyright": {"type": "string"},
+        "references": {"type": "array", "items": {"type": "string"}},
+        "network_data_format": {
+            "type": "object",
+            "required": ["inputs", "outputs"],
+            "properties": {"inputs": {"type": "object", "minProperties": 1, "additionalProperties": _TENSOR},
+                           "outputs": {"type": "object", "minProperties": 1, "additionalProperties": _TENSOR}},
+        },
+    },
+}
+
+
+def _bundle_readme(settings: dict, provenance: dict) -> str:
+    labels = ", ".join(f"{k} {v}" for k, v in settings["labels"].items())
+    pre, sw = settings["preprocessing"], settings["sliding_window"]
+    return f"""# medhpm {settings['network']['architecture']} CT segmentation (MONAI bundle)
+
+Exported by medhpm {__version__} from `{provenance['checkpoint']}` (sha256 `{provenance['checkpoint_sha256']}`);
+encoder pre-training: {provenance['pretraining']['method']}. Research use only.
+
+Labels: {labels}.
+
+Preprocessing (MONAI transforms in `configs/inference.json`): {'; '.join(pre['steps'])}.
+Sliding window: ROI {sw['roi']}, overlap {sw['overlap']}, {sw['blend']} blending. The argmax is inverted to
+the scan's own shape and affine (nearest neighbour), as `medhpm predict` does.
+
+## Run
+
+    pip install monai fire pytorch-ignite nibabel pydicom pylibjpeg pylibjpeg-openjpeg
+    python -m monai.bundle run --config_file configs/inference.json --bundle_root . \\
+        --dataset_dir /path/to/niftis --output_dir /path/to/labels
+
+`--datalist "['scan.nii.gz', '/path/to/dicom_series_folder']"` names the scans instead of `--dataset_dir`.
+Outputs: `NAME.nii.gz` (uint8 label maps). `models/model.ts` is the network alone (input `(N, 1, {', '.join(map(str, sw['roi']))})`
+after preprocessing, output class logits). Provenance and the full medhpm config: `configs/metadata.json`,
+key `medhpm`.
+
+## Verify
+
+    python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath docs/metadata_schema.json
+    python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\
+        --config_file configs/inference.json --bundle_root .
+
+`docs/metadata_schema.json` is medhpm's transcription of the mandatory keys of the MONAI Bundle
+Specification (offline); with a `--filepath` that does not exist yet, `verify_metadata` downloads MONAI's
+own schema named in `metadata.json` instead.
+"""
+
+
+# ---------------------------------------------------------------------------------------------- the export
+def export_model(ckpt: str | Path, out: str | Path, fmt: str = "bundle", force: bool = False,
+                 license_file: str | Path | None = None) -> Path:
+    """Export the fine-tuning checkpoint ``ckpt`` as ``fmt`` (bundle | onnx | torchscript) into the folder
+    ``out``; returns ``out``.
+
+    Refused with an :class:`ExportError` naming the file, before anything is written: an encoder file, a
+    pre-training checkpoint (or any file that is not a fine-tuning checkpoint), an ``out`` that exists and
+    is not empty (unless ``force``), an ``out`` that holds the checkpoint, a missing ``license_file``, a
+    network that the format cannot trace or export, or an export whose logits differ from PyTorch's.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    ckpt, out = Path(ckpt), Path(out)
+    _check_output(out, ckpt, force)
+    if license_file is not None and not Path(license_file).is_file():
+        raise ExportError(f"license file {license_file} does not exist; give the text file to ship as LICENSE")
+    state = _read_checkpoint(ckpt)
+    if ckpt.is_dir():
+        ckpt = Path(_resolved_checkpoint(ckpt))
+    model, cfg, classes = load_model(ckpt, state=state, purpose=_FINETUNE_ONLY)
+    model = model.cpu().float().eval()
+    args = state["model_args"]
+    architecture = str(args.get("architecture", "unetr"))
+    num_classes = int(args["unetr"]["out_channels"])
+    settings = export_settings(cfg, classes, architecture, num_classes)
+    provenance = _provenance(ckpt, state, cfg, fmt)
+    extra = {**provenance, "settings": settings}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_export_temps(out)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if fmt == "bundle":
+            (tmp / "configs").mkdir()
+            (tmp / "models").mkdir()
+            (tmp / "docs").mkdir()
+            check = _torchscript(model, ckpt, cfg, tmp / "models" / "model.ts", extra)
+            provenance["check"] = check
+            meta = _bundle_metadata(settings, provenance, cfg)
+            atomic_write_text(tmp / "configs" / "metadata.json", json.dumps(meta, indent=2))
+            atomic_write_text(tmp / "configs" / "inference.json", json.dumps(_bundle_inference(settings), indent=2))
+            atomic_write_text(tmp / "docs" / "README.md", _bundle_readme(settings, provenance))
+            atomic_write_text(tmp / "docs" / "metadata_schema.json", json.dumps(BUNDLE_METADATA_SCHEMA, indent=2))
+            if license_file is not None:
+                shutil.copyfile(license_file, tmp / "LICENSE")
+        else:
+            name = "model.onnx" if fmt == "onnx" else "model.ts"
+            write = _onnx if fmt == "onnx" else _torchscript
+            check = write(model, ckpt, cfg, tmp / name, extra)
+            atomic_write_text(tmp / EXPORT_JSON, json.dumps({**extra, "model_file": name, "check": check}, indent=2))
+            if license_file is not None:
+                shutil.copyfile(license_file, tmp / "LICENSE")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def remove_stale_export_temps(out: Path) -> list[Path]:
+    """Remove the temporary folders (``.NAME.PID.export.tmp``) that a killed export into ``out`` left beside
+    it, those of processes no longer running; returns them. (A SIGKILL skips the cleanup of a failing export;
+    the target folder itself is never half-written.)"""
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.export\.tmp")
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.export.tmp"):
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir() or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _resolved_checkpoint(folder: Path) -> Path:
+    for name in ("last.pt", "final.pt", "best.pt"):  # load_checkpoint's order for a run folder
+        if (folder / name).is_file():
+            return folder / name
+    return folder
+
+
+def _check_output(out: Path, ckpt: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} is a file, not a folder; name a new folder with -o")
+    real_out = os.path.realpath(out)
+    real_ckpt = os.path.realpath(ckpt)
+    if real_ckpt == real_out or real_ckpt.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise ExportError(f"output folder {out} holds the checkpoint {ckpt}, which the export would replace; "
+                          "name another folder with -o")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        n = sum(1 for _ in out.iterdir())
+        raise ExportError(f"output folder {out} exists and is not empty ({n} entr{'y' if n == 1 else 'ies'}); "
+                          "name a new folder with -o, or pass --force to replace it")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out``; an old ``out`` (``--force``) is moved aside first and
+    removed only once the new folder is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.{os.getpid()}.replaced.tmp"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class OnnxRuntimeNetwork(torch.nn.Module):
+    """An ONNX export run by onnxruntime (CPU) behind a torch module's call: ``(N, 1, *roi)`` float tensor
+    in, logits tensor out, so that MONAI's sliding window (and :class:`Predictor`) can drive it."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).numpy()
+        return torch.from_numpy(self.session.run(["logits"], {"image": arr})[0]).to(x.device)
+
+
+def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
+    """(network, export.json) of an ONNX or TorchScript export folder (or a bundle: its model.ts and the
+    ``medhpm`` entry of its metadata)."""
+    folder = Path(folder)
+    if (folder / "configs" / "metadata.json").is_file():
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())["medhpm"]
+        return torch.jit.load(str(folder / "models" / "model.ts"), map_location="cpu").eval(), meta
+    path = folder / EXPORT_JSON
+    if not path.is_file():
+        raise ExportError(f"{folder} is not a medhpm export folder (no {EXPORT_JSON} and no configs/metadata.json)")
+    meta = json.loads(path.read_text())
+    model_file = folder / meta["model_file"]
+    if model_file.suffix == ".onnx":
+        return OnnxRuntimeNetwork(model_file), meta
+    return torch.jit.load(str(model_file), map_location="cpu").eval(), meta
+
+
+def exported_predictor(folder: str | Path, **kw) -> Predictor:
+    """A :class:`Predictor` (medhpm's preprocessing, sliding window and inversion) around an exported network:
+    the same label maps as ``medhpm predict`` from the runtime of the export."""
+    net, meta = load_exported(folder)
+    return Predictor(net, from_dict(meta["config"]), classes={int(k): v for k, v in meta["settings"]["labels"].items()
+                                                               if int(k) > 0}, device="cpu", **kw)
