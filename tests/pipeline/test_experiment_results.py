@@ -1,0 +1,107 @@
+"""The experiment runner over finished runs (metrics.json written by the real evaluation of real NIfTI
+predictions): it skips them, and its results per grid value (mean ± std, paired differences with their
+t interval, the plot) equal a slow recomputation. No training: seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from medhpm.evaluate import evaluate_predictions
+from medhpm.experiment import run_experiment
+
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+SHAPE = (30, 30, 12)
+METHODS = ["scratch", "mae", "hpm"]
+SEEDS = [0, 1, 2]
+KS = [1, 3]
+T_975_2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom (3 seeds), from tables
+
+
+def _label(shift: int = 0) -> np.ndarray:
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[4 + shift:16 + shift, 4:14, 2:9] = 6  # liver, moved along x by `shift`
+    lab[20:27, 8:16, 3:9] = 1  # spleen
+    return lab
+
+
+def _save(arr, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, AFFINE), str(path))
+    return path
+
+
+def _finished_run(run, datalist, shift: int):
+    """A run folder holding what a finished run leaves for the runner: evaluation/metrics.json, computed
+    by the real evaluation of a prediction whose liver is off by ``shift`` voxels."""
+    _save(_label(shift), run / "predictions" / "case0.nii.gz")
+    evaluate_predictions(run / "predictions", datalist, "spleen=1,liver=6", run / "evaluation", method="x")
+
+
+def _reference(a: dict, b: dict) -> dict:
+    d = [a[s] - b[s] for s in SEEDS]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    return {"mean": mean, "std": sd, "lo": mean - T_975_2 * sd / math.sqrt(n), "hi": mean + T_975_2 * sd / math.sqrt(n)}
+
+
+def test_grid_results_over_finished_runs(tmp_path, capsys):
+    data = tmp_path / "data"
+    _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
+    _save(_label(), data / "lab" / "case0.nii.gz")
+    datalist = data / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"},
+                                    "training": [], "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz",
+                                                              "case": "case0"}]}))
+    out = tmp_path / "exp"
+    shift = {"scratch": 3, "mae": 2, "hpm": 1}
+    for k in KS:
+        for m in METHODS:
+            for s in SEEDS:
+                _finished_run(out / "runs" / f"finetune.labelled_cases={k}" / m / f"seed{s}", datalist,
+                              shift[m] + (s == 2) - (k == 3))
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": False,
+        "grid": {"key": "finetune.labelled_cases", "values": KS},
+        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    run_experiment(str(spec), out)
+    assert capsys.readouterr().out.count("done, skipped") == len(KS) * len(METHODS) * len(SEEDS)
+    assert not (out / "pretrain").exists()  # nothing ran
+
+    res = json.loads((out / "results.json").read_text())
+    assert [c["value"] for c in res["cells"]] == KS and res["probe"] is None
+    for cell in res["cells"]:
+        dice, hd = {}, {}
+        for m in METHODS:
+            for s in SEEDS:
+                m_json = json.loads((out / "runs" / cell["name"] / m / f"seed{s}" / "evaluation" / "metrics.json").read_text())
+                per_case = m_json["cases"]["case0"]
+                dice.setdefault(m, {})[s] = (per_case["1"]["dice"] + per_case["6"]["dice"]) / 2
+                hd.setdefault(m, {})[s] = (per_case["1"]["hd95"] + per_case["6"]["hd95"]) / 2
+            got = cell["methods"][m]["dice"]
+            mean = sum(dice[m].values()) / 3
+            assert got["mean"] == pytest.approx(mean, abs=1e-12)
+            assert got["std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in dice[m].values()) / 2), abs=1e-12)
+        assert set(cell["paired"]["dice"]) == {"hpm-mae", "mae-scratch", "hpm-scratch"}
+        for pair in cell["paired"]["dice"]:
+            a, b = pair.split("-")
+            for what, values in (("dice", dice), ("hd95", hd)):
+                got, want = cell["paired"][what][pair], _reference(values[a], values[b])
+                assert got["n"] == 3 and got["seeds"] == SEEDS
+                for key in ("mean", "std", "lo", "hi"):
+                    assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (cell["name"], what, pair, key)
+    # a smaller liver shift is a better segmentation: hpm above mae above scratch in every seed
+    assert res["cells"][0]["paired"]["dice"]["hpm-scratch"]["lo"] > 0
+
+    png = out / "dice_vs_finetune.labelled_cases.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert f"]({png.name})" in md and "| 3 | hpm-scratch |" in md and "Student-t" in md
+    assert "Frozen-encoder probe" not in md  # probe: false
