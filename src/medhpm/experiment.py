@@ -332,18 +332,18 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probe
 def _probe_summary(probes: list[dict], out: Path) -> dict | None:
     if not probes:
         return None
-    out: dict = {"metric": probes[0]["result"]["metric"], "cells": {}}
+    summary: dict = {"metric": probes[0]["result"]["metric"], "cells": {}}
     for p in probes:
-        cell = out["cells"].setdefault(p["cell"] or "all", {"methods": {}, "labelled_cases": p["result"]["labelled_cases"]})
+        cell = summary["cells"].setdefault(p["cell"] or "all", {"methods": {}, "labelled_cases": p["result"]["labelled_cases"]})
         e = cell["methods"].setdefault(p["method"], {"seeds": {}, "chance": {}, "files": {}})
         e["seeds"][p["seed"]] = p["result"]["balanced_accuracy"]
         e["chance"][p["seed"]] = p["result"]["chance"]
         e["files"][p["seed"]] = str(p["path"].relative_to(out))
-    for cell in out["cells"].values():
+    for cell in summary["cells"].values():
         for e in cell["methods"].values():
             e.update(_ms(e["seeds"].values()))
         cell["paired"] = _paired({m: e["seeds"] for m, e in cell["methods"].items()}, list(cell["methods"]))
-    return out
+    return summary
 
 
 def _ci(d: dict, scale: float, digits: int) -> str:

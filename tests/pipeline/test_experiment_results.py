@@ -105,3 +105,49 @@ def test_grid_results_over_finished_runs(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert f"]({png.name})" in md and "| 3 | hpm-scratch |" in md and "Student-t" in md
     assert "Frozen-encoder probe" not in md  # probe: false
+
+
+def test_probe_summary_over_finished_probes(tmp_path):
+    """With the probe on, finished probe.json files are read back (not recomputed) and summarised per method
+    with paired intervals equal to a slow recomputation (a regression: the summary once crashed on the
+    experiment folder's name being shadowed, after an hour of runs)."""
+    data = tmp_path / "data"
+    _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
+    _save(_label(), data / "lab" / "case0.nii.gz")
+    datalist = data / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"},
+                                    "training": [], "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz",
+                                                              "case": "case0"}]}))
+    out = tmp_path / "exp"
+    acc = {"scratch": 0.30, "mae": 0.40, "hpm": 0.45}
+    bal = {}
+    for m in METHODS:
+        for s in SEEDS:
+            for k in KS:
+                _finished_run(out / "runs" / f"finetune.labelled_cases={k}" / m / f"seed{s}", datalist, 1)
+            if m != "scratch":  # a finished pre-training, as the shared grid leaves it
+                (out / "pretrain" / m / f"seed{s}").mkdir(parents=True)
+                (out / "pretrain" / m / f"seed{s}" / "final.pt").write_bytes(b"")
+            bal.setdefault(m, {})[s] = acc[m] + 0.01 * s * (m == "hpm")
+            p = out / "probe" / m / f"seed{s}" / "probe.json"
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps({"balanced_accuracy": bal[m][s], "chance": 0.25, "labelled_cases": 1,
+                                     "metric": "balanced accuracy (planted)"}))
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": True,
+        "grid": {"key": "finetune.labelled_cases", "values": KS},
+        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    run_experiment(str(spec), out)
+    probe = json.loads((out / "results.json").read_text())["probe"]
+    cell = probe["cells"]["all"]
+    for m in METHODS:
+        assert cell["methods"][m]["mean"] == pytest.approx(sum(bal[m].values()) / 3, abs=1e-12)
+        assert cell["methods"][m]["files"]["0"] == f"probe/{m}/seed0/probe.json"
+    for pair in ("hpm-mae", "mae-scratch", "hpm-scratch"):
+        a, b = pair.split("-")
+        want = _reference(bal[a], bal[b])
+        for key in ("mean", "lo", "hi"):
+            assert cell["paired"][pair][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12)
+    md = (out / "results.md").read_text()
+    assert "Frozen-encoder probe" in md and "| UNETR+HPM | 46.0 ± 1.0 | 25.0 | 3 |" in md
