@@ -57,10 +57,12 @@ except ModuleNotFoundError:
     pass
 else:
     raise SystemExit("medhpm is importable: the check would prove nothing")
-module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
-if module == "-c":
-    exec(compile(sys.argv[1], "<hidden>", "exec"), {"__name__": "__main__"})
+module = sys.argv[1]
+if module == "-c":  # python -c CODE ARGS: CODE sees sys.argv == ["-c", *ARGS], as with python itself
+    code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
+    exec(compile(code, "<hidden>", "exec"), {"__name__": "__main__"})
 else:
+    sys.argv = [module, *sys.argv[2:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 assert not any(m == "medhpm" or m.startswith("medhpm.") for m in sys.modules)
 """
