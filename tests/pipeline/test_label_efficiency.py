@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
                     assert ft["init"] == "none"
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("pretrain/*/*/final.pt")) == [
         f"pretrain/{m}/seed{s}/final.pt" for m in ("hpm", "mae") for s in SEEDS]
-    assert r.stdout.count("self-pre-training (") == len(SEEDS) * 2  # pre-trained once, not once per k
+    # pre-trained once per (method, seed), not once per k (each pre-training prints one "done" line)
+    assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done", r.stdout)) == len(SEEDS) * 2
 
     # results.json: per grid value, per method, and paired differences equal to a slow recomputation
     res = json.loads((out / "results.json").read_text())
