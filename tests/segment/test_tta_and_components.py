@@ -82,3 +82,21 @@ def test_predict_with_largest_component_writes_single_component_organs(tiny_chec
         if v:
             assert ndimage.label(lab == v, structure=np.ones((3, 3, 3)))[1] == 1
 
+
+
+def test_the_postprocessing_benchmark_writes_its_json(tiny_checkpoint, seg_phantoms, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(seg_phantoms).parent, run / "phantom")
+    (run / "finetune").mkdir()
+    shutil.copy(tiny_checkpoint, run / "finetune" / "best.pt")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.postprocessing", str(run), "-o", str(tmp_path / "pp.json"),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=900, cwd=root)
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads((tmp_path / "pp.json").read_text())
+    assert set(doc["variants"]) == {"plain", "tta", "largest_component", "tta+largest_component"}
+    for v in doc["variants"].values():
+        assert v["scans"] == 1 and v["seconds_per_scan"] > 0 and 0 <= v["dice_mean"] <= 1
+    assert doc["variants"]["plain"]["dice_change"] == 0.0
