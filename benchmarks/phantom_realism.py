@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "phantom_realism.json")
     args = ap.parse_args(argv)
     real = real_fixture_medians()
-    res = {"machine": machine_info("cpu"), "real_fixture": str(FIXTURE), "real_median_hu": real,
+    res = {"machine": machine_info("cpu"), "real_fixture": str(FIXTURE.relative_to(FIXTURE.parents[3])), "real_median_hu": real,
            "phantoms": {v: phantom_medians(args.cases, v) for v in ("standard", "wide")}, "models": {}}
     for v, organs in res["phantoms"].items():
         for name, s in organs.items():

@@ -43,6 +43,18 @@ def _finished_run(run, datalist, shift: int):
     evaluate_predictions(run / "predictions", datalist, "spleen=1,liver=6", run / "evaluation", method="x")
 
 
+def _one_case_datalist(tmp_path):
+    """A datalist of one labelled test case (spleen and liver) for the finished runs to be evaluated against."""
+    data = tmp_path / "data"
+    _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
+    _save(_label(), data / "lab" / "case0.nii.gz")
+    datalist = data / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"},
+                                    "training": [], "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz",
+                                                              "case": "case0"}]}))
+    return datalist
+
+
 def _reference(a: dict, b: dict) -> dict:
     d = [a[s] - b[s] for s in SEEDS]
     n = len(d)
@@ -52,13 +64,7 @@ def _reference(a: dict, b: dict) -> dict:
 
 
 def test_grid_results_over_finished_runs(tmp_path, capsys):
-    data = tmp_path / "data"
-    _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
-    _save(_label(), data / "lab" / "case0.nii.gz")
-    datalist = data / "dataset.json"
-    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"},
-                                    "training": [], "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz",
-                                                              "case": "case0"}]}))
+    datalist = _one_case_datalist(tmp_path)
     out = tmp_path / "exp"
     shift = {"scratch": 3, "mae": 2, "hpm": 1}
     for k in KS:
@@ -111,13 +117,7 @@ def test_probe_summary_over_finished_probes(tmp_path):
     """With the probe on, finished probe.json files are read back (not recomputed) and summarised per method
     with paired intervals equal to a slow recomputation (a regression: the summary once crashed on the
     experiment folder's name being shadowed, after an hour of runs)."""
-    data = tmp_path / "data"
-    _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
-    _save(_label(), data / "lab" / "case0.nii.gz")
-    datalist = data / "dataset.json"
-    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"},
-                                    "training": [], "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz",
-                                                              "case": "case0"}]}))
+    datalist = _one_case_datalist(tmp_path)
     out = tmp_path / "exp"
     acc = {"scratch": 0.30, "mae": 0.40, "hpm": 0.45}
     bal = {}

@@ -22,7 +22,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medhpm.data.ct_reader import read_volume
 from medhpm.data.phantom import case_seed, generate_case
 from medhpm.segment.predict import Predictor
 
@@ -64,7 +63,7 @@ def test_predict_writes_colour_tables_and_statistics_for_every_test_phantom(demo
 
 
 def test_a_test_phantom_as_a_dicom_series_gives_a_seg_equal_to_the_nifti_prediction(demo, tmp_path):
-    from test_dicom_seg import SPACING, _on_reader_grid, _read_back, write_series
+    from test_dicom_seg import SPACING, assert_seg_equals_prediction, write_series
 
     ckpt, _, meta = demo
     index = int(Path(meta["test"][0]["image"]).name[len("phantom_"):len("phantom_") + 3])
@@ -76,18 +75,7 @@ def test_a_test_phantom_as_a_dicom_series_gives_a_seg_equal_to_the_nifti_predict
     _cli("predict", "--model", ckpt, "-i", folder, "-o", out, "--output-type", "both", "--device", "cpu")
     pred = np.asarray(nib.load(str(out / "series.nii.gz")).dataobj)
     assert len(set(np.unique(pred).tolist()) - {0}) >= 4
-    seg, _, value_of = _read_back(out / "series_seg.dcm", uids)
-    as_series = _on_reader_grid(read_volume(folder).numpy()[0], case.image, pred)
-    for k, uid in enumerate(uids):
-        expected = as_series[:, :, k].T
-        try:
-            got = seg.get_pixels_by_source_instance([uid], combine_segments=True, relabel=False)[0]
-        except Exception:
-            got = np.zeros_like(expected)  # highdicom omits a frame without any segment
-        back = np.zeros_like(expected)
-        for n, v in value_of.items():
-            back[got == n] = v
-        np.testing.assert_array_equal(back, expected)
+    assert_seg_equals_prediction(out / "series_seg.dcm", uids, folder, case.image, pred)
 
 
 def test_in_memory_prediction_equals_the_file_path_and_evaluate_writes_surface_metrics(demo, tmp_path):

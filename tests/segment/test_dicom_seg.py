@@ -81,6 +81,24 @@ def _read_back(path: Path, uids: list[str]):
     return seg, numbers, value_of
 
 
+def assert_seg_equals_prediction(seg_path: Path, uids: list[str], folder: Path, image: np.ndarray, pred: np.ndarray):
+    """The SEG read back, slice by slice of the source series, equals the NIfTI prediction ``pred`` of the
+    series written from ``image`` into ``folder``."""
+    seg, _, value_of = _read_back(seg_path, uids)
+    # the NIfTI prediction laid out as the series: the inverse of the reader's flips
+    as_series = _on_reader_grid(read_volume(folder).numpy()[0], image, pred)
+    for k, uid in enumerate(uids):
+        expected = as_series[:, :, k].T
+        try:
+            got = seg.get_pixels_by_source_instance([uid], combine_segments=True, relabel=False)[0]
+        except Exception:
+            got = np.zeros_like(expected)  # highdicom omits a frame without any segment
+        back = np.zeros_like(expected)
+        for n, v in value_of.items():
+            back[got == n] = v
+        np.testing.assert_array_equal(back, expected)
+
+
 def test_seg_reads_back_as_the_label_map_with_each_frame_on_its_source_slice(phantom_series, tmp_path):
     folder, uids, image, label = phantom_series
     vol = read_volume(folder)
@@ -146,19 +164,7 @@ def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phan
     assert {"series.nii.gz", "series_seg.dcm", "series.ctbl"} <= {p.name for p in out.iterdir()}
     pred = np.asarray(nib.load(str(out / "series.nii.gz")).dataobj)
     assert pred.any(), "the tiny model predicts no organ: nothing to compare"
-    seg, numbers, value_of = _read_back(out / "series_seg.dcm", uids)
-    # the NIfTI prediction laid out as the series: the inverse of the reader's flips
-    as_series = _on_reader_grid(read_volume(folder).numpy()[0], image, pred)
-    for k, uid in enumerate(uids):
-        expected = as_series[:, :, k].T
-        try:
-            got = seg.get_pixels_by_source_instance([uid], combine_segments=True, relabel=False)[0]
-        except Exception:
-            got = np.zeros_like(expected)  # highdicom omits a frame without any segment
-        back = np.zeros_like(expected)
-        for n, v in value_of.items():
-            back[got == n] = v
-        np.testing.assert_array_equal(back, expected)
+    assert_seg_equals_prediction(out / "series_seg.dcm", uids, folder, image, pred)
 
 
 def test_nifti_input_asking_for_dicom_seg_is_refused_with_a_sentence(tmp_path):
