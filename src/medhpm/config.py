@@ -164,7 +164,7 @@ class InferenceConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-native (bf16 where native, runtime/device.py)
     compile: bool = False
     deterministic: bool = False
     threads: int = 0  # >= 0; torch intra-op threads on CPU; 0 = library default
@@ -699,7 +699,8 @@ def validate(cfg: Config) -> Config:
     r = cfg.runtime
     _check(r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None, "runtime.device",
            f"{r.device!r} is not a device: use auto, cpu, cuda or cuda:N")
-    _check(r.precision in ("auto", "fp32", "bf16"), "runtime.precision", "must be auto, fp32 or bf16")
+    _check(r.precision in ("auto", "fp32", "bf16", "bf16-native"), "runtime.precision",
+           f"{r.precision!r} is not auto, fp32, bf16 or bf16-native")
     _count(r.threads, "runtime.threads", 0, " (0: the library default)")
     _count(r.log_every, "runtime.log_every", 1)
     return cfg

@@ -43,7 +43,7 @@ from medhpm.evaluate.statistics import STATISTICS_CONVENTIONS, organ_statistics,
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
-from medhpm.runtime.device import autocast, autocast_dtype, pick_device
+from medhpm.runtime.device import autocast, inference_dtype, pick_device
 from medhpm.runtime.files import atomic_save_nifti, atomic_write_text, check_writable, refuse_overwriting_inputs
 
 
@@ -108,7 +108,7 @@ class Predictor:
                           "Dice 86.1 -> 22.3 %, docs/evaluation.md); use tta only for models trained with flips",
                           stacklevel=2)
         self.largest_component = bool(largest_component)  # keep each organ's largest connected component
-        self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
+        self.amp_dtype = inference_dtype(self.device, cfg.runtime.precision)
         self.transform = predict_transforms(cfg.data)
 
     @classmethod
