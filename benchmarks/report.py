@@ -276,11 +276,11 @@ def _sliding_table(doc: dict) -> list[str]:
 
 
 def _data_table(doc: dict) -> list[str]:
-    rows = ["| cache | workers | crops/s (median) | epoch s | first epoch s | dataset build s |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| cache | workers | volumes per batch | crops/s (median) | epoch s | first epoch s | dataset build s |",
+            "|---|---|---|---|---|---|---|"]
     for r in doc["results"].values():
-        rows.append(f"| {r['cache']} | {r['workers']} | **{r['crops_per_s']:.2f}** | {r['epoch_s']['median']:.2f} | "
-                    f"{r['first_epoch_s']:.2f} | {r['build_s']:.2f} |")
+        rows.append(f"| {r['cache']} | {r['workers']} | {r.get('batch_volumes', 1)} | **{r['crops_per_s']:.2f}** | "
+                    f"{r['epoch_s']['median']:.2f} | {r['first_epoch_s']:.2f} | {r['build_s']:.2f} |")
     cold = [r.get("cold_epoch_s") for r in doc["results"].values() if r.get("cold_epoch_s")]
     extra = [f"Disk cache, first (cold) pass that writes the cache: {cold[0]:.2f} s.", ""] if cold else []
     return rows + [""] + extra
