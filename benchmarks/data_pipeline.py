@@ -116,7 +116,7 @@ def run(ctx: Context) -> dict:
     from medhpm.data.transforms import train_transforms
 
     started = time.time()
-    s = SIZES[ctx.size]
+    s = {**SIZES[ctx.size], **{k: v for k, v in ctx.extra.items() if k in ("cases", "workers")}}
     repeats = ctx.reps({k: v["repeats"] for k, v in SIZES.items()})
     tmp = Path(tempfile.mkdtemp(prefix="medhpm-bench-data-"))
     results: dict[str, dict] = {}
@@ -134,7 +134,8 @@ def run(ctx: Context) -> dict:
         ctx.log(f"{NAME}: {len(entries)} phantom volumes ({gen_s:.1f}s to write), ROI {s['roi']}^3, "
                 f"{s['num_samples']} crops per volume, workers {list(s['workers'])}, {repeats} timed epochs")
         transform = train_transforms(base)
-        for mode in MODES:
+        modes = tuple(ctx.extra.get("modes", MODES))  # a quick run may measure fewer (e.g. memory only)
+        for mode in modes:
             cfg = dataclasses.replace(base, cache=mode)
             t0 = time.perf_counter()
             ds = make_dataset(entries, transform, cfg, cache_dir=tmp / "cache")
@@ -162,7 +163,7 @@ def run(ctx: Context) -> dict:
                 ctx.log(f"  {key}: {crops / med:.2f} crops/s (epoch {med:.2f}s, first {first_s:.2f}s, "
                         f"dataset build {build_s:.2f}s)")
             del ds
-        for mode in ("memory", "disk"):
+        for mode in [m for m in ("memory", "disk") if m in modes and "none" in modes]:
             for w in s["workers"]:
                 a, b = results[f"{mode}/w{w}"], results[f"none/w{w}"]
                 ratio = a["wall_s"]["median"] / b["wall_s"]["median"]
@@ -174,7 +175,7 @@ def run(ctx: Context) -> dict:
                                "what": "time per crop with the cache / without (below 1: the cache helps)"})
         results.update(_device_results(ctx, entries, transform, s, repeats))
         w_max = max(s["workers"])
-        for key in ("device/b1", f"device/b{LARGE_BATCH_VOLUMES}"):
+        for key in ("device/b1", f"device/b{LARGE_BATCH_VOLUMES}") if "memory" in modes else ():
             for w in sorted({0, w_max}):
                 a, b = results[key], results[f"memory/w{w}"]
                 ratios.append({"name": f"{key} / memory cache, {w} workers", "numerator": key,
@@ -182,7 +183,7 @@ def run(ctx: Context) -> dict:
                                "paired_median": None, "target": None, "meets_target": None,
                                "what": "time per crop of the device sampler / of the MONAI chain with the memory "
                                        "cache (below 1: the device sampler is faster)"})
-        for mode in MODES:
+        for mode in modes:
             a, b = results[f"{mode}/w{w_max}"], results[f"{mode}/w0"]
             ratios.append({"name": f"{mode}: {w_max} workers / 0 workers", "numerator": f"{mode}/w{w_max}",
                            "denominator": f"{mode}/w0", "ratio": a["wall_s"]["median"] / b["wall_s"]["median"],
@@ -196,7 +197,7 @@ def run(ctx: Context) -> dict:
         "settings": {"cases": s["cases"], "phantom_size": s["phantom_size"] or "drawn per case",
                      "spacing": list(s["spacing"]), "roi": s["roi"], "num_samples": s["num_samples"],
                      "workers": list(s["workers"]), "repeats": repeats, "chain": "train_transforms",
-                     "device_epochs": s["device_epochs"], "large_batch_volumes": LARGE_BATCH_VOLUMES,
+                     "device_epochs": s["device_epochs"], "modes": list(modes), "large_batch_volumes": LARGE_BATCH_VOLUMES,
                      "batch_volumes": 1, "phantom_write_s": gen_s},
         "results": results,
         "ratios": ratios,
