@@ -344,17 +344,29 @@ class DeviceCropSampler:
         base = self._offset[v] + start[:, 0] * s0 + start[:, 1] * s1 + start[:, 2]
         it = self._index_dtype
         plane = (base[:, None, None] + c0 * s0[:, None, None] + c1 * s1[:, None, None]).to(it)
-        idx = plane[:, :, :, None] + (c2.to(it))[:, None, None, :]
-        out = {"image": self._image[idx].unsqueeze(1)}
+        c2 = c2.to(it)
+        # intensity jitter as one affine map per crop, x * a + b, composed in the chain's order
+        a = torch.ones(B, dtype=torch.float32, device=dev)
+        b = torch.zeros(B, dtype=torch.float32, device=dev)
         for kind, do, val in intensity:
-            w = val.view(B, 1, 1, 1, 1)
-            m = do.view(B, 1, 1, 1, 1)
             if kind == "scale":
-                out["image"] = out["image"] * torch.where(m, 1.0 + w, torch.ones_like(w))
+                f = torch.where(do, 1.0 + val, 1.0)
+                a, b = a * f, b * f
             else:
-                out["image"] = out["image"] + torch.where(m, w, torch.zeros_like(w))
-        if self._label is not None:
-            out["label"] = self._label[idx].unsqueeze(1).to(torch.float32)
+                b = b + torch.where(do, val, 0.0)
+        image = torch.empty((B, 1, R0, R1, R2), dtype=torch.float32, device=dev)
+        label = None if self._label is None else torch.empty_like(image)
+        # on a CPU, gathers of a few crops at a time stay in cache (one chunk: the whole batch on a GPU)
+        step = B if dev.type != "cpu" else max(1, (1 << 21) // (R0 * R1 * R2))
+        for i in range(0, B, step):
+            sl = slice(i, i + step)
+            idx = plane[sl, :, :, None] + c2[sl, None, None, :]
+            torch.addcmul(b[sl].view(-1, 1, 1, 1), self._image[idx], a[sl].view(-1, 1, 1, 1), out=image[sl, 0])
+            if label is not None:
+                label[sl, 0] = self._label[idx]
+        out = {"image": image}
+        if label is not None:
+            out["label"] = label
         if details:
             out["details"] = {"volume": v, "start": start, "centre": centre, "ops": record}
         return out
