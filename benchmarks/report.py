@@ -164,7 +164,7 @@ the ROI) once per case through the same MONAI transforms and keeps the results o
 one flat float32 image buffer, a uint8 label buffer and, for label-guided crops, int32 lists of candidate
 centre voxels (about 9 bytes per preprocessed voxel: BTCV's 24 training scans at 1.5 x 1.5 x 2 mm, about
 10 M voxels each, need about 2 GB of GPU memory). Each step draws the whole batch there: crop starts, flips
-and rotations folded into one gather per key, intensity scale/shift as two tensor ops, from one seeded
+and rotations folded into one gather per key, intensity scale/shift as one fused multiply-add, from one seeded
 `torch.Generator` on the device, with no host synchronisation (the volume order is uploaded once per epoch).
 * **Same distributions as the MONAI chain**, read from the chain's own transform objects:
   `RandSpatialCropSamplesd` (start uniform in `0..dim-roi` per axis), `RandCropByPosNegLabeld` (a label voxel
@@ -189,7 +189,15 @@ and rotations folded into one gather per key, intensity scale/shift as two tenso
 * **Device**: the trainers' device once they pass it (`training_loader(..., device=self.device)`); until
   then the current CUDA device if there is one, else the CPU (a run with `runtime.device=cpu` on a GPU
   machine then samples on the GPU and copies the batches to the CPU).
-* **Measured** (CPU tensors, `benchmarks/data_pipeline.py`, table below): DEVICE_FIGURES
+* **Measured** (CPU tensors, one thread, `benchmarks/data_pipeline.py` at size `cpu` with 2 cases and the
+  memory cache only, on a 2-core AMD EPYC shared with other jobs, load average 4 to 8; not yet in the
+  tables below, whose recorded run predates the sampler): time per crop of the device sampler / the MONAI
+  chain with the memory cache, 0 workers: **0.69** in one run (107 vs 74 crops/s, one volume per batch),
+  **1.87** in another (45 vs 85 crops/s; large batches of 16 volumes 48 crops/s, ratio 1.77); against 2
+  workers 0.60 to 0.63. On a CPU the sampler is thus about as fast as the MONAI crop of a cached volume (a
+  per-voxel gather against a block copy; the load on this machine swamps the difference); its point is the
+  GPU, where it removes the loader, the host-to-device copy of every batch and the workers. The GPU
+  figure (`python -m benchmarks --device cuda --size paper --only data_pipeline`) is not measured yet.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
