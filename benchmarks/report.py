@@ -157,6 +157,48 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
   boundaries. On a free machine workers overlap loading with the training step; a training step here
   (1.7 s for 2 crops) needs about 1 crop/s, far below any of these rates.
 
+### 6. The device-resident crop sampler (`data.cache=device`)
+`data.cache=device` (`src/medhpm/data/device_sampler.py`, built by `training_loader` for both trainers)
+runs the chain's deterministic head (load, orientation, spacing, HU window, foreground crop, padding up to
+the ROI) once per case through the same MONAI transforms and keeps the results on the training device as
+one flat float32 image buffer, a uint8 label buffer and, for label-guided crops, int32 lists of candidate
+centre voxels (about 9 bytes per preprocessed voxel: BTCV's 24 training scans at 1.5 x 1.5 x 2 mm, about
+10 M voxels each, need about 2 GB of GPU memory). Each step draws the whole batch there: crop starts, flips
+and rotations folded into one gather per key, intensity scale/shift as one fused multiply-add, from one seeded
+`torch.Generator` on the device, with no host synchronisation (the volume order is uploaded once per epoch).
+* **Same distributions as the MONAI chain**, read from the chain's own transform objects:
+  `RandSpatialCropSamplesd` (start uniform in `0..dim-roi` per axis), `RandCropByPosNegLabeld` (a label voxel
+  with probability `pos/(pos+neg)`, else a voxel inside the body, above `b_min`; the other set when one is
+  empty), `RandCropByLabelClassesd` (equal odds for every class present inside the body); centres near
+  the border moved inside as MONAI's `correct_crop_centers` (start clamped to `[0, dim-roi]`); volumes
+  smaller than the ROI padded by the head as in the chain. `tests/data/test_device_sampler.py` compares
+  crop-start histograms per axis, the class at the crop middle, flip and rot90 rates, fitted intensity
+  factors and offsets and crop means/stds against the MONAI chain (chi-square / KS, fixed seeds), checks
+  every crop against a plain slice-flip-rotate of the preprocessed volume, and the border rule on a scan
+  with three labelled voxels. Same draws are *not* promised: the random streams differ.
+* **Same loader contract**: batches `{"image", "label"}` of `(B, 1, *roi)` float32 (plain tensors, no
+  MetaTensor metadata: the trainers do not read it), `num_samples` consecutive crops per volume, `len()`
+  batches per epoch, the volume order of the MONAI loader's `DistributedSampler` (`sampler.set_epoch`);
+  `Trainer._seed_epoch` re-seeds its `generator` from `(seed, epoch)`, so an epoch repeats after a resume.
+  Under torchrun every rank draws the random numbers of the global batch from the same seed and uses its
+  own positions: W processes at batch b draw the crops one process draws at batch W*b.
+* **Refused** with an error naming `data.cache=device`: a chain with a random transform it does not
+  implement (e.g. Gaussian noise), other keys or axes, unequal class ratios, precomputed indices, a
+  preprocessed volume smaller than the ROI that the chain does not pad, more than one image channel.
+  `make_dataset` (whole items, e.g. validation) refuses `device`; validation keeps its own MONAI chain.
+* **Device**: the trainers' device once they pass it (`training_loader(..., device=self.device)`); until
+  then the current CUDA device if there is one, else the CPU (a run with `runtime.device=cpu` on a GPU
+  machine then samples on the GPU and copies the batches to the CPU).
+* **Measured** (CPU tensors, one thread, `benchmarks/data_pipeline.py` at size `cpu` with 2 cases and the
+  memory cache only, on a 2-core AMD EPYC shared with other jobs, load average 4 to 8; not yet in the
+  tables below, whose recorded run predates the sampler): time per crop of the device sampler / the MONAI
+  chain with the memory cache, 0 workers: **0.69** in one run (107 vs 74 crops/s, one volume per batch),
+  **1.87** in another (45 vs 85 crops/s; large batches of 16 volumes 48 crops/s, ratio 1.77); against 2
+  workers 0.60 to 0.63. On a CPU the sampler is thus about as fast as the MONAI crop of a cached volume (a
+  per-voxel gather against a block copy; the load on this machine swamps the difference); its point is the
+  GPU, where it removes the loader, the host-to-device copy of every batch and the workers. The GPU
+  figure (`python -m benchmarks --device cuda --size paper --only data_pipeline`) is not measured yet.
+
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
 `ours / ours_embed_all` (`ours_embed_all`: the old path, all patches embedded then gathered).
@@ -276,11 +318,11 @@ def _sliding_table(doc: dict) -> list[str]:
 
 
 def _data_table(doc: dict) -> list[str]:
-    rows = ["| cache | workers | crops/s (median) | epoch s | first epoch s | dataset build s |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| cache | workers | volumes per batch | crops/s (median) | epoch s | first epoch s | dataset build s |",
+            "|---|---|---|---|---|---|---|"]
     for r in doc["results"].values():
-        rows.append(f"| {r['cache']} | {r['workers']} | **{r['crops_per_s']:.2f}** | {r['epoch_s']['median']:.2f} | "
-                    f"{r['first_epoch_s']:.2f} | {r['build_s']:.2f} |")
+        rows.append(f"| {r['cache']} | {r['workers']} | {r.get('batch_volumes', 1)} | **{r['crops_per_s']:.2f}** | "
+                    f"{r['epoch_s']['median']:.2f} | {r['first_epoch_s']:.2f} | {r['build_s']:.2f} |")
     cold = [r.get("cold_epoch_s") for r in doc["results"].values() if r.get("cold_epoch_s")]
     extra = [f"Disk cache, first (cold) pass that writes the cache: {cold[0]:.2f} s.", ""] if cold else []
     return rows + [""] + extra

@@ -59,7 +59,7 @@ class DataConfig:
     # Validation subset drawn from the TRAINING cases (never the test cases)
     val_cases: int = 2  # >= 0 (fewer than the training cases, checked when the datalist is read)
     # Loading at scale
-    cache: str = "none"  # none | memory | disk
+    cache: str = "none"  # none | memory | disk | device (training crops drawn on the training device)
     cache_dir: str = ""  # a folder; "" = inside the run folder
     num_workers: int = 0  # >= 0
     prefetch_factor: int = 2  # >= 1 (batches per worker loaded ahead)
@@ -612,7 +612,7 @@ def validate(cfg: Config) -> Config:
            f"{d.intensity_scale} is out of range: must lie in [0, 1) (intensities are scaled by 1 + U(-s, s))")
     _check(d.intensity_shift >= 0, "data.intensity_shift", f"{d.intensity_shift} is out of range: must be 0 or more")
     _count(d.val_cases, "data.val_cases", 0)
-    _check(d.cache in ("none", "memory", "disk"), "data.cache", "must be none, memory or disk")
+    _check(d.cache in ("none", "memory", "disk", "device"), "data.cache", "must be none, memory, disk or device")
     _count(d.num_workers, "data.num_workers", 0)
     _count(d.prefetch_factor, "data.prefetch_factor", 1)
     # model

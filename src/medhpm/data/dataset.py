@@ -6,6 +6,9 @@
 * ``disk``: the same head is stored as one file per case under ``data.cache_dir`` (``PersistentDataset``);
   the file name hashes the case's paths with their size and modification time and the chain's
   deterministic parameters, so editing a scan or changing the spacing never serves a stale item.
+* ``device``: training only (:func:`training_loader`): the same head is computed once per case and kept
+  as tensors on the training device, where the crops, flips, rotations and intensity jitter of each step
+  are drawn in batched tensor ops (:mod:`medhpm.data.device_sampler`; the MONAI chain is the reference).
 
 The trainers check every NIfTI header of a run's cases before they build a dataset
 (:func:`medhpm.data.headers.check_headers`); a case that fails in the chain later is reported as a ``DataError``
@@ -209,7 +212,10 @@ def make_dataset(
         ds = _DiskCacheDataset(data, transform, cache_dir=folder, hash_func=item_hash, track_meta=True)
         ds.transform_hash = chain_hash(transform, cfg)
         return ds
-    raise ValueError(f"data.cache must be none, memory or disk, got {mode!r}")
+    if mode == "device":
+        raise ValueError("data.cache=device serves training crops only (medhpm.data.dataset.training_loader); "
+                         "a dataset of whole items needs data.cache=none, memory or disk")
+    raise ValueError(f"data.cache must be none, memory, disk or device, got {mode!r}")
 
 
 def seed_worker(worker_id: int) -> None:
@@ -263,12 +269,24 @@ def make_loader(
 
 
 def training_loader(entries: list[dict], transform: Callable, cfg: DataConfig, batch_size: int, seed: int,
-                    run_dir: str | Path, world_size: int = 1, rank: int = 0) -> DataLoader:
+                    run_dir: str | Path, world_size: int = 1, rank: int = 0,
+                    device: Optional[torch.device | str] = None):
     """The loader one training process reads: the dataset over ``entries`` (cached as ``cfg.cache`` says,
     on disk under ``cfg.cache_dir`` or ``run_dir/cache``), ``batch_size`` crops per step, i.e.
     ``batch_size // cfg.num_samples`` volumes. A DistributedSampler is used also for one process, so the
     order of volumes in the global batch is the same whatever the number of processes. Both trainers
-    build their loader here."""
+    build their loader here.
+
+    ``data.cache=device``: a :class:`medhpm.data.device_sampler.DeviceCropSampler` instead, on ``device``
+    (default: the current CUDA device if there is one, else the CPU), with the same batches' format, length,
+    volume order and epoch hooks (``sampler.set_epoch``, a re-seedable ``generator``)."""
+    if cfg.cache == "device":
+        from medhpm.data.device_sampler import DeviceCropSampler
+
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        return DeviceCropSampler(entries, transform, batch_size=batch_size, seed=seed, world_size=world_size,
+                                 rank=rank, device=device)
     ds = make_dataset(entries, transform, cfg, cache_dir=cfg.cache_dir or (Path(run_dir) / "cache"))
     sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
     return make_loader(ds, batch_size=batch_size // cfg.num_samples, shuffle=False, num_workers=cfg.num_workers,
