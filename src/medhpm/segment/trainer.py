@@ -140,10 +140,16 @@ class FinetuneTrainer(Trainer):
         x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
         y = batch["label"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
         # label values were checked against finetune.num_classes when the case was loaded (LoadCTd)
+        if not hasattr(self, "_core"):  # runtime.compile: the forward and the loss
+            self._core = self.compiled(self.forward_loss)
+        loss = self._core(x, y)
+        return loss, {"loss_dice_ce": loss.detach()}  # a device tensor: read back at the log interval
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """UNETR forward and DiceCE loss (in float32) of one micro-batch."""
         logits = self.ddp(x)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            loss = self.loss_fn(logits.float(), y.float())
-        return loss, {"loss_dice_ce": float(loss.detach())}
+            return self.loss_fn(logits.float(), y.float())
 
     # ------------------------------------------------------------------ validation
     def end_of_epoch(self, epoch, stats):
