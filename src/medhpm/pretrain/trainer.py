@@ -139,17 +139,19 @@ def mined_patches(scores: torch.Tensor, n_hard: int) -> torch.Tensor:
     return hard.scatter_(1, torch.topk(scores, n_hard, dim=1).indices, True)
 
 
-def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg) -> dict:
-    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3)."""
+def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg, num_masked: int | None = None) -> dict:
+    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3), as
+    0-dim device tensors (read back with the step's other logs, at the log interval). ``num_masked``: M
+    of the masks, if known; without it whether any patch was masked at random is read from the device."""
     d = data_cfg
     with torch.no_grad():
         mean_int = patchify(x.float(), patch_size).mean(-1)  # (B, N) in [b_min, b_max]
         hu = d.a_min + (mean_int - d.b_min) / (d.b_max - d.b_min) * (d.a_max - d.a_min)
         hard = mined_patches(scores, n_hard)
         rand = mask & ~hard
-        out = {"hu_hard_mean": float(hu[hard].mean())}
-        if rand.any():
-            out["hu_random_mean"] = float(hu[rand].mean())
+        out = {"hu_hard_mean": (hu * hard).sum() / hard.sum()}
+        if (n_hard < num_masked) if num_masked is not None else bool(rand.any()):
+            out["hu_random_mean"] = (hu * rand).sum() / rand.sum()
     return out
 
 
@@ -224,11 +226,10 @@ class PretrainTrainer(Trainer):
                                         lambda_pred=p.lambda_pred, use_pred=self.use_pred,
                                         noise=self.mask_noise(x.shape[0]), core=self._core,
                                         n_hard_tensor=self._n_hard_tensor(n_hard))
-        # the step that will be logged (the global step it becomes is global_step + 1); reads values back,
-        # as the log record does anyway
+        # only for the step that will be logged (it becomes step global_step + 1)
         if n_hard > 0 and (self.global_step + 1) % max(self.cfg.runtime.log_every, 1) == 0:
             logs.update(mined_patch_stats(x, logs["_scores"], logs["_mask"], n_hard,
-                                          self.cfg.model.patch_size, self.cfg.data))
+                                          self.cfg.model.patch_size, self.cfg.data, self.num_masked))
         if int(epoch_f) != self._diagnosed_epoch:  # the first micro-batch of each epoch
             self._diagnosed_epoch = int(epoch_f)
             self._diagnosis_inputs = self.diagnosis_inputs(x, batch.get("label"), logs)
