@@ -28,7 +28,7 @@ from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, p
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
 from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, run_folder_lock, save_config
 from medhpm.runtime.logging import MetricLogger
-from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
+from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr, warmup_steps
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
 
 
@@ -175,7 +175,9 @@ class Trainer:
             f"[{self.stage}] effective batch {self.effective_batch} = {self.sec.batch_size} per step x "
             f"{self.sec.accum_steps} accumulation x {self.dist.world_size} processes; lr {self.sec.lr:g} x "
             f"{self.effective_batch}/{self.sec.lr_ref_batch} = {self.base_lr:.3g}; {self.steps_per_epoch} "
-            f"optimizer steps per epoch, {self.sec.epochs} epochs",
+            f"optimizer steps per epoch, {self.sec.epochs} epochs; warm-up {self.sec.warmup_epochs:g} epochs = "
+            f"{warmup_steps(self.sec.warmup_epochs, self.steps_per_epoch)} optimizer steps"
+            + (f"; step compiled ({self.compile_mode})" if self.compile_mode != "none" else ""),
             self.dist,
         )
 
