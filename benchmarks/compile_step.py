@@ -47,10 +47,22 @@ def _cfg(task: str, size: dict, batch: int):
     ])
 
 
-def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: int = 0):
+def _room_for_graphs() -> None:
+    """One process here compiles the same functions for many models, batches and modes: keep dynamo from
+    falling back to eager after its default of 8 graphs per function."""
+    import torch._dynamo.config as dc
+
+    for key in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dc, key):
+            setattr(dc, key, 256)
+    if hasattr(dc, "accumulated_cache_size_limit"):
+        dc.accumulated_cache_size_limit = 1024
+
+
+def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: int = 0, backend: str = "inductor"):
     """(step, forward_backward) callables of one trainer step of ``task`` at ``batch`` crops, compiled in
     ``mode`` (``none``: eager). ``forward_backward`` (the step without optimizer and EMA) is for FLOP
-    counting."""
+    counting. ``backend``: torch.compile's backend (``eager``: dynamo's capture only, for quick tests)."""
     from medhpm.pretrain.masking import num_masked
     from medhpm.pretrain.trainer import build_pretrain_model, iteration_core, make_teacher
     from medhpm.runtime.param_groups import param_groups_weight_decay
@@ -61,7 +73,12 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else None
 
     def compiled(fn):
-        return fn if mode == "none" else torch.compile(fn, mode=None if mode == "default" else mode)
+        if mode == "none":
+            return fn
+        _room_for_graphs()
+        if backend != "inductor":
+            return torch.compile(fn, backend=backend)
+        return torch.compile(fn, mode=None if mode == "default" else mode)
 
     roi = size["roi"]
     x = torch.rand(batch, 1, roi, roi, roi, device=dev)
@@ -126,13 +143,13 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
     return step, forward_backward
 
 
-def measure(task, size, batch, modes, device, repeats, warmup, log=print) -> dict:
+def measure(task, size, batch, modes, device, repeats, warmup, log=print, backend: str = "inductor") -> dict:
     """Interleaved timing of the modes of one task and batch; returns per-mode median seconds."""
     from benchmarks.common import Case, time_interleaved
 
     cases, compile_s = {}, {}
     for mode in modes:
-        step, _ = build_step(task, size, batch, mode, device)
+        step, _ = build_step(task, size, batch, mode, device, backend=backend)
         t0 = time.perf_counter()
         step()  # the compile happens here
         step()
@@ -168,7 +185,8 @@ def main(argv=None) -> dict:
     results, ratios = {}, []
     started = time.time()
     for task in a.tasks.split(","):
-        r = measure(task, SIZES[a.size], a.batch, modes, "cpu", a.repeats, a.warmup)
+        r = measure(task, SIZES[a.size], a.batch, modes, "cpu", a.repeats, a.warmup,
+                    log=lambda m: print(m, flush=True))
         results[task] = r
         for mode in modes[1:]:
             ratios.append({"name": f"{task}: {mode} / eager", "ratio": r[mode]["s_per_step"] / r["none"]["s_per_step"]})

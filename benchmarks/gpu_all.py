@@ -13,7 +13,9 @@
 
 ``python benchmarks/gpu_all.py`` (or ``python -m benchmarks.gpu_all``) writes ``$OUT/gpu_all.json``
 (``--out DIR`` overrides; default ``benchmarks/results``). ``--tiny``: the micro model at 32^3, batches
-2 and 4, two modes, 0 and 1 workers, on the CPU if there is no GPU: under a minute, for the test.
+2 and 4, eager and ``default`` with torch.compile's ``eager`` backend (dynamo's capture, no code
+generation: inductor alone takes minutes on a small CPU), 0 and 1 workers, on the CPU if there is no
+GPU: about a minute, for the test.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def step_measurements(a, size, device, log) -> dict:
         big = largest_batch(task, size, device, a.batch, a.max_batch)
         log(f"{task}: largest batch {big} (cap {a.max_batch})")
         for batch in sorted({a.batch, big}):
-            r = measure(task, size, batch, a.modes, device, a.repeats, a.warmup, log=log)
+            r = measure(task, size, batch, a.modes, device, a.repeats, a.warmup, log=log, backend=a.backend)
             flops = _flops(task, size, batch, device)
             mem = _peak_memory(task, size, batch, device)
             for mode, v in r.items():
@@ -174,15 +176,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 256)")
     ap.add_argument("--skip-loader", action="store_true")
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; --tiny: eager, "
+                    "dynamo's capture without code generation, so that it stays under a minute)")
     a = ap.parse_args(argv)
     if a.tiny:
         size, a.batch, a.modes, a.workers = SIZES["tiny"], 2, ["none", "default"], [0, 1]
         a.max_batch, a.repeats, a.warmup, a.cases, a.loader_epochs = a.max_batch or 4, 3, 1, 2, 1
         a.tasks = ["mae", "hpm", "finetune"]
+        a.backend = a.backend or "eager"
     else:
         size, a.batch, a.modes, a.workers = SIZES["paper"], 4, list(MODES), [0, 4, 8]
         a.max_batch, a.repeats, a.warmup, a.cases, a.loader_epochs = a.max_batch or 256, 10, 3, 8, 2
         a.tasks = list(TASKS)
+        a.backend = a.backend or "inductor"
     torch.manual_seed(0)
     if torch.device(a.device).type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -194,7 +200,7 @@ def main(argv=None) -> dict:
                      "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else cpu_model(),
                      "cpu": cpu_model(), "torch": torch.__version__, "settings": {
                          "size": size, "batch": a.batch, "max_batch": a.max_batch, "modes": a.modes,
-                         "workers": a.workers, "repeats": a.repeats, "peak_flops": _peak(a.device, a.peak_tflops)},
+                         "workers": a.workers, "repeats": a.repeats, "backend": a.backend, "peak_flops": _peak(a.device, a.peak_tflops)},
                      "errors": {}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
