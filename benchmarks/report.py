@@ -186,9 +186,8 @@ and rotations folded into one gather per key, intensity scale/shift as one fused
   implement (e.g. Gaussian noise), other keys or axes, unequal class ratios, precomputed indices, a
   preprocessed volume smaller than the ROI that the chain does not pad, more than one image channel.
   `make_dataset` (whole items, e.g. validation) refuses `device`; validation keeps its own MONAI chain.
-* **Device**: the trainers' device once they pass it (`training_loader(..., device=self.device)`); until
-  then the current CUDA device if there is one, else the CPU (a run with `runtime.device=cpu` on a GPU
-  machine then samples on the GPU and copies the batches to the CPU).
+* **Device**: the trainers' training device (`runtime.device`; under torchrun the rank's GPU), which both
+  trainers pass to `training_loader`.
 * **Measured** (CPU tensors, one thread, `benchmarks/data_pipeline.py` at size `cpu` with 2 cases and the
   memory cache only, on a 2-core AMD EPYC shared with other jobs, load average 4 to 8; not yet in the
   tables below, whose recorded run predates the sampler): time per crop of the device sampler / the MONAI
@@ -198,6 +197,69 @@ and rotations folded into one gather per key, intensity scale/shift as one fused
   per-voxel gather against a block copy; the load on this machine swamps the difference); its point is the
   GPU, where it removes the loader, the host-to-device copy of every batch and the workers. The GPU
   figure (`python -m benchmarks --device cuda --size paper --only data_pipeline`) is not measured yet.
+
+### 7. Keeping the accelerator busy (issue 18): compiled steps, no host syncs, large batches
+**Compiled step** (`runtime.compile = none | default | reduce-overhead | max-autotune`; the old switch
+`true`/`false` still reads as `default`/`none`, anything else is an error naming the key). What is
+compiled is the *step up to the loss* (`Trainer.compiled`): for pre-training `iteration_core` (teacher pass,
+mask, student, L_rec, L_pred), for fine-tuning the UNETR forward and DiceCE; backward goes through the
+compiled graph's own backward. The optimizer (fused AdamW, one multi-tensor kernel) and the EMA
+(`_foreach_lerp_`) are already few launches and stay eager. Shapes are static: every sample masks
+`M = num_masked(N, mask_ratio)` tokens and the hard-patch count enters as a 0-dim tensor
+(`hard_patch_mask(..., n_hard=tensor)`: the same mask from an argsort instead of a `topk` whose size would
+change with alpha), so one graph serves the whole curriculum (two for hpm: with and without the teacher
+pass). `reduce-overhead` captures CUDA graphs on CUDA (on the CPU it is the default mode). With
+`finetune.drop_path > 0` a compiled run draws its dropout from inductor's random stream, so it is not
+bit-comparable to an eager run (same distribution). Compiling under DDP (torchrun) is not tested.
+Tested on the CPU (`tests/runtime/test_compiled_step.py`, inductor with gcc): after two AdamW steps the
+compiled hpm, mae and UNETR steps give the eager losses (rel 1e-4) and weights (atol 2e-5).
+
+**No host syncs inside a log interval.** A step reads nothing back: its losses, gradient norm and
+finite-flags stay device tensors, and `Trainer._flush` reads all of them with one `tolist()` of one stacked
+tensor every `runtime.log_every` optimizer steps and at the epoch's end. Choices:
+* *Non-finite check on the device.* A step whose loss or gradient norm is not finite is masked in the fused
+  AdamW kernel (its `found_inf` input, as `GradScaler` uses it: weights, moments and step count stay) and in
+  the EMA update (weight 0). `nonfinite=skip` logs the skipped step at the flush as before;
+  `nonfinite=stop` masks every later step of the interval too, so the checkpoint written at the flush holds
+  the weights before the failing step and the error names it, as before. With `accum_steps > 1` a
+  non-finite micro-batch masks its whole optimizer step. Without fused AdamW (torch < 2.4 on the CPU) the
+  flag is read each step. Within one interval the EMA momenta and mask seeds of steps after a skipped one
+  are numbered as if it had been taken (they are renumbered at the flush; with `log_every = 1` nothing
+  changes).
+* *Mask noise on the device*, from a generator of the training device re-seeded each micro-step from
+  (seed, step): the global batch's noise is drawn on every rank and the rank takes its rows, so 1 and N
+  processes still give the same masks (`tests/runtime/test_distributed.py`). On the CPU it is the same
+  stream as before; a CUDA run's masks come from CUDA's generator.
+* `mask_to_ids(mask, num_masked=M)`: no `.tolist()` when M is known (the trainer knows it from
+  `mask_ratio`). The teacher's once-an-epoch diagnostics are computed at the epoch's end from copies of the
+  epoch's first step; the mined-patch HU statistics are device tensors.
+
+Counted on the CPU (`tests/runtime/sync_count.py`: a `TorchFunctionMode` counting `item`, `tolist`,
+`float()`, `int()`, `bool()`, index, `numpy`, `cpu` and boolean-mask indexing inside `train_one_epoch`,
+data loading excluded), one epoch of 6 steps with `log_every = 3`: hpm pre-training **54 reads before
+(9 a step), 0 in the steps now, plus 2 per log interval**; fine-tuning 24 before (4 a step), 0 now plus
+2 per interval. `tests/runtime/test_host_syncs.py` asserts this.
+
+**Large batch on one GPU (batch 32-64).** The paper's recipe is batch 4 per GPU at 96^3, which leaves an
+H100 idle (MFU 0.4 %). To run larger: `pretrain.batch_size=64` (a multiple of `data.num_samples`; each
+volume gives `num_samples` crops, so a step reads `batch_size / num_samples` volumes). The trainer scales
+the lr linearly and prints it: `lr = <stage>.lr x effective batch / <stage>.lr_ref_batch` (effective batch
+= batch x accum_steps x processes). The warm-up is set in epochs, and the steps per epoch come from the
+data: `steps_per_epoch = ceil(volumes / (batch_size / num_samples))`, so **a larger batch gives fewer
+warm-up steps**: `warm-up steps = ceil(warmup_epochs x steps_per_epoch)`, printed in the set-up line.
+Example (`tests/runtime/test_large_batch.py`, 5 volumes, 16 crops per volume, lr 1.5e-4 at
+lr_ref_batch 16, warm-up 10 epochs): batch 16 -> lr 1.5e-4, 5 steps per epoch, 50 warm-up steps; batch 64
+-> lr 6e-4, 2 steps per epoch, 20 warm-up steps. The EMA schedule is a share of the run's steps and
+adapts by itself. With few volumes a step count this low makes the warm-up short in steps: raise
+`warmup_epochs` in proportion (keep warm-up steps x batch about constant) when the linear-scaled lr
+diverges, and check the loader keeps up (crops per second, `benchmarks/gpu_all.py`).
+
+**Measurements.** `benchmarks/compile_step.py` (CPU: eager vs compiled step, ratios in the same process)
+and `benchmarks/gpu_all.py` (every GPU figure of issue 18: steps eager vs each compile mode at batch 4 and
+at the largest batch that fits, crops/s, ms/step, peak memory, MFU; the loader at 0/4/8 workers and the
+device sampler when it exists; `--tiny` runs on the CPU in about a minute). 
+CPU figures (`python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6`, micro model at 32^3, 1 thread, AMD EPYC (2 cores shared with 4 other jobs, so absolute times are inflated): mae step eager 796 ms, compiled (`default`, inductor) 590 ms, **0.74x**; the first two compiled steps took 238 s (compilation on the loaded 2-core machine). The hpm and fine-tuning ratios were not measured: their compilation had not finished after 15 minutes on this machine.
+No GPU figure has been taken yet: the script has not run on an H100/H200.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as

@@ -97,6 +97,7 @@ BAD: dict[str, list[str]] = {
     "runtime.precision": ["fp16"],
     "runtime.threads": ["-1"],
     "runtime.log_every": ["0"],
+    "runtime.compile": ["fast", "2"],
 }
 
 EXEMPT: dict[str, str] = {
@@ -111,7 +112,6 @@ EXEMPT: dict[str, str] = {
     "finetune.dice_squared_pred": "a switch",
     "finetune.use_teacher": "a switch",
     "finetune.allow_partial_init": "a switch",
-    "runtime.compile": "a switch",
     "runtime.deterministic": "a switch",
     "runtime.progress": "a switch",
 }

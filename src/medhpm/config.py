@@ -165,7 +165,9 @@ class InferenceConfig:
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-native (bf16 where native, runtime/device.py)
-    compile: bool = False
+    # none | default | reduce-overhead (CUDA graphs on CUDA) | max-autotune: torch.compile of the training
+    # step's forward and losses (docs/PERFORMANCE.md); the old switch true/false reads as default/none
+    compile: str = "none"
     deterministic: bool = False
     threads: int = 0  # >= 0; torch intra-op threads on CPU; 0 = library default
     log_every: int = 1  # >= 1; steps between JSON-lines log records
@@ -371,7 +373,9 @@ def from_dict(data: dict) -> Config:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     cfg = _merge(cfg, OmegaConf.create(_upgrade(data)), "stored config")
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    obj = OmegaConf.to_object(cfg)
+    obj.runtime.compile = compile_mode(obj.runtime.compile)  # type: ignore[attr-defined]  # the old switch
+    return obj  # type: ignore[return-value]
 
 
 def _upgrade(data: dict) -> dict:
@@ -703,4 +707,22 @@ def validate(cfg: Config) -> Config:
            f"{r.precision!r} is not auto, fp32, bf16 or bf16-native")
     _count(r.threads, "runtime.threads", 0, " (0: the library default)")
     _count(r.log_every, "runtime.log_every", 1)
+    r.compile = compile_mode(r.compile)
     return cfg
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_mode(value: Any) -> str:
+    """``runtime.compile`` as one of :data:`COMPILE_MODES`; the old switch (``true``/``false``, also as the
+    strings a YAML file or ``key=value`` gives for it) reads as ``default``/``none``."""
+    if isinstance(value, bool):
+        return "default" if value else "none"
+    text = str(value).strip().lower()
+    old = {"true": "default", "false": "none", "yes": "default", "no": "none", "on": "default", "off": "none"}
+    text = old.get(text, text)
+    if text not in COMPILE_MODES:
+        raise ConfigError(f"config key 'runtime.compile': {value!r} is not one of {', '.join(COMPILE_MODES)} "
+                          "(or the old switch true/false)")
+    return text

@@ -56,8 +56,12 @@ def momentum_at(step: int, total_steps: int, horizon_start: float = 0.001, horiz
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, applied: torch.Tensor | None = None) -> None:
     """In place: ``t = m * t + (1 - m) * s`` for every parameter and floating buffer; other buffers copied.
+
+    ``applied``: optional 0-dim bool tensor on the teacher's device; where it is false the teacher is left
+    as it is (the trainer's optimizer step was skipped on a non-finite loss), decided on the device
+    without reading the flag back.
 
     ``teacher`` and ``student`` must have the same architecture (names are checked); ``student`` may be
     wrapped (DDP, ``torch.compile``).
@@ -84,11 +88,17 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         if t.dtype.is_floating_point:
             t_float.append(t.data if isinstance(t, nn.Parameter) else t)
             s_float.append(s.detach().to(t.dtype))
-        else:
+        elif applied is None:
             t.copy_(s)
+        else:
+            t.copy_(torch.where(applied, s, t))
     if t_float:
         # t + (1 - m) * (s - t) == m * t + (1 - m) * s, in one fused pass over all tensors
-        torch._foreach_lerp_(t_float, s_float, 1.0 - float(momentum))
+        weight = 1.0 - float(momentum)
+        if applied is None:
+            torch._foreach_lerp_(t_float, s_float, weight)
+        else:  # weight 0 where the step was skipped
+            torch._foreach_lerp_(t_float, s_float, applied.to(t_float[0].dtype) * weight)
 
 
 class EMATeacher:
@@ -111,9 +121,10 @@ class EMATeacher:
         self.model.requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, student: nn.Module, momentum: float) -> None:
-        """EMA step, after (never before) the optimizer step: ``t = m t + (1 - m) s``."""
-        ema_update(self.model, student, momentum)
+    def update(self, student: nn.Module, momentum: float, applied: torch.Tensor | None = None) -> None:
+        """EMA step, after (never before) the optimizer step: ``t = m t + (1 - m) s`` (left out where the
+        0-dim bool tensor ``applied`` is false, see :func:`ema_update`)."""
+        ema_update(self.model, student, momentum, applied)
         self.model.eval()  # stays in eval mode whatever happened to it meanwhile
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -73,6 +73,7 @@ def hard_patch_mask(
     alpha: float,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    n_hard: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HPM's easy-to-hard mask from predicted per-patch difficulty.
 
@@ -86,6 +87,9 @@ def hard_patch_mask(
         mask_ratio: in (0, 1).
         alpha: share of the masked patches chosen by difficulty, in [0, 1].
         generator: optional ``torch.Generator`` on ``scores.device`` for reproducible draws.
+        n_hard: optional 0-dim long tensor that replaces ``int(alpha * M)``: the same mask (up to the
+            order of exactly tied scores) from a computation whose shapes do not depend on alpha, so that
+            one compiled step (``runtime.compile``) serves the whole curriculum.
     Returns:
         bool ``(B, N)``, True = masked; exactly M per sample.
     """
@@ -97,7 +101,11 @@ def hard_patch_mask(
     batch, n = scores.shape
     k = num_visible(n, mask_ratio)
     m = n - k
-    n_hard = int(alpha * m)
+    if n_hard is not None:
+        hard_from_tensor = True
+    else:
+        hard_from_tensor = False
+        n_hard = int(alpha * m)
 
     # rand in [0, 1) ranks the ordinary patches at random; a hard patch gets 2.0 so it sorts last and
     # can never be among the K lowest (visible) ones.
@@ -105,7 +113,12 @@ def hard_patch_mask(
         rank = torch.rand(batch, n, device=scores.device, generator=generator)  # (B, N)
     else:  # pre-drawn uniform ranks (B, N); cloned because the hard patches are written into them
         rank = noise.to(scores.device).clone()
-    if n_hard > 0:
+    if hard_from_tensor:  # the n_hard highest scores by their place in the descending order
+        order = torch.argsort(scores.detach().float(), dim=1, descending=True)  # (B, N)
+        first = torch.arange(n, device=scores.device).expand(batch, n) < n_hard.to(scores.device)
+        hard = torch.zeros(batch, n, dtype=torch.bool, device=scores.device).scatter(1, order, first)
+        rank = torch.where(hard, torch.full_like(rank, 2.0), rank)
+    elif n_hard > 0:
         hard = torch.topk(scores.detach().float(), n_hard, dim=1).indices  # (B, n_hard)
         rank.scatter_(1, hard, 2.0)
     visible = torch.argsort(rank, dim=1)[:, :k]  # (B, K)

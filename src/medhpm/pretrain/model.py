@@ -37,23 +37,31 @@ __all__ = ["HPMPretrainModel", "mask_to_ids"]
 _PREDICTION_LOSSES = ("ranking", "absolute")
 
 
-def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_to_ids(mask: torch.Tensor, num_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a mask into kept and masked token indices, each in ascending token index.
 
     Args:
         mask: bool ``(B, N)``, True = masked, the same count ``M`` (0 < M < N) in every sample.
+        num_masked: ``M`` when the caller knows it (the trainer: ``masking.num_masked(N, mask_ratio)``,
+            which every mask of ``random_mask``/``hard_patch_mask`` has by construction). Then nothing is
+            read back from the device; without it, M is counted (one host sync) and checked.
     Returns:
         ``(ids_keep (B, K), ids_masked (B, M))``, long.
     """
     if mask.dim() != 2 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool (B, N) tensor, got {mask.dtype} {tuple(mask.shape)}.")
     b, n = mask.shape
-    counts = mask.sum(dim=1)
-    lo, hi = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync: M sizes the outputs
-    if lo != hi:
-        raise ValueError(f"every sample must mask the same number of tokens, got between {lo} and {hi}.")
-    if not 0 < lo < n:
-        raise ValueError(f"the mask must hide at least one and at most N-1={n - 1} tokens, got {lo}.")
+    if num_masked is not None:
+        lo = int(num_masked)
+        if not 0 < lo < n:
+            raise ValueError(f"num_masked must be at least one and at most N-1={n - 1} tokens, got {lo}.")
+    else:
+        counts = mask.sum(dim=1)
+        lo, hi = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync: M sizes the outputs
+        if lo != hi:
+            raise ValueError(f"every sample must mask the same number of tokens, got between {lo} and {hi}.")
+        if not 0 < lo < n:
+            raise ValueError(f"the mask must hide at least one and at most N-1={n - 1} tokens, got {lo}.")
     index = torch.arange(n, device=mask.device).expand(b, n)
     # masked tokens sort first, each group in ascending index (keys are unique, so no stable sort needed)
     order = torch.argsort(torch.where(mask, index, index + n), dim=1)  # (B, N)
@@ -261,12 +269,13 @@ class HPMPretrainModel(nn.Module):
             return fn(lp.float(), per_patch_loss.detach().float())
 
     # -- one student iteration ---------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None) -> dict[str, torch.Tensor | None]:
         """Student forward for a given mask.
 
         Args:
             x: ``(B, C, H, W, D)``.
             mask: bool ``(B, N)``, True = masked, the same count M in every sample.
+            num_masked: M, if known (no host sync; see :func:`mask_to_ids`).
         Returns:
             dict with (all masked-patch tensors in ascending token index, see ``ids_masked``):
               * ``loss_rec``: float32 scalar L_rec.
@@ -277,7 +286,7 @@ class HPMPretrainModel(nn.Module):
                 ``norm_pix_loss``).
               * ``ids_masked``: ``(B, M)``; ``ids_keep``: ``(B, K)``; ``mask``: the input mask.
         """
-        ids_keep, ids_masked = mask_to_ids(mask)  # (B, K), (B, M)
+        ids_keep, ids_masked = mask_to_ids(mask, num_masked)  # (B, K), (B, M)
         latent = self.forward_encoder(x, ids_keep)  # (B, K, D)
         seq = self.decoder_input(latent, ids_keep)  # (B, N, Dd)
         pred = self.forward_decoder(seq, ids_masked)  # (B, M, P^3*C)

@@ -79,33 +79,58 @@ TEACHER_UNUSED = ("decoder_blocks", "decoder_norm", "decoder_pred")
 
 
 def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alpha: float, mask_ratio: float,
-                       lambda_pred: float, use_pred: bool, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                       lambda_pred: float, use_pred: bool, noise: torch.Tensor | None = None,
+                       core=None, n_hard_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One selfMedHPM iteration up to the loss (ALGORITHM.md section 2, steps 1 to 7).
 
     ``student`` is the (possibly DDP-wrapped) :class:`HPMPretrainModel`; ``teacher`` its EMA copy or
     None. ``x`` (B, C, H, W, D); ``noise`` optional uniform (B, N) ranks for the random part of the mask.
-    Returns the loss to back-propagate and scalars to log (plus the student's output under ``_out`` and,
-    when patches were mined, the teacher's scores and the mask under ``_scores``/``_mask``).
+    ``core``: :func:`iteration_core` or its ``torch.compile``d form (``runtime.compile``); ``n_hard_tensor``
+    the hard-patch count as a 0-dim tensor on ``x``'s device (one compiled graph for every alpha).
+    Returns the loss to back-propagate and what to log: ``alpha``, ``n_hard`` (Python numbers) and
+    ``loss_rec``/``loss_pred`` as detached 0-dim tensors, nothing read back from the device (plus the
+    student's output under ``_out`` and, when patches were mined, the teacher's scores and the mask under
+    ``_scores``/``_mask``).
     """
     n_tokens = unwrap(student).encoder.num_patches
-    n_hard = int(alpha * num_masked(n_tokens, mask_ratio)) if teacher is not None else 0
-    logs: dict = {"alpha": alpha, "n_hard": n_hard}
-    if n_hard == 0:  # no teacher pass while the curriculum asks for no hard patch
+    m = num_masked(n_tokens, mask_ratio)
+    n_hard = int(alpha * m) if teacher is not None else 0
+    if n_hard and n_hard_tensor is None:
+        n_hard_tensor = torch.tensor(n_hard, device=x.device)
+    core = core or iteration_core
+    loss, parts = core(student, teacher if n_hard else None, x, noise, n_hard_tensor if n_hard else None,
+                       mask_ratio, lambda_pred, use_pred)
+    logs: dict = {"alpha": alpha, "n_hard": n_hard, "_out": parts["out"], "loss_rec": parts["loss_rec"]}
+    if "loss_pred" in parts:
+        logs["loss_pred"] = parts["loss_pred"]
+    if n_hard:
+        logs["_scores"], logs["_mask"] = parts["scores"], parts["mask"]
+    return loss, logs
+
+
+def iteration_core(student, teacher: EMATeacher | None, x: torch.Tensor, noise: torch.Tensor | None,
+                   n_hard: torch.Tensor | None, mask_ratio: float, lambda_pred: float, use_pred: bool):
+    """The part of :func:`pretrain_iteration` that runs on the device, with static shapes: teacher pass
+    (when ``teacher`` is given), mask, student, losses. No value is read back to the host, so it can be
+    compiled whole (``runtime.compile``; a CUDA graph with ``reduce-overhead``)."""
+    n_tokens = unwrap(student).encoder.num_patches
+    m = num_masked(n_tokens, mask_ratio)
+    parts: dict = {}
+    if teacher is None:  # no teacher pass while the curriculum asks for no hard patch
         mask = random_mask(x.shape[0], n_tokens, mask_ratio, device=x.device, noise=noise)
     else:
-        with torch.inference_mode():  # the teacher never needs a graph
+        with torch.no_grad():  # the teacher never needs a graph
             scores = teacher.model.predict_difficulty(x)  # (B, N)
-        scores = scores.clone()  # a normal tensor again, for topk/scatter outside inference mode
-        mask = hard_patch_mask(scores, mask_ratio, alpha, noise=noise)
-        logs["_scores"], logs["_mask"] = scores, mask
-    out = student(x, mask)
-    logs["_out"] = out
+        mask = hard_patch_mask(scores, mask_ratio, 0.0, noise=noise, n_hard=n_hard)
+        parts["scores"], parts["mask"] = scores, mask
+    out = student(x, mask, m)
+    parts["out"] = out
     loss = out["loss_rec"]
-    logs["loss_rec"] = float(out["loss_rec"].detach())
+    parts["loss_rec"] = out["loss_rec"].detach()
     if use_pred and out["loss_pred"] is not None:
         loss = loss + lambda_pred * out["loss_pred"]
-        logs["loss_pred"] = float(out["loss_pred"].detach())
-    return loss, logs
+        parts["loss_pred"] = out["loss_pred"].detach()
+    return loss, parts
 
 
 def mined_patches(scores: torch.Tensor, n_hard: int) -> torch.Tensor:
@@ -114,17 +139,19 @@ def mined_patches(scores: torch.Tensor, n_hard: int) -> torch.Tensor:
     return hard.scatter_(1, torch.topk(scores, n_hard, dim=1).indices, True)
 
 
-def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg) -> dict:
-    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3)."""
+def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg, num_masked: int | None = None) -> dict:
+    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3), as
+    0-dim device tensors (read back with the step's other logs, at the log interval). ``num_masked``: M
+    of the masks, if known; without it whether any patch was masked at random is read from the device."""
     d = data_cfg
     with torch.no_grad():
         mean_int = patchify(x.float(), patch_size).mean(-1)  # (B, N) in [b_min, b_max]
         hu = d.a_min + (mean_int - d.b_min) / (d.b_max - d.b_min) * (d.a_max - d.a_min)
         hard = mined_patches(scores, n_hard)
         rand = mask & ~hard
-        out = {"hu_hard_mean": float(hu[hard].mean())}
-        if rand.any():
-            out["hu_random_mean"] = float(hu[rand].mean())
+        out = {"hu_hard_mean": (hu * hard).sum() / hard.sum()}
+        if (n_hard < num_masked) if num_masked is not None else bool(rand.any()):
+            out["hu_random_mean"] = (hu * rand).sum() / rand.sum()
     return out
 
 
@@ -155,7 +182,7 @@ class PretrainTrainer(Trainer):
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
         return training_loader(entries, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
-                               self.dist.world_size, self.dist.rank)
+                               self.dist.world_size, self.dist.rank, device=self.device)
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)
@@ -174,6 +201,7 @@ class PretrainTrainer(Trainer):
         super().setup()
         if self.teacher is not None:
             self.teacher.to(self.device)
+        self._core = self.compiled(iteration_core)  # runtime.compile: teacher pass, mask, student, losses
 
     def param_groups(self, model, lr):
         return param_groups_weight_decay(model, lr, self.cfg.pretrain.weight_decay)
@@ -192,64 +220,109 @@ class PretrainTrainer(Trainer):
     def train_step(self, batch, epoch_f):
         x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)  # (B, 1, H, W, D)
         p = self.cfg.pretrain
-        loss, logs = pretrain_iteration(self.ddp, self.teacher, x, alpha=self.alpha(epoch_f),
-                                        mask_ratio=p.mask_ratio, lambda_pred=p.lambda_pred,
-                                        use_pred=self.use_pred, noise=self.mask_noise(x.shape[0]))
-        if logs.get("n_hard", 0) > 0 and self.global_step % max(self.cfg.runtime.log_every, 1) == 0:
-            logs.update(mined_patch_stats(x, logs["_scores"], logs["_mask"], logs["n_hard"],
-                                          self.cfg.model.patch_size, self.cfg.data))
+        alpha = self.alpha(epoch_f)
+        n_hard = int(alpha * self.num_masked) if self.teacher is not None else 0
+        loss, logs = pretrain_iteration(self.ddp, self.teacher, x, alpha=alpha, mask_ratio=p.mask_ratio,
+                                        lambda_pred=p.lambda_pred, use_pred=self.use_pred,
+                                        noise=self.mask_noise(x.shape[0]), core=self._core,
+                                        n_hard_tensor=self._n_hard_tensor(n_hard))
+        # only for the step that will be logged (it becomes step global_step + 1)
+        if n_hard > 0 and (self.global_step + 1) % max(self.cfg.runtime.log_every, 1) == 0:
+            logs.update(mined_patch_stats(x, logs["_scores"], logs["_mask"], n_hard,
+                                          self.cfg.model.patch_size, self.cfg.data, self.num_masked))
         if int(epoch_f) != self._diagnosed_epoch:  # the first micro-batch of each epoch
             self._diagnosed_epoch = int(epoch_f)
-            self.diagnostics = self.mining_diagnostics(x, batch.get("label"), logs)
+            self._diagnosis_inputs = self.diagnosis_inputs(x, batch.get("label"), logs)
         for key in ("_scores", "_mask", "_out"):
             logs.pop(key, None)
         return loss, logs
 
+    def _n_hard_tensor(self, n_hard: int) -> torch.Tensor | None:
+        """The hard-patch count as a 0-dim device tensor, made once per value (no copy each step)."""
+        if not n_hard:
+            return None
+        cache = self.__dict__.setdefault("_n_hard_cache", {})
+        if n_hard not in cache:
+            cache[n_hard] = torch.tensor(n_hard, device=self.device)
+        return cache[n_hard]
+
     @torch.no_grad()
-    def mining_diagnostics(self, x: torch.Tensor, label, logs: dict) -> dict:
-        """How well the teacher's scores and the student's predicted losses order the student's measured
-        losses of this step's masked patches, and (with labels) how often mined patches hold organ
-        voxels compared with randomly masked ones. See :mod:`medhpm.pretrain.diagnostics`."""
+    def diagnosis_inputs(self, x: torch.Tensor, label, logs: dict) -> dict:
+        """Copies of what :meth:`mining_diagnostics` needs from this step (device tensors, nothing read
+        back): the measures are computed at the epoch's end, outside the hot loop."""
         out = logs["_out"]
-        per_patch, ids_masked = out["per_patch_loss"].detach(), out["ids_masked"]
+        keep = {"per_patch": out["per_patch_loss"].detach().clone(), "ids_masked": out["ids_masked"].clone(),
+                "lp": None if out["lp"] is None else out["lp"].detach().clone(), "n_hard": logs.get("n_hard", 0)}
+        if self.teacher is not None:
+            scores = logs.get("_scores")
+            if scores is None:  # no patch was mined this step: the teacher pass is made for the diagnostics
+                scores = self.teacher.model.predict_difficulty(x)
+            keep["scores"] = scores.clone()
+            if label is not None and keep["n_hard"] > 0:
+                keep["has_organ"] = patches_with_organ(label.to(x.device).as_subclass(torch.Tensor),
+                                                       self.cfg.model.patch_size)
+                keep["mask"] = logs["_mask"].clone()
+        return keep
+
+    @torch.no_grad()
+    def mining_diagnostics(self, keep: dict) -> dict:
+        """How well the teacher's scores and the student's predicted losses order the student's measured
+        losses of the masked patches of the epoch's first step, and (with labels) how often mined patches
+        hold organ voxels compared with randomly masked ones. See :mod:`medhpm.pretrain.diagnostics`."""
+        per_patch, ids_masked = keep["per_patch"], keep["ids_masked"]
         diag = {}
-        if out["lp"] is not None:
-            diag["student_rank_acc"] = pairwise_order_accuracy(out["lp"], per_patch)
-        if self.teacher is None:
+        if keep["lp"] is not None:
+            diag["student_rank_acc"] = pairwise_order_accuracy(keep["lp"], per_patch)
+        if "scores" not in keep:
             return diag
-        scores = logs.get("_scores")
-        if scores is None:  # no patch was mined this step: the teacher pass is made for the diagnostics
-            scores = self.teacher.model.predict_difficulty(x)
+        scores = keep["scores"]
         diag["teacher_rank_acc"] = pairwise_order_accuracy(torch.gather(scores, 1, ids_masked), per_patch)
-        if label is not None and logs.get("n_hard", 0) > 0:
-            has_organ = patches_with_organ(label.to(x.device).as_subclass(torch.Tensor), self.cfg.model.patch_size)
-            diag.update(organ_shares(has_organ, mined_patches(scores, logs["n_hard"]), logs["_mask"]))
+        if "has_organ" in keep:
+            diag.update(organ_shares(keep["has_organ"], mined_patches(scores, keep["n_hard"]), keep["mask"]))
         return diag
 
     def mask_noise(self, local_batch: int) -> torch.Tensor:
         """Uniform ranks for this micro-batch's masks, drawn for the GLOBAL batch from (seed, micro-step)
         and sliced to this process's samples: the masks, and so the run, do not depend on the number of
-        processes (a 2-process run equals a 1-process run with the same global batch)."""
+        processes (a 2-process run equals a 1-process run with the same global batch).
+
+        Drawn on the training device by a generator of that device, re-seeded each micro-step (host-side,
+        no sync): nothing crosses from the host. On the CPU it is the same stream as a CPU generator's;
+        on CUDA the stream is CUDA's Philox, so a CUDA run's masks differ from a CPU run's (each is
+        reproducible, and independent of the number of processes)."""
         self._micro = getattr(self, "_micro", 0) + 1
         w, r, ns = self.dist.world_size, self.dist.rank, self.cfg.data.num_samples
-        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.global_step * 9_973 + self._micro) % 2**63)
-        noise = torch.rand(local_batch * w, self.num_patches, generator=g)  # (B_global, N)
+        g = self.__dict__.get("_noise_gen")
+        if g is None:
+            g = self._noise_gen = torch.Generator(device=self.device)
+        g.manual_seed((self.cfg.seed * 1_000_003 + self.global_step * 9_973 + self._micro) % 2**63)
+        noise = torch.rand(local_batch * w, self.num_patches, generator=g, device=self.device)  # (B_global, N)
+        if w == 1:
+            return noise
         # DistributedSampler gives rank r the volumes r, r+w, r+2w, ... of the global batch order
-        vols = local_batch // ns
-        idx = ((w * torch.arange(vols)[:, None] + r) * ns + torch.arange(ns)[None, :]).flatten()
-        return noise[idx].to(self.device)
+        idx = self.__dict__.setdefault("_noise_rows", {}).get(local_batch)
+        if idx is None:
+            vols = local_batch // ns
+            idx = ((w * torch.arange(vols)[:, None] + r) * ns + torch.arange(ns)[None, :]).flatten().to(self.device)
+            self._noise_rows[local_batch] = idx
+        return noise[idx]
 
-    def after_optimizer_step(self, epoch_f):
+    def after_optimizer_step(self, epoch_f, applied):
         self._micro = 0
         if self.teacher is None:
             return {}
         p = self.cfg.pretrain
         m = momentum_at(self.global_step, self.sec.epochs * self.steps_per_epoch, p.ema_horizon_start,
                         p.ema_horizon_end, p.ema_ramp)
-        self.teacher.update(self.model, m)  # after the optimizer step, buffers included
-        self.teacher_init_share *= m
-        self.ema_momentum = m
-        return {"ema_momentum": m, "teacher_init_share": self.teacher_init_share}
+        self.teacher.update(self.model, m, applied=applied)  # after the optimizer step, buffers included
+        return {"ema_momentum": m}
+
+    def step_done(self, logs):
+        if "ema_momentum" not in logs:
+            return {}
+        self.teacher_init_share *= logs["ema_momentum"]  # only the EMA updates that were applied
+        self.ema_momentum = logs["ema_momentum"]
+        return {"teacher_init_share": self.teacher_init_share}
 
     # ------------------------------------------------------------------ epochs, figures, checkpoints
     def end_of_epoch(self, epoch, stats):
@@ -260,6 +333,9 @@ class PretrainTrainer(Trainer):
                 self.write_figure(epoch)
             except Exception as e:  # a figure must never cost the run
                 echo(f"[pretrain] figure skipped: {e}")
+        keep = self.__dict__.pop("_diagnosis_inputs", None)
+        if keep is not None:
+            self.diagnostics = self.mining_diagnostics(keep)
         diag = dict(self.diagnostics)
         if self.teacher is not None:
             diag.update(teacher_init_share=self.teacher_init_share, ema_momentum=getattr(self, "ema_momentum", None))

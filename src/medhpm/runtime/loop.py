@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from medhpm import __version__
-from medhpm.config import Config, checkpoint_keys, differences, from_dict, to_dict
+from medhpm.config import Config, checkpoint_keys, compile_mode, differences, from_dict, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
 from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, run_folder_lock, save_config
 from medhpm.runtime.logging import MetricLogger
-from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr
+from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr, warmup_steps
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
 
 
@@ -77,11 +77,14 @@ class Trainer:
         raise NotImplementedError
 
     def train_step(self, batch, epoch_f: float) -> tuple[torch.Tensor, dict]:
-        """Forward one micro-batch; returns the loss to back-propagate and scalars to log."""
+        """Forward one micro-batch; returns the loss to back-propagate and scalars to log (Python numbers,
+        or 0-dim device tensors, which are read back only at the log interval: no ``float(tensor)`` here)."""
         raise NotImplementedError
 
-    def after_optimizer_step(self, epoch_f: float) -> dict:
-        """Runs after every optimizer step (the EMA teacher update lives here). Returns scalars to log."""
+    def after_optimizer_step(self, epoch_f: float, applied: torch.Tensor) -> dict:
+        """Runs after every optimizer step (the EMA teacher update lives here); ``applied`` is the 0-dim
+        bool device tensor that says whether the step was taken (false: a non-finite loss or gradient
+        masked it). Must not read device values. Returns scalars (Python numbers or 0-dim tensors) to log."""
         return {}
 
     def end_of_epoch(self, epoch: int, stats: dict) -> dict:
@@ -96,6 +99,15 @@ class Trainer:
                 f"config key '{self.stage}.batch_size' ({b}) must be a multiple of 'data.num_samples' "
                 f"({d.num_samples}): each volume gives num_samples crops per step"
             )
+
+    def compiled(self, fn):
+        """``fn`` (a stage's step up to the loss) through ``torch.compile`` in ``runtime.compile``'s mode,
+        or ``fn`` itself for ``none``. ``reduce-overhead`` captures CUDA graphs on CUDA (on the CPU it is
+        the default mode). Shapes are static, so one graph serves the whole run (two for hpm: with and
+        without the teacher pass)."""
+        if self.compile_mode == "none":
+            return fn
+        return torch.compile(fn, mode=None if self.compile_mode == "default" else self.compile_mode)
 
     def extra_state(self) -> dict:
         return {}
@@ -151,8 +163,7 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.ddp = model
-        if cfg.runtime.compile:
-            self.ddp = torch.compile(self.ddp)
+        self.compile_mode = compile_mode(cfg.runtime.compile)
         self.steps_per_epoch = self.sec.steps_per_epoch or max(len(self.loader) // self.sec.accum_steps, 1)
         self.logger = MetricLogger(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
@@ -164,7 +175,9 @@ class Trainer:
             f"[{self.stage}] effective batch {self.effective_batch} = {self.sec.batch_size} per step x "
             f"{self.sec.accum_steps} accumulation x {self.dist.world_size} processes; lr {self.sec.lr:g} x "
             f"{self.effective_batch}/{self.sec.lr_ref_batch} = {self.base_lr:.3g}; {self.steps_per_epoch} "
-            f"optimizer steps per epoch, {self.sec.epochs} epochs",
+            f"optimizer steps per epoch, {self.sec.epochs} epochs; warm-up {self.sec.warmup_epochs:g} epochs = "
+            f"{warmup_steps(self.sec.warmup_epochs, self.steps_per_epoch)} optimizer steps"
+            + (f"; step compiled ({self.compile_mode})" if self.compile_mode != "none" else ""),
             self.dist,
         )
 
@@ -351,13 +364,26 @@ class Trainer:
                 t_data = time.time()
 
     def train_one_epoch(self, epoch: int) -> dict:
+        """One epoch of optimizer steps, with no host sync inside a log interval.
+
+        Every value a step logs (losses, gradient norm, whether they are finite) stays a device tensor
+        until the log interval (``runtime.log_every`` optimizer steps) or the epoch's end, where
+        :meth:`_flush` reads them all back at once. The non-finite check is made on the device: a step
+        whose loss or gradient norm is not finite is masked in the fused AdamW kernel (its ``found_inf``
+        input: weights, moments and step count stay as they were) and in the EMA update; with
+        ``nonfinite=stop`` every later step of the interval is masked too, so the weights the flush saves
+        are those before the failing step. See docs/PERFORMANCE.md, "Host syncs".
+        """
         model, opt, sec = self.ddp, self.optimizer, self.sec
         model.train()
         accum = sec.accum_steps
-        sums: dict[str, float] = {}
-        micro: dict[str, float] = {}  # loss sums over the micro-batches of the optimizer step
+        log_every = max(self.cfg.runtime.log_every, 1)
+        self._pending: list[dict] = []
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_count = 0
+        self._halted = torch.zeros((), dtype=torch.bool, device=self.device)  # nonfinite=stop: mask the rest
+        micro: dict[str, torch.Tensor] = {}  # loss sums over the micro-batches of the optimizer step
         n_micro = 0
-        count = 0
         data_time = compute_time = 0.0
         bar = self._progress(epoch)
         opt.zero_grad(set_to_none=True)
@@ -374,55 +400,91 @@ class Trainer:
                     loss, logs = self.train_step(batch, epoch_f)
                 loss = loss.float()
                 # the global batch's loss: every rank logs it and takes the same skip/stop decision
-                # (one rank skipping backward() while the others wait in DDP's all-reduce would hang)
-                loss_value = self._reduce_losses(loss.detach(), logs)
-                if not math.isfinite(loss_value):
-                    if self._nonfinite(epoch, logs):
-                        opt.zero_grad(set_to_none=True)
-                        micro, n_micro = {}, 0
-                        continue
-                (loss / accum).backward()
+                loss_mean = self._reduce_losses(loss.detach(), logs)
+                (loss / accum).backward()  # a non-finite loss gives non-finite gradients: masked below
             n_micro += 1
-            for k, v in [("loss", loss_value), *logs.items()]:
-                if k.startswith("loss") and isinstance(v, float):
-                    micro[k] = micro.get(k, 0.0) + v
+            for k, v in [("loss", loss_mean), *logs.items()]:
+                if k.startswith("loss") and torch.is_tensor(v):
+                    micro[k] = micro.get(k, 0.0) + v.float()  # a new tensor: safe from CUDA-graph reuse
             if not sync:
                 compute_time += time.time() - t0
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), sec.clip_grad or float("inf"))
-            if not torch.isfinite(grad_norm):  # a finite loss with inf/NaN gradients would poison the weights
-                if self._nonfinite(epoch, {**logs, "grad_norm": float(grad_norm)}, what="gradient"):
-                    opt.zero_grad(set_to_none=True)
-                    micro, n_micro = {}, 0
-                    continue
-            # the step's losses are the means over its micro-batches (all of the global batch)
-            logs.update({k: v / n_micro for k, v in micro.items()})
-            loss_value = logs.pop("loss")
+            dev = {k: v / n_micro for k, v in micro.items()}  # the step's losses: means over its micro-batches
             micro, n_micro = {}, 0
-            opt.step()
+            ok_loss = torch.isfinite(dev["loss"])
+            ok_grad = torch.isfinite(grad_norm)  # a finite loss with inf/NaN gradients would poison the weights
+            ok = ok_loss & ok_grad & ~self._halted
+            if sec.nonfinite == "stop":
+                self._halted = self._halted | ~ok
+            self._optimizer_step(ok)
             opt.zero_grad(set_to_none=True)
-            self.global_step += 1
-            logs.update(self.after_optimizer_step(epoch_f))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self.global_step += 1  # counted as taken; _flush takes skipped steps back out
+            host = {k: v for k, v in logs.items() if not torch.is_tensor(v)}
+            dev.update({k: v for k, v in logs.items() if torch.is_tensor(v) and not k.startswith("loss")})
+            host.update(self.after_optimizer_step(epoch_f, ok))
+            dev.update(grad_norm=grad_norm.float(), _ok_loss=ok_loss, _ok_grad=ok_grad)
+            self._pending.append({"epoch": epoch, "lr": lr, "host": host, "dev": dev, "data_time": dt,
+                                  "compute_time": time.time() - t0})
             compute_time += time.time() - t0
-            logs.update(loss=loss_value, lr=lr, grad_norm=float(grad_norm))
-            for k, v in logs.items():
-                if isinstance(v, (int, float)):
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-            if self.global_step % max(self.cfg.runtime.log_every, 1) == 0:
-                self.logger.log({"kind": "step", "epoch": epoch, "step": self.global_step, **logs,
-                                 "data_time": dt, "compute_time": time.time() - t0},
-                                step=self.global_step, prefix=f"{self.stage}/")
+            if self.global_step % log_every == 0:
+                self._flush(bar)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
+        self._flush(bar)
         if bar is not None:
             bar.close()
-        stats = {k: v / max(count, 1) for k, v in sums.items()}
-        stats.update(data_time=data_time, compute_time=compute_time, steps=count, skipped_steps=self.skipped_steps)
+        stats = {k: v / max(self._epoch_count, 1) for k, v in self._epoch_sums.items()}
+        stats.update(data_time=data_time, compute_time=compute_time, steps=self._epoch_count,
+                     skipped_steps=self.skipped_steps)
         return stats
+
+    def _optimizer_step(self, ok: torch.Tensor) -> None:
+        """``optimizer.step()`` where ``ok`` (a 0-dim bool tensor) is true, decided on the device: fused
+        AdamW's ``found_inf`` input skips the whole update (the same mechanism ``GradScaler`` uses). An
+        unfused AdamW (torch < 2.4 on CPU) has no such input: there the flag is read, one sync a step."""
+        if self.fused:
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif bool(ok):
+            self.optimizer.step()
+
+    def _flush(self, bar=None) -> None:
+        """Read the pending steps' device values back (one transfer), then for each step in order: count
+        and log it, or skip it / stop the run on a non-finite loss or gradient (``<stage>.nonfinite``)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flat = torch.stack([v.detach().float().reshape(()) for p in pending for v in p["dev"].values()])
+        values = iter(flat.cpu().tolist())  # the one host sync of the interval
+        log_every = max(self.cfg.runtime.log_every, 1)
+        self.global_step -= len(pending)  # the steps taken before the interval; counted again below
+        for p in pending:
+            vals = {k: next(values) for k in p["dev"]}
+            ok_loss, ok_grad = vals.pop("_ok_loss") > 0.5, vals.pop("_ok_grad") > 0.5
+            logs = {**p["host"], **vals}
+            if not (ok_loss and ok_grad):
+                # stop: raises (the later steps of the interval were masked); skip: logged and counted
+                self._nonfinite(p["epoch"], logs, what="loss" if not ok_loss else "gradient")
+                continue
+            self.global_step += 1
+            logs.update(self.step_done(logs))
+            logs["lr"] = p["lr"]
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + float(v)
+            self._epoch_count += 1
+            if self.global_step % log_every == 0:
+                self.logger.log({"kind": "step", "epoch": p["epoch"], "step": self.global_step, **logs,
+                                 "data_time": p["data_time"], "compute_time": p["compute_time"]},
+                                step=self.global_step, prefix=f"{self.stage}/")
+            if bar is not None:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{p['lr']:.2e}")
+
+    def step_done(self, logs: dict) -> dict:
+        """Runs at the flush for every optimizer step that was applied (not skipped), in order, with its
+        logged values as Python numbers. Returns scalars to add to its log record."""
+        return {}
 
     def _progress(self, epoch: int):
         if not (self.cfg.runtime.progress and self.dist.is_main):
@@ -432,17 +494,17 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, desc=f"{self.stage} {epoch + 1}/{self.sec.epochs}",
                     leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
-    def _reduce_losses(self, loss: torch.Tensor, logs: dict) -> float:
-        """Mean over the processes of the loss and of the ``loss*`` scalars in ``logs`` (updated in place);
-        returns the loss. A ``loss*`` key must be logged by every rank or by none (config, not data)."""
+    def _reduce_losses(self, loss: torch.Tensor, logs: dict) -> torch.Tensor:
+        """Mean over the processes of the loss and of the ``loss*`` tensors in ``logs`` (updated in place),
+        on the device; returns the loss. A ``loss*`` key must be logged by every rank or by none."""
         if not self.dist.enabled:
-            return float(loss)
-        keys = sorted(k for k, v in logs.items() if k.startswith("loss") and isinstance(v, float))
-        t = torch.tensor([float(loss)] + [logs[k] for k in keys], dtype=torch.float64, device=self.device)
-        t = all_reduce_mean(t, self.dist).cpu()
-        for k, v in zip(keys, t[1:].tolist()):
-            logs[k] = v
-        return float(t[0])
+            return loss
+        keys = sorted(k for k, v in logs.items() if k.startswith("loss") and torch.is_tensor(v))
+        t = torch.stack([loss.float()] + [logs[k].float().reshape(()) for k in keys]).double()
+        t = all_reduce_mean(t, self.dist)
+        for j, k in enumerate(keys):
+            logs[k] = t[j + 1]
+        return t[0]
 
     def _nonfinite(self, epoch: int, logs: dict, what: str = "loss") -> bool:
         """Skip the step (returns True) or write a checkpoint and stop, naming the step."""

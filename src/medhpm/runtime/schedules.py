@@ -26,3 +26,10 @@ def set_lr(optimizer, lr: float) -> None:
 def scaled_lr(lr: float, effective_batch: int, ref_batch: int) -> float:
     """Linear scaling rule: the configured lr holds at ``ref_batch``, scaled for the effective batch."""
     return lr * effective_batch / ref_batch
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of the linear warm-up: those with ``step / steps_per_epoch < warmup_epochs``, i.e.
+    ``ceil(warmup_epochs * steps_per_epoch)``. The warm-up is set in epochs, so at a larger batch (fewer
+    steps per epoch over the same volumes) it has fewer steps."""
+    return math.ceil(warmup_epochs * steps_per_epoch - 1e-9)

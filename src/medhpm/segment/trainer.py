@@ -80,7 +80,7 @@ class FinetuneTrainer(Trainer):
         check_headers(train + val, what="training and validation")
         transform = train_transforms(d, self.cfg.finetune.num_classes)
         return training_loader(train, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
-                               self.dist.world_size, self.dist.rank)
+                               self.dist.world_size, self.dist.rank, device=self.device)
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)
@@ -140,10 +140,16 @@ class FinetuneTrainer(Trainer):
         x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
         y = batch["label"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)
         # label values were checked against finetune.num_classes when the case was loaded (LoadCTd)
+        if not hasattr(self, "_core"):  # runtime.compile: the forward and the loss
+            self._core = self.compiled(self.forward_loss)
+        loss = self._core(x, y)
+        return loss, {"loss_dice_ce": loss.detach()}  # a device tensor: read back at the log interval
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """UNETR forward and DiceCE loss (in float32) of one micro-batch."""
         logits = self.ddp(x)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            loss = self.loss_fn(logits.float(), y.float())
-        return loss, {"loss_dice_ce": float(loss.detach())}
+            return self.loss_fn(logits.float(), y.float())
 
     # ------------------------------------------------------------------ validation
     def end_of_epoch(self, epoch, stats):
