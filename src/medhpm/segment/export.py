@@ -43,7 +43,7 @@ from medhpm.runtime.files import atomic_write_text, sha256_file
 from medhpm.segment.predict import Predictor, load_model
 
 __all__ = ["FORMATS", "ExportError", "export_model", "export_settings", "load_exported", "exported_predictor",
-           "OnnxRuntimeNetwork", "BUNDLE_METADATA_SCHEMA", "MONAI_SCHEMA_URL"]
+           "OnnxRuntimeNetwork", "ort_session_options", "BUNDLE_METADATA_SCHEMA", "MONAI_SCHEMA_URL"]
 
 FORMATS = {
     "bundle": "a MONAI bundle (configs/inference.json + models/model.ts) that `python -m monai.bundle run`, "
