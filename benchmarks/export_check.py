@@ -98,6 +98,18 @@ json.dump(seconds, open(result, "w"))
 """
 
 
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` says it (platform.processor() is often just the architecture)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
 def dice_per_label(a, b) -> dict[str, float]:
     import numpy as np
 
@@ -122,20 +134,28 @@ def compare(ref_path: Path, got_path: Path, canonical: bool) -> dict:
             "dice": dice, "min_dice": min(dice.values()) if dice else None}
 
 
+def central_roi(cfg, scan: Path):
+    """The central ROI ``(1, 1, *roi)`` float32 of ``scan`` after medhpm's preprocessing (what the network
+    sees in the middle of the sliding window)."""
+    from medhpm.data.transforms import predict_transforms
+
+    img = predict_transforms(cfg.data)({"image": str(scan)})["image"].as_tensor()
+    roi = [int(r) for r in cfg.data.roi]
+    starts = [max(0, (s - r) // 2) for s, r in zip(img.shape[1:], roi, strict=True)]
+    x = img[None, :, starts[0]:starts[0] + roi[0], starts[1]:starts[1] + roi[1], starts[2]:starts[2] + roi[2]]
+    return x.contiguous()
+
+
 def roi_differences(ckpt: Path, exports: dict[str, Path], scan: Path) -> dict:
     import numpy as np
     import torch
 
-    from medhpm.data.transforms import predict_transforms
     from medhpm.segment.export import load_exported
     from medhpm.segment.predict import load_model
 
     model, cfg, _ = load_model(ckpt)
-    img = predict_transforms(cfg.data)({"image": str(scan)})["image"].as_tensor()
     roi = [int(r) for r in cfg.data.roi]
-    starts = [max(0, (s - r) // 2) for s, r in zip(img.shape[1:], roi, strict=True)]  # the central ROI
-    x = img[None, :, starts[0]:starts[0] + roi[0], starts[1]:starts[1] + roi[1], starts[2]:starts[2] + roi[2]]
-    x = x.contiguous()
+    x = central_roi(cfg, scan)
     with torch.no_grad():
         ref = model(x).numpy()
         out = {}
@@ -170,7 +190,7 @@ def main(argv=None) -> int:
     scans = [(Path(e["image"]), False) for e in load_datalist(a.phantoms).get("test", [])]
     scans.append((a.dicom, True))
     result: dict = {"model": str(a.model), "checkpoint_sha256": sha256_file(a.model),
-                    "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                 "torch_threads": torch.get_num_threads(),
                                 "loadavg_start": list(os.getloadavg())},
                     "note": "seconds per scan, one scan at a time; on a shared CPU they are inflated by the "

@@ -157,10 +157,37 @@ def test_the_offline_schema_refuses_metadata_without_a_mandatory_key(exports):
     meta = json.loads((exports["bundle"] / "configs" / "metadata.json").read_text())
     schema = json.loads((exports["bundle"] / "docs" / "metadata_schema.json").read_text())
     jsonschema.validate(meta, schema)
+    # MONAI's own schema (meta_schema_20240725.json) requires required_packages_version and takes authors
+    # as a string: the transcription refuses what that schema refuses
     for broken in ({k: v for k, v in meta.items() if k != "network_data_format"},
+                   {k: v for k, v in meta.items() if k != "required_packages_version"},
+                   {**meta, "authors": ["a", "b"]},
                    {**meta, "network_data_format": {"inputs": {"image": {"type": "image"}}, "outputs": {}}}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, schema)
+
+
+# MONAI's own metadata schema is not shipped with this repository (its source states no license, see
+# docs/export.md); point MEDHPM_MONAI_META_SCHEMA at a copy of meta_schema_20240725.json to check against it.
+MONAI_META_SCHEMA = os.environ.get("MEDHPM_MONAI_META_SCHEMA", "")
+
+
+@pytest.mark.skipif(not os.path.isfile(MONAI_META_SCHEMA),
+                    reason="MONAI's meta_schema_20240725.json is not here: set MEDHPM_MONAI_META_SCHEMA to its path")
+def test_metadata_passes_monais_own_schema(exports, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(Path(MONAI_META_SCHEMA).read_text())
+    meta = json.loads((exports["bundle"] / "configs" / "metadata.json").read_text())
+    assert meta["schema"].endswith("/" + Path(MONAI_META_SCHEMA).name)
+    jsonschema.validators.validator_for(schema)(schema).validate(meta)
+    with pytest.raises(jsonschema.ValidationError):  # the file is a real schema, not one that takes anything
+        jsonschema.validators.validator_for(schema)(schema).validate({k: v for k, v in meta.items() if k != "task"})
+    # and MONAI's own command, given that file, in a Python without medhpm
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exports["bundle"], bundle)
+    r = run_without_medhpm("monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
+                           "--filepath", str(Path(MONAI_META_SCHEMA).resolve()), cwd=bundle)
+    assert "metadata is verified with no error" in r.stdout + r.stderr
 
 
 def test_bundle_run_by_monai_without_medhpm_equals_predict(exports, phantom_scan, predicted, tmp_path):

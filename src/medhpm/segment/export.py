@@ -43,7 +43,7 @@ from medhpm.runtime.files import atomic_write_text, sha256_file
 from medhpm.segment.predict import Predictor, load_model
 
 __all__ = ["FORMATS", "ExportError", "export_model", "export_settings", "load_exported", "exported_predictor",
-           "OnnxRuntimeNetwork", "BUNDLE_METADATA_SCHEMA", "MONAI_SCHEMA_URL"]
+           "OnnxRuntimeNetwork", "ort_session_options", "BUNDLE_METADATA_SCHEMA", "MONAI_SCHEMA_URL"]
 
 FORMATS = {
     "bundle": "a MONAI bundle (configs/inference.json + models/model.ts) that `python -m monai.bundle run`, "
@@ -215,6 +215,42 @@ def _torchscript(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, ex
     return {"max_abs_logit_difference": diff, "checked_on": list(x.shape)}
 
 
+class _TwoPassInstanceNorm(torch.nn.Module):
+    """``nn.InstanceNorm*d`` (no running statistics) written out as mean, centred variance and scale with the
+    statistics in float64, so that the ONNX graph holds Cast / ReduceMean / Sub / Mul instead of
+    ``InstanceNormalization``: onnxruntime's CPU kernel of that operator is off by up to 5.6e-4 on a 48^3
+    decoder map of |x| <= 11 (every optimisation level and thread count; docs/export.md). The same function
+    as the module it replaces; the export's check compares against the unchanged PyTorch model."""
+
+    def __init__(self, norm: torch.nn.modules.instancenorm._InstanceNorm) -> None:
+        super().__init__()
+        self.eps = float(norm.eps)
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.ndim))
+        xd = x.double()  # onnxruntime's float32 ReduceMean over a 48^3 map is no closer than its kernel
+        d = xd - xd.mean(dims, keepdim=True)
+        y = (d * torch.rsqrt((d * d).mean(dims, keepdim=True) + self.eps)).to(x.dtype)
+        if self.weight is not None:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def _for_onnx(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose instance norms (those without running statistics) are
+    :class:`_TwoPassInstanceNorm`."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+                setattr(module, child_name, _TwoPassInstanceNorm(child))
+    return model
+
+
 def _onnx(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: dict) -> dict:
     try:
         import onnx
@@ -228,7 +264,7 @@ def _onnx(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: di
         warnings.simplefilter("ignore")
         try:
             batch = torch.export.Dim("batch", min=1, max=1024)
-            program = torch.onnx.export(model, (x[:1],), dynamo=True, input_names=["image"],
+            program = torch.onnx.export(_for_onnx(model), (x[:1],), dynamo=True, input_names=["image"],
                                         output_names=["logits"], dynamic_shapes=({0: batch},),
                                         opset_version=ONNX_OPSET, external_data=False, verbose=False,
                                         report=False)
@@ -245,7 +281,7 @@ def _onnx(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: di
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), ort_session_options(), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"image": x.numpy()})[0]
     diff = _check_close("ONNX", ckpt, got, ref)
     return {"max_abs_logit_difference": diff, "checked_on": list(x.shape), "opset": ONNX_OPSET,
@@ -395,7 +431,10 @@ def _version(package: str) -> str:
 
 # The metadata.json mandatory keys and tensor format specifiers of the MONAI Bundle Specification
 # (docs.monai.io, "MONAI Bundle Specification"), transcribed as a JSON Schema by medhpm so that
-# `python -m monai.bundle verify_metadata` can check a bundle offline (see docs/export.md).
+# `python -m monai.bundle verify_metadata` can check a bundle offline (see docs/export.md). Compared with
+# MONAI's own meta_schema_20240725.json: the same required top-level keys and types (that schema also
+# requires required_packages_version and takes authors as a string only), and stricter tensor entries
+# (is_patch_data and channel_def required here, optional there), so what passes here passes there.
 _TENSOR = {
     "type": "object",
     "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
@@ -416,8 +455,9 @@ BUNDLE_METADATA_SCHEMA = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "title": "metadata.json of a MONAI bundle (mandatory keys of the MONAI Bundle Specification; medhpm)",
     "type": "object",
-    "required": ["schema", "version", "monai_version", "pytorch_version", "numpy_version", "task", "description",
-                 "authors", "copyright", "network_data_format"],
+    "required": ["schema", "version", "monai_version", "pytorch_version", "numpy_version",
+                 "required_packages_version", "task", "description", "authors", "copyright",
+                 "network_data_format"],
     "properties": {
         "schema": {"type": "string"},
         "version": {"type": "string"},
@@ -429,7 +469,7 @@ BUNDLE_METADATA_SCHEMA = {
         "optional_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
         "task": {"type": "string"},
         "description": {"type": "string"},
-        "authors": {"type": ["string", "array"]},
+        "authors": {"type": "string"},
         "copyright": {"type": "string"},
         "references": {"type": "array", "items": {"type": "string"}},
         "network_data_format": {
@@ -603,6 +643,19 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+ORT_OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"
+
+
+def ort_session_options():
+    """The onnxruntime ``SessionOptions`` of every session medhpm creates (the export's check and
+    :class:`OnnxRuntimeNetwork`); docs/export.md says why and what to set in your own pipeline."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATION_LEVEL)
+    return so
+
+
 class OnnxRuntimeNetwork(torch.nn.Module):
     """An ONNX export run by onnxruntime (CPU) behind a torch module's call: ``(N, 1, *roi)`` float tensor
     in, logits tensor out, so that MONAI's sliding window (and :class:`Predictor`) can drive it."""
@@ -612,7 +665,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         import onnxruntime as ort
 
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(self.path, ort_session_options(), providers=["CPUExecutionProvider"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().to("cpu", torch.float32).numpy()
