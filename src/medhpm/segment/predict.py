@@ -104,7 +104,7 @@ class Predictor:
         self.tta = bool(tta)  # test-time flips: mean softmax over the 8 flips of the three axes (nnU-Net's mirroring)
         if self.tta and cfg.data.flip_prob == 0:
             warnings.warn("test-time flips on a model trained without flips (data.flip_prob 0): it sees mirrored "
-                          "anatomy it never saw and confuses left and right organs (the default demo's model: mean "
+                          "anatomy it never saw and confuses left and right organs (the float32 demo model: mean "
                           "Dice 86.1 -> 22.3 %, docs/evaluation.md); use tta only for models trained with flips",
                           stacklevel=2)
         self.largest_component = bool(largest_component)  # keep each organ's largest connected component

@@ -1,0 +1,152 @@
+"""The default demo's training steps on the CPU: float32 against bf16 autocast, channels-last and torch.compile.
+
+A step is what the demo's trainers run, at the demo's shapes (``configs/demo.yaml``): fine-tuning = the
+UNETR (tiny ViT, patch 8, feature size 16, 14 classes) forward on a batch of 2 crops of 48^3, DiceCE (batch
+Dice) on float32 logits, backward, clipping at 1.0, fused AdamW; pre-training = hpm at alpha 0.5 (teacher
+pass, mask, student, L_rec, L_pred) on 4 crops, backward, fused AdamW. Variants of the fine-tuning step:
+
+* ``fp32``: the baseline (``runtime.precision=fp32``);
+* ``bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward, as ``runtime.precision=bf16`` or
+  ``bf16-native`` on a CPU with AVX512-BF16 / AMX;
+* ``channels_last``: model and input in ``torch.channels_last_3d`` (float32);
+* ``compile`` / ``compile+bf16`` (with ``--compile``): ``torch.compile`` (inductor) of the forward; its
+  compile time is reported apart (``first_s``), not in the median.
+
+Every variant starts from the same weights and inputs, in the same process; the rounds interleave the
+variants so that load on the machine hits them alike. Reported: median seconds per step, the ratio to
+``fp32`` (below 1: faster), the first step's time and the first loss (the variants compute the same
+function: their losses agree to bf16 rounding). Whether a CPU does bf16 natively is recorded
+(``medhpm.runtime.device.cpu_has_native_bf16``): without it bf16 is emulated and slower.
+
+Run: ``python -m benchmarks.demo_step [--rounds 6] [--compile] [--out DIR]`` -> ``demo_step_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _finetune_variants(names: list[str]) -> dict:
+    from monai.losses import DiceCELoss
+
+    from medhpm.config import load_config
+    from medhpm.segment.trainer import build_segmentation_model
+
+    cfg = load_config("demo")
+    f = cfg.finetune
+    torch.manual_seed(0)
+    base = build_segmentation_model(cfg)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=f.batch_dice, smooth_nr=f.dice_smooth_nr,
+                         smooth_dr=f.dice_smooth_dr)
+    roi = tuple(cfg.data.roi)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(f.batch_size, 1, *roi, generator=g) * 2 - 1
+    y = torch.randint(0, f.num_classes, (f.batch_size, 1, *roi), generator=g).float()
+    steps = {}
+    for name in names:
+        parts = set(name.split("+"))
+        model, x = copy.deepcopy(base), x0
+        if "channels_last" in parts:
+            model = model.to(memory_format=torch.channels_last_3d)
+            x = x0.contiguous(memory_format=torch.channels_last_3d)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=tuple(f.betas), fused=True)
+        fwd = torch.compile(model) if "compile" in parts else model
+        bf16 = "bf16" in parts
+
+        def step(model=model, fwd=fwd, opt=opt, x=x, bf16=bf16) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = fwd(x)
+            loss = loss_fn(logits.float(), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        steps[f"finetune/{name}"] = step
+    return steps
+
+
+def _pretrain_variants(names: list[str]) -> dict:
+    from medhpm.config import load_config
+    from medhpm.pretrain.trainer import build_pretrain_model, make_teacher, pretrain_iteration
+
+    cfg = load_config("demo")
+    p = cfg.pretrain
+    torch.manual_seed(0)
+    base = build_pretrain_model(cfg)
+    x = torch.rand(p.batch_size, 1, *cfg.data.roi, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    steps = {}
+    for name in names:
+        model = copy.deepcopy(base)
+        teacher = make_teacher(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, fused=True)
+        bf16 = name == "bf16"
+
+        def step(model=model, teacher=teacher, opt=opt, bf16=bf16) -> float:
+            noise = torch.rand(x.shape[0], model.encoder.num_patches, generator=torch.Generator().manual_seed(2))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = pretrain_iteration(model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)
+            loss = loss.float()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        steps[f"pretrain/{name}"] = step
+    return steps
+
+
+def main(argv=None) -> dict:
+    from benchmarks.common import cpu_model
+    from medhpm.runtime.device import cpu_has_native_bf16
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo uses 2)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile variants (minutes to compile)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    started = time.time()
+    ft = ["fp32", "bf16", "channels_last"] + (["compile", "compile+bf16"] if a.compile else [])
+    steps = {**_finetune_variants(ft), **_pretrain_variants(["fp32", "bf16"])}
+    first, loss0, times = {}, {}, {k: [] for k in steps}
+    for k, step in steps.items():  # the first call: compilation, oneDNN's kernel choice
+        t = time.perf_counter()
+        loss0[k] = step()
+        first[k] = time.perf_counter() - t
+    for _ in range(a.rounds):
+        for k, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t)
+    results = {}
+    for k, ts in times.items():
+        stage = k.split("/")[0]
+        med = sorted(ts)[len(ts) // 2]
+        base = sorted(times[f"{stage}/fp32"])[len(ts) // 2]
+        results[k] = {"median_s": med, "ratio_vs_fp32": med / base, "first_s": first[k], "first_loss": loss0[k],
+                      "samples_s": ts}
+    payload = {"name": "demo_step", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": time.time() - started,
+               "machine": {"cpu": cpu_model(), "native_bf16": cpu_has_native_bf16(), "threads": a.threads,
+                           "torch": torch.__version__, "loadavg": list(os.getloadavg())},
+               "settings": {"rounds": a.rounds, "config": "demo", "finetune_batch": 2, "pretrain_batch": 4},
+               "results": results}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_step_cpu.json").write_text(json.dumps(payload, indent=1))
+    for k, r in results.items():
+        print(f"{k:28s} {r['median_s']:.3f} s/step  x{r['ratio_vs_fp32']:.3f} vs fp32  (first {r['first_s']:.1f} s)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
