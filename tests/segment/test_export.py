@@ -190,6 +190,35 @@ def test_metadata_passes_monais_own_schema(exports, tmp_path):
     assert "metadata is verified with no error" in r.stdout + r.stderr
 
 
+# MONAI Label is not a test dependency (it pins its own stack); point MEDHPM_MONAILABEL_PYTHON at a Python that has
+# it (docs/export.md says how it was installed) to run its BundleInferTask on the bundle.
+MONAILABEL_PYTHON = os.environ.get("MEDHPM_MONAILABEL_PYTHON", "")
+
+
+@pytest.mark.skipif(not os.path.isfile(MONAILABEL_PYTHON),
+                    reason="no MONAI Label here: set MEDHPM_MONAILABEL_PYTHON to a Python with monailabel")
+def test_monai_label_bundle_infer_task_equals_predict(exports, phantom_scan, predicted, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exports["bundle"], bundle)
+    out = tmp_path / "monailabel.nii.gz"
+    script = Path(__file__).with_name("monailabel_infer.py")
+    r = subprocess.run([MONAILABEL_PYTHON, "-I", str(script), str(bundle), str(phantom_scan), str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    labels = json.loads(r.stdout.strip().splitlines()[-1])
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert labels == {v.lower(): int(k) for k, v in channel_def.items() if int(k) != 0}
+    ref, got = nib.load(str(predicted["phantom"])), nib.load(str(out))
+    assert got.shape[:3] == ref.shape  # MONAI Label's writer may keep a trailing channel axis of 1
+    np.testing.assert_allclose(got.affine, ref.affine, atol=1e-4)
+    a = np.asarray(ref.dataobj)
+    b = np.asarray(got.dataobj).reshape(ref.shape)
+    np.testing.assert_array_equal(b, np.round(b))  # MONAI Label writes float32 label values
+    dice = dice_per_label(a, b.astype(np.uint8))
+    assert len(dice) >= 2 and min(dice.values()) >= 0.999, dice
+
+
 def test_bundle_run_by_monai_without_medhpm_equals_predict(exports, phantom_scan, predicted, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(exports["bundle"], bundle)
