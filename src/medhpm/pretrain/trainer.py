@@ -182,7 +182,7 @@ class PretrainTrainer(Trainer):
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
         return training_loader(entries, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
-                               self.dist.world_size, self.dist.rank, device=self.device)
+                               self.dist.world_size, self.dist.rank, device=getattr(self, "device", None))
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)

@@ -80,7 +80,7 @@ class FinetuneTrainer(Trainer):
         check_headers(train + val, what="training and validation")
         transform = train_transforms(d, self.cfg.finetune.num_classes)
         return training_loader(train, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
-                               self.dist.world_size, self.dist.rank, device=self.device)
+                               self.dist.world_size, self.dist.rank, device=getattr(self, "device", None))
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)
