@@ -40,7 +40,9 @@ def synthetic_ct(shape=(40, 40, 24), seed: int = 0, blobs=ORGAN_AND_BONE, body_h
 
 
 # Overrides every tiny run shares: a micro ViT on 32^3 crops of 4 mm voxels, one pass over the data per
-# epoch (whatever the packaged demo config chooses), no cache, one CPU thread.
+# epoch (whatever the packaged demo config chooses), no cache, one CPU thread, float32 (the demo's
+# bf16-native would make the arithmetic depend on the CI machine's CPU; tests/runtime/test_precision.py and
+# the quick demo cover it).
 TINY = {
     "model.preset": "micro",
     "model.patch_size": "16",
@@ -60,6 +62,7 @@ TINY = {
     "runtime.device": "cpu",
     "runtime.progress": "false",
     "runtime.threads": "1",
+    "runtime.precision": "fp32",
 }
 
 

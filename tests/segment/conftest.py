@@ -12,7 +12,7 @@ SEG_TINY = [
     "model.skip_blocks=[4,8]", "data.num_samples=1", "finetune.batch_size=1", "data.flip_prob=0",
     "data.rot90_prob=0", "data.cache=none", "runtime.progress=false", "runtime.threads=1", "runtime.device=cpu",
     "finetune.epochs=1", "finetune.steps_per_epoch=2", "finetune.val_every=1", "finetune.warmup_epochs=0",
-    "inference.sw_batch_size=1",
+    "inference.sw_batch_size=1", "runtime.precision=fp32",  # not the demo's bf16-native: same arithmetic on any CPU
 ]
 
 
