@@ -287,6 +287,19 @@ per step, i.e. about half the two cores' float32 peak): removing small ops canno
   750 steps = 4.9 min), pre-training (73 s) and start-up; reaching 6 minutes would need fewer or smaller
   steps, i.e. a different recipe, which the issue rules out. On a CPU without native bf16 (the Intel Xeon
   of the first measurements, if it has no AVX512-BF16) the demo runs in float32 as before (about 11-12 min).
+* **On an AVX2-only CPU the demo is 3x slower still** (2026-12-02, 2 idle cores of an AMD EPYC, `lscpu`:
+  "AMD EPYC", CPU family 23 model 1, flags avx2 but no avx512; main d26c166; `medhpm demo`'s own
+  `timings.json`, copied to `benchmarks/results/demo_timings_avx2_epyc.json`): 36.2 min, of which fine-tuning
+  32.7 min (63 s an epoch of 25 steps), pre-training 182 s, phantoms 15 s; mean test Dice 86.5 / HD95 5.4 mm
+  (bf16-native falls back to float32 there, as designed). Profiled with `torch.profiler` (one fine-tuning
+  step, 2.3 s): `convolution_backward` is 55 % of the step and the forward convolutions 16 %; the 48^3
+  16-channel 3x3x3 convolutions cost about 50 ms forward and 180-250 ms backward each (oneDNN's backward is
+  3.5-5x its forward on this CPU, about 2x on the AVX-512 EPYC). One such convolution alone in channels-last
+  3D runs its backward 1.8x faster (249 -> 135 ms), but the whole step in channels-last is unchanged (2.25 vs
+  2.29 s): MONAI's UNETR blocks hand back contiguous tensors (a `UnetrUpBlock` given channels-last inputs
+  returns a contiguous output), so the decoder's convolutions never see the layout. Keeping the decoder in
+  channels-last end to end (or a backward that oneDNN runs well on AVX2) is the lead for this kind of CPU; not
+  done. The goal of at most 6 minutes on "AMD AVX2" is far from met there.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
