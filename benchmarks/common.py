@@ -139,6 +139,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_details(cpuinfo: str | None = None) -> dict:
+    """The first CPU's ``cpu family`` and ``model`` and which of the vector extensions that set a step's speed
+    (avx2, avx512f, avx512_bf16, amx_bf16) its flags list, from ``/proc/cpuinfo`` (or the given text); the
+    model name alone does not tell an AVX2-only EPYC (family 23) from an AVX512-BF16 one (family 25)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return {}
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # a blank line ends the first processor's block
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
+            "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
+
+
 def machine_info(device: str) -> dict:
     import monai
 
@@ -155,6 +177,7 @@ def machine_info(device: str) -> dict:
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
     info = {
         "cpu": cpu_model(),
+        **cpu_details(),
         "logical_cores": os.cpu_count(),
         "usable_cores": affinity,
         "memory_gib": mem_gib,

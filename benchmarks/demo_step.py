@@ -9,16 +9,23 @@ pass, mask, student, L_rec, L_pred) on 4 crops, backward, fused AdamW. Variants 
 * ``bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward, as ``runtime.precision=bf16`` or
   ``bf16-native`` on a CPU with AVX512-BF16 / AMX;
 * ``channels_last``: model and input in ``torch.channels_last_3d`` (float32);
+* ``channels_last_gn``: the same, with every ``InstanceNorm3d`` of the decoder replaced by the equal
+  ``GroupNorm(C, C)`` (no affine, same eps: the same function, no parameters either way). PyTorch's
+  instance norm returns a contiguous tensor, which drops MONAI's blocks out of channels-last after their
+  first norm; group norm keeps the layout, so here every decoder convolution sees channels-last;
 * ``compile`` / ``compile+bf16`` (with ``--compile``): ``torch.compile`` (inductor) of the forward; its
   compile time is reported apart (``first_s``), not in the median.
 
 Every variant starts from the same weights and inputs, in the same process; the rounds interleave the
 variants so that load on the machine hits them alike. Reported: median seconds per step, the ratio to
 ``fp32`` (below 1: faster), the first step's time and the first loss (the variants compute the same
-function: their losses agree to bf16 rounding). Whether a CPU does bf16 natively is recorded
+function: their losses agree to bf16 rounding), and the floating-point work of each stage's forward and
+backward (``torch.utils.flop_counter``, 2 per multiply-add, optimizer not counted) with the rate each
+variant achieves, to set beside the CPU's peak. Whether a CPU does bf16 natively is recorded
 (``medhpm.runtime.device.cpu_has_native_bf16``): without it bf16 is emulated and slower.
 
-Run: ``python -m benchmarks.demo_step [--rounds 6] [--compile] [--out DIR]`` -> ``demo_step_cpu.json``.
+Run: ``python -m benchmarks.demo_step [--rounds 6] [--compile] [--no-bf16] [--out DIR]`` -> ``demo_step_cpu.json``
+(``--no-bf16`` leaves out the bf16 variants, which are emulated and very slow on a CPU without native bf16).
 """
 
 from __future__ import annotations
@@ -31,6 +38,26 @@ import time
 from pathlib import Path
 
 import torch
+
+
+def _instance_to_group_norm(module: torch.nn.Module) -> None:
+    """Replace every ``InstanceNorm3d`` under ``module`` by ``GroupNorm(C, C)`` with its eps and affine flag."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.InstanceNorm3d) and not child.track_running_stats:
+            setattr(module, name, torch.nn.GroupNorm(child.num_features, child.num_features, eps=child.eps,
+                                                     affine=child.affine))
+        else:
+            _instance_to_group_norm(child)
+
+
+def _forward_backward_gflop(fn) -> float:
+    """GFLOP of one call of ``fn`` (forward and backward), counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def _finetune_variants(names: list[str]) -> dict:
@@ -53,7 +80,9 @@ def _finetune_variants(names: list[str]) -> dict:
     for name in names:
         parts = set(name.split("+"))
         model, x = copy.deepcopy(base), x0
-        if "channels_last" in parts:
+        if "channels_last_gn" in parts:
+            _instance_to_group_norm(model)
+        if parts & {"channels_last", "channels_last_gn"}:
             model = model.to(memory_format=torch.channels_last_3d)
             x = x0.contiguous(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=tuple(f.betas), fused=True)
@@ -71,7 +100,8 @@ def _finetune_variants(names: list[str]) -> dict:
             return float(loss.detach())
 
         steps[f"finetune/{name}"] = step
-    return steps
+    model = copy.deepcopy(base)
+    return steps, _forward_backward_gflop(lambda: loss_fn(model(x0), y).backward())
 
 
 def _pretrain_variants(names: list[str]) -> dict:
@@ -101,23 +131,33 @@ def _pretrain_variants(names: list[str]) -> dict:
             return float(loss.detach())
 
         steps[f"pretrain/{name}"] = step
-    return steps
+    model = copy.deepcopy(base)
+    teacher = make_teacher(model)
+    noise = torch.rand(x.shape[0], model.encoder.num_patches, generator=torch.Generator().manual_seed(2))
+    return steps, _forward_backward_gflop(lambda: pretrain_iteration(
+        model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)[0].backward())
 
 
 def main(argv=None) -> dict:
-    from benchmarks.common import cpu_model
+    from benchmarks.common import cpu_details, cpu_model
     from medhpm.runtime.device import cpu_has_native_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo uses 2)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile variants (minutes to compile)")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out the bf16 variants (slow where emulated)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     started = time.time()
-    ft = ["fp32", "bf16", "channels_last"] + (["compile", "compile+bf16"] if a.compile else [])
-    steps = {**_finetune_variants(ft), **_pretrain_variants(["fp32", "bf16"])}
+    ft = ["fp32", "bf16", "channels_last", "channels_last_gn"] + (["compile", "compile+bf16"] if a.compile else [])
+    pt = ["fp32", "bf16"]
+    if a.no_bf16:
+        ft, pt = [v for v in ft if "bf16" not in v.split("+")], ["fp32"]
+    ft_steps, ft_gflop = _finetune_variants(ft)
+    pt_steps, pt_gflop = _pretrain_variants(pt)
+    steps, gflop = {**ft_steps, **pt_steps}, {"finetune": ft_gflop, "pretrain": pt_gflop}
     first, loss0, times = {}, {}, {k: [] for k in steps}
     for k, step in steps.items():  # the first call: compilation, oneDNN's kernel choice
         t = time.perf_counter()
@@ -134,17 +174,21 @@ def main(argv=None) -> dict:
         med = sorted(ts)[len(ts) // 2]
         base = sorted(times[f"{stage}/fp32"])[len(ts) // 2]
         results[k] = {"median_s": med, "ratio_vs_fp32": med / base, "first_s": first[k], "first_loss": loss0[k],
-                      "samples_s": ts}
-    payload = {"name": "demo_step", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": time.time() - started,
-               "machine": {"cpu": cpu_model(), "native_bf16": cpu_has_native_bf16(), "threads": a.threads,
+                      "gflop_per_s": gflop[stage] / med, "samples_s": ts}
+    payload = {"name": "demo_step", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "duration_s": time.time() - started,
+               "machine": {"cpu": cpu_model(), **cpu_details(), "native_bf16": cpu_has_native_bf16(),
+                           "threads": a.threads,
                            "torch": torch.__version__, "loadavg": list(os.getloadavg())},
                "settings": {"rounds": a.rounds, "config": "demo", "finetune_batch": 2, "pretrain_batch": 4},
+               "gflop_per_step": gflop,
                "results": results}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_step_cpu.json").write_text(json.dumps(payload, indent=1))
     for k, r in results.items():
-        print(f"{k:28s} {r['median_s']:.3f} s/step  x{r['ratio_vs_fp32']:.3f} vs fp32  (first {r['first_s']:.1f} s)")
+        print(f"{k:28s} {r['median_s']:.3f} s/step  x{r['ratio_vs_fp32']:.3f} vs fp32  {r['gflop_per_s']:.1f} GFLOP/s"
+              f"  (first {r['first_s']:.1f} s)")
     return payload
 
 
