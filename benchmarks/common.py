@@ -130,32 +130,21 @@ def amp_name(device: torch.device | str) -> str:
 # machine
 # --------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name as ``lscpu`` gives it (``platform.processor()`` is often just the architecture)."""
+    from medhpm.runtime.device import cpu_info
+
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_details(cpuinfo: str | None = None) -> dict:
     """The first CPU's ``cpu family`` and ``model`` and which of the vector extensions that set a step's speed
-    (avx2, avx512f, avx512_bf16, amx_bf16) its flags list, from ``/proc/cpuinfo`` (or the given text); the
-    model name alone does not tell an AVX2-only EPYC (family 23) from an AVX512-BF16 one (family 25)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return {}
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if fields:  # a blank line ends the first processor's block
-                break
-            continue
-        fields.setdefault(key.strip(), value.strip())
+    (avx2, avx512f, avx512_bf16, amx_bf16) its flags list; the model name alone does not tell an AVX2-only
+    EPYC (family 23) from an AVX512-BF16 one (family 25)."""
+    from medhpm.runtime.device import cpu_info
+
+    fields = cpu_info(cpuinfo)
+    if not fields:
+        return {}
     flags = set(fields.get("flags", "").split())
     return {"cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
             "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}

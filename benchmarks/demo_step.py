@@ -60,7 +60,7 @@ def _forward_backward_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _finetune_variants(names: list[str]) -> dict:
+def _finetune_variants(names: list[str]) -> tuple[dict, float]:
     from monai.losses import DiceCELoss
 
     from medhpm.config import load_config
@@ -104,7 +104,7 @@ def _finetune_variants(names: list[str]) -> dict:
     return steps, _forward_backward_gflop(lambda: loss_fn(model(x0), y).backward())
 
 
-def _pretrain_variants(names: list[str]) -> dict:
+def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
     from medhpm.config import load_config
     from medhpm.pretrain.trainer import build_pretrain_model, make_teacher, pretrain_iteration
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_DICOM = ROOT / "tests" / "data" / "real_ct" / "abdomen_dicom" / "dicom"
@@ -96,18 +97,6 @@ for scan in scans:
     seconds[scan] = time.perf_counter() - t
 json.dump(seconds, open(result, "w"))
 """
-
-
-def cpu_model() -> str:
-    """The CPU's model name as `lscpu` says it (platform.processor() is often just the architecture)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def dice_per_label(a, b) -> dict[str, float]:

@@ -35,19 +35,30 @@ def pick_device(spec: str = "auto") -> torch.device:
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-native")
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU does bf16 arithmetic in hardware (x86 ``avx512_bf16`` or ``amx_bf16``), read from
-    ``/proc/cpuinfo`` (or the given text); False where that file does not exist (macOS, Windows)."""
+def cpu_info(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (or the given text), e.g. ``model name``,
+    ``cpu family``, ``model``, ``flags``; empty where that file does not exist (macOS, Windows)."""
     if cpuinfo is None:
         try:
             cpuinfo = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
         except OSError:
-            return False
+            return {}
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
-        if line.split(":")[0].strip() == "flags":
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # a blank line ends the first processor's block
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (x86 ``avx512_bf16`` or ``amx_bf16`` in the flags of
+    :func:`cpu_info`); False where ``/proc/cpuinfo`` does not exist (macOS, Windows)."""
+    flags = set(cpu_info(cpuinfo).get("flags", "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto"):
