@@ -312,9 +312,10 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   model 1 is AMD Zen 1, two 128-bit FMA pipes a core: 16 float32 FLOP a cycle, so 2 cores at the 2.0 GHz
   that `/proc/cpuinfo` reports peak at 64 GFLOP/s (96 at a 3 GHz boost). The demo's 750 fine-tuning steps
   are 63 TFLOP: **16 minutes at that peak** (11 at the boost), before pre-training. No implementation of
-  this recipe reaches 6 minutes on such a CPU; it takes a recipe with about a quarter of the fine-tuning
-  work (fewer steps, smaller crops or a narrower decoder), which changes what the demo learns and has to be
-  shown to keep its Dice, a choice left open here. The default demo there stays at about 36 minutes.
+  this recipe reaches 6 minutes on such a CPU. With pre-training's 3 minutes there, 6 minutes leave about
+  2.5 for fine-tuning, i.e. about a twelfth of its work at the rate reached (fewer steps, smaller crops or a
+  narrower decoder): a different recipe, which changes what the demo learns and would have to be shown to
+  keep its Dice; not attempted. The default demo there stays at about 36 minutes.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
