@@ -11,6 +11,14 @@
   workers on phantom CT, and of the device-resident sampler when ``data.cache=device`` exists in this
   version of ``medhpm.data`` (recorded as unavailable otherwise).
 
+The steps run as a list of jobs, most wanted first (:func:`step_jobs`: hpm, fine-tuning, mae, each eager
+against CUDA graphs at batch 4 and at the largest batch; then the other compile modes), then the loader;
+the JSON is rewritten after every job. ``--budget-s S`` starts no job after S seconds (the steps stop
+``LOADER_RESERVE_S`` earlier to leave the loader its time) and lists what it left out under ``skipped``,
+so that one device call of a known length returns the main figures rather than nothing; e.g.
+``--budget-s 420`` inside a 600-second call (a job already started runs to its end; compiling one ViT-B
+step takes a minute or two).
+
 ``python benchmarks/gpu_all.py`` (or ``python -m benchmarks.gpu_all``) writes ``$OUT/gpu_all.json``
 (``--out DIR`` overrides; default ``benchmarks/results``). ``--tiny``: the micro model at 32^3, batches
 2 and 4, eager and ``default`` with torch.compile's ``eager`` backend (dynamo's capture, no code
@@ -39,6 +47,7 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/gpu_all.py
 from benchmarks.compile_step import MODES, SIZES, TASKS, build_step, measure  # noqa: E402
 
 H100_H200_BF16 = 989.4e12
+LOADER_RESERVE_S = 120.0  # with --budget-s: the steps stop starting jobs this long before the deadline
 
 
 def _peak(device: str, override: float | None) -> float | None:
@@ -94,31 +103,70 @@ def largest_batch(task, size, device, start: int, cap: int) -> int:
     return b
 
 
-def step_measurements(a, size, device, log) -> dict:
-    out = {}
+def step_jobs(tasks, modes: list[str]) -> list[tuple[str, str, list[str]]]:
+    """The step measurements in the order they run, most wanted first, as ``(task, which batch, modes)``
+    (``which``: ``"base"`` or ``"largest"``); each job times its modes interleaved with eager (``"none"``).
+
+    First, for hpm, then fine-tuning, then mae: the base batch eager against the primary captured mode
+    (``reduce-overhead``, CUDA graphs, where asked; else the first compiled mode) and the largest batch the
+    same way; then the other compiled modes at the base batch (``max-autotune`` last: it compiles longest).
+    A run cut short by ``--budget-s`` so still holds the issue's main figures."""
+    first = ("hpm", "finetune", "mae")
+    order = [t for t in first if t in tasks] + [t for t in tasks if t not in first]
+    compiled = [m for m in modes if m != "none"]
+    primary = [m for m in compiled if m == "reduce-overhead"][:1] or compiled[:1]
+    jobs = []
+    for task in order:
+        jobs += [(task, "base", ["none", *primary]), (task, "largest", ["none", *primary])]
+    rest = sorted((m for m in compiled if m not in primary), key=lambda m: m == "max-autotune")
+    for mode in rest:
+        jobs += [(task, "base", ["none", mode]) for task in order]
+    return jobs
+
+
+def step_measurements(a, size, device, log, out: dict, deadline: float, save, skipped: list) -> dict:
+    """Fill ``out`` job by job (:func:`step_jobs`), calling ``save()`` after each; a job that would start
+    after ``deadline`` (``time.time()``) is appended to ``skipped`` instead of run."""
     peak = _peak(device, a.peak_tflops)
-    for task in a.tasks:
-        big = largest_batch(task, size, device, a.batch, a.max_batch)
-        log(f"{task}: largest batch {big} (cap {a.max_batch})")
-        for batch in sorted({a.batch, big}):
-            r = measure(task, size, batch, a.modes, device, a.repeats, a.warmup, log=log, backend=a.backend)
-            flops = _flops(task, size, batch, device)
-            mem = _peak_memory(task, size, batch, device)
-            for mode, v in r.items():
-                v.pop("wall_s", None)
-                v["flops_per_step"] = flops
-                v["tflops_per_s"] = flops / v["s_per_step"] / 1e12 if flops else None
-                v["mfu"] = flops / v["s_per_step"] / peak if (flops and peak) else None
-                v["peak_cuda_bytes_eager"] = mem
-                v["speedup_vs_eager"] = r["none"]["s_per_step"] / v["s_per_step"]
-            out[f"{task}/b{batch}"] = {"task": task, "batch": batch, "largest": batch == big, "modes": r}
+    largest: dict[str, int] = {}
+    for task, which, modes in step_jobs(a.tasks, a.modes):
+        if time.time() > deadline:
+            skipped.append(f"steps {task}/{which} {'+'.join(modes)}")
+            continue
+        if task not in largest:
+            largest[task] = largest_batch(task, size, device, a.batch, a.max_batch)
+            log(f"{task}: largest batch {largest[task]} (cap {a.max_batch})")
+        batch = a.batch if which == "base" else largest[task]
+        if which == "largest" and batch == a.batch:
+            continue  # the base batch is already the largest that fits
+        key = f"{task}/b{batch}"
+        r = measure(task, size, batch, modes, device, a.repeats, a.warmup, log=log, backend=a.backend)
+        entry = out.setdefault(key, {"task": task, "batch": batch, "largest": batch == largest[task], "modes": {}})
+        if "flops_per_step" not in entry:
+            entry["flops_per_step"] = _flops(task, size, batch, device)
+            entry["peak_cuda_bytes_eager"] = _peak_memory(task, size, batch, device)
+        flops = entry["flops_per_step"]
+        for mode, v in r.items():
+            v.pop("wall_s", None)
+            v["flops_per_step"] = flops
+            v["tflops_per_s"] = flops / v["s_per_step"] / 1e12 if flops else None
+            v["mfu"] = flops / v["s_per_step"] / peak if (flops and peak) else None
+            v["peak_cuda_bytes_eager"] = entry["peak_cuda_bytes_eager"]
+            v["speedup_vs_eager"] = r["none"]["s_per_step"] / v["s_per_step"]  # within this job's interleaving
+            if mode != "none" or "none" not in entry["modes"]:  # eager: the first job's timing is kept
+                entry["modes"][mode] = v
+        _hpm_over_mae(out)
+        save()
+    return out
+
+
+def _hpm_over_mae(out: dict) -> None:
     for key in [k for k in out if k.startswith("hpm/")]:
         mae = out.get("mae/" + key.split("/", 1)[1])
-        if mae:
+        if mae and "none" in mae["modes"]:
             h, m = out[key]["modes"]["none"], mae["modes"]["none"]
             out[key]["hpm_over_mae_per_step"] = h["s_per_step"] / m["s_per_step"]
             out[key]["hpm_over_mae_per_crop"] = h["s_per_step"] / m["s_per_step"]  # same batch: per crop alike
-    return out
 
 
 def _crops_per_s(loader, epochs: int) -> float:
@@ -176,6 +224,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 256)")
     ap.add_argument("--skip-loader", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no measurement after this many seconds; the rest is listed as skipped (e.g. 420 "
+                         "for a 10-minute device call: a job already started runs to its end)")
     ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; --tiny: eager, "
                     "dynamo's capture without code generation, so that it stays under a minute)")
     a = ap.parse_args(argv)
@@ -210,15 +261,25 @@ def main(argv=None) -> dict:
         payload["duration_s"] = time.time() - started
         path.write_text(json.dumps(payload, indent=1, default=str))
 
-    for name, fn in (("steps", step_measurements), ("loader", loader_measurements)):
-        if name == "loader" and a.skip_loader:
+    deadline = started + a.budget_s if a.budget_s is not None else float("inf")
+    # the steps first (the issue's main figures), leaving the loader (no compiling) about 2 minutes
+    step_deadline = deadline - (0 if a.skip_loader else LOADER_RESERVE_S)
+    payload["steps"], payload["skipped"] = {}, []
+    parts = [("steps", lambda: step_measurements(a, size, a.device, log, payload["steps"], step_deadline, save,
+                                                 payload["skipped"]))]
+    if not a.skip_loader:
+        parts.append(("loader", lambda: loader_measurements(a, size, a.device, log)))
+    for name, fn in parts:
+        if name == "loader" and time.time() > deadline:  # the steps check their jobs one by one
+            payload["skipped"].append(name)
             continue
         try:
-            payload[name] = fn(a, size, a.device, log)
+            payload[name] = fn()
         except Exception:  # noqa: BLE001 - keep what was measured; the error is in the JSON
             payload["errors"][name] = traceback.format_exc()[-2000:]
             log(payload["errors"][name])
-        save()  # after each part: a run cut short still leaves its figures
+        save()  # after each part (the steps after each job too): a run cut short still leaves its figures
+    save()
     log(f"wrote {path}")
     return payload
 
