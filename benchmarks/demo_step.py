@@ -20,7 +20,7 @@ Every variant starts from the same weights and inputs, in the same process; the 
 variants so that load on the machine hits them alike. Reported: median seconds per step, the ratio to
 ``fp32`` (below 1: faster), the first step's time and the first loss (the variants compute the same
 function: their losses agree to bf16 rounding), and the floating-point work of each stage's forward and
-backward (``torch.utils.flop_counter``, 2 per multiply-add, optimizer not counted) with the rate each
+backward (``benchmarks.common.count_flops``, 2 per multiply-add, optimizer not counted) with the rate each
 variant achieves, to set beside the CPU's peak. Whether a CPU does bf16 natively is recorded
 (``medhpm.runtime.device.cpu_has_native_bf16``): without it bf16 is emulated and slower.
 
@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import count_flops, cpu_details, cpu_model
+
 
 def _instance_to_group_norm(module: torch.nn.Module) -> None:
     """Replace every ``InstanceNorm3d`` under ``module`` by ``GroupNorm(C, C)`` with its eps and affine flag."""
@@ -48,16 +50,6 @@ def _instance_to_group_norm(module: torch.nn.Module) -> None:
                                                      affine=child.affine))
         else:
             _instance_to_group_norm(child)
-
-
-def _forward_backward_gflop(fn) -> float:
-    """GFLOP of one call of ``fn`` (forward and backward), counted by ``torch.utils.flop_counter``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops() / 1e9
 
 
 def _finetune_variants(names: list[str]) -> tuple[dict, float]:
@@ -101,7 +93,7 @@ def _finetune_variants(names: list[str]) -> tuple[dict, float]:
 
         steps[f"finetune/{name}"] = step
     model = copy.deepcopy(base)
-    return steps, _forward_backward_gflop(lambda: loss_fn(model(x0), y).backward())
+    return steps, count_flops(lambda: loss_fn(model(x0), y).backward()) / 1e9
 
 
 def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
@@ -134,12 +126,11 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
     model = copy.deepcopy(base)
     teacher = make_teacher(model)
     noise = torch.rand(x.shape[0], model.encoder.num_patches, generator=torch.Generator().manual_seed(2))
-    return steps, _forward_backward_gflop(lambda: pretrain_iteration(
-        model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)[0].backward())
+    return steps, count_flops(lambda: pretrain_iteration(
+        model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)[0].backward()) / 1e9
 
 
 def main(argv=None) -> dict:
-    from benchmarks.common import cpu_details, cpu_model
     from medhpm.runtime.device import cpu_has_native_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

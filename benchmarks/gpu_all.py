@@ -124,7 +124,7 @@ def step_jobs(tasks, modes: list[str]) -> list[tuple[str, str, list[str]]]:
     return jobs
 
 
-def step_measurements(a, size, device, log, out: dict, deadline: float, save, skipped: list) -> dict:
+def step_measurements(a, size, device, log, out: dict, deadline: float, save, skipped: list) -> None:
     """Fill ``out`` job by job (:func:`step_jobs`), calling ``save()`` after each; a job that would start
     after ``deadline`` (``time.time()``) is appended to ``skipped`` instead of run."""
     peak = _peak(device, a.peak_tflops)
@@ -157,7 +157,6 @@ def step_measurements(a, size, device, log, out: dict, deadline: float, save, sk
                 entry["modes"][mode] = v
         _hpm_over_mae(out)
         save()
-    return out
 
 
 def _hpm_over_mae(out: dict) -> None:
@@ -262,23 +261,26 @@ def main(argv=None) -> dict:
         path.write_text(json.dumps(payload, indent=1, default=str))
 
     deadline = started + a.budget_s if a.budget_s is not None else float("inf")
-    # the steps first (the issue's main figures), leaving the loader (no compiling) about 2 minutes
-    step_deadline = deadline - (0 if a.skip_loader else LOADER_RESERVE_S)
+
+    def error(name) -> None:  # keep what was measured; the error goes into the JSON
+        payload["errors"][name] = traceback.format_exc()[-2000:]
+        log(payload["errors"][name])
+
+    # the steps first (the issue's main figures; saved after every job), leaving the loader about 2 minutes
     payload["steps"], payload["skipped"] = {}, []
-    parts = [("steps", lambda: step_measurements(a, size, a.device, log, payload["steps"], step_deadline, save,
-                                                 payload["skipped"]))]
-    if not a.skip_loader:
-        parts.append(("loader", lambda: loader_measurements(a, size, a.device, log)))
-    for name, fn in parts:
-        if name == "loader" and time.time() > deadline:  # the steps check their jobs one by one
-            payload["skipped"].append(name)
-            continue
+    try:
+        step_measurements(a, size, a.device, log, payload["steps"],
+                          deadline - (0 if a.skip_loader else LOADER_RESERVE_S), save, payload["skipped"])
+    except Exception:  # noqa: BLE001
+        error("steps")
+    save()
+    if not a.skip_loader and time.time() > deadline:
+        payload["skipped"].append("loader")
+    elif not a.skip_loader:
         try:
-            payload[name] = fn()
-        except Exception:  # noqa: BLE001 - keep what was measured; the error is in the JSON
-            payload["errors"][name] = traceback.format_exc()[-2000:]
-            log(payload["errors"][name])
-        save()  # after each part (the steps after each job too): a run cut short still leaves its figures
+            payload["loader"] = loader_measurements(a, size, a.device, log)
+        except Exception:  # noqa: BLE001
+            error("loader")
     save()
     log(f"wrote {path}")
     return payload

@@ -258,13 +258,13 @@ diverges, and check the loader keeps up (crops per second, `benchmarks/gpu_all.p
 and `benchmarks/gpu_all.py` (every GPU figure of issue 18: steps eager vs each compile mode at batch 4 and
 at the largest batch that fits, crops/s, ms/step, peak memory, MFU; the loader at 0/4/8 workers and the
 device sampler when it exists; `--tiny` runs on the CPU in about a minute). It measures the most wanted figures first (hpm, then fine-tuning, then mae: eager against CUDA graphs at batch 4 and at the largest batch; the other compile modes after, max-autotune last), rewrites its JSON after every job, and with `--budget-s 420` starts nothing after 7 minutes, listing what it left out under `skipped`: one 10-minute device call then returns the main figures, since compiling every mode of every task (18 compilations of ViT-B-size steps) would not fit in one. 
-CPU figures (`python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6`, micro model at 32^3, 1 thread, AMD EPYC (2 cores shared with 4 other jobs, so absolute times are inflated): mae step eager 796 ms, compiled (`default`, inductor) 590 ms, **0.74x**; the first two compiled steps took 238 s (compilation on the loaded 2-core machine). The hpm and fine-tuning ratios, measured 2026-12-02 on 2 idle cores of the AVX2-only AMD EPYC (CPU family 23 model 1; `python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6 --threads 2 --tasks hpm,finetune`, `compile_step_cpu.json`): hpm step eager 67.9 ms, compiled 54.9 ms, **0.81x** (compilation 150 s); fine-tuning (UNETR, feature size 8, 2 x 32^3) eager 490 ms, compiled 448 ms, **0.92x** (compilation 159 s). At the demo's own shapes compiling the fine-tuning step gives 0.96x on that CPU (`demo_step_cpu_avx2_epyc.json`, below).
+CPU figures (`python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6`, micro model at 32^3, 1 thread, AMD EPYC (2 cores shared with 4 other jobs, so absolute times are inflated): mae step eager 796 ms, compiled (`default`, inductor) 590 ms, **0.74x**; the first two compiled steps took 238 s (compilation on the loaded 2-core machine). The hpm and fine-tuning ratios, measured 2026-12-02 on 2 idle cores of the AVX2-only AMD EPYC (CPU family 23 model 1; `python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6 --threads 2 --tasks hpm,finetune`, `compile_step_cpu.json`): hpm step eager 67.9 ms, compiled 54.9 ms, **0.81x** (compilation 150 s); fine-tuning (UNETR, feature size 8, 2 x 32^3) eager 490 ms, compiled 448 ms, **0.92x** (compilation 159 s). At the demo's own shapes compiling the fine-tuning step gives 0.92x on that CPU (`demo_step_cpu_avx2_epyc.json`, below).
 No GPU figure has been taken yet: the script has not run on an H100/H200.
 
 ### 8. The CPU demo: bf16 autocast where the CPU computes bf16 natively (issue 18)
 Where the demo's time goes: UNETR fine-tuning is 10.1 of its 11.3 minutes in float32 on the 2-core AMD EPYC
 (0.8 s a step, 750 steps); data loading is 2 % of an epoch and validation under 1 s of it. The step is
-compute-bound in the full-resolution decoder convolutions (48^3 x batch 2, 16-32 channels, 84 GFLOP
+compute-bound in the full-resolution decoder convolutions (48^3 x batch 2, 16-32 channels, 87 GFLOP
 per step as counted below, i.e. about half the two cores' float32 peak): removing small ops cannot halve it, bf16 arithmetic can.
 `benchmarks/demo_step.py` (`demo_step_cpu.json`, 2026-12-02, 2 idle cores of the AMD EPYC, AVX512-BF16,
 2 threads, the demo's shapes, 4 interleaved rounds; ratios to float32 in the same process):
@@ -301,17 +301,17 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   channels-last end to end (or a backward that oneDNN runs well on AVX2) was the lead for this kind of CPU.
 * **That lead, measured, and why 6 minutes cannot be reached there with this recipe** (2026-12-02, the same
   AVX2 EPYC, idle, 2 threads; `python -m benchmarks.demo_step --rounds 6 --compile --no-bf16`,
-  `demo_step_cpu_avx2_epyc.json`): fine-tuning step fp32 2.49 s, channels-last 0.95x, channels-last with
+  `demo_step_cpu_avx2_epyc.json`): fine-tuning step fp32 2.51 s, channels-last 0.93x, channels-last with
   every instance norm replaced by the equal `GroupNorm(C, C)` (PyTorch's instance norm is what hands back
-  contiguous tensors; group norm keeps the layout, so every decoder convolution runs channels-last) **0.93x**,
-  `torch.compile` 0.96x (162 s to compile); pre-training step 0.66 s. A weight gradient of our own for the
+  contiguous tensors; group norm keeps the layout, so every decoder convolution runs channels-last) **0.90x**,
+  `torch.compile` 0.92x (162 s to compile cold, 10 s from inductor's cache); pre-training step 0.59 s. A weight gradient of our own for the
   3x3x3 convolutions (27 shifted matrix products over the padded, channels-last volume; equal to oneDNN's to
   1.5e-6) was 0.90x of oneDNN's at 48^3 x 16 channels and slower at the coarser levels, so it was not kept.
-  The reason all of these are small: the step is compute-bound. It is **84.1 GFLOP** (forward and backward,
-  counted by `torch.utils.flop_counter`; convolutions 70 GFLOP of it) and runs at about 34-37 GFLOP/s. Family 23
+  The reason all of these are small: the step is compute-bound. It is **86.7 GFLOP** (forward and backward,
+  `benchmarks.common.count_flops`, attention counted as math; convolutions 70 GFLOP of it) and runs at about 35-38 GFLOP/s. Family 23
   model 1 is AMD Zen 1, two 128-bit FMA pipes a core: 16 float32 FLOP a cycle, so 2 cores at the 2.0 GHz
   that `/proc/cpuinfo` reports peak at 64 GFLOP/s (96 at a 3 GHz boost). The demo's 750 fine-tuning steps
-  are 63 TFLOP: **16 minutes at that peak** (11 at the boost), before pre-training. No implementation of
+  are 65 TFLOP: **17 minutes at that peak** (11 at the boost), before pre-training. No implementation of
   this recipe reaches 6 minutes on such a CPU. With pre-training's 3 minutes there, 6 minutes leave about
   2.5 for fine-tuning, i.e. about a twelfth of its work at the rate reached (fewer steps, smaller crops or a
   narrower decoder): a different recipe, which changes what the demo learns and would have to be shown to
