@@ -24,8 +24,10 @@ backward (``benchmarks.common.count_flops``, 2 per multiply-add, optimizer not c
 variant achieves, to set beside the CPU's peak. Whether a CPU does bf16 natively is recorded
 (``medhpm.runtime.device.cpu_has_native_bf16``): without it bf16 is emulated and slower.
 
-Run: ``python -m benchmarks.demo_step [--rounds 6] [--compile] [--no-bf16] [--out DIR]`` -> ``demo_step_cpu.json``
-(``--no-bf16`` leaves out the bf16 variants, which are emulated and very slow on a CPU without native bf16).
+Run: ``python -m benchmarks.demo_step [--rounds 6] [--compile] [--no-bf16] [--variants V,...] [--out DIR]`` ->
+``demo_step_cpu.json`` (``--no-bf16`` leaves out the bf16 variants, which are emulated and very slow on a CPU
+without native bf16; ``--variants`` measures the listed fine-tuning variants instead of the default set, parts
+joined by '+', e.g. ``bf16,channels_last+bf16,compile+bf16``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,23 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
         model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)[0].backward()) / 1e9
 
 
+PARTS = ("bf16", "channels_last", "channels_last_gn", "compile")
+
+
+def finetune_variant_names(variants: str = "", compile: bool = False, no_bf16: bool = False) -> list[str]:
+    """The fine-tuning variants to measure: ``fp32`` (the baseline, always first), then the default set
+    (``--compile`` adds the compiled two) or the comma-separated ``variants``, each of ``PARTS`` joined by
+    '+'; ``no_bf16`` drops every variant with bf16."""
+    if variants:
+        names = [v.strip() for v in variants.split(",") if v.strip() and v.strip() != "fp32"]
+        unknown = sorted({p for v in names for p in v.split("+")} - set(PARTS))
+        if unknown:
+            raise ValueError(f"--variants: unknown part(s) {unknown}; a variant joins some of {list(PARTS)} with '+'")
+    else:
+        names = ["bf16", "channels_last", "channels_last_gn"] + (["compile", "compile+bf16"] if compile else [])
+    return ["fp32"] + [v for v in dict.fromkeys(names) if not (no_bf16 and "bf16" in v.split("+"))]
+
+
 def main(argv=None) -> dict:
     from medhpm.runtime.device import cpu_has_native_bf16
 
@@ -138,14 +157,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo uses 2)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile variants (minutes to compile)")
     ap.add_argument("--no-bf16", action="store_true", help="leave out the bf16 variants (slow where emulated)")
+    ap.add_argument("--variants", default="", help="comma-separated fine-tuning variants instead of the default set, "
+                    f"parts of {', '.join(PARTS)} joined by '+' (e.g. channels_last+bf16); fp32 is always measured")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     started = time.time()
-    ft = ["fp32", "bf16", "channels_last", "channels_last_gn"] + (["compile", "compile+bf16"] if a.compile else [])
-    pt = ["fp32", "bf16"]
-    if a.no_bf16:
-        ft, pt = [v for v in ft if "bf16" not in v.split("+")], ["fp32"]
+    try:
+        ft = finetune_variant_names(a.variants, a.compile, a.no_bf16)
+    except ValueError as e:
+        ap.error(str(e))
+    pt = ["fp32"] if a.no_bf16 else ["fp32", "bf16"]
     ft_steps, ft_gflop = _finetune_variants(ft)
     pt_steps, pt_gflop = _pretrain_variants(pt)
     steps, gflop = {**ft_steps, **pt_steps}, {"finetune": ft_gflop, "pretrain": pt_gflop}

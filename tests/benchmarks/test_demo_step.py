@@ -80,3 +80,18 @@ def test_cpu_details_reads_the_first_processor_block():
     assert cpu_details(text) == {"cpu_family": "23", "cpu_model_number": "1", "simd": ["avx2"]}
     zen4 = text.split("\n\n")[1]
     assert cpu_details(zen4)["simd"] == ["avx2", "avx512f", "avx512_bf16"]
+
+
+def test_variant_names_keep_the_baseline_and_refuse_unknown_parts():
+    import pytest
+
+    names = demo_step.finetune_variant_names
+    assert names() == ["fp32", "bf16", "channels_last", "channels_last_gn"]
+    assert names(compile=True, no_bf16=True) == ["fp32", "channels_last", "channels_last_gn", "compile"]
+    # a chosen list: the baseline first, once; duplicates and spaces dropped; --no-bf16 still applies
+    assert names("bf16, channels_last+bf16,fp32,bf16") == ["fp32", "bf16", "channels_last+bf16"]
+    assert names("compile+bf16,channels_last", no_bf16=True) == ["fp32", "channels_last"]
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['channel_last'\]"):
+        names("bf16,channel_last+bf16")
+    with pytest.raises(SystemExit):  # the command line says so before building anything
+        demo_step.main(["--variants", "fp16"])
