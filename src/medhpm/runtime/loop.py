@@ -169,8 +169,10 @@ class Trainer:
         if self.dist.is_main:
             save_config(cfg, self.run_dir / f"config_{self.stage}.yaml")
         n_params = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
+        n = torch.get_num_threads()
+        threads = f" ({n} thread{'s' if n != 1 else ''})" if self.device.type == "cpu" else ""
         echo(
-            f"[{self.stage}] device {self.device}, precision {self.amp_dtype or torch.float32}, world size "
+            f"[{self.stage}] device {self.device}{threads}, precision {self.amp_dtype or torch.float32}, world size "
             f"{self.dist.world_size}; {n_params / 1e6:.2f} M trainable parameters\n"
             f"[{self.stage}] effective batch {self.effective_batch} = {self.sec.batch_size} per step x "
             f"{self.sec.accum_steps} accumulation x {self.dist.world_size} processes; lr {self.sec.lr:g} x "
