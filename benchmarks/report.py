@@ -310,6 +310,20 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   products with float32 scores instead of PyTorch's CPU flash kernel is 2.5-3.5x faster at the student's 54
   visible tokens in bf16 but not at 216 tokens (0.96-1.15x): it would take about 4 % off the pre-training
   step (the student's blocks) and nothing off fine-tuning's 216-token encoder, so it was not changed.
+* **On an Intel Xeon with AMX the 6 minutes are met in both runs** (2026-12-03, 2 idle cores, `lscpu`:
+  "Intel(R) Xeon(R) Processor", CPU family 6 model 167 as the hypervisor reports it, flags avx512f,
+  avx512_bf16, avx512_fp16, amx_bf16; main 2a0464d, `benchmarks/results/demo_timings_xeon_amx.json`):
+  `make demo` on a fresh clone 6.75 min wall with the install, **353.8 s (5.9 min) for the demo** (phantoms
+  8 s, pre-training 51 s, fine-tuning 291 s: 0.39 s a step, epochs 8.7-9.6 s), and 351.9 s in a second run
+  right after in the same clone (epochs 8.9-9.4 s: this machine was steadier than the EPYCs). Test Dice
+  **86.57 / HD95 5.56 mm** in both runs (>= 86.5; 86.74 / 5.52 on the Zen 5: bf16 arithmetic differs
+  between CPUs in the last bits). The step there (`demo_step_cpu_xeon_amx.json`, `python -m
+  benchmarks.demo_step --rounds 8 --compile`, 8 interleaved rounds): fine-tuning fp32 0.656 s, bf16
+  **0.60x** (0.394 s, the demo's own loop's 0.39 s), channels-last 1.07x, channels-last with group norm
+  0.91x, compile 0.87x, compile + bf16 0.49x (0.322 s; 62 s to compile cold); pre-training fp32 0.164 s,
+  bf16 1.01x (the pre-training step gains nothing from bf16 on this CPU, 0.91x on the Zen 5). Compiling the
+  bf16 fine-tuning step would save 0.07 s x 750 = 54 s for 62 s of compilation: break-even on a first
+  run, so the demo stays eager. In float32 the demo's fine-tuning would be about 0.656 s x 750 = 8.2 min.
 * **On an AVX2-only CPU the demo is 3x slower still** (2026-12-02, 2 idle cores of an AMD EPYC, `lscpu`:
   "AMD EPYC", CPU family 23 model 1, flags avx2 but no avx512; main d26c166; `medhpm demo`'s own
   `timings.json`, copied to `benchmarks/results/demo_timings_avx2_epyc.json`): 36.2 min, of which fine-tuning
