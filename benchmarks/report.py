@@ -339,6 +339,21 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   bf16 1.01x (the pre-training step gains nothing from bf16 on this CPU, 0.91x on the Zen 5). Compiling the
   bf16 fine-tuning step would save 0.07 s x 750 = 54 s for 62 s of compilation: break-even on a first
   run, so the demo stays eager. In float32 the demo's fine-tuning would be about 0.656 s x 750 = 8.2 min.
+* **Channels-last on AMX, followed up and not applied** (same Xeon, 2 threads, `torch.profiler` and
+  interleaved timings of the demo model's forward + backward in bf16, model in eval mode so that variants
+  compare equal; outputs equal to 4e-6 in float32). The bf16 step (0.32 s) is convolution backward 27 %,
+  `copy_` 22 % and convolution forward 9 %: oneDNN's bf16 convolution wants channels-last, so every
+  contiguous input and gradient is reordered (`contiguous()` inside `mkldnn_convolution` and
+  `convolution_backward`). One 16-channel 3x3x3 convolution at 2 x 48^3, forward and backward: 21 ms
+  contiguous, **9 ms channels-last**. The whole network in channels-last: **0.92x** (0.294 vs 0.319 s; in
+  `demo_step --variants bf16,channels_last+bf16`, with the optimizer, 0.97x, 0.350 vs 0.362 s), because
+  `InstanceNorm3d` (`at::instance_norm` makes its input contiguous; its backward copies back), softmax and
+  the skip concatenations' gradients still reorder. Instance norms that keep the layout were slower: a
+  per-sample `batch_norm` 1.08x of the channels-last step (its channels-last backward kernel is 3.5x the
+  contiguous one), `GroupNorm(C, C)` 1.8x, a hand-written autograd function (float32 statistics) 1.5x
+  (dtype conversions between bf16 and float32 tensors cost more than the reorders saved). On the Zen 5 the
+  channels-last bf16 step was 1.07x of the contiguous one. A gain of 3-8 % on one CPU kind, within the
+  run-to-run spread of the demo, is not worth a layout switch per CPU: not applied.
 * **On an AVX2-only CPU the demo is 3x slower still** (2026-12-02, 2 idle cores of an AMD EPYC, `lscpu`:
   "AMD EPYC", CPU family 23 model 1, flags avx2 but no avx512; main d26c166; `medhpm demo`'s own
   `timings.json`, copied to `benchmarks/results/demo_timings_avx2_epyc.json`): 36.2 min, of which fine-tuning
