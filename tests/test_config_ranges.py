@@ -96,6 +96,7 @@ BAD: dict[str, list[str]] = {
     "runtime.device": ["banana", "cuda:x", "gpu"],
     "runtime.precision": ["fp16"],
     "runtime.threads": ["-1"],
+    "runtime.cpu_memory": ["keep", "true"],
     "runtime.log_every": ["0"],
     "runtime.compile": ["fast", "2"],
 }

@@ -170,6 +170,9 @@ class RuntimeConfig:
     compile: str = "none"
     deterministic: bool = False
     threads: int = 0  # >= 0; torch intra-op threads on CPU; 0 = library default
+    # auto | reuse | release: whether glibc keeps the memory a CPU step frees for the next one (auto: reuse on
+    # a CPU device under glibc; runtime/device.py configure_cpu_memory, docs/PERFORMANCE.md)
+    cpu_memory: str = "auto"
     log_every: int = 1  # >= 1; steps between JSON-lines log records
     progress: bool = True
 
@@ -706,6 +709,8 @@ def validate(cfg: Config) -> Config:
     _check(r.precision in ("auto", "fp32", "bf16", "bf16-native"), "runtime.precision",
            f"{r.precision!r} is not auto, fp32, bf16 or bf16-native")
     _count(r.threads, "runtime.threads", 0, " (0: the library default)")
+    _check(r.cpu_memory in ("auto", "reuse", "release"), "runtime.cpu_memory",
+           f"{r.cpu_memory!r} is not auto, reuse or release")
     _count(r.log_every, "runtime.log_every", 1)
     r.compile = compile_mode(r.compile)
     return cfg

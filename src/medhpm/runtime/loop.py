@@ -24,7 +24,7 @@ import torch
 from medhpm import __version__
 from medhpm.config import Config, checkpoint_keys, compile_mode, differences, from_dict, to_dict
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
-from medhpm.runtime.device import autocast, autocast_dtype, configure_threads, pick_device
+from medhpm.runtime.device import autocast, autocast_dtype, configure_cpu_memory, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
 from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, run_folder_lock, save_config
 from medhpm.runtime.logging import MetricLogger
@@ -130,6 +130,7 @@ class Trainer:
             self.device = torch.device(f"cuda:{self.dist.local_rank}")
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
         configure_threads(cfg.runtime.threads)
+        self.cpu_memory = configure_cpu_memory(cfg.runtime.cpu_memory, self.device)
         if self.dist.is_main:
             check_writable(self.run_dir)  # full disk / read-only folder: fail now, not after an epoch
             if not self.resume and (self.run_dir / "last.pt").exists():
@@ -179,7 +180,9 @@ class Trainer:
             f"{self.effective_batch}/{self.sec.lr_ref_batch} = {self.base_lr:.3g}; {self.steps_per_epoch} "
             f"optimizer steps per epoch, {self.sec.epochs} epochs; warm-up {self.sec.warmup_epochs:g} epochs = "
             f"{warmup_steps(self.sec.warmup_epochs, self.steps_per_epoch)} optimizer steps"
-            + (f"; step compiled ({self.compile_mode})" if self.compile_mode != "none" else ""),
+            + (f"; step compiled ({self.compile_mode})" if self.compile_mode != "none" else "")
+            + ("; freed memory kept for the next step (runtime.cpu_memory)"
+               if self.cpu_memory["applied"] and self.device.type == "cpu" else ""),
             self.dist,
         )
 

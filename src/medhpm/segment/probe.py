@@ -22,7 +22,7 @@ from medhpm.config import Config
 from medhpm.data.datalist import finetune_cases, load_datalist
 from medhpm.data.transforms import val_transforms
 from medhpm.evaluate.probe import balanced_accuracy, fit_linear_probe, volume_tokens
-from medhpm.runtime.device import configure_threads, pick_device
+from medhpm.runtime.device import configure_cpu_memory, configure_threads, pick_device
 from medhpm.runtime.files import atomic_write_text
 from medhpm.runtime.seed import seed_everything
 from medhpm.runtime.weights import load_encoder_weights
@@ -90,6 +90,7 @@ def run_probe(cfg: Config, dataset: str | Path, out_json: str | Path, init: str 
                          f"{sum('label' in e for e in train)} of {len(train)} training and {len(test)} test cases labelled")
     configure_threads(cfg.runtime.threads)
     device = pick_device(cfg.runtime.device)
+    configure_cpu_memory(cfg.runtime.cpu_memory, device)
     encoder = probe_encoder(cfg, init).to(device)
     x_tr, y_tr = _tokens(encoder, train, cfg, device)
     x_te, y_te = _tokens(encoder, test, cfg, device)
