@@ -130,6 +130,14 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
   Conv3d embedding) at 0.79 s. 0.8 x 1.416 s = 1.13 s would leave our model about 0.55 s of the step's
   compute after the shared optimizer, i.e. about 25 % less than it needs now at 6 % less work than MONAI: not
   reachable by a faster implementation of the same work on a compute-bound CPU. Not met; recorded as is.
+* Page faults are not the gap either (2026-12-03, same Xeon, 1 thread, 4 steps each after 2 warm-up
+  steps, both models in one process): with glibc's defaults our step takes 16 000-20 000 minor page faults
+  and MONAI's 21 000-32 000 (freed activations handed back to the OS and faulted in again); with
+  `runtime.cpu_memory=reuse` applied to the process (section 8) both drop to 0 and both steps get about
+  0.05 s faster (ours 1.43 -> 1.38 s, MONAI 1.56 -> 1.51 s), so the ratio stays put (0.917 -> 0.914). The benchmark keeps
+  glibc's defaults for both; `torch.profiler`'s per-operator times on this machine moved by tens of
+  milliseconds from one profiled step to the next (one `div` of AdamW read 26 ms in one profile and 1.3 ms
+  timed alone), so the per-operator figures above are read as shares, not exact times.
 * In the recorded run the attention kernel is half of the gap: SDPA switched on in MONAI takes 5 % off its
   step (`monai_sdpa / monai` 0.951) and leaves ours / monai_sdpa at 0.949, about what the 6 % fewer FLOPs give.
 * History (older code, the same Xeon kind loaded by other jobs, 2026-11-26; the JSON above supersedes it):
@@ -383,6 +391,31 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   2.5 for fine-tuning, i.e. about a twelfth of its work at the rate reached (fewer steps, smaller crops or a
   narrower decoder): a different recipe, which changes what the demo learns and would have to be shown to
   keep its Dice; not attempted. The default demo there stays at about 36 minutes.
+
+* **Freed memory kept for the next step: `runtime.cpu_memory` (default `auto`), applied.** glibc's malloc
+  hands large freed blocks back to the operating system (blocks over its mmap threshold, adaptive up to 32
+  MiB, are unmapped when freed; free memory over its trim threshold at the heap's top is returned), and a
+  training step frees all its activations and gradients at its end, so the next step maps and zero-fills
+  them again: **44 000 minor page faults** in one float32 fine-tuning step of the demo (22 000 in bf16),
+  and 19.2 million in the whole demo. `medhpm.runtime.device.configure_cpu_memory` raises both thresholds
+  with `mallopt(3)` (blocks up to 1 GiB from the heap, up to 2 GiB of free heap kept; a glibc before 2.35
+  takes at most 32 MiB for the first) in the trainers' set-up; `auto` does it on a CPU device under glibc,
+  `release` keeps glibc's defaults, `reuse` forces it. Measured with `python -m benchmarks.cpu_memory`
+  (`cpu_memory_cpu_xeon_amx.json`, 2026-12-03, the Xeon above, 2 threads; the policy is process-wide and
+  glibc's adaptive default cannot be restored, so each policy runs in its own child process, 3 alternating
+  rounds of 5 steps per kind): fine-tuning float32 0.619 -> 0.552 s (**0.893x**, page faults 44 432 -> 0 a
+  step), bf16 0.360 -> 0.338 s (**0.940x**), pre-training 1.00x (float32) and 0.99x (bf16; its tensors are
+  small and it did not fault); peak resident memory 1244 -> 1283 MiB (1.03x). The default demo (one fresh
+  clone of f63458d, the two runs one after the other under `/usr/bin/time -v`,
+  `demo_timings_cpu_memory_xeon_amx.json`): **331.0 s with `auto`** (fine-tuning 272 s, epochs median 8.4
+  s) against 349.3 s with `runtime.cpu_memory=release` (287 s, 9.05 s; 353.8 and 351.9 s in the two runs
+  before the change), **0.948x**; page faults 19.2 M -> 1.05 M, peak resident memory 1270 -> 1309 MiB
+  (1.03x); identical test Dice 86.57 / HD95 5.56 mm (the arithmetic is untouched). A CPU that trains in
+  float32 (no native bf16, e.g. the AVX2 EPYC) should gain about the float32 step's 11 %; not measured there
+  (no such machine this session). The cost: a process's resident memory stays near its peak between steps
+  instead of falling back, and fragmentation can add to the peak (3 % here). DataLoader workers forked after
+  the set-up inherit the setting. On CUDA nothing changes (`auto`): PyTorch's caching allocator already
+  reuses device memory.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
