@@ -398,8 +398,8 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   training step frees all its activations and gradients at its end, so the next step maps and zero-fills
   them again: **44 000 minor page faults** in one float32 fine-tuning step of the demo (22 000 in bf16),
   and 19.2 million in the whole demo. `medhpm.runtime.device.configure_cpu_memory` raises both thresholds
-  with `mallopt(3)` (blocks up to 1 GiB from the heap, up to 2 GiB of free heap kept; a glibc before 2.35
-  takes at most 32 MiB for the first) in the trainers' set-up; `auto` does it on a CPU device under glibc,
+  with `mallopt(3)` (blocks up to 1 GiB from the heap, up to 2 GiB of free heap kept; 32 MiB for the first
+  where a glibc refuses more, as mallopt(3) documents; this machine's glibc 2.36 takes 1 GiB) in the trainers' set-up; `auto` does it on a CPU device under glibc,
   `release` keeps glibc's defaults, `reuse` forces it. Measured with `python -m benchmarks.cpu_memory`
   (`cpu_memory_cpu_xeon_amx.json`, 2026-12-03, the Xeon above, 2 threads; the policy is process-wide and
   glibc's adaptive default cannot be restored, so each policy runs in its own child process, 3 alternating

@@ -94,7 +94,7 @@ CPU_MEMORY = ("auto", "reuse", "release")
 # fresh mmap each time), and up to 2 GiB - 1 of free memory at the heap's top stays with the process
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 REUSE_MMAP_THRESHOLD = 1 << 30
-REUSE_MMAP_THRESHOLD_OLD_GLIBC = 32 << 20  # the most a glibc before 2.35 accepts (half its 64 MiB arena heap)
+REUSE_MMAP_THRESHOLD_CAPPED = 32 << 20  # where a glibc refuses 1 GiB: mallopt(3)'s documented upper limit on 64 bits
 REUSE_TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int
 
 
@@ -106,8 +106,9 @@ def configure_cpu_memory(policy: str, device: torch.device | str = "cpu") -> dic
     threshold at the heap's top is returned), so a CPU training step, whose activations and gradients are
     tens of MiB each and are all freed at its end, maps and zero-fills them again every step: 15 000 to
     50 000 page faults a step at the demo's shapes. ``reuse`` raises both thresholds (mallopt(3): blocks up to
-    1 GiB from the heap, up to 2 GiB of free memory kept), so the next step reuses the pages: the demo's
-    float32 fine-tuning step is about 12 % faster on an Intel Xeon (docs/PERFORMANCE.md). The process's
+    1 GiB from the heap, or 32 MiB where a glibc refuses more (glibc 2.36 takes 1 GiB); up to 2 GiB of free
+    memory kept), so the next step reuses the pages: the demo's float32 fine-tuning step is about 11 %
+    faster on an Intel Xeon and the whole demo 5 % (docs/PERFORMANCE.md section 8). The process's
     resident memory then stays near its peak instead of falling between steps; the peak itself does not
     grow by more than fragmentation (``benchmarks/cpu_memory.py`` measures both).
 
@@ -128,7 +129,7 @@ def configure_cpu_memory(policy: str, device: torch.device | str = "cpu") -> dic
         return {"policy": policy, "applied": False, "reason": "the C library is not glibc (no mallopt)"}
     mmap_threshold = REUSE_MMAP_THRESHOLD
     if not libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
-        mmap_threshold = REUSE_MMAP_THRESHOLD_OLD_GLIBC
+        mmap_threshold = REUSE_MMAP_THRESHOLD_CAPPED
         if not libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
             return {"policy": policy, "applied": False, "reason": "glibc refused a higher mmap threshold"}
     if not libc.mallopt(_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD):
