@@ -417,7 +417,7 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   the set-up inherit the setting. On CUDA nothing changes (`auto`): PyTorch's caching allocator already
   reuses device memory. `medhpm predict` applies the checkpoint's setting too: predicting one demo test
   phantom again and again in one process (the demo's model, 2 threads, 4 repeats after one, two alternating
-  rounds of child processes) took 0.61-0.66 s and 138 000-151 000 page faults a scan with glibc's defaults
+  rounds of child processes) took 0.60-0.66 s and 138 000-151 000 page faults a scan with glibc's defaults
   and 0.49-0.50 s and 0-1 700 with `reuse` (**0.80x**); three 160 x 160 x 100 scans through the CLI, start-up
   included, 10.6-11.7 s against 11.8-12.2 s.
 
