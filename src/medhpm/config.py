@@ -161,6 +161,9 @@ class InferenceConfig:
     sw_batch_size: int = 4  # >= 1; windows per forward pass (also used by fine-tuning's validation)
 
 
+CPU_MEMORY = ("auto", "reuse", "release")  # runtime.cpu_memory (medhpm.runtime.device.configure_cpu_memory)
+
+
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -709,8 +712,7 @@ def validate(cfg: Config) -> Config:
     _check(r.precision in ("auto", "fp32", "bf16", "bf16-native"), "runtime.precision",
            f"{r.precision!r} is not auto, fp32, bf16 or bf16-native")
     _count(r.threads, "runtime.threads", 0, " (0: the library default)")
-    _check(r.cpu_memory in ("auto", "reuse", "release"), "runtime.cpu_memory",
-           f"{r.cpu_memory!r} is not auto, reuse or release")
+    _check(r.cpu_memory in CPU_MEMORY, "runtime.cpu_memory", f"{r.cpu_memory!r} is not {', '.join(CPU_MEMORY)}")
     _count(r.log_every, "runtime.log_every", 1)
     r.compile = compile_mode(r.compile)
     return cfg

@@ -19,6 +19,8 @@ import resource
 
 import torch
 
+from medhpm.config import CPU_MEMORY
+
 
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
@@ -89,7 +91,6 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-CPU_MEMORY = ("auto", "reuse", "release")
 # glibc's mallopt(3) parameters, and the values ``reuse`` sets: blocks up to 1 GiB come from the heap (not a
 # fresh mmap each time), and up to 2 GiB - 1 of free memory at the heap's top stays with the process
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
