@@ -420,6 +420,11 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   rounds of child processes) took 0.60-0.66 s and 138 000-151 000 page faults a scan with glibc's defaults
   and 0.49-0.50 s and 0-1 700 with `reuse` (**0.80x**); three 160 x 160 x 100 scans through the CLI, start-up
   included, 10.6-11.7 s against 11.8-12.2 s.
+  Re-measured on the final code (b7a1ae6, same Xeon, an hour later when the machine ran about 7 % slower,
+  `cpu_memory_cpu_xeon_amx_final.json`): fine-tuning float32 0.662 -> 0.590 s (**0.891x**), bf16 0.383 ->
+  0.368 s (0.962x), pre-training 1.055x / 0.997x (no faults either way: noise), peak RSS 1.003x; the default
+  demo from a fresh clone 369 s (6.2 min; every stage about 10 % slower than in the paired runs above,
+  phantom generation included), Dice 86.57 / HD95 5.56 mm.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as
