@@ -136,3 +136,60 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0, rtol: float = 0.0, 
         else:
             assert torch.equal(ta, tb), f"{what}[{k}] differs"
     return worst
+
+
+def assert_same_updates(ref: dict, other: dict, init: dict, what: str, atol=2e-5, rtol=1e-4,
+                        max_rel=1e-2, max_outside=1e-5):
+    """Run ``other`` moved the weights (state dicts) as run ``ref`` did, both from ``init``, up to float
+    rounding amplified by AdamW.
+
+    A compiled step (inductor) or a gradient all-reduce sums in another order than the eager or
+    one-process step, so the gradients agree to rounding, not exactly. AdamW divides each gradient element
+    by its own running magnitude: where an element's gradient is itself at rounding level, its update can
+    differ by a good part of the step (seen on an Intel Xeon with AVX-512: one element of 2.4 M off by
+    2.5e-5 where the steps moved it 5-8e-5). So two conditions, each of which a wrong step fails: (1) over
+    all weights, the norm of the difference between the runs is at most ``max_rel`` of the norm of what
+    ``ref`` moved them (a skipped step or a wrong gradient gives about 1; measured 0.0016 for a compiled
+    step on that Xeon); (2) at most a ``max_outside`` share of the elements (at least one) lie outside
+    ``atol`` / ``rtol`` (a layer or bias stepped wrongly puts all of its elements there). Returns the
+    relative difference of (1)."""
+    import torch
+
+    diff2 = moved2 = 0.0
+    outside, total, worst = 0, 0, (0.0, "none")
+    assert ref.keys() == other.keys(), f"{what}: different keys"
+    for k, a in ref.items():
+        if not (torch.is_tensor(a) and a.is_floating_point()) or not a.numel():
+            continue
+        d = (a - other[k]).double().abs()
+        diff2 += float((d * d).sum())
+        moved2 += float(((a - init[k]).double() ** 2).sum())
+        outside += int((d > atol + rtol * a.double().abs()).sum())
+        total += a.numel()
+        if float(d.max()) > worst[0]:
+            worst = (float(d.max()), k)
+    assert moved2 > 0, f"{what}: the reference run did not move the weights"
+    rel = (diff2 / moved2) ** 0.5
+    assert rel <= max_rel, f"{what}: the runs differ by {rel:.3g} of the update (largest at {worst[1]}: {worst[0]:g})"
+    allowed = max(1, int(max_outside * total))
+    assert outside <= allowed, (f"{what}: {outside} of {total} elements differ by more than atol {atol:g} / rtol "
+                                f"{rtol:g} (allowed {allowed}; largest at {worst[1]}: {worst[0]:g})")
+    return rel
+
+
+def init_weights(stage, dataset, *more):
+    """The model's weights before training (the trainers' seeded build, with the run's overrides)."""
+    from medhpm.config import load_config
+    from medhpm.runtime.seed import seed_everything
+
+    cfg = load_config("demo", tiny_overrides(dataset, *more))
+    seed_everything(cfg.seed, False)
+    if stage == "pretrain":
+        from medhpm.pretrain.trainer import build_pretrain_model
+
+        model = build_pretrain_model(cfg)
+    else:
+        from medhpm.segment.trainer import build_segmentation_model
+
+        model = build_segmentation_model(cfg)
+    return model.state_dict()

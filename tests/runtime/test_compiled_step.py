@@ -5,12 +5,10 @@ per test (compiling is the slow part)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from runtime_helpers import assert_same_tensors, load_state, records, tiny_overrides
+from runtime_helpers import assert_same_tensors, assert_same_updates, init_weights, load_state, records, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -32,38 +30,6 @@ def _run(stage: str, dataset, out, *more: str):
     return load_state(out / "final.pt"), records(out, "step")
 
 
-def _assert_same_updates(eager: dict, comp: dict, init: dict, what: str, atol=2e-5, rtol=1e-4,
-                         max_rel=1e-2, max_outside=1e-5):
-    """The compiled run moved the weights as the eager one did, up to float rounding amplified by AdamW.
-
-    Inductor sums in another order, so the gradients agree to rounding, not exactly. AdamW
-    divides each gradient element by its own running magnitude: where an element's gradient is itself at
-    rounding level, its update can differ by a good part of the step (seen on an Intel Xeon with AVX-512:
-    one element of 2.4 M off by 2.5e-5 where the steps moved it 5-8e-5). So two conditions, each of which a
-    wrong step fails: (1) over all weights, the norm of the difference between the runs is at most
-    ``max_rel`` of the norm of what the eager run moved them (a skipped step or a wrong gradient gives about
-    1; measured 0.0016 on that Xeon); (2) at most a ``max_outside`` share of the elements (at least one)
-    lie outside ``atol`` / ``rtol`` (a layer or bias stepped wrongly puts all of its elements there)."""
-    diff2 = moved2 = 0.0
-    outside, total, worst = 0, 0, (0.0, "none")
-    for k, a in eager.items():
-        if not (torch.is_tensor(a) and a.is_floating_point()) or not a.numel():
-            continue
-        d = (a - comp[k]).double().abs()
-        diff2 += float((d * d).sum())
-        moved2 += float(((a - init[k]).double() ** 2).sum())
-        outside += int((d > atol + rtol * a.double().abs()).sum())
-        total += a.numel()
-        if float(d.max()) > worst[0]:
-            worst = (float(d.max()), k)
-    assert moved2 > 0, f"{what}: the eager run did not move the weights"
-    rel = (diff2 / moved2) ** 0.5
-    assert rel <= max_rel, f"{what}: the runs differ by {rel:.3g} of the update (largest at {worst[1]}: {worst[0]:g})"
-    allowed = max(1, int(max_outside * total))
-    assert outside <= allowed, (f"{what}: {outside} of {total} elements differ by more than atol {atol:g} / rtol "
-                                f"{rtol:g} (allowed {allowed}; largest at {worst[1]}: {worst[0]:g})")
-
-
 def _compare(stage, dataset, tmp_path, *more):
     from torch._dynamo.utils import counters
 
@@ -75,26 +41,8 @@ def _compare(stage, dataset, tmp_path, *more):
     for key in [k for k in e_steps[0] if k.startswith("loss") or k == "grad_norm"]:
         assert [r[key] for r in c_steps] == pytest.approx([r[key] for r in e_steps], rel=1e-4, abs=1e-6), key
     # the weights after the second AdamW step, against what the steps moved them by
-    _assert_same_updates(eager["model"], comp["model"], _init_weights(stage, dataset, *more), f"{stage} weights")
+    assert_same_updates(eager["model"], comp["model"], init_weights(stage, dataset, *more), f"{stage} weights")
     return eager, comp
-
-
-def _init_weights(stage, dataset, *more):
-    """The model's weights before training (the trainers' seeded build, with the run's overrides)."""
-    from medhpm.config import load_config
-    from medhpm.runtime.seed import seed_everything
-
-    cfg = load_config("demo", tiny_overrides(dataset, *more))
-    seed_everything(cfg.seed, False)
-    if stage == "pretrain":
-        from medhpm.pretrain.trainer import build_pretrain_model
-
-        model = build_pretrain_model(cfg)
-    else:
-        from medhpm.segment.trainer import build_segmentation_model
-
-        model = build_segmentation_model(cfg)
-    return model.state_dict()
 
 
 def test_compiled_hpm_step_equals_eager(tiny_dataset, tmp_path):
@@ -120,11 +68,11 @@ def test_update_check_fails_wrong_steps_and_passes_rounding():
     eager = {k: init[k] + step[k] for k in shapes}
     noisy = {k: eager[k] + 1e-8 * torch.randn(shapes[k], generator=g) for k in shapes}
     noisy["big"][3, 7] += 5e-5  # one element whose update AdamW turned around
-    _assert_same_updates(eager, noisy, init, "rounding")
+    assert_same_updates(eager, noisy, init, "rounding")
     with pytest.raises(AssertionError, match="of the update"):
-        _assert_same_updates(eager, init, init, "skipped step")
+        assert_same_updates(eager, init, init, "skipped step")
     with pytest.raises(AssertionError, match="of the update"):  # a 2048-element layer: seen in the norm
-        _assert_same_updates(eager, dict(noisy, small=init["small"] + 0.5 * step["small"]), init, "small layer")
+        assert_same_updates(eager, dict(noisy, small=init["small"] + 0.5 * step["small"]), init, "small layer")
     half = dict(noisy, bias=init["bias"] + 0.5 * step["bias"])  # 64 elements: too few for the norm
     with pytest.raises(AssertionError, match="elements differ"):
-        _assert_same_updates(eager, half, init, "one layer at half the rate")
+        assert_same_updates(eager, half, init, "one layer at half the rate")
