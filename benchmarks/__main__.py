@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the torch.compile variants (mae_vs_monai: ours and MONAI; minutes to compile)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak (dense bf16 TFLOP/s) for model FLOP utilisation on an unknown GPU")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
         return 2
     threads = apply_threads(args.threads)
     ctx = Context(device=device, size=size, threads=threads, repeats=args.repeats, warmup=args.warmup,
-                  memory=not args.no_memory, flops=not args.no_flops, peak_tflops=args.peak_tflops,
+                  memory=not args.no_memory, flops=not args.no_flops, peak_tflops=args.peak_tflops, compile=args.compile,
                   results_dir=args.results_dir, verbose=not args.quiet)
     os.makedirs(ctx.results_dir, exist_ok=True)
     todo = only or list(BENCHMARKS)

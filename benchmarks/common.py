@@ -76,6 +76,7 @@ class Context:
     memory: bool = True
     flops: bool = True
     peak_tflops: float | None = None
+    compile: bool = False  # also time the torch.compile variants a benchmark has (minutes of compilation)
     results_dir: Path = RESULTS_DIR
     verbose: bool = True
     extra: dict = field(default_factory=dict)

@@ -19,6 +19,12 @@ each other, and the optimizer's share of the step shrinks, which isolates the mo
 ``ours_embed_all``, our model as it was before it embedded only the visible patches (Conv3d over
 all N patches, then gather the K kept tokens): ``ours / ours_embed_all`` measures that change (same
 tokens, a quarter of the patch-embedding work).
+
+With ``--compile`` (``python -m benchmarks --only mae_vs_monai --compile``): ``ours_compiled`` is ``ours``
+with the step up to the loss through ``torch.compile`` as ``runtime.compile=default`` runs it (the
+trainers compile ``iteration_core``), ``monai_compiled`` MONAI's forward and the same loss through
+``torch.compile``; backward, clipping and AdamW stay eager in both, as in the trainers. The first two steps
+(compilation) are recorded as ``first_two_steps_s`` and not timed; FLOPs are the eager variant's.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from benchmarks.common import (
     measure_memory,
     ratio_entry,
     seeded,
+    sync,
     time_interleaved,
     write_result,
 )
@@ -52,6 +59,7 @@ SIZES = {
     "paper": dict(preset="base", roi=96, batch=4, decoder=(384, 8, 12), repeats=10, warmup=3),
 }
 IMPLS = ("ours", "monai", "monai_sdpa", "ours_fused", "monai_fused", "ours_embed_all")
+COMPILED_IMPLS = ("ours_compiled", "monai_compiled")  # with ctx.compile (--compile)
 MEMORY_IMPLS = ("ours", "monai")
 MASK_RATIO = 0.75
 LR, BETAS, WD, CLIP = 1.5e-4, (0.9, 0.95), 0.05, 5.0
@@ -76,7 +84,8 @@ def forward_embed_all(self, x, ids_keep=None, return_hidden=()):
 
 
 def build_case(spec: dict, device: str) -> Case:
-    """spec: impl, preset, roi, batch, decoder."""
+    """spec: impl, preset, roi, batch, decoder; optional backend (torch.compile's, for ``*_compiled``;
+    default inductor)."""
     from medhpm.models.vit import PRESETS, patchify
     from medhpm.pretrain.losses import normalize_patches
 
@@ -86,9 +95,11 @@ def build_case(spec: dict, device: str) -> Case:
     enc = PRESETS[spec["preset"]]
     x = torch.rand(b, 1, roi, roi, roi, device=device)
     impl = spec["impl"]
+    compiled = impl.endswith("_compiled")
+    backend = spec.get("backend", "inductor")
     if impl.startswith("ours"):
         from medhpm.config import load_config
-        from medhpm.pretrain.trainer import build_pretrain_model, pretrain_iteration
+        from medhpm.pretrain.trainer import build_pretrain_model, iteration_core, pretrain_iteration
 
         cfg = load_config("demo", [
             f"model.preset={spec['preset']}", f"data.roi=[{roi},{roi},{roi}]", "model.patch_size=16",
@@ -113,10 +124,12 @@ def build_case(spec: dict, device: str) -> Case:
             if not torch.allclose(ref.float(), new.float(), atol=1e-3, rtol=1e-3):
                 raise RuntimeError("embedding all patches then gathering differs from ViTEncoder.forward")
 
+        core = torch.compile(iteration_core, backend=backend) if compiled else None
+
         def loss_fn():
             with amp_context(device):
                 loss, _ = pretrain_iteration(model, None, x, alpha=0.0, mask_ratio=MASK_RATIO, lambda_pred=1.0,
-                                             use_pred=False)
+                                             use_pred=False, core=core)
             return loss.float()
     else:
         from monai.networks.nets import MaskedAutoEncoderViT
@@ -135,15 +148,19 @@ def build_case(spec: dict, device: str) -> Case:
                 if isinstance(m, SABlock):
                     m.use_flash_attention = True
 
+        def forward_loss(x):
+            pred, mask = model(x)  # (B, N, P^3), (B, N) 1 = masked
+            with torch.autocast(device_type=torch.device(device).type, enabled=False):
+                target = normalize_patches(patchify(x, 16))[0]  # (B, N, P^3), float32
+                per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+                m = mask.to(per_patch.dtype)
+                return (per_patch * m).sum() / m.sum()  # masked patches only
+
+        forward_loss = torch.compile(forward_loss, backend=backend) if compiled else forward_loss
+
         def loss_fn():
             with amp_context(device):
-                pred, mask = model(x)  # (B, N, P^3), (B, N) 1 = masked
-                with torch.autocast(device_type=torch.device(device).type, enabled=False):
-                    target = normalize_patches(patchify(x, 16))[0]  # (B, N, P^3), float32
-                    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
-                    m = mask.to(per_patch.dtype)
-                    loss = (per_patch * m).sum() / m.sum()  # masked patches only
-            return loss
+                return forward_loss(x)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WD, fused=impl.endswith("_fused") or None)
@@ -154,7 +171,7 @@ def build_case(spec: dict, device: str) -> Case:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Case(step=step, info={"params": sum(p.numel() for p in params)})
+    return Case(step=step, info={"params": sum(p.numel() for p in params), "model": model})
 
 
 def run(ctx: Context) -> dict:
@@ -162,14 +179,26 @@ def run(ctx: Context) -> dict:
     s = SIZES[ctx.size]
     repeats = ctx.reps({k: v["repeats"] for k, v in SIZES.items()})
     warmup = ctx.warm({k: v["warmup"] for k, v in SIZES.items()})
+    impls = IMPLS + (COMPILED_IMPLS if ctx.compile else ())
     specs = {impl: dict(impl=impl, preset=s["preset"], roi=s["roi"], batch=s["batch"], decoder=list(s["decoder"]))
-             for impl in IMPLS}
+             for impl in impls}
     ctx.log(f"{NAME}: {s['preset']}, ROI {s['roi']}^3, batch {s['batch']}, {repeats} repeats")
     cases = {impl: build_case(spec, ctx.device) for impl, spec in specs.items()}
-    count_case_flops(ctx, cases)
+    count_case_flops(ctx, {k: c for k, c in cases.items() if k not in COMPILED_IMPLS})
+    for impl in impls:
+        if impl in COMPILED_IMPLS:  # compile now, untimed; the same work as the eager variant
+            t0 = time.perf_counter()
+            cases[impl].step()
+            cases[impl].step()
+            sync(ctx.device)
+            cases[impl].info["first_two_steps_s"] = time.perf_counter() - t0
+            cases[impl].info["flops"] = cases[impl.removesuffix("_compiled")].info.get("flops")
+            ctx.log(f"  {impl}: first two steps (compilation) {cases[impl].info['first_two_steps_s']:.1f}s")
     timings = time_interleaved(cases, repeats, warmup, ctx.device, log=ctx.log)
     results = {impl: {"model": s["preset"], "variant": impl, "spec": specs[impl], **timings[impl],
-                      "params": cases[impl].info["params"]} for impl in IMPLS}
+                      "params": cases[impl].info["params"],
+                      **({"first_two_steps_s": cases[impl].info["first_two_steps_s"]} if impl in COMPILED_IMPLS else {})}
+               for impl in impls}
     add_flops(ctx, cases, timings, results)
     del cases
     for impl in MEMORY_IMPLS:
@@ -182,7 +211,13 @@ def run(ctx: Context) -> dict:
         ("ours", "monai_sdpa", None, "our mae step / MONAI with SDPA attention switched on"),
         ("monai_sdpa", "monai", None, "effect of the attention kernel on MONAI"),
         ("ours", "ours_embed_all", None, "embedding only the visible patches / embedding all, then gathering"),
+        ("ours_compiled", "monai", None, "our mae step with runtime.compile=default / MONAI as a user runs it"),
+        ("ours_compiled", "monai_compiled", None, "both compiled: the models' share again"),
+        ("ours_compiled", "ours", None, "torch.compile on our step"),
+        ("monai_compiled", "monai", None, "torch.compile on MONAI's step"),
     ):
+        if num not in results or den not in results:
+            continue
         e = ratio_entry(f"{num} / {den}", num, den, results, target=target, what=what)
         fa, fb = results[num].get("flops_per_step"), results[den].get("flops_per_step")
         e["flop_ratio"] = fa / fb if fa and fb else None
@@ -193,7 +228,8 @@ def run(ctx: Context) -> dict:
         "settings": {**{k: v for k, v in s.items() if k not in ("repeats", "warmup")}, "repeats": repeats,
                      "warmup": warmup, "mask_ratio": MASK_RATIO, "precision": amp_name(ctx.device),
                      "optimizer": f"AdamW lr {LR}, betas {BETAS}, wd {WD}", "clip_grad": CLIP,
-                     "qkv_bias": True, "mlp_ratio": 4, "pos_embed": "sincos (encoder and decoder)"},
+                     "qkv_bias": True, "mlp_ratio": 4, "pos_embed": "sincos (encoder and decoder)",
+                     "compiled_variants": bool(ctx.compile)},
         "results": results,
         "ratios": ratios,
     }
