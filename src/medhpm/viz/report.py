@@ -112,12 +112,12 @@ def _md_table_to_html(md: str) -> str:
     rows = [r for r in rows if not set(r.replace("|", "").strip()) <= set("-: ")]
     if not rows:
         return f"<pre>{html.escape(md)}</pre>"
-    out = ["<table>"]
+    out = ["<div class='wide'><table>"]
     for i, r in enumerate(rows):
         cells = [c.strip() for c in r.strip("|").split("|")]
         tag = "th" if i == 0 else "td"
         out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     return "\n".join(out)
 
 
@@ -128,7 +128,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px sol
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}.note{color:#555;font-size:.9em}
-details{margin:.4em 0}
+details{margin:.4em 0}.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -149,9 +149,9 @@ def write_report(out_html: str | Path, title: str, sections: list[dict]) -> Path
             parts.append(_md_table_to_html(sec["table_md"]))
         if sec.get("table"):
             rows = sec["table"]
-            parts.append("<table>" + "".join(
+            parts.append("<div class='wide'><table>" + "".join(
                 "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(str(c))}</{'th' if i == 0 else 'td'}>"
-                                 for c in row) + "</tr>" for i, row in enumerate(rows)) + "</table>")
+                                 for c in row) + "</tr>" for i, row in enumerate(rows)) + "</table></div>")
         for path, cap in sec.get("images", []):
             if Path(path).exists():
                 parts.append(_img(Path(path), cap))
