@@ -27,6 +27,7 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = []  # (title, [(label, xs, ys)])
     for name, run in runs.items():
@@ -58,6 +59,7 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.2, 1.4 ticks
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
