@@ -127,7 +127,7 @@ _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+th{background:#f3f3f3}td{white-space:nowrap}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}.note{color:#555;font-size:.9em}
 details{margin:.4em 0}.wide{overflow-x:auto;max-width:100%}
