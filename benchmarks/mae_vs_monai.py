@@ -23,8 +23,9 @@ tokens, a quarter of the patch-embedding work).
 With ``--compile`` (``python -m benchmarks --only mae_vs_monai --compile``): ``ours_compiled`` is ``ours``
 with the step up to the loss through ``torch.compile`` as ``runtime.compile=default`` runs it (the
 trainers compile ``iteration_core``), ``monai_compiled`` MONAI's forward and the same loss through
-``torch.compile``; backward, clipping and AdamW stay eager in both, as in the trainers. The first two steps
-(compilation) are recorded as ``first_two_steps_s`` and not timed; FLOPs are the eager variant's.
+``torch.compile`` (their backward is compiled with them); clipping and AdamW stay eager in both, as in the
+trainers. The first two steps (compilation) are recorded as ``first_two_steps_s`` and not timed; FLOPs are
+the eager variant's.
 """
 
 from __future__ import annotations
