@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from runtime_helpers import (assert_same_tensors, assert_same_updates, init_weights, load_state, medhpm_cmd, records,
-                             run_parallel, tiny_overrides, torchrun_cmd)
+                             run, run_parallel, tiny_overrides, torchrun_cmd)
 
 pytestmark = [
     pytest.mark.slow,
@@ -109,6 +109,24 @@ def test_resume_across_a_change_of_world_size(runs, even_dataset, tmp_path):
     assert [r["step"] for r in records(two_to_one, "step")] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records(one_to_two, "step")] == [1, 2, 3, 4, 5, 6]
     assert _step_losses(two_to_one)[4:] == pytest.approx(_step_losses(one_to_two)[4:], rel=1e-5, abs=1e-6)
+
+
+def test_compiled_step_under_torchrun_equals_the_eager_one_process_run(runs, even_dataset, tmp_path):
+    """runtime.compile=default (inductor) in 2 torchrun processes: dynamo splits the graph at DDP's gradient
+    buckets, the all-reduce runs between the pieces, and the run must still end where the eager 1-process run
+    does (weights to rounding amplified by AdamW, losses to 1e-5)."""
+    one, _ = runs
+    compiled = tmp_path / "two_compiled"
+    p = run(torchrun_cmd(2, "pretrain", "--out", str(compiled), "--deterministic",
+                         *tiny_overrides(even_dataset, "pretrain.batch_size=1", "runtime.compile=default")))
+    assert "world size 2" in p.stdout and "step compiled (default)" in p.stdout
+    a, b = load_state(one / "final.pt"), load_state(compiled / "final.pt")
+    assert b["world_size"] == 2 and a["step"] == b["step"] == 4
+    init = init_weights("pretrain", even_dataset, "pretrain.batch_size=2")
+    assert_same_updates(a["model"], b["model"], init, "student", atol=2e-5, rtol=1e-4)
+    assert_same_updates(a["teacher"], b["teacher"], {k: init[k] for k in a["teacher"]}, "EMA teacher",
+                        atol=2e-5, rtol=1e-4)
+    assert _step_losses(one) == pytest.approx(_step_losses(compiled), rel=1e-5, abs=1e-6)
 
 
 def test_finetune_two_processes_equal_one_process_with_accumulation(tiny_dataset, tmp_path):
