@@ -112,9 +112,9 @@ def test_resume_across_a_change_of_world_size(runs, even_dataset, tmp_path):
 
 
 def test_compiled_step_under_torchrun_equals_the_eager_one_process_run(runs, even_dataset, tmp_path):
-    """runtime.compile=default (inductor) in 2 torchrun processes: dynamo splits the graph at DDP's gradient
-    buckets, the all-reduce runs between the pieces, and the run must still end where the eager 1-process run
-    does (weights to rounding amplified by AdamW, losses to 1e-5)."""
+    """runtime.compile=default (inductor) in 2 torchrun processes: dynamo traces the step through the
+    DDP-wrapped student, whose gradient all-reduce must still run in the backward, so the run ends where the
+    eager 1-process run does (weights to rounding amplified by AdamW, losses to 1e-5)."""
     one, _ = runs
     compiled = tmp_path / "two_compiled"
     p = run(torchrun_cmd(2, "pretrain", "--out", str(compiled), "--deterministic",
