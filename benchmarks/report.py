@@ -308,6 +308,15 @@ at the largest batch that fits, crops/s, ms/step, peak memory, MFU; the loader a
 device sampler when it exists; `--tiny` runs on the CPU in about a minute). It measures the most wanted figures first (hpm, then fine-tuning, then mae: eager against CUDA graphs at batch 4 and at the largest batch; the other compile modes after, max-autotune last), rewrites its JSON after every job, and with `--budget-s 420` starts nothing after 7 minutes, listing what it left out under `skipped`: one 10-minute device call then returns the main figures, since compiling every mode of every task (18 compilations of ViT-B-size steps) would not fit in one. 
 CPU figures (`python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6`, micro model at 32^3, 1 thread, AMD EPYC (2 cores shared with 4 other jobs, so absolute times are inflated): mae step eager 796 ms, compiled (`default`, inductor) 590 ms, **0.74x**; the first two compiled steps took 238 s (compilation on the loaded 2-core machine). The hpm and fine-tuning ratios, measured 2026-12-02 on 2 idle cores of the AVX2-only AMD EPYC (CPU family 23 model 1; `python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6 --threads 2 --tasks hpm,finetune`, `compile_step_cpu.json`): hpm step eager 67.9 ms, compiled 54.9 ms, **0.81x** (compilation 150 s); fine-tuning (UNETR, feature size 8, 2 x 32^3) eager 490 ms, compiled 448 ms, **0.92x** (compilation 159 s). At the demo's own shapes compiling the fine-tuning step gives 0.92x on that CPU (`demo_step_cpu_avx2_epyc.json`, below).
 No GPU figure has been taken yet: the script has not run on an H100/H200.
+**On a GPU machine that reaches no package index** (an offline cluster node; the GPU machine lent to this
+project's sessions has PyTorch 2.11 with CUDA 13 and most of the stack, but not MONAI, nibabel, OmegaConf or
+pydicom): `bash benchmarks/device/wheels.sh` fetches those four pure-Python wheels (about 7 MB, the versions
+installed where it runs) into `.whl/`; carried there, `bash benchmarks/device/run.sh` installs them, checks
+every import the benchmarks need and that a GPU is there (exit 4 naming what is missing, before any work),
+then runs `gpu_all --budget-s 420` with its JSON, the check and the log in `$OUT`. Tried on the CPU here
+(2026-12-03) in environments holding only packages from that image's list, with torch 2.13 and with
+torch 2.11.0+cu130 (its version): the wheels installed, the check passed and `gpu_all --tiny` ran without
+errors; `tests/benchmarks/test_device_run.py` checks the script's refusals.
 
 ### 8. The CPU demo: bf16 autocast where the CPU computes bf16 natively (issue 18)
 Where the demo's time goes: UNETR fine-tuning is 10.1 of its 11.3 minutes in float32 on the 2-core AMD EPYC
