@@ -166,8 +166,7 @@ def assert_same_updates(ref: dict, other: dict, init: dict, what: str, atol=2e-5
         moved2 += float(((a - init[k]).double() ** 2).sum())
         outside += int((d > atol + rtol * a.double().abs()).sum())
         total += a.numel()
-        if float(d.max()) > worst[0]:
-            worst = (float(d.max()), k)
+        worst = max(worst, (float(d.max()), k))
     assert moved2 > 0, f"{what}: the reference run did not move the weights"
     rel = (diff2 / moved2) ** 0.5
     assert rel <= max_rel, f"{what}: the runs differ by {rel:.3g} of the update (largest at {worst[1]}: {worst[0]:g})"

@@ -109,18 +109,19 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
+def _table_html(rows: list[list]) -> str:
+    """Rows (the first is the header) as an HTML table in a box that scrolls sideways when it is too wide."""
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
+    return ("<div class='wide'><table>\n" + "\n".join(
+        f"<tr>{cells(row, 'th' if i == 0 else 'td')}</tr>" for i, row in enumerate(rows)) + "\n</table></div>")
+
+
 def _md_table_to_html(md: str) -> str:
     rows = [r.strip() for r in md.strip().splitlines() if r.strip().startswith("|")]
     rows = [r for r in rows if not set(r.replace("|", "").strip()) <= set("-: ")]
     if not rows:
         return f"<pre>{html.escape(md)}</pre>"
-    out = ["<div class='wide'><table>"]
-    for i, r in enumerate(rows):
-        cells = [c.strip() for c in r.strip("|").split("|")]
-        tag = "th" if i == 0 else "td"
-        out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-    out.append("</table></div>")
-    return "\n".join(out)
+    return _table_html([[c.strip() for c in r.strip("|").split("|")] for r in rows])
 
 
 _CSS = """
@@ -150,10 +151,7 @@ def write_report(out_html: str | Path, title: str, sections: list[dict]) -> Path
         if sec.get("table_md"):
             parts.append(_md_table_to_html(sec["table_md"]))
         if sec.get("table"):
-            rows = sec["table"]
-            parts.append("<div class='wide'><table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(str(c))}</{'th' if i == 0 else 'td'}>"
-                                 for c in row) + "</tr>" for i, row in enumerate(rows)) + "</table></div>")
+            parts.append(_table_html(sec["table"]))
         for path, cap in sec.get("images", []):
             if Path(path).exists():
                 parts.append(_img(Path(path), cap))
