@@ -4,6 +4,7 @@ input's own geometry, and the file commands write exactly that result."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -47,6 +48,17 @@ def test_path_nibabel_image_and_array_give_the_file_commands_result(predictor, s
         assert int(written.header["qform_code"]) == int(img.header["qform_code"]) or 1
         np.testing.assert_allclose(written.affine, img.affine, atol=1e-5)
         np.testing.assert_allclose(by_array.to_nifti().affine, img.affine, atol=1e-6)
+
+
+def test_prediction_prints_no_warnings(predictor, seg_phantoms):
+    """Users read the console: predicting a scan (label and probabilities) must not print library warnings
+    (MONAI warned "Setting affine, but the applied meta contains an affine" for every scan)."""
+    scan = _scans(seg_phantoms)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = predictor.predict(scan, probabilities=True)
+    assert [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught] == []
+    np.testing.assert_allclose(res.affine, nib.load(str(scan)).affine, atol=1e-6)
 
 
 def test_a_dicom_series_in_memory_is_the_series_predicted_from_its_folder(predictor, real_abdomen_dicom):

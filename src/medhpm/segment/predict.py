@@ -197,11 +197,13 @@ class Predictor:
         probs = self._infer(img, probabilities=want_probabilities)  # (C, h, w, d) in preprocessed space
         out = {"label_pre": probs.argmax(0, keepdim=True).to(torch.uint8)}
         keys = ["pred"]
-        data["pred"] = MetaTensor(out["label_pre"].float(), affine=img.affine, meta=dict(img.meta))
+        # meta carries the preprocessed affine (MetaTensor.affine is meta["affine"]); passing affine= as well
+        # makes MONAI warn that one overwrites the other
+        data["pred"] = MetaTensor(out["label_pre"].float(), meta=dict(img.meta))
         data["pred"].applied_operations = list(img.applied_operations)
         nearest = [True]
         if want_probabilities:
-            data["probs"] = MetaTensor(probs, affine=img.affine, meta=dict(img.meta))
+            data["probs"] = MetaTensor(probs, meta=dict(img.meta))
             data["probs"].applied_operations = list(img.applied_operations)
             keys.append("probs")
             nearest.append(False)
