@@ -176,3 +176,17 @@ def test_nifti_input_asking_for_dicom_seg_is_refused_with_a_sentence(tmp_path):
     assert r.returncode != 0
     assert "is not a DICOM series; nothing was predicted. Use --output-type nifti" in r.stderr
     assert str(scan) in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_series_without_uids_is_refused_for_dicom_seg_before_any_work(real_abdomen_dicom, tmp_path):
+    """The real fixture is anonymised without Study/Series/SOP instance UIDs: a SEG could not reference it.
+    `--output-type both` must say so, naming the series, before the checkpoint or any pixel is read (the
+    model path here does not exist), and write nothing; NIfTI output of the same series stays possible."""
+    folder, _ = real_abdomen_dicom
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tmp_path / "none.pt"),
+                        "-i", str(folder), "-o", str(tmp_path / "out"), "--output-type", "both"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert f"{folder}: the series has no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID" in r.stderr
+    assert "nothing was predicted. Use --output-type nifti" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

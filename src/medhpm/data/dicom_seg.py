@@ -56,21 +56,38 @@ def anatomic_code(name: str):
     return concept, lat
 
 
-def _series(folder: Path) -> list:
-    """The CT image data sets of the series in ``folder`` (pixel data read), sorted along the slice normal."""
+REFERENCED_UIDS = ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _image_slices(folder: Path, pixels: bool = True) -> list:
+    """The CT image data sets in ``folder`` (with their pixel data, or headers only), in file-name order."""
     import pydicom
 
     found = []
     for f in dicom_files_in(folder):
-        ds = pydicom.dcmread(str(f))
-        if "PixelData" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+        ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
+        # a header read stops before PixelData, so it is told from other objects by its pixel attributes
+        if ("PixelData" in ds or not pixels and "Rows" in ds) and "ImagePositionPatient" in ds \
+                and "ImageOrientationPatient" in ds:
             found.append(ds)
     if not found:
         raise DataError(f"{folder}: no CT image slices to reference in a DICOM-SEG")
-    missing = [k for k in ("FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-               if not found[0].get(k)]
+    return found
+
+
+def check_seg_references(folder: str | Path, slices: list | None = None) -> None:
+    """Raise DataError naming ``folder`` and the missing UIDs when a DICOM-SEG cannot reference its series
+    (anonymisation often strips them). Reads headers only, so prediction can check before any work."""
+    found = slices if slices is not None else _image_slices(Path(folder), pixels=False)
+    missing = [k for k in REFERENCED_UIDS if not found[0].get(k)]
     if missing:
         raise DataError(f"{folder}: the series has no {', '.join(missing)}; a DICOM-SEG must reference them")
+
+
+def _series(folder: Path) -> list:
+    """The CT image data sets of the series in ``folder`` (pixel data read), sorted along the slice normal."""
+    found = _image_slices(folder)
+    check_seg_references(folder, found)
     iop = np.asarray(found[0].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
     return sorted(found, key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))))

@@ -33,9 +33,9 @@ import torch
 from medhpm.config import Config, checkpoint_keys, from_dict, get_key
 from medhpm.data.color_tables import color_table_paths, write_color_tables
 from medhpm.data.ct_reader import read_volume
-from medhpm.data.datalist import detect_format, load_datalist
+from medhpm.data.datalist import DataError, detect_format, load_datalist
 from medhpm.data.dataset import root_cause
-from medhpm.data.dicom_seg import write_dicom_seg
+from medhpm.data.dicom_seg import check_seg_references, write_dicom_seg
 from medhpm.data.scans import case_name, is_dicom_series, is_nifti
 from medhpm.data.transforms import predict_transforms
 from medhpm.data.volume_checks import grid_problem_of_affine
@@ -329,6 +329,11 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
                 f"--output-type {output_type} writes a DICOM-SEG that references the DICOM series it was predicted "
                 f"from, but {not_dicom[0]}" + (f" (and {len(not_dicom) - 1} more)" if len(not_dicom) > 1 else "")
                 + " is not a DICOM series; nothing was predicted. Use --output-type nifti for NIfTI input.")
+        for src, _ in items:  # headers only: a series a SEG cannot reference fails now, not after inference
+            try:
+                check_seg_references(src)
+            except DataError as e:
+                raise ValueError(f"{e}; nothing was predicted. Use --output-type nifti for this series") from None
     planned, by_output, outputs = [], {}, [out_dir]
     for src, name in items:
         outs = [out_dir / f"{name}.nii.gz", *color_table_paths(out_dir / f"{name}.nii.gz")]
