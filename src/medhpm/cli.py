@@ -234,7 +234,7 @@ def finetune(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder."),
+    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder (its best.pt, else final.pt, else last.pt)."),
     input: Path = typer.Option(..., "-i", "--input", help="A NIfTI file, a folder of them, a DICOM series folder, or a datalist JSON."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the label maps (NAME.nii.gz)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the checkpoint's config)."),
@@ -255,6 +255,10 @@ def predict(
     # outputs onto inputs, two scans with one output name: refused before the checkpoint or a scan is read
     plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model, statistics=statistics,
                      output_type=output_type)
+    from medhpm.runtime.checkpoint import MODEL_ORDER, resolve_checkpoint
+
+    if model.is_dir():  # say which of the run's checkpoints is used
+        typer.echo(f"model: {resolve_checkpoint(model, MODEL_ORDER)}")
     pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
                                    output_on_cpu=not gpu_output, tta=tta, largest_component=largest_component)
     from medhpm.runtime.device import configure_cpu_memory
@@ -274,7 +278,7 @@ def predict(
 
 @app.command("export-model")
 def export_model_cmd(
-    ckpt: Path = typer.Argument(..., help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder."),
+    ckpt: Path = typer.Argument(..., help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder (its best.pt, else final.pt, else last.pt)."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder to write (new or empty; see --force)."),
     fmt: str = typer.Option("bundle", "--format", "-f", help="bundle | onnx | torchscript"),
     force: bool = typer.Option(False, "--force", help="Replace an output folder that is not empty."),

@@ -20,6 +20,7 @@ from medhpm.data.datalist import load_datalist
 from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.run import evaluate_predictions
 from medhpm.pretrain.trainer import export_encoder, pretrain
+from medhpm.runtime.checkpoint import MODEL_ORDER, resolve_checkpoint
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock
 from medhpm.segment.predict import Predictor
 from medhpm.segment.trainer import finetune
@@ -98,7 +99,7 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
         stages.run("UNETR fine-tuning", finetune, cfg, ft, init=init, resume=(ft / "last.pt").exists())
     result["finetune"] = str(ft)
     pred_dir = out / "predictions"
-    best = ft / "best.pt" if (ft / "best.pt").exists() else ft / "final.pt"
+    best = resolve_checkpoint(ft, MODEL_ORDER)  # best.pt: what `medhpm predict -m RUN/finetune` uses too
 
     def _predict():
         p = Predictor.from_checkpoint(best, device=cfg.runtime.device)

@@ -52,12 +52,19 @@ def load_error_reason(e: BaseException) -> str:
     return first.split(". ")[0][:200]
 
 
+# Which checkpoint of a run folder a command reads. Continuing a run, or taking its encoder: the newest
+# weights first. Using a fine-tuning run's trained model (predict, export): the best validation Dice first,
+# the checkpoint the demo and experiments evaluate, so a folder gives the figures its report shows.
+RESUME_ORDER = ("last.pt", "final.pt", "best.pt")
+MODEL_ORDER = ("best.pt", "final.pt", "last.pt")
+
+
 def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu", keys: Sequence[str] = ("model",),
-                    purpose: str | None = None) -> dict:
+                    purpose: str | None = None, folder_order: Sequence[str] = RESUME_ORDER) -> dict:
     """Read a checkpoint (or any ``torch.load``-able state dict) safely, ``weights_only=True``.
 
     Args:
-        path: the file, or a run folder (its ``last.pt``, else ``final.pt``, else ``best.pt``).
+        path: the file, or a run folder (its first checkpoint of ``folder_order``).
         stage: ``None`` to accept any dict (foreign state dicts included); ``"pretrain"`` or ``"finetune"``
             to require a medhpm checkpoint of that stage holding every entry of ``keys``.
         map_location: as for ``torch.load``.
@@ -65,6 +72,8 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
             key (``"model_args.encoder"``) names a nested entry.
         purpose: what the checkpoint is for, said when it is of another stage
             (e.g. ``"prediction needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`)"``).
+        folder_order: checkpoint names tried in a run folder: :data:`RESUME_ORDER` (``last.pt`` first) or
+            :data:`MODEL_ORDER` (``best.pt`` first).
     Returns:
         The checkpoint dict.
     Raises:
@@ -72,7 +81,7 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
             ``weights_only`` refuses, is not a dict, or (with ``stage``) is not a medhpm checkpoint, is of
             another stage or lacks one of ``keys``.
     """
-    path = _resolve(Path(path))
+    path = resolve_checkpoint(path, folder_order)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
@@ -97,12 +106,15 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
 _UNSAFE = re.compile(r"global|not an allowed|Unsupported class|weights_only", re.IGNORECASE)
 
 
-def _resolve(path: Path) -> Path:
+def resolve_checkpoint(path: str | Path, folder_order: Sequence[str] = RESUME_ORDER) -> Path:
+    """``path`` itself if it is a file, else the first of ``folder_order`` in the run folder ``path``;
+    CheckpointError naming the path when there is none."""
+    path = Path(path)
     if path.is_dir():
-        for name in ("last.pt", "final.pt", "best.pt"):
+        for name in folder_order:
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"{path} is a folder without last.pt, final.pt or best.pt")
+        raise CheckpointError(f"{path} is a folder without {', '.join(folder_order[:-1])} or {folder_order[-1]}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path

@@ -38,7 +38,7 @@ import torch
 
 from medhpm import __version__
 from medhpm.config import Config, from_dict, to_dict
-from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.checkpoint import MODEL_ORDER, CheckpointError, load_checkpoint, resolve_checkpoint
 from medhpm.runtime.files import atomic_write_text, sha256_file
 from medhpm.segment.predict import Predictor, load_model
 
@@ -81,7 +81,7 @@ def _read_checkpoint(ckpt: Path) -> dict:
                           "(`medhpm finetune --init <this file>`), then export its best.pt")
     try:
         return load_checkpoint(ckpt, stage="finetune", keys=("config", "model_args", "model"),
-                               purpose=_FINETUNE_ONLY)
+                               purpose=_FINETUNE_ONLY, folder_order=MODEL_ORDER)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
 
@@ -537,8 +537,7 @@ def export_model(ckpt: str | Path, out: str | Path, fmt: str = "bundle", force: 
     if license_file is not None and not Path(license_file).is_file():
         raise ExportError(f"license file {license_file} does not exist; give the text file to ship as LICENSE")
     state = _read_checkpoint(ckpt)
-    if ckpt.is_dir():
-        ckpt = Path(_resolved_checkpoint(ckpt))
+    ckpt = resolve_checkpoint(ckpt, MODEL_ORDER)  # a run folder: the file read above
     model, cfg, classes = load_model(ckpt, state=state, purpose=_FINETUNE_ONLY)
     model = model.cpu().float().eval()
     args = state["model_args"]
@@ -601,13 +600,6 @@ def remove_stale_export_temps(out: Path) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
-
-
-def _resolved_checkpoint(folder: Path) -> Path:
-    for name in ("last.pt", "final.pt", "best.pt"):  # load_checkpoint's order for a run folder
-        if (folder / name).is_file():
-            return folder / name
-    return folder
 
 
 def _check_output(out: Path, ckpt: Path, force: bool) -> None:

@@ -42,7 +42,7 @@ from medhpm.data.volume_checks import grid_problem_of_affine
 from medhpm.evaluate.statistics import STATISTICS_CONVENTIONS, organ_statistics, statistics_csv
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
-from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.checkpoint import MODEL_ORDER, CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, inference_dtype, pick_device
 from medhpm.runtime.files import atomic_save_nifti, atomic_write_text, check_writable, refuse_overwriting_inputs
 
@@ -287,7 +287,8 @@ def load_model(path: str | Path, expect: Config | None = None,
     fine-tuning checkpoint: the one place prediction and export rebuild a trained network. ``purpose`` is
     said when the file is not a fine-tuning checkpoint; ``state``: the checkpoint, if already read."""
     if state is None:
-        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"), purpose=purpose)
+        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"), purpose=purpose,
+                                folder_order=MODEL_ORDER)
     try:
         cfg = from_dict(state["config"])
     except ValueError as e:
