@@ -343,7 +343,7 @@ def visualize_pretrain(
 
 @viz_app.command("segmentation")
 def visualize_segmentation(
-    image: Path = typer.Option(..., "--image", help="The CT scan (NIfTI)."),
+    image: Path = typer.Option(..., "--image", help="The CT scan (NIfTI file or DICOM series folder)."),
     label: Optional[Path] = typer.Option(None, "--label", help="Ground-truth label map."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="Predicted label map."),
     out: Path = typer.Option(..., "-o", "--out", help="PNG to write."),

@@ -115,3 +115,30 @@ def test_bad_arguments(tmp_path):
         segmentation_figure(img, lab, None, (1, 1, 3), tmp_path / "x.png", slices=[99])
     with pytest.raises(ValueError, match="window"):
         segmentation_figure(img, lab, None, (1, 1, 3), tmp_path / "x.png", window=(250, -175))
+
+
+def test_a_dicom_series_is_drawn_under_its_label_map(real_abdomen_dicom, tmp_path):
+    """`visualize segmentation --image` takes a DICOM series folder, as predict does: the real series and its
+    label map (LPS NIfTI on the series' grid) must land on one RAS grid, where the labels cover the organs'
+    intensities (README of tests/data/real_ct: liver about 89 HU, aorta about 177 HU)."""
+    from medhpm.viz.overlay import _load_canonical
+
+    folder, labels = real_abdomen_dicom
+    png = segmentation_figure_from_files(folder, labels, None, tmp_path / "real.png", slices=[10])
+    assert mpimg.imread(str(png)).shape[0] > 100
+    image, a = _load_canonical(folder, "image")
+    lab, b = _load_canonical(labels, "ground truth")
+    assert image.shape == lab.shape and np.abs(a - b).max() < 1e-3
+    assert 75 < image[lab == 6].mean() < 105 and 150 < image[lab == 8].mean() < 205
+    # a flipped image would put the aorta label elsewhere: the check above is not met by chance
+    assert not 150 < image[::-1][lab == 8].mean() < 205
+
+
+def test_an_image_that_is_not_a_scan_is_refused_with_a_sentence(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes\.txt is not a readable NIfTI image .*DICOM series folder"):
+        segmentation_figure_from_files(tmp_path / "notes.txt", None, None, tmp_path / "x.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is a folder without DICOM files"):
+        segmentation_figure_from_files(tmp_path / "empty", None, None, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

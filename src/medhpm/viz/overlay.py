@@ -210,12 +210,26 @@ def segmentation_figure(
 
 
 def _load_canonical(path: str | Path, what: str):
+    """(array, affine) of a NIfTI file or (the scan) a DICOM series folder, reoriented to RAS."""
     import nibabel as nib
+
+    from ..data.ct_reader import load_image
+    from ..data.scans import is_dicom_series
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} file {path} does not exist.")
-    img = nib.as_closest_canonical(nib.load(str(path)))
+    if path.is_dir():
+        if not is_dicom_series(path):
+            raise ValueError(f"{what} {path} is a folder without DICOM files; give a NIfTI file or a DICOM "
+                             "series folder.")
+        data, affine, _ = load_image(path, orientation="RAS")  # medhpm's CT reader, as predict reads it
+        return data, affine
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{what} file {path} is not a readable NIfTI image ({e}); give a NIfTI file "
+                         "(.nii / .nii.gz) or a DICOM series folder.") from None
     data = np.asanyarray(img.dataobj)
     while data.ndim > 3:  # (X, Y, Z, C): the first channel/time point is what we can show
         data = data[..., 0]
@@ -231,7 +245,8 @@ def segmentation_figure_from_files(
     out_png: str | Path,
     **kwargs,
 ) -> Path:
-    """Load NIfTI image / ground truth / prediction, reorient all to RAS and call ``segmentation_figure``.
+    """Load image (NIfTI or DICOM series folder) / ground truth / prediction (NIfTI), reorient all to RAS and
+    call ``segmentation_figure``.
 
     Reorienting with ``nibabel.as_closest_canonical`` first makes the figure radiological whatever the files'
     storage orientation (LPS from DICOM converters, RAS from MONAI, ...). Raises ValueError naming the files
