@@ -287,12 +287,13 @@ def export_model_cmd(
     """Export a fine-tuned model to run without medhpm, giving the label maps of `medhpm predict`.
 
     \b
-    bundle       a MONAI bundle: `python -m monai.bundle run`, MONAI Label and the model zoo tools load it;
-                 its configs/inference.json holds the same preprocessing, sliding window and inversion
-    onnx         model.onnx (one ROI in, logits out) for onnxruntime, with export.json: the preprocessing
-                 and sliding-window settings to reproduce `medhpm predict` in your own pipeline
-    torchscript  model.ts (one ROI in, logits out) for torch.jit.load alone, with the same export.json
-    Every export records the medhpm version, the checkpoint's sha256 and its config (docs/export.md).
+    bundle       a MONAI bundle (monai.bundle run, MONAI Label, model zoo
+                 tools); configs/inference.json: the same preprocessing,
+                 sliding window and inversion
+    onnx         model.onnx (one ROI in, logits out) for onnxruntime, and
+                 export.json: the settings to reproduce `medhpm predict`
+    torchscript  model.ts for torch.jit.load alone, and export.json
+    Each records the medhpm version, the checkpoint's sha256 and config.
     """
     from medhpm.segment.export import export_model
 
