@@ -454,6 +454,19 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   0.368 s (0.962x), pre-training 1.055x / 0.997x (no faults either way: noise), peak RSS 1.003x; the default
   demo from a fresh clone 369 s (6.2 min; every stage about 10 % slower than in the paired runs above,
   phantom generation included), Dice 86.57 / HD95 5.56 mm.
+* **Threads within a container's CPU quota: `runtime.threads=0` (the default), applied 2026-12-04.** A
+  container limited by a CFS quota (`docker --cpus`, a Kubernetes CPU limit) still sees every core of its
+  host and torch starts a thread per core; within the quota all of them run for the quota's share of each
+  100 ms period and are then stopped together, so every parallel region waits. `configure_threads(0)`
+  (the trainers, the probe and `medhpm predict`) now caps torch's count at the quota rounded down (cgroup v2
+  `cpu.max` or v1 `cpu.cfs_quota_us`, the smallest on the way up from the process's own cgroup), says so in
+  the run's first line, and leaves an explicit `runtime.threads=N`, `OMP_NUM_THREADS` or `MKL_NUM_THREADS`
+  alone. Measured with `python -m benchmarks.cpu_quota --cpus 1` (`cpu_quota_cpu.json`, 2026-12-04, the
+  Xeon above, 2 cores visible; a real v1 cgroup limited to 1 CPU, child processes moved into it, 3
+  alternating rounds of 4 steps): torch's own 2 threads against the capped 1, fine-tuning float32 1.114 ->
+  0.923 s (**0.83x**), bf16 0.686 -> 0.518 s (**0.76x**), pre-training 0.74x (float32) and 0.71x (bf16); a run
+  before it on the same code gave 0.81x, 0.74x, 0.76x, 0.74x. This machine can only show 2 threads in 1 CPU's
+  quota; a 64-core host with a 2-CPU limit runs 32 times its quota in threads, which was not measured here.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
 Fix 1 and 3 were applied after the recorded CPU run, fix 2 on 2026-11-26. A new run measures fix 2 as

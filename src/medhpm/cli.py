@@ -261,11 +261,18 @@ def predict(
         typer.echo(f"model: {resolve_checkpoint(model, MODEL_ORDER)}")
     pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
                                    output_on_cpu=not gpu_output, tta=tta, largest_component=largest_component)
-    from medhpm.runtime.device import configure_cpu_memory
+    from medhpm.runtime.device import configure_cpu_memory, configure_threads
 
     # the checkpoint's runtime.cpu_memory (auto: reuse on a CPU): each scan's full-size maps reuse the last
     # scan's pages (a demo phantom: 0.62 -> 0.49 s, docs/PERFORMANCE.md section 8)
     configure_cpu_memory(pr.cfg.runtime.cpu_memory, pr.device)
+    # torch's own thread count, within a container's CPU quota (not the training machine's runtime.threads)
+    capped = configure_threads(0)
+    if capped and pr.device.type == "cpu":
+        import torch
+
+        n = torch.get_num_threads()
+        typer.echo(f"prediction on {n} CPU thread{'' if n == 1 else 's'}: {capped}")
     results = pr.predict_path(input, out, save_probabilities=probabilities, split=split, statistics=statistics,
                               output_type=output_type)
     failed = [r for r in results if not r["ok"]]

@@ -172,7 +172,7 @@ class RuntimeConfig:
     # step's forward and losses (docs/PERFORMANCE.md); the old switch true/false reads as default/none
     compile: str = "none"
     deterministic: bool = False
-    threads: int = 0  # >= 0; torch intra-op threads on CPU; 0 = library default
+    threads: int = 0  # >= 0; torch intra-op threads on CPU; 0 = library default within the cgroup CPU quota
     # auto | reuse | release: whether glibc keeps the memory a CPU step frees for the next one (auto: reuse on
     # a CPU device under glibc; runtime/device.py configure_cpu_memory, docs/PERFORMANCE.md)
     cpu_memory: str = "auto"

@@ -86,9 +86,91 @@ def autocast(device: torch.device, dtype) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_threads(threads: int) -> None:
+# where a CPU limit lives: cgroup v2's cpu.max ("QUOTA PERIOD", or "max PERIOD" for none), else cgroup v1's
+# cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us, under the names the v1 cpu controller is mounted with
+_CGROUP_V1_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a user's explicit choice, never overridden
+
+
+def _own_cgroups(proc_cgroup: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(cgroup v2 path, cgroup v1 cpu-controller path) of this process, from /proc/self/cgroup."""
+    v2 = v1 = None
+    try:
+        lines = open(proc_cgroup).read().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            v2 = path
+        elif "cpu" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _up_to(root, path: str | None) -> list:
+    """``root/path`` and each folder above it up to ``root`` (a namespaced container's path is "/")."""
+    rel = [p for p in (path or "/").split("/") if p]
+    return [root.joinpath(*rel[:n]) for n in range(len(rel), -1, -1)]
+
+
+def _limit(quota: str, period: str) -> float | None:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def cpu_quota(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+              proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> float | None:
+    """The CPUs this process may use by its cgroup's CFS quota (``docker --cpus``, a Kubernetes CPU limit,
+    a batch scheduler's cgroup), e.g. 2.0: the smallest quota / period of its cgroup and the cgroups above
+    it (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``); None when none is set or readable."""
+    from pathlib import Path
+
+    root = Path(cgroup_root)
+    v2, v1 = _own_cgroups(proc_cgroup)
+    limits = []
+    for d in _up_to(root, v2):
+        try:
+            limits.append(_limit(*(d / "cpu.max").read_text().split()[:2]))
+        except (OSError, TypeError):
+            continue
+    if not any(f.exists() for f in (root / "cpu.max", root / "cgroup.controllers")):  # not a v2 hierarchy
+        for name in _CGROUP_V1_DIRS:
+            for d in _up_to(root / name, v1):
+                try:
+                    limits.append(_limit((d / "cpu.cfs_quota_us").read_text().strip(),
+                                         (d / "cpu.cfs_period_us").read_text().strip()))
+                except OSError:
+                    continue
+    limits = [x for x in limits if x is not None]
+    return min(limits) if limits else None
+
+
+def configure_threads(threads: int, cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+                      proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> str | None:
+    """``threads`` > 0: pin torch to that many threads. 0: torch's own count (every core it sees, which
+    follows the CPU affinity mask but not a cgroup CPU quota), capped at the quota rounded down (at least
+    1): a container limited to 2 CPUs on a 64-core host would otherwise run 64 threads in 2 CPUs' time,
+    and every parallel region would wait for threads the quota has stopped. Left alone when the
+    environment sets OMP_NUM_THREADS or MKL_NUM_THREADS. Returns what was capped, for the run's first line,
+    or None."""
     if threads and threads > 0:
         torch.set_num_threads(threads)
+        return None
+    if any(os.environ.get(k) for k in THREAD_ENV):
+        return None
+    quota = cpu_quota(cgroup_root, proc_cgroup)
+    have = torch.get_num_threads()
+    if quota is None or have <= max(int(quota), 1):
+        return None
+    torch.set_num_threads(max(int(quota), 1))
+    return f"the cgroup CPU quota of {quota:g} CPU{'' if quota == 1 else 's'} (torch would use {have})"
 
 
 # glibc's mallopt(3) parameters, and the values ``reuse`` sets: blocks up to 1 GiB come from the heap (not a

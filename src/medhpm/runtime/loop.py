@@ -129,7 +129,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device(f"cuda:{self.dist.local_rank}")
         self.amp_dtype = autocast_dtype(self.device, cfg.runtime.precision)
-        configure_threads(cfg.runtime.threads)
+        self.threads_capped = configure_threads(cfg.runtime.threads)
         self.cpu_memory = configure_cpu_memory(cfg.runtime.cpu_memory, self.device)
         if self.dist.is_main:
             check_writable(self.run_dir)  # full disk / read-only folder: fail now, not after an epoch
@@ -171,7 +171,8 @@ class Trainer:
             save_config(cfg, self.run_dir / f"config_{self.stage}.yaml")
         n_params = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
         n = torch.get_num_threads()
-        threads = f" ({n} thread{'s' if n != 1 else ''})" if self.device.type == "cpu" else ""
+        capped = f": {self.threads_capped}" if self.threads_capped else ""
+        threads = f" ({n} thread{'s' if n != 1 else ''}{capped})" if self.device.type == "cpu" else ""
         echo(
             f"[{self.stage}] device {self.device}{threads}, precision {self.amp_dtype or torch.float32}, world size "
             f"{self.dist.world_size}; {n_params / 1e6:.2f} M trainable parameters\n"
