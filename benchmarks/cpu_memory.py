@@ -39,13 +39,12 @@ POLICIES = ("release", "reuse")
 
 def child(policy: str, steps: int, threads: int) -> dict:
     """One process: apply ``policy``, then time the demo's steps (see the module text)."""
-    from benchmarks.demo_step import _finetune_variants, _pretrain_variants
-    from medhpm.runtime.device import configure_cpu_memory, cpu_has_native_bf16
+    from benchmarks.demo_step import native_demo_steps
+    from medhpm.runtime.device import configure_cpu_memory
 
     done = configure_cpu_memory(policy, "cpu")
     torch.set_num_threads(threads)
-    names = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
-    kinds = {**_finetune_variants(names)[0], **_pretrain_variants(names)[0]}
+    kinds = native_demo_steps()
     out = {}
     for kind, step in kinds.items():
         for _ in range(2):

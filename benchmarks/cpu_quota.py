@@ -64,15 +64,14 @@ def make_cgroup(cpus: float) -> Path:
 def child(mode: str, group: str, steps: int, torch_threads: int) -> dict:
     """One process, moved into ``group`` first: set the threads by ``mode``, then time the demo's steps."""
     (Path(group) / "cgroup.procs").write_text(str(os.getpid()))
-    from benchmarks.demo_step import _finetune_variants, _pretrain_variants
-    from medhpm.runtime.device import configure_threads, cpu_has_native_bf16, cpu_quota
+    from benchmarks.demo_step import native_demo_steps
+    from medhpm.runtime.device import configure_threads, cpu_quota
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     chose = torch.get_num_threads()
     said = configure_threads(0) if mode == "capped" else None
-    names = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
-    kinds = {**_finetune_variants(names)[0], **_pretrain_variants(names)[0]}
+    kinds = native_demo_steps()
     out = {}
     for kind, step in kinds.items():
         for _ in range(2):

@@ -135,6 +135,15 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
 PARTS = ("bf16", "channels_last", "channels_last_gn", "compile")
 
 
+def native_demo_steps() -> dict:
+    """The demo's fine-tuning and pre-training steps as it trains them on this CPU: float32, and bf16 where
+    the CPU computes it natively (``runtime.precision=bf16-native``). Keys ``finetune/fp32`` etc."""
+    from medhpm.runtime.device import cpu_has_native_bf16
+
+    names = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
+    return {**_finetune_variants(names)[0], **_pretrain_variants(names)[0]}
+
+
 def finetune_variant_names(variants: str = "", compile: bool = False, no_bf16: bool = False) -> list[str]:
     """The fine-tuning variants to measure: ``fp32`` (the baseline, always first), then the default set
     (``--compile`` adds the compiled two) or the comma-separated ``variants``, each of ``PARTS`` joined by
