@@ -367,7 +367,7 @@ def visualize_segmentation(
 # ---------------------------------------------------------------------------------------------- main job
 @app.command()
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="A smoke run in about 3 minutes (fewer phantoms and epochs)."),
+    quick: bool = typer.Option(False, "--quick", help="A smoke run (fewer phantoms and epochs): 30 s to 3 min on 2 CPU cores."),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
     overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
 ):

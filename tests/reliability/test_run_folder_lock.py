@@ -61,6 +61,28 @@ def test_two_runs_into_one_folder(good_data, tmp_path):
     assert lock.read_text() == ""  # released at the end: the next run finds no stale holder
 
 
+def test_two_demos_into_one_folder(tmp_path):
+    """The demo locks its folder before it looks at what is in it: a second demo with the very same settings
+    (which a finished folder would let resume) is refused while the first runs, and nothing of it is written."""
+    out = tmp_path / "demo"
+    lock = out / ".medhpm.lock"
+    args = ["demo", "--quick", "pretrain.steps_per_epoch=100000", "runtime.threads=1", "--out", out]
+    first = _start(args, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 240
+        while _holder(lock).get("pid") != first.pid:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.time() < deadline, "the first demo never took the lock"
+            time.sleep(0.2)
+        second = medhpm(*args)
+        assert_clean_error(second, f"{out} is in use by another demo", f"pid {first.pid}", "choose another --out")
+        assert first.poll() is None, "the refused demo disturbed the first one"
+        assert not (out / "report.html").exists() and not (out / "finetune").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+
+
 def test_a_run_folder_lock_is_taken_over_only_when_its_holder_is_gone(tmp_path):
     """The lock itself, between two real processes: held while its holder lives, free once it is killed."""
     from medhpm.runtime.files import RunFolderLocked, run_folder_lock
