@@ -159,7 +159,7 @@ def pretrain(
 
         run = run_pretrain(cfg, out, resume=resume is not None)
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"pre-training finished: {run} (final.pt, last.pt, metrics.jsonl, figures/)")
+        typer.echo(f"pre-training finished: {_written(run, 'final.pt', 'last.pt', 'metrics.jsonl', 'figures')}")
 
 
 class _interruptible:
@@ -229,7 +229,8 @@ def finetune(
 
         run = run_finetune(cfg, out, init=init, resume=resume is not None)
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"fine-tuning finished: {run} (best.pt, final.pt, metrics.jsonl)")
+        # no best.pt without validation cases (data.val_cases=0): say only what is there
+        typer.echo(f"fine-tuning finished: {_written(run, 'best.pt', 'final.pt', 'metrics.jsonl')}")
 
 
 @app.command()
@@ -408,6 +409,12 @@ def _triple(text: Optional[str], kind, name: str):
         example = "1.5,1.5,2.0" if kind is float else "96,96,96"
         raise typer.BadParameter(f"{name} must be three positive numbers like {example}, not {text!r}")
     return vals
+
+
+def _written(run: Path, *names: str) -> str:
+    """``run (a, b, ...)``: those of ``names`` that the run wrote (a folder with a trailing /)."""
+    there = [n + "/" if (Path(run) / n).is_dir() else n for n in names if (Path(run) / n).exists()]
+    return f"{run} ({', '.join(there)})"
 
 
 def _user_errors():

@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rel_helpers import assert_clean_error, ct_volume, medhpm, write_nifti
+from rel_helpers import assert_clean_error, ct_volume, medhpm, tiny, write_nifti
 
 
 def _model(finetune_run) -> Path:
@@ -105,3 +105,17 @@ def test_predict_refuses_two_dicom_series_of_one_name(finetune_run, dicom_series
     assert_clean_error(res, "p1_ct:", str(one), str(two), "more than one scan")
     assert "segmented" not in res.stdout
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_finetune_without_validation_names_only_the_files_it_wrote(good_data, tmp_path):
+    """With data.val_cases=0 there is no validation Dice and so no best.pt: the closing line must not send the
+    user looking for one, and predict from the folder takes final.pt."""
+    out = tmp_path / "ft"
+    res = medhpm("finetune", *tiny(good_data, "data.val_cases=0"), "--init", "none", "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not (out / "best.pt").exists() and (out / "final.pt").is_file()
+    assert f"fine-tuning finished: {out} (final.pt, metrics.jsonl)" in res.stdout
+    scan = json.loads(Path(good_data).read_text())["training"][1]["image"]
+    pred = medhpm("predict", "-m", out, "-i", Path(good_data).parent / scan, "-o", tmp_path / "pred")
+    assert pred.returncode == 0, pred.stdout + pred.stderr
+    assert f"model: {out / 'final.pt'}" in pred.stdout
