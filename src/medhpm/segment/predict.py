@@ -99,7 +99,9 @@ class Predictor:
         self.blend = blend or cfg.inference.blend
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be gaussian or constant, got {self.blend!r}")
-        self.sw_batch_size = sw_batch_size or cfg.inference.sw_batch_size
+        self.sw_batch_size = cfg.inference.sw_batch_size if sw_batch_size is None else int(sw_batch_size)
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size (windows per forward pass) must be at least 1, got {self.sw_batch_size}")
         self.output_on_cpu = output_on_cpu
         self.tta = bool(tta)  # test-time flips: mean softmax over the 8 flips of the three axes (nnU-Net's mirroring)
         if self.tta and cfg.data.flip_prob == 0:
