@@ -94,9 +94,11 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a user's explicit choice,
 
 def _own_cgroups(proc_cgroup: str | os.PathLike) -> tuple[str | None, str | None]:
     """(cgroup v2 path, cgroup v1 cpu-controller path) of this process, from /proc/self/cgroup."""
+    from pathlib import Path
+
     v2 = v1 = None
     try:
-        lines = open(proc_cgroup).read().splitlines()
+        lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
         return None, None
     for line in lines:
