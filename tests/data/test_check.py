@@ -262,6 +262,7 @@ def test_loader_and_check_apply_one_rule_set(tmp_path, nifti_writer, synthetic_c
     assert rep.errors[0].problem in str(e.value) and rep.errors[0].file in str(e.value)
 
 
+@pytest.mark.filterwarnings("error:Casting complex values")  # the check reports, it does not cast
 def test_complex_voxels_are_an_error_for_the_check_and_the_loader(clean_dataset, nifti_writer, synthetic_ct):
     """One rule set (issue 15): what data check calls unusable, the loader at the head of every chain refuses,
     naming the file; before, a complex image was silently cast to its real part."""

@@ -147,6 +147,8 @@ def _check_image(rep: CheckReport, split: str, case: str, path: str, arr: np.nda
         rep.add(problem.severity, split, case, path, problem.message)
     info["shape"] = [int(s) for s in arr.shape]
     info["spacing"] = [round(float(s), 4) for s in spacing_of(affine)]
+    if np.iscomplexobj(arr):  # already an error above; no HU range to report (a cast would warn)
+        return
     a = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float32)
     vals = a[np.isfinite(a)] if np.issubdtype(arr.dtype, np.floating) else a
     if vals.size:
