@@ -40,10 +40,10 @@ def make_cgroup(cpus: float) -> Path:
     """A new cgroup limited to ``cpus`` CPUs; SystemExit naming the reason where none can be made."""
     name = f"medhpm_bench_{os.getpid()}"
     reason: object = "no cgroup v1 cpu hierarchy and no v2 root with the cpu controller"
-    for base, v2 in ((Path("/sys/fs/cgroup/cpu"), False), (Path("/sys/fs/cgroup"), True)):
-        if v2 and not (base / "cgroup.controllers").exists():
-            continue
-        if not v2 and not (base / "cpu.cfs_quota_us").exists():
+    # (hierarchy, the file that shows it is one, cgroup v2?)
+    for base, marker, v2 in ((Path("/sys/fs/cgroup/cpu"), "cpu.cfs_quota_us", False),
+                             (Path("/sys/fs/cgroup"), "cgroup.controllers", True)):
+        if not (base / marker).exists():
             continue
         group = base / name
         try:
@@ -116,7 +116,9 @@ def main(argv=None) -> dict:
         return {}
     started = time.time()
     root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    from medhpm.runtime.device import THREAD_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}  # the children choose their threads
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     group = make_cgroup(a.cpus)
     children = []

@@ -30,6 +30,15 @@ def _holder(lock: Path) -> dict:
         return {}
 
 
+def _wait_for_lock(lock: Path, proc: subprocess.Popen, log: Path, what: str) -> None:
+    """Until ``proc`` holds ``lock`` (it must not exit first; at most 240 s)."""
+    deadline = time.time() + 240
+    while _holder(lock).get("pid") != proc.pid:
+        assert proc.poll() is None, log.read_text()
+        assert time.time() < deadline, f"the first {what} never took the lock"
+        time.sleep(0.2)
+
+
 def test_two_runs_into_one_folder(good_data, tmp_path):
     out = tmp_path / "run"
     lock = out / ".medhpm.lock"
@@ -37,11 +46,7 @@ def test_two_runs_into_one_folder(good_data, tmp_path):
     first = _start(["pretrain", *tiny(good_data, "pretrain.steps_per_epoch=100000"), "--out", out],
                    tmp_path / "first.log")
     try:
-        deadline = time.time() + 240
-        while _holder(lock).get("pid") != first.pid:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.time() < deadline, "the first run never took the lock"
-            time.sleep(0.2)
+        _wait_for_lock(lock, first, tmp_path / "first.log", "run")
         started = _holder(lock)["started"]
         t0 = time.time()
         second = medhpm("pretrain", *tiny(good_data), "--out", out)
@@ -69,11 +74,7 @@ def test_two_demos_into_one_folder(tmp_path):
     args = ["demo", "--quick", "pretrain.steps_per_epoch=100000", "runtime.threads=1", "--out", out]
     first = _start(args, tmp_path / "first.log")
     try:
-        deadline = time.time() + 240
-        while _holder(lock).get("pid") != first.pid:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.time() < deadline, "the first demo never took the lock"
-            time.sleep(0.2)
+        _wait_for_lock(lock, first, tmp_path / "first.log", "demo")
         second = medhpm(*args)
         assert_clean_error(second, f"{out} is in use by another demo", f"pid {first.pid}", "choose another --out")
         assert first.poll() is None, "the refused demo disturbed the first one"

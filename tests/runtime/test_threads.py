@@ -26,16 +26,21 @@ def test_zero_keeps_torchs_count_and_n_pins_it():
     assert torch.get_num_threads() == 1  # 0 changes nothing
 
 
-def test_the_trainer_pins_what_it_is_told_and_says_so(tiny_dataset, tmp_path, capsys):
+def _trainer_set_up(tiny_dataset, run_dir, threads: int) -> None:
+    """Set up (not run) a tiny pre-training run with ``runtime.threads=threads`` on the CPU."""
     from runtime_helpers import tiny_overrides
 
     from medhpm.pretrain.trainer import PretrainTrainer
 
-    torch.set_num_threads(1)
-    cfg = load_config("demo", tiny_overrides(tiny_dataset, "runtime.threads=2", "runtime.device=cpu"))
-    t = PretrainTrainer(cfg, tmp_path / "run")
+    cfg = load_config("demo", tiny_overrides(tiny_dataset, f"runtime.threads={threads}", "runtime.device=cpu"))
+    t = PretrainTrainer(cfg, run_dir)
     t.setup()
     t.logger.close()
+
+
+def test_the_trainer_pins_what_it_is_told_and_says_so(tiny_dataset, tmp_path, capsys):
+    torch.set_num_threads(1)
+    _trainer_set_up(tiny_dataset, tmp_path / "run", 2)
     assert torch.get_num_threads() == 2
     assert "[pretrain] device cpu (2 threads), precision" in capsys.readouterr().out
 
@@ -68,6 +73,13 @@ def _v1(tmp_path, quotas: dict, own="/", mount="cpu,cpuacct", period=100000):
     return root, proc
 
 
+def _no_thread_env(monkeypatch) -> None:
+    from medhpm.runtime.device import THREAD_ENV
+
+    for k in THREAD_ENV:
+        monkeypatch.delenv(k, raising=False)
+
+
 def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path):
     from medhpm.runtime.device import cpu_quota
 
@@ -86,8 +98,7 @@ def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path):
 def test_threads_zero_stay_within_the_quota_unless_the_user_chose(tmp_path, monkeypatch):
     from medhpm.runtime.device import configure_threads
 
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(k, raising=False)
+    _no_thread_env(monkeypatch)
     one_and_a_half = _v2(tmp_path / "q", **{"": "150000 100000"})
     torch.set_num_threads(3)  # what torch chose from the cores it sees
     said = configure_threads(0, *one_and_a_half)
@@ -104,22 +115,15 @@ def test_threads_zero_stay_within_the_quota_unless_the_user_chose(tmp_path, monk
 def test_the_trainer_says_when_the_quota_capped_its_threads(tiny_dataset, tmp_path, capsys, monkeypatch):
     import functools
 
-    from runtime_helpers import tiny_overrides
-
     import medhpm.runtime.loop as loop
-    from medhpm.pretrain.trainer import PretrainTrainer
     from medhpm.runtime.device import configure_threads
 
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(k, raising=False)
+    _no_thread_env(monkeypatch)
+    root, proc = _v2(tmp_path, **{"": "100000 100000"})  # 1 CPU
     monkeypatch.setattr(loop, "configure_threads",
-                        functools.partial(configure_threads, **dict(zip(("cgroup_root", "proc_cgroup"),
-                                                                        _v2(tmp_path, **{"": "100000 100000"})))))
+                        functools.partial(configure_threads, cgroup_root=root, proc_cgroup=proc))
     torch.set_num_threads(2)
-    cfg = load_config("demo", tiny_overrides(tiny_dataset, "runtime.threads=0", "runtime.device=cpu"))
-    t = PretrainTrainer(cfg, tmp_path / "run")
-    t.setup()
-    t.logger.close()
+    _trainer_set_up(tiny_dataset, tmp_path / "run", 0)
     assert torch.get_num_threads() == 1
     assert ("[pretrain] device cpu (1 thread: the cgroup CPU quota of 1 CPU (torch would use 2)), precision"
             in capsys.readouterr().out)
@@ -150,7 +154,9 @@ def test_a_real_cgroup_quota_caps_a_process_placed_in_it(tmp_path):
             "said = configure_threads(0)\n"
             "print(cpu_quota(), before, torch.get_num_threads(), said)\n"
         )
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        from medhpm.runtime.device import THREAD_ENV
+
+        env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
         r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 0, r.stderr
         quota, before, after, *said = r.stdout.split(maxsplit=3)
