@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -63,7 +64,6 @@ def test_predict_and_export_of_a_run_folder_use_its_best_checkpoint(tiny_checkpo
                         "-o", str(tmp_path / "pred"), "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
     assert f"model: {run / 'best.pt'}" in r.stdout
-    import nibabel as nib
 
     written = np.asarray(nib.load(str(next((tmp_path / "pred").glob("*.nii.gz")))).dataobj)
     np.testing.assert_array_equal(written, best)
