@@ -463,9 +463,10 @@ per step as counted below, i.e. about half the two cores' float32 peak): removin
   the run's first line, and leaves an explicit `runtime.threads=N`, `OMP_NUM_THREADS` or `MKL_NUM_THREADS`
   alone. Measured with `python -m benchmarks.cpu_quota --cpus 1` (`cpu_quota_cpu.json`, 2026-12-04, the
   Xeon above, 2 cores visible; a real v1 cgroup limited to 1 CPU, child processes moved into it, 3
-  alternating rounds of 4 steps): torch's own 2 threads against the capped 1, fine-tuning float32 1.114 ->
-  0.923 s (**0.83x**), bf16 0.686 -> 0.518 s (**0.76x**), pre-training 0.74x (float32) and 0.71x (bf16); a run
-  before it on the same code gave 0.81x, 0.74x, 0.76x, 0.74x. This machine can only show 2 threads in 1 CPU's
+  alternating rounds of 4 steps; recorded on the final code, bb20bd6): torch's own 2 threads against the capped
+  1, fine-tuning float32 1.107 -> 0.893 s (**0.81x**), bf16 0.694 -> 0.527 s (**0.76x**), pre-training 0.74x
+  (float32) and 0.72x (bf16); two runs before it, on the code of the change, gave 0.83x, 0.76x, 0.74x, 0.71x and
+  0.81x, 0.74x, 0.76x, 0.74x. This machine can only show 2 threads in 1 CPU's
   quota; a 64-core host with a 2-CPU limit runs 32 times its quota in threads, which was not measured here.
 
 ### Fixes for `src/`, measured as prototypes in the recorded CPU run; all three applied since
