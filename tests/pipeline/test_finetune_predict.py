@@ -118,3 +118,36 @@ def test_labelled_cases_limit_what_finetuning_learns_from(tiny_phantoms, tmp_pat
         assert val == {Path(e["image"]).name for e in dl["validation"]} and len(dl["training"]) == 4
         seen[seed] = train
         assert "learning from the labels of 2 of 4 training cases" in capsys.readouterr().out
+
+
+def test_finetuning_names_its_validation_cases(tiny_phantoms, tmp_path, capsys):
+    """The run's first lines say which cases it validates on and where they came from: the datalist's own
+    validation split, else data.val_cases drawn from the training cases (a user must keep those out of a
+    later test)."""
+    from medhpm.runtime.distributed import DistInfo
+    from medhpm.segment.trainer import FinetuneTrainer
+
+    src = Path(tiny_phantoms)
+    dl = json.loads(src.read_text())
+    given = [Path(e["image"]).name.split(".")[0] for e in dl["validation"]]
+    # the same cases without the validation split (paths made absolute, the JSON written elsewhere)
+    merged = {"labels": dl["labels"], "training": [
+        {k: str(src.parent / v) for k, v in e.items() if k in ("image", "label")}
+        for e in dl["training"] + dl["validation"]]}
+    (tmp_path / "no_val.json").write_text(json.dumps(merged))
+    for dataset, val_cases in ((src, 2), (tmp_path / "no_val.json", 2), (tmp_path / "no_val.json", 0)):
+        cfg = load_config("demo", TINY + [f"data.dataset={dataset}", f"data.val_cases={val_cases}"])
+        trainer = FinetuneTrainer(cfg, tmp_path / f"run{val_cases}", init=None)
+        trainer.dist = DistInfo()
+        trainer.build_data()
+        line = next(x for x in capsys.readouterr().out.splitlines() if "validation" in x)
+        val = [Path(e["image"]).name.split(".")[0] for e in trainer.val_entries]
+        if dataset == src:  # the datalist's split wins over data.val_cases
+            assert val == given and line.endswith("the datalist's validation split: " + ", ".join(given)), line
+            assert line.startswith(f"[finetune] {len(dl['training'])} training cases; 1 validation"), line
+        elif val_cases:
+            n = len(merged["training"])
+            assert len(val) == 2 and line.startswith(f"[finetune] {n - 2} training cases; 2 validation, drawn"), line
+            assert line.endswith(": " + ", ".join(val)), line
+        else:
+            assert val == [] and "no validation (data.val_cases=0)" in line, line

@@ -141,3 +141,31 @@ def test_visualize_pretrain_checkpoint_draws_the_training_figure(runs, tiny_phan
     assert abs(width - round(2.3 * columns * 90)) <= 2, width
     trainer_png = runs[method] / "figures" / "reconstruction_latest.png"
     assert abs(mpimg.imread(str(trainer_png)).shape[1] - width) <= 2
+
+
+def test_pretraining_reads_only_the_training_scans_and_says_so(tiny_phantoms, tmp_path, capsys):
+    """Self-pre-training reads the datalist's training scans and any label-free folder, never its
+    validation or test cases, and its first line says how many of each."""
+    import shutil
+    from pathlib import Path
+
+    from medhpm.pretrain.trainer import PretrainTrainer
+    from medhpm.runtime.distributed import DistInfo
+
+    src = Path(tiny_phantoms)
+    dl = json.loads(src.read_text())
+    extra = tmp_path / "unlabelled"
+    extra.mkdir()
+    for i, e in enumerate(dl["training"][:2]):
+        shutil.copy(src.parent / e["image"], extra / f"extra_{i}.nii.gz")
+    cfg = load_config("demo", TINY + [f"data.dataset={src}", f"data.extra_unlabelled=[{extra}]"])
+    trainer = PretrainTrainer(cfg, tmp_path / "run")
+    trainer.dist = DistInfo()
+    trainer.build_data()
+    read = {Path(e["image"]).name for e in trainer.entries}
+    held = {Path(e["image"]).name for e in dl["validation"] + dl["test"]}
+    assert len(read) == len(dl["training"]) + 2 and not read & held
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[pretrain]"))
+    n_val, n_test = len(dl["validation"]), len(dl["test"])
+    assert line == (f"[pretrain] {len(dl['training'])} training scans of {src} and 2 label-free scans "
+                    f"(data.extra_unlabelled); its {n_val} validation and {n_test} test cases are not read"), line

@@ -174,8 +174,15 @@ class PretrainTrainer(Trainer):
         dl = load_datalist(src, format=d.format, split=d.split)
         # self-pre-training uses the TRAINING scans only (paper section 1), plus any extra label-free scans
         entries = list(dl["training"])
+        n_extra = 0
         for extra in d.extra_unlabelled:
-            entries += [{"image": e["image"], "case": e["case"]} for e in load_datalist(extra, format="folder")["training"]]
+            more = load_datalist(extra, format="folder")["training"]
+            entries += [{"image": e["image"], "case": e["case"]} for e in more]
+            n_extra += len(more)
+        held = [f"{len(dl[k])} {k}" for k in ("validation", "test") if dl.get(k)]
+        echo(f"[pretrain] {len(dl['training'])} training scans of {src}"
+             + (f" and {n_extra} label-free scans (data.extra_unlabelled)" if n_extra else "")
+             + (f"; its {' and '.join(held)} cases are not read" if held else ""), self.dist)
         check_headers(entries)  # unreadable, 2D/4D, a label off its image's grid: before any training work
         labelled = all("label" in e for e in entries)
         self.entries = entries

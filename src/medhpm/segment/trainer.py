@@ -71,6 +71,7 @@ class FinetuneTrainer(Trainer):
         # still used them all)
         k = self.cfg.finetune.labelled_cases
         train, val, n = finetune_cases(dl, d.val_cases, k, seed=self.cfg.seed)
+        echo(f"[finetune] {_split_sentence(dl, val, n, d.val_cases)}", self.dist)
         if k:
             echo(f"[finetune] learning from the labels of {len(train)} of {n} training cases "
                  f"(finetune.labelled_cases={k}): {', '.join(e.get('case') or str(e['image']) for e in train)}", self.dist)
@@ -232,3 +233,16 @@ def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False
     if resume:
         check_resume(cfg, out_dir, "finetune")
     return FinetuneTrainer(cfg, out_dir, init=init, resume=resume).run()
+
+
+def _split_sentence(datalist: dict, val: list[dict], n: int, val_cases: int) -> str:
+    """Which cases fine-tuning validates on and where they came from, as the run's second line says it
+    (nnU-Net prints its fold's split too): the held-out names are what a user needs to keep them out of a
+    later test."""
+    names = ", ".join(e.get("case") or str(e["image"]) for e in val)
+    if not val:
+        return f"{n} training cases, no validation (data.val_cases=0): no best.pt, final.pt is the model"
+    given = any("label" in e for e in datalist.get("validation", []))
+    source = ("the datalist's validation split" if given
+              else f"drawn from the training cases by seed (data.val_cases={val_cases})")
+    return f"{n} training cases; {len(val)} validation, {source}: {names}"
