@@ -318,13 +318,17 @@ def evaluate(
     out: Path = typer.Option(..., "-o", "--out", help="Folder for metrics.json, metrics.csv and table.md."),
     method: str = typer.Option("model", help="Row name in the Table-1-style table."),
     surface_tolerance: Optional[float] = typer.Option(None, "--surface-tolerance", help="Normalised surface Dice tolerance in mm (default: finetune.surface_tolerance_mm, 1)."),
+    only_predicted: bool = typer.Option(False, "--only-predicted", help="Evaluate the ground-truth cases that have a prediction, skip the rest (default: every one must have one)."),
 ):
     """Per-case, per-organ Dice, HD95, surface Dice and ASSD (mm); a Table-1-style Markdown table."""
     from medhpm.evaluate.run import evaluate_predictions
 
     tol = {} if surface_tolerance is None else {"surface_tolerance_mm": surface_tolerance}
-    res = evaluate_predictions(pred, label, classes, out, method=method, **tol)
+    res = evaluate_predictions(pred, label, classes, out, method=method, only_predicted=only_predicted, **tol)
     mean = res["summary"]["mean"]
+    skipped = res["not_evaluated"]
+    if skipped:
+        typer.echo(f"{len(skipped)} ground-truth case(s) without a prediction not evaluated: {', '.join(skipped)}")
     typer.echo(f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
                f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md")
     table = Path(out) / "table.md"

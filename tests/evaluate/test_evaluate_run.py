@@ -62,7 +62,8 @@ def test_folders_metrics_files(btcv_folders, tmp_path):
     text = (out / "metrics.json").read_text()
     on_disk = json.loads(text, parse_constant=lambda c: pytest.fail(f"JSON contains {c}"))
     assert on_disk == m
-    assert set(m) == {"classes", "classes_source", "surface_tolerance_mm", "cases", "summary", "conventions"}
+    assert set(m) == {"classes", "classes_source", "surface_tolerance_mm", "cases", "not_evaluated",
+                      "summary", "conventions"}
     assert m["classes"] == {"1": "spleen", "6": "liver", "11": "pancreas"}
     assert set(m["cases"]) == {"0001", "0002"}
     assert set(m["summary"]) == {"1", "6", "11", "mean"}
@@ -176,6 +177,40 @@ def test_unmatched_cases_are_listed(tmp_path):
     msg = str(e.value)
     assert "label0003.nii.gz" in msg and "img0009.nii.gz" in msg
     assert "label0001" not in msg and "img0002" not in msg
+
+
+def test_only_predicted_evaluates_the_predicted_subset(tmp_path):
+    """A test subset predicted, the labels folder holding every case: refused by default with the way out
+    named; --only-predicted evaluates the predicted cases and records the others. A prediction without
+    ground truth stays an error."""
+    import subprocess
+    import sys
+
+    for n in ("0001", "0002", "0003"):
+        _save(_label(), tmp_path / "labels" / f"label{n}.nii.gz")
+    _save(_label(shift=2), tmp_path / "preds" / "img0001.nii.gz")
+    _save(_label(), tmp_path / "preds" / "img0002.nii.gz")
+    with pytest.raises(ValueError, match="label0003.nii.gz.*add --only-predicted"):
+        evaluate_predictions(tmp_path / "preds", tmp_path / "labels", CLASSES, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(tmp_path / "preds"),
+                        "--label", str(tmp_path / "labels"), "--classes", "spleen=1,liver=6",
+                        "--only-predicted", "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 ground-truth case(s) without a prediction not evaluated: 0003" in r.stdout
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert sorted(m["cases"]) == ["0001", "0002"] and m["not_evaluated"] == ["0003"]
+    # liver boxes of 10 voxels along x, one moved by 2: overlap 8 of 10 -> Dice 0.8; case 0002 is exact
+    assert m["cases"]["0001"]["6"]["dice"] == pytest.approx(0.8)
+    assert m["cases"]["0002"]["6"]["dice"] == pytest.approx(1.0)
+    assert m["summary"]["6"]["dice_mean"] == pytest.approx(0.9)
+    assert "2 case(s) (1 ground-truth case(s) without a prediction not evaluated" in (tmp_path / "o" / "table.md").read_text()
+
+    _save(_label(), tmp_path / "preds" / "img0009.nii.gz")
+    with pytest.raises(ValueError, match="img0009.nii.gz"):
+        evaluate_predictions(tmp_path / "preds", tmp_path / "labels", CLASSES, tmp_path / "o2",
+                             only_predicted=True)
 
 
 def test_probability_map_rejected_with_file_name(tmp_path):

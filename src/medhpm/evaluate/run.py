@@ -102,10 +102,13 @@ def _collect(source: Path, datalist_key: str, role: str) -> list[_Item]:
     return items
 
 
-def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: Path) -> list[tuple[_Item, _Item]]:
+def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: Path,
+           only_predicted: bool = False) -> tuple[list[tuple[_Item, _Item]], list[_Item]]:
+    """Pairs of (prediction, ground truth), and the ground truths left without a prediction (empty unless
+    ``only_predicted``: otherwise any unmatched file on either side is a ValueError)."""
     if len(preds) == 1 and len(labels) == 1 and not pred_src.is_dir() and not label_src.is_dir():
         if pred_src.suffix.lower() != ".json" and label_src.suffix.lower() != ".json":
-            return [(preds[0], labels[0])]  # two files given explicitly: their names need not agree
+            return [(preds[0], labels[0])], []  # two files given explicitly: their names need not agree
     pairs: list[tuple[_Item, _Item]] = []
     by_stem = {}
     for p in preds:
@@ -134,6 +137,12 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
         else:
             unmatched_labels.append(g)
     unmatched_preds = [p for p in preds if id(p) not in used]
+    skipped = []
+    if only_predicted and not unmatched_preds:
+        if not pairs:
+            raise ValueError(f"no prediction in {pred_src} matches a ground truth in {label_src}: nothing to "
+                             "evaluate.")
+        skipped, unmatched_labels = unmatched_labels, []
     if unmatched_labels or unmatched_preds:
         msg = []
         if unmatched_labels:
@@ -146,11 +155,13 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
                 f"{len(unmatched_preds)} prediction(s) in {pred_src} match no ground truth in {label_src}: "
                 + ", ".join(p.path.name for p in unmatched_preds)
             )
+        hint = (" To evaluate only the cases that have a prediction (a test subset against a folder of all the "
+                "labels), add --only-predicted." if unmatched_labels and not unmatched_preds else "")
         raise ValueError(
             "; ".join(msg) + ". Names match after removing .nii/.nii.gz, a '_0000' channel suffix, a "
-            "'_pred'/'_seg'/'_label' suffix and an 'img'/'image'/'label'/'seg'/'pred' prefix."
+            "'_pred'/'_seg'/'_label'/'_gt' suffix and an 'img'/'image'/'label'/'seg'/'pred' prefix." + hint
         )
-    return pairs
+    return pairs, skipped
 
 
 def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -262,6 +273,7 @@ def evaluate_predictions(
     *,
     method: str | None = None,
     surface_tolerance_mm: float = FinetuneConfig.surface_tolerance_mm,
+    only_predicted: bool = False,
 ) -> dict:
     """Per-case, per-organ Dice and HD95 (mm) of predictions against ground truth; writes the result files.
 
@@ -282,12 +294,16 @@ def evaluate_predictions(
         method: row name in table.md (default: the name of ``pred``).
         surface_tolerance_mm: tolerance of the normalised surface Dice (default: the config's
             ``finetune.surface_tolerance_mm``); ASSD needs none.
+        only_predicted: evaluate the ground-truth cases that have a prediction and skip the others (a test
+            subset against a folder of all the labels, as nnU-Net's evaluation does); metrics.json lists the
+            skipped ones under ``"not_evaluated"``. A prediction without ground truth stays an error.
 
     Matching rule: two files given directly are paired whatever their names. Otherwise cases pair by file name
     without ``.nii.gz``/``.nii``: exact names first, then names equal after removing any of a ``_0000``
     channel suffix (nnU-Net images), a ``_pred``/``_seg``/``_label``/``_gt`` suffix and an ``img``/``image``/
     ``label``/``seg``/``pred`` prefix (BTCV: ``img0001`` <-> ``label0001``, case ``0001``). Unmatched or
-    ambiguous files on either side raise ValueError listing them, before anything is computed. In a
+    ambiguous files on either side raise ValueError listing them, before anything is computed (with
+    ``only_predicted``, ground truths without a prediction are skipped instead). In a
     prediction folder, ``*_probs.nii.gz`` (probability maps written by the predictor) are skipped.
 
     Each pair must have the same shape and affine (within 1e-3), else ValueError naming both files.
@@ -304,7 +320,7 @@ def evaluate_predictions(
     refuse_overwriting_inputs([out_dir] + [out_dir / n for n in ("metrics.json", "metrics.csv", "table.md")],
                               [pred_src, label_src] + [it.path for it in pred_items + label_items],
                               hint="choose another output folder with -o")
-    pairs = _match(pred_items, label_items, pred_src, label_src)
+    pairs, skipped = _match(pred_items, label_items, pred_src, label_src, only_predicted)
     if classes is not None:
         table, source = parse_classes(classes), "given (--classes)"
     else:
@@ -354,6 +370,7 @@ def evaluate_predictions(
             "classes_source": source,
             "surface_tolerance_mm": tolerance,
             "cases": cases,
+            "not_evaluated": sorted(_case_name(g) for g in skipped),
             "summary": summarize(cases, classes),
             "conventions": CONVENTIONS,
         }
@@ -368,7 +385,10 @@ def evaluate_predictions(
     n_fp = sum(s["n_false_positive"] for s in per_label)
     note = (
         f"\nDSC in %, HD95 in mm; NSD (normalised surface Dice at {tolerance:g} mm) in %, ASSD in mm; "
-        f"{len(cases)} case(s); Avg = mean over the organs shown (classes: {source}). "
+        f"{len(cases)} case(s)"
+        + (f" ({len(skipped)} ground-truth case(s) without a prediction not evaluated: --only-predicted)"
+           if skipped else "")
+        + f"; Avg = mean over the organs shown (classes: {source}). "
         f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice and NSD 0, no HD95 or ASSD, so not "
         "in their means); organs absent from both are left out. See \"conventions\" in metrics.json.\n"
     )
