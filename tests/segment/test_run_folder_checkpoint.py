@@ -1,6 +1,6 @@
-"""A fine-tuning run folder given to `predict` or `export-model` means the run's trained model: its best.pt
-(the best validation Dice, the checkpoint the demo and experiments evaluate), not last.pt, which resuming
-reads. Here last.pt is made to predict something else, so a folder that resolved to it shows."""
+"""A fine-tuning run folder given to `predict`, `export-model` or `finetune --init` means the run's trained
+model: its best.pt (the best validation Dice, the checkpoint the demo and experiments evaluate), not last.pt,
+which resuming reads. Here last.pt is made to predict something else, so a folder that resolved to it shows."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
-from medhpm.runtime.checkpoint import MODEL_ORDER, RESUME_ORDER, resolve_checkpoint
+from medhpm.runtime.checkpoint import INIT_ORDER, MODEL_ORDER, RESUME_ORDER, resolve_checkpoint
+from medhpm.runtime.weights import load_encoder_weights
 from medhpm.segment.export import export_model
 from medhpm.segment.predict import Predictor
 
@@ -44,8 +46,10 @@ def test_resolution_orders(tmp_path):
     run.mkdir()
     (run / "final.pt").write_bytes(b"x")
     assert resolve_checkpoint(run, MODEL_ORDER) == run / "final.pt" == resolve_checkpoint(run, RESUME_ORDER)
-    for name in ("best.pt", "last.pt"):
-        (run / name).write_bytes(b"x")
+    (run / "last.pt").write_bytes(b"x")  # a pre-training folder (no best.pt): --init takes the newest weights
+    assert resolve_checkpoint(run, INIT_ORDER) == run / "last.pt"
+    (run / "best.pt").write_bytes(b"x")
+    assert resolve_checkpoint(run, INIT_ORDER) == run / "best.pt"
     assert resolve_checkpoint(run, MODEL_ORDER) == run / "best.pt"
     assert resolve_checkpoint(run, RESUME_ORDER) == run / "last.pt"
     assert resolve_checkpoint(run / "final.pt", MODEL_ORDER) == run / "final.pt"  # a file is itself
@@ -71,3 +75,27 @@ def test_predict_and_export_of_a_run_folder_use_its_best_checkpoint(tiny_checkpo
     export_model(run, tmp_path / "ts", "torchscript")
     record = json.loads((tmp_path / "ts" / "export.json").read_text())
     assert record["checkpoint"] == str((run / "best.pt").resolve())
+
+
+def test_finetune_init_from_a_fine_tuning_folder_takes_its_best_encoder(tiny_checkpoint, tmp_path):
+    """`--init RUN` of a fine-tuning run (fine-tuning again, on other data): the encoder of best.pt, named as
+    a fine-tuning checkpoint in the report; --teacher is refused with a sentence (it has no teacher)."""
+    run = tmp_path / "finetune"
+    run.mkdir()
+    shutil.copy(tiny_checkpoint, run / "best.pt")
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    best_enc = {k: v.clone() for k, v in state["model"].items() if k.startswith("encoder.")}
+    for k in best_enc:
+        state["model"][k] = torch.full_like(state["model"][k], 0.5)
+    for name in ("last.pt", "final.pt"):
+        torch.save(state, run / name)
+
+    model = Predictor.from_checkpoint(run / "last.pt", device="cpu").model
+    report = load_encoder_weights(model, run)
+    assert report.source == str(run / "best.pt") and report.source_format == "medhpm-finetune"
+    loaded = model.state_dict()
+    for k, v in best_enc.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError) as e:
+        load_encoder_weights(model, run, use_teacher=True)
+    assert str(run / "best.pt") in str(e.value) and "fine-tuning checkpoint" in str(e.value) and "--teacher" in str(e.value)

@@ -10,6 +10,9 @@ Sources (``source_format`` in the report):
     our pre-training checkpoint (``.pt``/``.pth``, ``torch.load``-able dict with ``"model"``,
     ``"teacher"``, ``"model_args"``): ``model["encoder.<key>"] -> <key>`` (``teacher`` when
     ``use_teacher``); decoder, mask token and loss-predictor keys are *ignored*, not missing.
+``medhpm-finetune``
+    our fine-tuning checkpoint (``"stage": "finetune"``): the UNETR's ``encoder.*`` keys; its decoder keys
+    are *ignored*.
 ``medhpm-safetensors``
     our exported ``encoder.safetensors`` (keys exactly as in ``ViTEncoder``) with its ``encoder.json``
     sidecar next to it; the sidecar's ``sha256`` must match the weights file.
@@ -206,7 +209,7 @@ class EncoderSource:
     """A state dict on its way into an encoder (``medhpm.runtime.weights`` builds one from a file)."""
 
     label: str  # the file (or "<state dict>"), named in every error
-    container: str | None  # "medhpm-pretrain", "medhpm-safetensors" or None (plain state dict)
+    container: str | None  # "medhpm-pretrain", "medhpm-finetune", "medhpm-safetensors" or None (plain state dict)
     state: dict[str, torch.Tensor]
     encoder_args: dict | None = None  # the encoder config the file records, if any
     notes: list[str] = field(default_factory=list)
@@ -217,16 +220,21 @@ def encoder_source(obj: Mapping, label: str = "<state dict>", use_teacher: bool 
     """Find the encoder's state dict in a loaded checkpoint or state dict: our pre-training checkpoint
     (``model``, or ``teacher`` when ``use_teacher``), a trainer's ``state_dict`` / ``model`` entry, or the
     dict itself."""
-    if "model" in obj and "model_args" in obj:  # our pre-training checkpoint
+    if "model" in obj and "model_args" in obj:  # our pre-training (or fine-tuning) checkpoint
         which = "teacher" if use_teacher else "model"
         state = obj.get(which)
+        if state is None and obj.get("stage") == "finetune":
+            raise ValueError(
+                f"{label} is a fine-tuning checkpoint: it holds the fine-tuned UNETR, no EMA teacher. Load it "
+                "without --teacher (use_teacher), or give the pre-training run.")
         if state is None:
             raise ValueError(
                 f"{label} has no EMA teacher weights ('teacher' is empty): the pre-training ran without a "
                 "teacher (e.g. the MAE baseline). Load the student instead (use_teacher=False)."
             )
         args = obj["model_args"].get("encoder") if isinstance(obj["model_args"], Mapping) else None
-        src = EncoderSource(label, "medhpm-pretrain", dict(state), encoder_args=args)
+        kind = "medhpm-finetune" if obj.get("stage") == "finetune" else "medhpm-pretrain"
+        src = EncoderSource(label, kind, dict(state), encoder_args=args)
         if use_teacher:
             src.notes.append("weights of the EMA teacher (use_teacher=True), not of the student")
         return src

@@ -52,11 +52,13 @@ def load_error_reason(e: BaseException) -> str:
     return first.split(". ")[0][:200]
 
 
-# Which checkpoint of a run folder a command reads. Continuing a run, or taking its encoder: the newest
-# weights first. Using a fine-tuning run's trained model (predict, export): the best validation Dice first,
+# Which checkpoint of a run folder a command reads. Continuing a run: the newest weights first. Using a fine-tuning run's trained model (predict, export): the best validation Dice first,
 # the checkpoint the demo and experiments evaluate, so a folder gives the figures its report shows.
+# Initialising fine-tuning from a run folder (``--init RUN``): a fine-tuning run's reported model (best.pt,
+# which only fine-tuning writes), else a pre-training run's newest weights.
 RESUME_ORDER = ("last.pt", "final.pt", "best.pt")
 MODEL_ORDER = ("best.pt", "final.pt", "last.pt")
+INIT_ORDER = ("best.pt", "last.pt", "final.pt")
 
 
 def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu", keys: Sequence[str] = ("model",),

@@ -5,7 +5,10 @@
     sidecar also gives the encoder configuration the weights were trained with.
 any other file
     read by :func:`medhpm.runtime.checkpoint.load_checkpoint` (``torch.load`` with ``weights_only=True``):
-    our pre-training checkpoint, or a foreign state dict (MONAI, SelfMedMAE, 2D timm / MAE).
+    our pre-training or fine-tuning checkpoint, or a foreign state dict (MONAI, SelfMedMAE, 2D timm / MAE).
+a run folder
+    its ``best.pt`` (a fine-tuning run's model), else ``last.pt``, else ``final.pt``
+    (``medhpm.runtime.checkpoint.INIT_ORDER``).
 
 Every error names the file.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from medhpm.models.transfer import EncoderSource, LoadReport, encoder_source, load_encoder_state
-from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.checkpoint import INIT_ORDER, CheckpointError, load_checkpoint, resolve_checkpoint
 from medhpm.runtime.files import sha256_file
 
 __all__ = ["load_encoder_weights", "read_encoder_source", "read_encoder_sidecar", "sidecar_path"]
@@ -68,6 +71,7 @@ def read_encoder_source(path: str | Path, use_teacher: bool = False) -> EncoderS
                 "of weights; export the teacher instead or load the pre-training checkpoint."
             )
         return _read_safetensors(path)
+    path = resolve_checkpoint(path, INIT_ORDER)  # a run folder: the file, named in the report and errors
     return encoder_source(load_checkpoint(path), label=str(path), use_teacher=use_teacher)
 
 
