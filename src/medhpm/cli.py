@@ -195,14 +195,15 @@ def _stage_cfg(stage: str, config: str, overrides, deterministic: bool, out: Opt
 
 @app.command("export-encoder")
 def export_encoder_cmd(
-    ckpt: Path = typer.Argument(..., help="A pre-training checkpoint (final.pt, last.pt, best.pt)."),
+    ckpt: Path = typer.Argument(..., help="A pre-training checkpoint (final.pt, last.pt) or run folder."),
     out: Path = typer.Option(..., "-o", "--out", help="encoder.safetensors to write (a .json sidecar goes beside it)."),
     teacher: bool = typer.Option(False, "--teacher", help="Export the EMA teacher's encoder instead of the student's."),
+    force: bool = typer.Option(False, "--force", help="Replace an encoder already at --out."),
 ):
     """Export the pre-trained encoder as safetensors with a JSON sidecar (metadata, sha256)."""
     from medhpm.pretrain.trainer import export_encoder
 
-    path = export_encoder(ckpt, out, use_teacher=teacher)
+    path = export_encoder(ckpt, out, use_teacher=teacher, force=force)
     typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
 
 

@@ -91,7 +91,7 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
         else:  # reused: made with this method and model (a shared folder may have been made by another run)
             check_resume(cfg, pt, "pretrain")
         if not enc.exists():
-            export_encoder(pt / "final.pt", enc)
+            export_encoder(pt / "final.pt", enc, force=True)  # a sidecar without weights: an export cut short
         init = str(enc)
         result["pretrain"] = str(pt)
     ft = out / "finetune"

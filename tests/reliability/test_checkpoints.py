@@ -50,6 +50,30 @@ def test_finetune_init_from_a_tampered_encoder_export(pretrain_ckpt, good_data, 
     assert_nothing_complete(tmp_path / "run")
 
 
+def test_export_encoder_over_an_earlier_export_is_refused(pretrain_ckpt, tmp_path):
+    """A second export onto the same -o would replace weights a fine-tuning run may have started from: refused
+    before anything is read, both files kept byte for byte; --force replaces them."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "enc" / "encoder.safetensors"
+    res = medhpm("export-encoder", pretrain_ckpt, "-o", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    side = out.with_suffix(".json")
+    before = (out.read_bytes(), side.read_bytes())
+    res = medhpm("export-encoder", pretrain_ckpt, "--teacher", "-o", out)
+    assert_clean_error(res, f"{out} and {side} already exist", "nothing was written", "--force")
+    assert (out.read_bytes(), side.read_bytes()) == before
+    res = medhpm("export-encoder", pretrain_ckpt, "--teacher", "-o", out, "--force")
+    assert res.returncode == 0, res.stdout + res.stderr
+    state = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)
+    teacher = {k[len("encoder."):]: v for k, v in state["teacher"].items() if k.startswith("encoder.")}
+    written = load_file(str(out))
+    assert set(written) == set(teacher)
+    for k, v in teacher.items():
+        torch.testing.assert_close(written[k], v, rtol=0, atol=0)
+    assert '"weights": "teacher"' in side.read_text()
+
+
 def test_finetune_init_from_a_truncated_checkpoint(pretrain_ckpt, good_data, tmp_path):
     cut = truncate(Path(shutil.copy(pretrain_ckpt, tmp_path / "cut.pt")))
     res = medhpm("finetune", *tiny(good_data), "--init", cut, "--out", tmp_path / "run")

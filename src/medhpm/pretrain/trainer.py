@@ -420,14 +420,22 @@ def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- export
-def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False) -> Path:
-    """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata."""
+def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False, force: bool = False) -> Path:
+    """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata.
+
+    An existing ``out`` or sidecar is refused before the checkpoint is read (a fine-tuning run may have
+    been initialised from it, and its sidecar records its sha256), unless ``force``."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
     refuse_overwriting_inputs([out, sidecar_path(out)], [ckpt], hint="choose another --out")
+    there = [p for p in (out, sidecar_path(out)) if p.exists()]
+    if there and not force:
+        raise FileExistsError(f"{' and '.join(map(str, there))} already exist{'s' if len(there) == 1 else ''} (an "
+                              "encoder exported before); nothing was written. Name another -o, or pass --force "
+                              "to replace it")
     state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch", "config.model",
                                                           "config.data", "config.pretrain", "model_args.encoder"),
                             purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
