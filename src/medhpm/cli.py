@@ -465,9 +465,28 @@ def _message(e: BaseException) -> str:
     return msg
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """medhpm's own warnings as one ``warning: ...`` line, like its errors (not Python's
+    ``path.py:124: UserWarning: ...`` with a source line under it); other packages' warnings as Python
+    shows them."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    import functools
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MEDHPM_DEBUG") == "1"
+    shown_as = warnings.showwarning
+    if not debug:
+        warnings.showwarning = functools.partial(_show_warning, _default=shown_as)
     try:
         # standalone mode: typer/click print usage errors and exit with their own codes
         app(args=argv, prog_name="medhpm")
@@ -480,6 +499,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise
         print(f"error: {_message(shown)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.showwarning = shown_as
 
 
 if __name__ == "__main__":

@@ -84,6 +84,25 @@ def test_predict_with_largest_component_writes_single_component_organs(tiny_chec
 
 
 
+def test_the_command_line_shows_medhpms_warning_as_one_line(tiny_checkpoint, seg_phantoms, tmp_path):
+    """--tta on a model trained without flips warns (the tiny model: data.flip_prob 0); the command line says
+    it as `warning: ...`, like its errors, not as Python's `predict.py:108: UserWarning:` with a source line.
+    --debug keeps Python's form."""
+    dl = json.loads(Path(seg_phantoms).read_text())
+    scan = Path(seg_phantoms).parent / dl["test"][0]["image"]
+    cmd = [sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint), "-i", str(scan),
+           "--device", "cpu", "--tta"]
+    r = subprocess.run(cmd + ["-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert (tmp_path / "out" / scan.name).exists()
+    flagged = [x for x in r.stderr.splitlines() if "flips" in x]
+    assert flagged and flagged[0].startswith("warning: test-time flips on a model trained without flips"), r.stderr
+    assert "UserWarning" not in r.stderr and "predict.py" not in r.stderr, r.stderr
+    debug = cmd[:3] + ["--debug"] + cmd[3:]
+    r = subprocess.run(debug + ["-o", str(tmp_path / "out2")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "UserWarning: test-time flips" in r.stderr, r.stderr
+
+
 def test_the_postprocessing_benchmark_writes_its_json(tiny_checkpoint, seg_phantoms, tmp_path):
     import shutil
 
