@@ -73,6 +73,8 @@ def phantom(
     spacing: Optional[str] = typer.Option(None, help="Voxel spacing in mm as X,Y,Z (default: varied per case)."),
     variability: str = typer.Option("standard", help="standard (portal-venous, full abdomen) or wide (every "
                                     "contrast phase, scanner, build, lesions, partial fields of view; docs/phantoms.md)."),
+    dicom: bool = typer.Option(False, "--dicom", help="Also write each CT as a DICOM series (dicom/CASE/) with "
+                               "the UIDs a DICOM-SEG references: try predict --output-type both on it."),
 ):
     """Write synthetic abdominal CT phantoms (NIfTI, BTCV labels) with an MSD-style dataset.json."""
     from medhpm.data.phantom import write_phantom_dataset
@@ -82,8 +84,8 @@ def phantom(
         raise typer.BadParameter(f"--variability must be standard or wide, not {variability!r}")
     path = write_phantom_dataset(out, cases=cases, seed=seed, size=_triple(size, int, "--size"),
                                  spacing=_triple(spacing, float, "--spacing"), progress=True,
-                                 variability=variability)
-    typer.echo(f"wrote {cases} phantom cases and {path}")
+                                 variability=variability, dicom=dicom)
+    typer.echo(f"wrote {cases} phantom cases and {path}" + (f"; DICOM series in {Path(out) / 'dicom'}" if dicom else ""))
 
 
 @data_app.command("datalist")

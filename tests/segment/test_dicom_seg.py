@@ -5,6 +5,7 @@ segment has its organ's name and code. The series is a phantom written here with
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,32 @@ def test_a_series_without_uids_is_refused_for_dicom_seg_before_any_work(real_abd
     assert f"{folder}: the series has no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID" in r.stderr
     assert "nothing was predicted. Use --output-type nifti" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_phantom_dicom_predicts_into_a_seg_that_references_it(tiny_checkpoint, tmp_path):
+    """`medhpm phantom --dicom` gives a series to try DICOM in, DICOM-SEG out without data: the SEG references
+    every slice, and the NIfTI prediction lies on the phantom's own grid (evaluated against its label map as
+    is)."""
+    from medhpm.data.phantom import write_phantom_dataset
+
+    data = tmp_path / "phd"
+    write_phantom_dataset(data, cases=2, seed=4, size=(40, 36, 10), spacing=(4.0, 4.0, 5.0), dicom=True)
+    series = data / "dicom" / "phantom_001"  # an LPS case
+    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint),
+                        "-i", str(series), "-o", str(tmp_path / "out"), "--output-type", "both", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    seg = hd.seg.segread(str(tmp_path / "out" / "phantom_001_seg.dcm"))
+    src = [pydicom.dcmread(str(f)) for f in sorted(series.glob("*.dcm"))]
+    assert seg.StudyInstanceUID == src[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == src[0].FrameOfReferenceUID
+    referenced = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
+                  for i in s.ReferencedInstanceSequence}
+    assert referenced == {str(d.SOPInstanceUID) for d in src}
+    # the NIfTI prediction lies on the phantom's own grid, so it is evaluated against its label map as is
+    pred = nib.load(str(tmp_path / "out" / "phantom_001.nii.gz"))
+    label = nib.load(str(data / "labelsTr" / "phantom_001.nii.gz"))
+    assert pred.shape == label.shape
+    np.testing.assert_allclose(pred.affine, label.affine, atol=1e-3)
+    meta = json.loads((data / "dataset.json").read_text())
+    assert all(e["image"].startswith("imagesTr/") for e in meta["training"])  # the datalist stays NIfTI

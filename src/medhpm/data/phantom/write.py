@@ -86,6 +86,7 @@ def write_phantom_dataset(
     split: Sequence[float] = (0.6, 0.2, 0.2),
     progress: bool = False,
     variability: str = "standard",
+    dicom: bool = False,
 ) -> pathlib.Path:
     """Write ``cases`` phantom volumes, their label maps and an MSD-style ``dataset.json``.
 
@@ -95,6 +96,9 @@ def write_phantom_dataset(
     RAS (even ``i``) and LPS (odd ``i``) headers. Every file is written atomically and
     ``dataset.json`` is written last, so its presence means the data set is complete.
     ``variability``: ``standard`` or ``wide`` (see ``medhpm.data.phantom.variability``).
+    ``dicom``: also write each case's CT as a DICOM series, ``out_dir/dicom/phantom_000/IM0001.dcm ...``
+    (``medhpm.data.phantom.dicom``: the NIfTI's grid, with the UIDs a DICOM-SEG references); dataset.json
+    still lists the NIfTI files.
     Returns the path of ``dataset.json``.
     """
     cases = _check_cases(cases)
@@ -114,7 +118,7 @@ def write_phantom_dataset(
         from tqdm import tqdm
 
         indices = tqdm(indices, desc="phantom", unit="case")
-    entries = [_write_case(out, i, seed, size, spacing, variability) for i in indices]
+    entries = [_write_case(out, i, seed, size, spacing, variability, dicom) for i in indices]
     path = out / "dataset.json"
     meta = _dataset_meta(entries, counts, seed, variability)
     _atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
@@ -145,7 +149,7 @@ def _check_cases(cases) -> int:
     return int(cases)
 
 
-def _write_case(out: pathlib.Path, i: int, seed: int, size, spacing, variability: str) -> dict:
+def _write_case(out: pathlib.Path, i: int, seed: int, size, spacing, variability: str, dicom: bool = False) -> dict:
     """Generate case ``i`` (RAS when ``i`` is even, LPS when odd), write its image and label map, and
     return its datalist entry (with what a wide case drew under ``phantom``)."""
     case = generate_case(case_seed(seed, i), size=size, spacing=spacing,
@@ -153,6 +157,11 @@ def _write_case(out: pathlib.Path, i: int, seed: int, size, spacing, variability
     name = f"phantom_{i:03d}.nii.gz"
     _atomic_write(out / "imagesTr" / name, _nifti_bytes(case.image, case.affine, np.int16))
     _atomic_write(out / "labelsTr" / name, _nifti_bytes(case.label, case.affine, np.uint8))
+    if dicom:
+        from medhpm.data.phantom.dicom import write_ct_series
+
+        write_ct_series(case.image.astype(np.int16), case.affine, out / "dicom" / f"phantom_{i:03d}",
+                        case=f"phantom_{i:03d}", seed=seed)
     entry = {"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"}
     if case.variation:
         entry["phantom"] = case.variation
