@@ -322,12 +322,13 @@ def evaluate(
     method: str = typer.Option("model", help="Row name in the Table-1-style table."),
     surface_tolerance: Optional[float] = typer.Option(None, "--surface-tolerance", help="Normalised surface Dice tolerance in mm (default: finetune.surface_tolerance_mm, 1)."),
     only_predicted: bool = typer.Option(False, "--only-predicted", help="Evaluate the ground-truth cases that have a prediction, skip the rest (default: every one must have one)."),
+    split: str = typer.Option("test", "--split", help="Which list of a datalist --label (or --pred) is read: test, validation or training."),
 ):
     """Per-case, per-organ Dice, HD95, surface Dice and ASSD (mm); a Table-1-style Markdown table."""
     from medhpm.evaluate.run import evaluate_predictions
 
     tol = {} if surface_tolerance is None else {"surface_tolerance_mm": surface_tolerance}
-    res = evaluate_predictions(pred, label, classes, out, method=method, only_predicted=only_predicted, **tol)
+    res = evaluate_predictions(pred, label, classes, out, split, method=method, only_predicted=only_predicted, **tol)
     mean = res["summary"]["mean"]
     skipped = res["not_evaluated"]
     if skipped:

@@ -141,6 +141,35 @@ def test_datalist_labels_match_predictions_named_after_images(tmp_path):
                              datalist_key="validation")
 
 
+def test_split_chooses_the_list_of_a_datalist_on_the_command_line(tmp_path):
+    """Predictions of the validation cases against the datalist: the test list is read by default, and the
+    error names the list read and --split; `--split validation` evaluates them."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "ds"
+    for c in ("v1", "t1"):
+        _save(_label(), root / "labelsTr" / f"{c}.nii.gz")
+    dl = {"training": [], "labels": {"0": "background", "6": "liver"},
+          "validation": [{"image": "imagesTr/v1.nii.gz", "label": "labelsTr/v1.nii.gz"}],
+          "test": [{"image": "imagesTr/t1.nii.gz", "label": "labelsTr/t1.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(dl))
+    _save(_label(shift=2), tmp_path / "pred" / "v1.nii.gz")
+    cmd = [sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(tmp_path / "pred"), "--label",
+           str(root / "dataset.json")]
+    r = subprocess.run(cmd + ["-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"in the 'test' list of {root / 'dataset.json'}: v1.nii.gz" in r.stderr, r.stderr
+    assert "--split test|validation|training" in r.stderr and not (tmp_path / "o").exists()
+    r = subprocess.run(cmd + ["--split", "validation", "-o", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert list(m["cases"]) == ["v1"] and m["cases"]["v1"]["6"]["dice"] == pytest.approx(0.8)
+    r = subprocess.run(cmd + ["--split", "valid", "-o", str(tmp_path / "o2")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "has no 'valid' list (its lists: test, training, validation)" in r.stderr, r.stderr
+
+
 def test_two_files_pair_whatever_their_names(tmp_path):
     lab = _save(_label(), tmp_path / "gt.nii.gz")
     pred = _save(_label(shift=1), tmp_path / "my_prediction.nii")

@@ -75,8 +75,9 @@ def _collect(source: Path, datalist_key: str, role: str) -> list[_Item]:
     except json.JSONDecodeError as e:
         raise ValueError(f"datalist {source} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or datalist_key not in data:
-        keys = sorted(data) if isinstance(data, dict) else []
-        raise ValueError(f"datalist {source} has no {datalist_key!r} list (keys: {keys}); choose datalist_key.")
+        lists = sorted(k for k, v in data.items() if isinstance(v, list)) if isinstance(data, dict) else []
+        raise ValueError(f"datalist {source} has no {datalist_key!r} list (its lists: {', '.join(lists) or 'none'}); "
+                         "choose one with --split (datalist_key).")
     # Predictions may sit under "pred"; otherwise "label" holds the map to read.
     has_pred = any(isinstance(e, dict) and "pred" in e for e in data[datalist_key])
     field = "pred" if role == "pred" and has_pred else "label"
@@ -102,8 +103,13 @@ def _collect(source: Path, datalist_key: str, role: str) -> list[_Item]:
     return items
 
 
+def _described(source: Path, datalist_key: str) -> str:
+    """A source as the messages name it: a datalist with the list that was read."""
+    return f"the {datalist_key!r} list of {source}" if source.suffix.lower() == ".json" else str(source)
+
+
 def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: Path,
-           only_predicted: bool = False) -> tuple[list[tuple[_Item, _Item]], list[_Item]]:
+           only_predicted: bool = False, datalist_key: str = "test") -> tuple[list[tuple[_Item, _Item]], list[_Item]]:
     """Pairs of (prediction, ground truth), and the ground truths left without a prediction (empty unless
     ``only_predicted``: otherwise any unmatched file on either side is a ValueError)."""
     if len(preds) == 1 and len(labels) == 1 and not pred_src.is_dir() and not label_src.is_dir():
@@ -137,6 +143,7 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
         else:
             unmatched_labels.append(g)
     unmatched_preds = [p for p in preds if id(p) not in used]
+    pred_src, label_src = _described(pred_src, datalist_key), _described(label_src, datalist_key)
     skipped = []
     if only_predicted and not unmatched_preds:
         if not pairs:
@@ -157,6 +164,8 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
             )
         hint = (" To evaluate only the cases that have a prediction (a test subset against a folder of all the "
                 "labels), add --only-predicted." if unmatched_labels and not unmatched_preds else "")
+        if unmatched_preds and label_src.startswith("the "):
+            hint += " A datalist is read for one list: --split test|validation|training chooses it."
         raise ValueError(
             "; ".join(msg) + ". Names match after removing .nii/.nii.gz, a '_0000' channel suffix, a "
             "'_pred'/'_seg'/'_label'/'_gt' suffix and an 'img'/'image'/'label'/'seg'/'pred' prefix." + hint
@@ -320,7 +329,7 @@ def evaluate_predictions(
     refuse_overwriting_inputs([out_dir] + [out_dir / n for n in ("metrics.json", "metrics.csv", "table.md")],
                               [pred_src, label_src] + [it.path for it in pred_items + label_items],
                               hint="choose another output folder with -o")
-    pairs, skipped = _match(pred_items, label_items, pred_src, label_src, only_predicted)
+    pairs, skipped = _match(pred_items, label_items, pred_src, label_src, only_predicted, datalist_key)
     if classes is not None:
         table, source = parse_classes(classes), "given (--classes)"
     else:
