@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pytest
 import torch
 

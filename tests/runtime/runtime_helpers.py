@@ -3,7 +3,6 @@ Python or ``torchrun``) with tiny settings, read their logs and checkpoints."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

@@ -65,8 +65,6 @@ class DicomSeriesReader(PydicomReader):
         return len(names) == 1 and (Path(names[0]).is_dir() or is_dicom_file(names[0]))
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
-        import pydicom
-
         names = ensure_tuple(data)
         if len(names) != 1:
             raise DataError(f"{names}: give one DICOM series folder (or file) per image")
