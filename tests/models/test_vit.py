@@ -132,13 +132,15 @@ def test_ids_keep_gathers_position_embedding_first():
     assert sub.shape == (2, 2, 48)
 
 
-def test_embedding_only_kept_patches_matches_embedding_all_then_gathering():
+@pytest.mark.parametrize("chans", [1, 2])
+def test_embedding_only_kept_patches_matches_embedding_all_then_gathering(chans):
     """The visible-token path (patches gathered, then a matrix product) against the plain reference:
-    the Conv3d over the whole volume, plus the position embedding, gathered; outputs and gradients."""
+    the Conv3d over the whole volume, plus the position embedding, gathered; outputs and gradients, whose
+    strides are the parameters' own (DDP's gradient buckets copy, and warn about, any other layout)."""
     torch.manual_seed(4)
-    enc = micro(in_chans=2)
+    enc = micro(in_chans=chans)
     enc.set_pos_embed_learnable(True)
-    x = torch.randn(2, 2, 16, 24, 8)
+    x = torch.randn(2, chans, 16, 24, 8)
     ids = torch.stack([torch.randperm(6)[:3], torch.randperm(6)[:3]])
 
     def reference(e):
@@ -148,7 +150,7 @@ def test_embedding_only_kept_patches_matches_embedding_all_then_gathering():
             tokens = blk(tokens)
         return e.norm(tokens)
 
-    ref_enc = micro(in_chans=2)
+    ref_enc = micro(in_chans=chans)
     ref_enc.set_pos_embed_learnable(True)
     ref_enc.load_state_dict(enc.state_dict())
     out, _ = enc(x, ids_keep=ids)
@@ -161,6 +163,7 @@ def test_embedding_only_kept_patches_matches_embedding_all_then_gathering():
         got = dict(enc.named_parameters())[name].grad
         want = dict(ref_enc.named_parameters())[name].grad
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+        assert got.stride() == dict(enc.named_parameters())[name].stride(), name
     # patches never kept get no gradient through the position embedding
     dropped = sorted(set(range(6)) - set(ids.flatten().tolist()))
     if dropped:

@@ -234,14 +234,20 @@ class PatchEmbed3d(nn.Module):
         """Tokens of the patches ``ids`` (``(B, K)`` token indices) only: ``forward(x)`` gathered at ``ids``,
         without embedding the patches that are dropped (a masked autoencoder keeps a quarter of them).
 
-        The convolution with stride = kernel is a matrix product per patch: the Conv3d weight
-        ``(D, C, ph, pw, pd)`` laid out in :func:`patchify`'s voxel order ``(ph, pw, pd, C)``.
+        The convolution with stride = kernel is a matrix product per patch: the kept patches, in
+        :func:`patchify`'s voxel order ``(ph, pw, pd, C)``, laid out as the Conv3d weight ``(D, C, ph, pw, pd)``
+        is (the same order when C = 1, as for CT). The weight is only flattened, so its gradient has the
+        weight's own strides: a permuted weight gave a gradient whose strides DDP's buckets do not share
+        ("Grad strides do not match bucket view strides" under torchrun, and a copy every step).
         """
         w = self.proj.weight
-        p = w.shape[-1]
+        d, c, p = w.shape[0], w.shape[1], w.shape[-1]
         patches = patchify(x, p)  # (B, N, P^3 C)
         patches = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, P^3 C)
-        return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
+        if c > 1:
+            b, k = patches.shape[:2]
+            patches = patches.reshape(b, k, p ** 3, c).transpose(2, 3).reshape(b, k, c * p ** 3)
+        return F.linear(patches, w.reshape(d, -1), self.proj.bias)
 
 
 def init_weights_mae(module: nn.Module) -> None:
