@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from medhpm.config import METHODS, Config, check_resume, load_config, to_dict
 from medhpm.data.datalist import load_datalist
-from medhpm.data.sources import resolve_dataset
+from medhpm.data.sources import phantoms_written, resolve_dataset
 from medhpm.evaluate.run import evaluate_predictions
 from medhpm.pretrain.trainer import export_encoder, pretrain
 from medhpm.runtime.checkpoint import MODEL_ORDER, resolve_checkpoint
@@ -38,10 +38,20 @@ QUICK_OVERRIDES = [
 
 
 class Stages:
-    """Runs named stages in order, printing progress and timing each one."""
+    """Runs named stages in order, printing progress and timing each one.
 
-    def __init__(self, total: int):
-        self.total, self.n, self.times = total, 0, {}
+    With a ``record`` file (the demo's ``timings.json``) the times are written there after every stage, so
+    that a call cut short keeps what its finished stages took. A stage finished by an earlier call (a resumed
+    folder) is :meth:`skip`-ped: it keeps the time the record gives it and is listed in ``kept``."""
+
+    def __init__(self, total: int, record: Path | None = None):
+        self.total, self.n, self.times, self.kept = total, 0, {}, []
+        self.record = record
+        self.earlier = _read_timings(record) if record is not None else {}
+
+    def _write(self) -> None:
+        if self.record is not None:
+            atomic_write_text(self.record, json.dumps(self.times, indent=2))
 
     def run(self, name: str, fn, *a, **kw):
         self.n += 1
@@ -50,7 +60,18 @@ class Stages:
         out = fn(*a, **kw)
         self.times[name] = round(time.time() - t0, 1)
         print(f"=== {name}: done in {self.times[name]:.1f} s ===", flush=True)
+        self._write()
         return out
+
+    def skip(self, name: str) -> None:
+        self.n += 1
+        took = self.earlier.get(name)
+        if isinstance(took, (int, float)):
+            self.times[name] = took
+        self.kept.append(name)
+        print(f"\n=== [{self.n}/{self.total}] {name}: done before"
+              + (f" (in {took:.1f} s)" if isinstance(took, (int, float)) else "") + ", kept ===", flush=True)
+        self._write()
 
 
 def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | None = None, init: str | None = None,
@@ -90,6 +111,7 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
             stages.run(f"self-pre-training ({pretrain_method})", pretrain, cfg, pt, resume=(pt / "last.pt").exists())
         else:  # reused: made with this method and model (a shared folder may have been made by another run)
             check_resume(cfg, pt, "pretrain")
+            stages.skip(f"self-pre-training ({pretrain_method})")
         if not enc.exists():
             export_encoder(pt / "final.pt", enc, force=True)  # a sidecar without weights: an export cut short
         init = str(enc)
@@ -97,6 +119,8 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
     ft = out / "finetune"
     if not (ft / "final.pt").exists():
         stages.run("UNETR fine-tuning", finetune, cfg, ft, init=init, resume=(ft / "last.pt").exists())
+    else:
+        stages.skip("UNETR fine-tuning")
     result["finetune"] = str(ft)
     pred_dir = out / "predictions"
     best = resolve_checkpoint(ft, MODEL_ORDER)  # best.pt: what `medhpm predict -m RUN/finetune` uses too
@@ -115,6 +139,8 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
                              cfg.finetune.reported, out / "evaluation", method=name,
                              surface_tolerance_mm=cfg.finetune.surface_tolerance_mm)
     else:
+        stages.skip("prediction of the test scans")
+        stages.skip("evaluation (Dice, HD95)")
         metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     result["metrics"] = str(out / "evaluation" / "metrics.json")
     result["summary"] = metrics["summary"]
@@ -134,15 +160,23 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, overrides: list
 def _run_demo(out: Path, quick: bool, ov: list[str], cfg: Config) -> Path:
     _claim_demo_folder(out, quick, ov)
     t_start = time.time()
-    stages = Stages(7)
-    dataset = stages.run("phantom CT data", resolve_dataset, cfg.data, out)
+    stages = Stages(6, record=out / "timings.json")
+    if phantoms_written(cfg.data, out):
+        dataset = resolve_dataset(cfg.data, out)
+        stages.skip("phantom CT data")
+    else:
+        dataset = stages.run("phantom CT data", resolve_dataset, cfg.data, out)
     res = run_stages(cfg, out, dataset, pretrain_method="hpm", stages=stages)
-    stages.run("figures and report", write_demo_report, out, cfg, res, stages.times, quick)
-    total = time.time() - t_start
+    stages.run("figures and report", write_demo_report, out, cfg, res, stages.times, quick, stages.kept)
+    wall = time.time() - t_start
+    # the demo's time: this call's, plus what the stages it found done took when they ran
+    total = wall + sum(stages.times.get(k, 0.0) for k in stages.kept)
     stages.times["total"] = round(total, 1)
     atomic_write_text(out / "timings.json", json.dumps(stages.times, indent=2))
     mean = res["summary"]["mean"]
-    print(f"\nmedhpm demo finished in {total / 60:.1f} min: mean Dice over the reported organs "
+    took = f"{wall / 60:.1f} min" + (f" ({len(stages.kept)} stages done before; {total / 60:.1f} min in all)"
+                                     if stages.kept else "")
+    print(f"\nmedhpm demo finished in {took}: mean Dice over the reported organs "
           f"{mean.get('dice_mean', float('nan')):.3f}, mean HD95 {mean.get('hd95_mean') or float('nan'):.1f} mm")
     print(_layout(out))
     return out / "report.html"
@@ -188,7 +222,16 @@ def _layout(out: Path) -> str:
     return "\n".join(lines)
 
 
-def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: bool) -> Path:
+def _read_timings(path: Path) -> dict:
+    """The stage times a demo folder's last call recorded (empty for a new or unreadable record)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: bool, kept=()) -> Path:
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     dl = load_datalist(Path(cfg.data.dataset) if cfg.data.dataset != "phantom" else out / "phantom" / "dataset.json")
@@ -204,7 +247,8 @@ def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: boo
                            figs / "curves.png", title="training curves")
     recon = out / "pretrain" / "figures" / "reconstruction_latest.png"
     table = (out / "evaluation" / "table.md").read_text()
-    stage_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in times.items()]
+    stage_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}" + (" (an earlier call)" if k in kept else "")]
+                                           for k, v in times.items()]
     m = res["summary"]["mean"]
     sections = [
         {"title": "Summary", "text": (

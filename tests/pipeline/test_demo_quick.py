@@ -45,6 +45,20 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "Resolved configuration" in html and "Run times" in html
     assert (out / "pretrain" / "encoder.safetensors").exists() and (out / "finetune" / "best.pt").exists()
 
+    # the same demo again: every finished stage is kept with the time it took, and timings.json keeps them
+    r1 = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--quick", "--out", str(out)],
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
+    kept = ("phantom CT data", "self-pre-training (hpm)", "UNETR fine-tuning", "prediction of the test scans",
+            "evaluation (Dice, HD95)")
+    for n, stage in enumerate(kept, start=1):
+        assert f"=== [{n}/6] {stage}: done before (in {timings[stage]:.1f} s), kept ===" in r1.stdout, stage
+    assert "=== [6/6] figures and report ===" in r1.stdout and "5 stages done before" in r1.stdout
+    again = json.loads((out / "timings.json").read_text())
+    assert {k: again[k] for k in kept} == {k: timings[k] for k in kept}
+    assert again["total"] >= sum(timings[k] for k in kept)
+    assert json.loads((out / "evaluation" / "metrics.json").read_text()) == metrics
+
     # the folder is resumable, so a default demo into it must refuse rather than report the quick results
     r2 = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--out", str(out)],
                         capture_output=True, text=True, timeout=300)
@@ -52,3 +66,27 @@ def test_quick_demo_end_to_end(tmp_path):
     msg = r2.stdout + r2.stderr
     assert "demo_settings.json" in msg and "'quick': True" in msg and "--out" in msg
     assert json.loads((out / "evaluation" / "metrics.json").read_text()) == metrics  # nothing overwritten
+
+
+def test_stage_times_are_recorded_after_each_stage_and_kept_when_skipped(tmp_path, capsys):
+    """A call cut short keeps the times of the stages it finished; the next call skips them with those."""
+    from medhpm.pipeline import Stages
+
+    record = tmp_path / "timings.json"
+    first = Stages(3, record=record)
+    first.run("a", lambda: None)
+    assert set(json.loads(record.read_text())) == {"a"}  # written before the next stage starts
+    try:
+        first.run("b", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    except KeyboardInterrupt:
+        pass
+    took_a = json.loads(record.read_text())["a"]
+    second = Stages(3, record=record)
+    second.skip("a")
+    second.run("b", lambda: None)
+    second.skip("c")  # done before, but never timed: kept without a time
+    assert second.kept == ["a", "c"] and second.times["a"] == took_a and "c" not in second.times
+    out = capsys.readouterr().out
+    assert f"=== [1/3] a: done before (in {took_a:.1f} s), kept ===" in out
+    assert "=== [3/3] c: done before, kept ===" in out
+    assert set(json.loads(record.read_text())) == {"a", "b"}

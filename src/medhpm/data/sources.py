@@ -24,18 +24,31 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
         return path
 
     out = Path(work_dir) / "phantom"
-    stamp = out / "phantom.json"
-    want = {"cases": cfg.phantom_cases, "seed": cfg.phantom_seed}
-    if cfg.phantom_variability != "standard":  # stamps of standard data sets stay as they were
-        want["variability"] = cfg.phantom_variability
-    if stamp.exists() and (out / "dataset.json").exists():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return out / "dataset.json"
-        except json.JSONDecodeError:
-            pass
+    if phantoms_written(cfg, work_dir):
+        return out / "dataset.json"
+    stamp, want = out / "phantom.json", _phantom_stamp(cfg)
     path = write_phantom_dataset(out, cases=cfg.phantom_cases, seed=cfg.phantom_seed,
                                  variability=cfg.phantom_variability)
 
     atomic_write_text(stamp, json.dumps(want))
     return path
+
+
+def _phantom_stamp(cfg: DataConfig) -> dict:
+    want = {"cases": cfg.phantom_cases, "seed": cfg.phantom_seed}
+    if cfg.phantom_variability != "standard":  # stamps of standard data sets stay as they were
+        want["variability"] = cfg.phantom_variability
+    return want
+
+
+def phantoms_written(cfg: DataConfig, work_dir: str | Path) -> bool:
+    """Whether ``work_dir/phantom`` already holds the phantoms ``cfg`` asks for (so that
+    :func:`resolve_dataset` only returns their path)."""
+    out = Path(work_dir) / "phantom"
+    stamp = out / "phantom.json"
+    if not (stamp.exists() and (out / "dataset.json").exists()):
+        return False
+    try:
+        return json.loads(stamp.read_text()) == _phantom_stamp(cfg)
+    except json.JSONDecodeError:
+        return False
