@@ -38,6 +38,7 @@ from medhpm.evaluate.classes import parse_classes
 from medhpm.evaluate.paired import paired_difference
 from medhpm.evaluate.tables import aggregate_seeds, mean_std, paper_table
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
+from medhpm.pipeline import EVALUATE_STAGE, FINETUNE_STAGE, PREDICT_STAGE, PRETRAIN_STAGE
 from medhpm.runtime.logging import read_metrics
 from medhpm.segment.probe import run_probe
 from medhpm.viz.report import grid_figure
@@ -262,6 +263,80 @@ def _pretrain_cost(pt: Path) -> dict | None:
         "peak_memory_kind": summ.get("peak_memory_kind")}
 
 
+def _summary_steps(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _budget(runs: list[dict], probes: list[dict] | None = None) -> dict:
+    """Per method: the optimizer steps of pre-training and fine-tuning, and the wall time of each stage per
+    run, from each run's ``timings.json`` (``python -m medhpm.pipeline`` writes it); a stage a run found
+    done (a pre-training shared by a grid, a resumed run's finished stages) counts where it ran, once."""
+    methods: dict = {}
+    total, timed, seen_pt = 0.0, 0, set()
+    for r in runs:
+        e = methods.setdefault(r["method"], {"pretrain_steps": [], "finetune_steps": [], "pretrain_s": [],
+                                             "finetune_s": [], "predict_evaluate_s": [], "runs": 0})
+        e["runs"] += 1
+        pt = r.get("pretrain_dir") or r["dir"] / "pretrain"
+        if r["method"] in METHODS and pt not in seen_pt:
+            seen_pt.add(pt)
+            steps = _summary_steps(pt)
+            if steps is not None:
+                e["pretrain_steps"].append(steps)
+        steps = _summary_steps(r["dir"] / "finetune")
+        if steps is not None:
+            e["finetune_steps"].append(steps)
+        try:
+            times = json.loads((r["dir"] / "timings.json").read_text())
+        except (OSError, ValueError):
+            continue  # a run made before runs recorded their times
+        timed += 1
+        stage_s = {k: float(v) for k, v in times.items() if isinstance(v, (int, float))}
+        total += sum(stage_s.values())
+        pre = stage_s.get(PRETRAIN_STAGE.format(method=r["method"]))
+        if pre is not None:
+            e["pretrain_s"].append(pre)
+        if FINETUNE_STAGE in stage_s:
+            e["finetune_s"].append(stage_s[FINETUNE_STAGE])
+        rest = [stage_s[k] for k in (PREDICT_STAGE, EVALUATE_STAGE) if k in stage_s]
+        if rest:
+            e["predict_evaluate_s"].append(sum(rest))
+    probe_s = sum(float(p["result"].get("seconds") or 0.0) for p in probes or [])
+    return {"methods": methods, "stage_seconds": total, "probe_seconds": probe_s, "runs": len(runs),
+            "timed_runs": timed}
+
+
+def _budget_md(budget: dict) -> str:
+    def steps(v):
+        return "n/a" if not v else (f"{v[0]}" if min(v) == max(v) else f"{min(v)}-{max(v)}")
+
+    def mean_sd(v, scale):
+        if not v:
+            return "n/a"
+        m, sd, _ = mean_std([x / scale for x in v])
+        return f"{m:.1f} ± {sd if math.isfinite(sd) else 0:.1f}" if len(v) > 1 else f"{m:.1f}"
+
+    lines = ["| method | pre-training steps | fine-tuning steps | pre-training (min) | fine-tuning (min) | "
+             "prediction + evaluation (s) | runs |", "|---|---|---|---|---|---|---|"]
+    for m, e in budget["methods"].items():
+        lines.append(f"| {LABELS.get(m, m)} | {steps(e['pretrain_steps']) if m in METHODS else '-'} | "
+                     f"{steps(e['finetune_steps'])} | {mean_sd(e['pretrain_s'], 60) if m in METHODS else '-'} | "
+                     f"{mean_sd(e['finetune_s'], 60)} | {mean_sd(e['predict_evaluate_s'], 1)} | {e['runs']} |")
+    untimed = budget["runs"] - budget["timed_runs"]
+    probes = (f", and the frozen-encoder probes {budget['probe_seconds'] / 60:.1f} min"
+              if budget.get("probe_seconds") else "")
+    note = (f"Wall time per run, mean ± std over the runs that ran the stage (each run's `timings.json`). "
+            f"All stages of the {budget['timed_runs']} timed runs: **{budget['stage_seconds'] / 60:.1f} min**"
+            f"{probes}; a pre-training shared by a grid's runs counts once; the start-up of each run's process "
+            "is not included.")
+    if untimed:
+        note += f" {untimed} run(s) were made before runs recorded their times and are not counted."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 def _paired(per_seed: dict[str, dict], methods: list[str]) -> dict:
     """``{"A-B": paired_difference(...)}`` for the :data:`PAIRS` among ``methods``; ``per_seed`` maps a
     method to ``{seed: value}``."""
@@ -316,11 +391,13 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probe
                   for m in methods}
         figure = grid_figure(series, out / f"dice_vs_{_value_name(grid['key'])}.png", xlabel=grid["key"],
                              title=f"{spec['name']}: mean ± std over seeds {spec['seeds']}")
-    md = _results_md(spec, cfg, classes, cells_out, probe_out, costs, figure, out)
+    budget = _budget(runs, probes)
+    md = _results_md(spec, cfg, classes, cells_out, probe_out, costs, figure, out) + \
+        f"\n## Budget and wall time\n\n{_budget_md(budget)}"
     atomic_write_text(out / "results.md", md)
     payload = {"spec": spec, "interval": INTERVAL, "confidence": CONFIDENCE, "grid": grid,
                "cells": cells_out, "probe": probe_out,
-               "pretrain_cost": costs, "figure": figure.name if figure else None}
+               "pretrain_cost": costs, "budget": budget, "figure": figure.name if figure else None}
     if not grid:  # the layout of experiments without a grid, as before
         payload["methods"] = cells_out[0]["aggregate"]
         payload["per_seed"] = per_cell[None]

@@ -37,6 +37,13 @@ QUICK_OVERRIDES = [
 ]
 
 
+# the names of run_stages' stages, as timings.json records them (the experiment runner reads them back)
+PRETRAIN_STAGE = "self-pre-training ({method})"
+FINETUNE_STAGE = "UNETR fine-tuning"
+PREDICT_STAGE = "prediction of the test scans"
+EVALUATE_STAGE = "evaluation (Dice, HD95)"
+
+
 class Stages:
     """Runs named stages in order, printing progress and timing each one.
 
@@ -108,19 +115,19 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
         pt = Path(pretrain_dir) if pretrain_dir is not None else out / "pretrain"
         enc = pt / "encoder.safetensors"
         if not (pt / "final.pt").exists():
-            stages.run(f"self-pre-training ({pretrain_method})", pretrain, cfg, pt, resume=(pt / "last.pt").exists())
+            stages.run(PRETRAIN_STAGE.format(method=pretrain_method), pretrain, cfg, pt, resume=(pt / "last.pt").exists())
         else:  # reused: made with this method and model (a shared folder may have been made by another run)
             check_resume(cfg, pt, "pretrain")
-            stages.skip(f"self-pre-training ({pretrain_method})")
+            stages.skip(PRETRAIN_STAGE.format(method=pretrain_method))
         if not enc.exists():
             export_encoder(pt / "final.pt", enc, force=True)  # a sidecar without weights: an export cut short
         init = str(enc)
         result["pretrain"] = str(pt)
     ft = out / "finetune"
     if not (ft / "final.pt").exists():
-        stages.run("UNETR fine-tuning", finetune, cfg, ft, init=init, resume=(ft / "last.pt").exists())
+        stages.run(FINETUNE_STAGE, finetune, cfg, ft, init=init, resume=(ft / "last.pt").exists())
     else:
-        stages.skip("UNETR fine-tuning")
+        stages.skip(FINETUNE_STAGE)
     result["finetune"] = str(ft)
     pred_dir = out / "predictions"
     best = resolve_checkpoint(ft, MODEL_ORDER)  # best.pt: what `medhpm predict -m RUN/finetune` uses too
@@ -134,13 +141,13 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
         return res
 
     if not (out / "evaluation" / "metrics.json").exists():
-        stages.run("prediction of the test scans", _predict)
-        metrics = stages.run("evaluation (Dice, HD95)", evaluate_predictions, pred_dir, dataset,
+        stages.run(PREDICT_STAGE, _predict)
+        metrics = stages.run(EVALUATE_STAGE, evaluate_predictions, pred_dir, dataset,
                              cfg.finetune.reported, out / "evaluation", method=name,
                              surface_tolerance_mm=cfg.finetune.surface_tolerance_mm)
     else:
-        stages.skip("prediction of the test scans")
-        stages.skip("evaluation (Dice, HD95)")
+        stages.skip(PREDICT_STAGE)
+        stages.skip(EVALUATE_STAGE)
         metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     result["metrics"] = str(out / "evaluation" / "metrics.json")
     result["summary"] = metrics["summary"]
@@ -290,8 +297,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.pretrain_dir is not None and args.pretrain is None:
         ap.error("--pretrain-dir needs --pretrain METHOD")
     with run_folder_lock(args.out, what="pipeline run"):
+        # each run records its stage times (the experiment's budget table reads them)
+        stages = Stages(4 if args.pretrain else 3, record=args.out / "timings.json")
         run_stages(load_config(args.config), args.out, args.dataset, pretrain_method=args.pretrain, init=args.init,
-                   name=args.name, pretrain_dir=args.pretrain_dir)
+                   name=args.name, stages=stages, pretrain_dir=args.pretrain_dir)
 
 
 if __name__ == "__main__":

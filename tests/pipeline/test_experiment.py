@@ -33,6 +33,12 @@ def test_experiment_runs_tables_and_skips_finished_runs(tiny_phantoms, tmp_path)
         assert (out / "runs" / m / "seed0" / "evaluation" / "metrics.json").exists()
     assert not (out / "runs" / "scratch" / "seed0" / "pretrain").exists()
     assert not (out / "runs" / "unet" / "seed0" / "pretrain").exists()
+    # each run recorded its stage times; the budget table reads them (hpm: 3 pre-training steps, 3 fine-tuning)
+    hpm_times = json.loads((out / "runs" / "hpm" / "seed0" / "timings.json").read_text())
+    assert set(hpm_times) == {"self-pre-training (hpm)", "UNETR fine-tuning", "prediction of the test scans",
+                              "evaluation (Dice, HD95)"} and all(v > 0 for v in hpm_times.values())
+    assert res["budget"]["timed_runs"] == 3 and res["budget"]["methods"]["hpm"]["pretrain_steps"] == [3]
+    assert "## Budget and wall time" in md and "| UNETR+HPM | 3 | 3 |" in md
     # a second call finds every run finished and only rewrites the tables
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 3

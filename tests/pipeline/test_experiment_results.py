@@ -132,7 +132,7 @@ def test_probe_summary_over_finished_probes(tmp_path):
             p = out / "probe" / m / f"seed{s}" / "probe.json"
             p.parent.mkdir(parents=True)
             p.write_text(json.dumps({"balanced_accuracy": bal[m][s], "chance": 0.25, "labelled_cases": 1,
-                                     "metric": "balanced accuracy (planted)"}))
+                                     "metric": "balanced accuracy (planted)", "seconds": 2.0}))
     spec = tmp_path / "exp.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": True,
@@ -151,3 +151,54 @@ def test_probe_summary_over_finished_probes(tmp_path):
             assert cell["paired"][pair][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12)
     md = (out / "results.md").read_text()
     assert "Frozen-encoder probe" in md and "| UNETR+HPM | 46.0 ± 1.0 | 25.0 | 3 |" in md
+    # the probes' own run times (9 probes of 2 s) are counted in the budget; these runs have no timings
+    assert json.loads((out / "results.json").read_text())["budget"]["probe_seconds"] == pytest.approx(18.0)
+    assert "the frozen-encoder probes 0.3 min" in md and "18 run(s) were made before runs recorded" in md
+
+
+def test_budget_and_wall_time_from_the_runs_records(tmp_path):
+    """results.md and results.json give each method's steps and the wall time of its stages per run, read
+    from each run's timings.json and summary.json (planted here): a pre-training shared by the grid counts
+    once, and a run without a record is named as not counted."""
+    datalist = _one_case_datalist(tmp_path)
+    out = tmp_path / "exp"
+    planted = {}
+    for m in METHODS:
+        for s in SEEDS:
+            if m != "scratch":
+                pt = out / "pretrain" / m / f"seed{s}"
+                pt.mkdir(parents=True)
+                (pt / "final.pt").write_bytes(b"")
+                (pt / "summary.json").write_text(json.dumps({"steps": 600}))
+            for k in KS:
+                run = out / "runs" / f"finetune.labelled_cases={k}" / m / f"seed{s}"
+                _finished_run(run, datalist, 1)
+                (run / "finetune").mkdir()
+                (run / "finetune" / "summary.json").write_text(json.dumps({"steps": 400}))
+                if (m, s, k) == ("hpm", 2, 3):
+                    continue  # made before runs recorded their times
+                times = {"UNETR fine-tuning": 100.0 + 10 * s + k, "prediction of the test scans": 2.0,
+                         "evaluation (Dice, HD95)": 1.0}
+                if m != "scratch" and k == KS[0]:  # the first grid value made the shared pre-training
+                    times = {f"self-pre-training ({m})": 60.0 * (1 + s) + (m == "hpm") * 30, **times}
+                (run / "timings.json").write_text(json.dumps(times))
+                planted[(m, s, k)] = times
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": False,
+        "grid": {"key": "finetune.labelled_cases", "values": KS},
+        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    run_experiment(str(spec), out)
+    budget = json.loads((out / "results.json").read_text())["budget"]
+    assert budget["runs"] == 18 and budget["timed_runs"] == 17
+    assert budget["stage_seconds"] == pytest.approx(sum(sum(t.values()) for t in planted.values()))
+    hpm = budget["methods"]["hpm"]
+    assert sorted(hpm["pretrain_s"]) == [90.0, 150.0, 210.0]  # once per seed, not once per grid value
+    assert hpm["pretrain_steps"] == [600] * 3 and hpm["finetune_steps"] == [400] * 6 and hpm["runs"] == 6
+    assert sorted(hpm["finetune_s"]) == sorted(t["UNETR fine-tuning"] for (m, _, _), t in planted.items() if m == "hpm")
+    assert budget["methods"]["scratch"]["pretrain_s"] == [] and budget["methods"]["scratch"]["pretrain_steps"] == []
+    md = (out / "results.md").read_text()
+    # hpm pre-training: 90, 150, 210 s -> 2.5 ± 1.0 min; fine-tuning 101, 103, 111, 113, 121 s (seed 2, k 3 untimed)
+    assert "| UNETR+HPM | 600 | 400 | 2.5 ± 1.0 | 1.8 ± 0.1 | 3.0 ± 0.0 | 6 |" in md, md[-1500:]
+    assert "| UNETR | - | 400 | - |" in md
+    assert "1 run(s) were made before runs recorded their times" in md
