@@ -37,8 +37,8 @@ from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.classes import parse_classes
 from medhpm.evaluate.paired import paired_difference
 from medhpm.evaluate.tables import aggregate_seeds, mean_std, paper_table
-from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
 from medhpm.pipeline import EVALUATE_STAGE, FINETUNE_STAGE, PREDICT_STAGE, PRETRAIN_STAGE
+from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
 from medhpm.runtime.logging import read_metrics
 from medhpm.segment.probe import run_probe
 from medhpm.viz.report import grid_figure

@@ -56,7 +56,8 @@ class Stages:
         self.record = record
         self.earlier = _read_timings(record) if record is not None else {}
 
-    def _write(self) -> None:
+    def write(self) -> None:
+        """Write the times to the record file (if any)."""
         if self.record is not None:
             atomic_write_text(self.record, json.dumps(self.times, indent=2))
 
@@ -67,7 +68,7 @@ class Stages:
         out = fn(*a, **kw)
         self.times[name] = round(time.time() - t0, 1)
         print(f"=== {name}: done in {self.times[name]:.1f} s ===", flush=True)
-        self._write()
+        self.write()
         return out
 
     def skip(self, name: str) -> None:
@@ -78,7 +79,7 @@ class Stages:
         self.kept.append(name)
         print(f"\n=== [{self.n}/{self.total}] {name}: done before"
               + (f" (in {took:.1f} s)" if isinstance(took, (int, float)) else "") + ", kept ===", flush=True)
-        self._write()
+        self.write()
 
 
 def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | None = None, init: str | None = None,
@@ -179,7 +180,7 @@ def _run_demo(out: Path, quick: bool, ov: list[str], cfg: Config) -> Path:
     # the demo's time: this call's, plus what the stages it found done took when they ran
     total = wall + sum(stages.times.get(k, 0.0) for k in stages.kept)
     stages.times["total"] = round(total, 1)
-    atomic_write_text(out / "timings.json", json.dumps(stages.times, indent=2))
+    stages.write()
     mean = res["summary"]["mean"]
     took = f"{wall / 60:.1f} min" + (f" ({len(stages.kept)} stages done before; {total / 60:.1f} min in all)"
                                      if stages.kept else "")

@@ -143,6 +143,7 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
         else:
             unmatched_labels.append(g)
     unmatched_preds = [p for p in preds if id(p) not in used]
+    label_is_datalist = label_src.suffix.lower() == ".json"
     pred_src, label_src = _described(pred_src, datalist_key), _described(label_src, datalist_key)
     skipped = []
     if only_predicted and not unmatched_preds:
@@ -164,7 +165,7 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
             )
         hint = (" To evaluate only the cases that have a prediction (a test subset against a folder of all the "
                 "labels), add --only-predicted." if unmatched_labels and not unmatched_preds else "")
-        if unmatched_preds and label_src.startswith("the "):
+        if unmatched_preds and label_is_datalist:
             hint += " A datalist is read for one list: --split test|validation|training chooses it."
         raise ValueError(
             "; ".join(msg) + ". Names match after removing .nii/.nii.gz, a '_0000' channel suffix, a "

@@ -52,8 +52,9 @@ def load_error_reason(e: BaseException) -> str:
     return first.split(". ")[0][:200]
 
 
-# Which checkpoint of a run folder a command reads. Continuing a run: the newest weights first. Using a fine-tuning run's trained model (predict, export): the best validation Dice first,
-# the checkpoint the demo and experiments evaluate, so a folder gives the figures its report shows.
+# Which checkpoint of a run folder a command reads. Continuing a run: the newest weights first. Using a
+# fine-tuning run's trained model (predict, export): the best validation Dice first, the checkpoint the
+# demo and experiments evaluate, so a folder gives the figures its report shows.
 # Initialising fine-tuning from a run folder (``--init RUN``): a fine-tuning run's reported model (best.pt,
 # which only fine-tuning writes), else a pre-training run's newest weights.
 RESUME_ORDER = ("last.pt", "final.pt", "best.pt")
