@@ -55,6 +55,16 @@ def _one_case_datalist(tmp_path):
     return datalist
 
 
+def _run_grid_experiment(tmp_path, datalist, out, probe: bool) -> None:
+    """The runner over the finished runs under ``out``: METHODS x SEEDS x the labelled-cases grid KS."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": probe,
+        "grid": {"key": "finetune.labelled_cases", "values": KS},
+        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    run_experiment(str(spec), out)
+
+
 def _reference(a: dict, b: dict) -> dict:
     d = [a[s] - b[s] for s in SEEDS]
     n = len(d)
@@ -72,12 +82,7 @@ def test_grid_results_over_finished_runs(tmp_path, capsys):
             for s in SEEDS:
                 _finished_run(out / "runs" / f"finetune.labelled_cases={k}" / m / f"seed{s}", datalist,
                               shift[m] + (s == 2) - (k == 3))
-    spec = tmp_path / "exp.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": False,
-        "grid": {"key": "finetune.labelled_cases", "values": KS},
-        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
-    run_experiment(str(spec), out)
+    _run_grid_experiment(tmp_path, datalist, out, probe=False)
     assert capsys.readouterr().out.count("done, skipped") == len(KS) * len(METHODS) * len(SEEDS)
     assert not (out / "pretrain").exists()  # nothing ran
 
@@ -133,12 +138,7 @@ def test_probe_summary_over_finished_probes(tmp_path):
             p.parent.mkdir(parents=True)
             p.write_text(json.dumps({"balanced_accuracy": bal[m][s], "chance": 0.25, "labelled_cases": 1,
                                      "metric": "balanced accuracy (planted)", "seconds": 2.0}))
-    spec = tmp_path / "exp.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": True,
-        "grid": {"key": "finetune.labelled_cases", "values": KS},
-        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
-    run_experiment(str(spec), out)
+    _run_grid_experiment(tmp_path, datalist, out, probe=True)
     probe = json.loads((out / "results.json").read_text())["probe"]
     cell = probe["cells"]["all"]
     for m in METHODS:
@@ -183,12 +183,7 @@ def test_budget_and_wall_time_from_the_runs_records(tmp_path):
                     times = {f"self-pre-training ({m})": 60.0 * (1 + s) + (m == "hpm") * 30, **times}
                 (run / "timings.json").write_text(json.dumps(times))
                 planted[(m, s, k)] = times
-    spec = tmp_path / "exp.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": False,
-        "grid": {"key": "finetune.labelled_cases", "values": KS},
-        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
-    run_experiment(str(spec), out)
+    _run_grid_experiment(tmp_path, datalist, out, probe=False)
     budget = json.loads((out / "results.json").read_text())["budget"]
     assert budget["runs"] == 18 and budget["timed_runs"] == 17
     assert budget["stage_seconds"] == pytest.approx(sum(sum(t.values()) for t in planted.values()))
