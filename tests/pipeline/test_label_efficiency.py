@@ -60,8 +60,11 @@ def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
                     assert ft["init"] == "none"
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("pretrain/*/*/final.pt")) == [
         f"pretrain/{m}/seed{s}/final.pt" for m in ("hpm", "mae") for s in SEEDS]
-    # pre-trained once per (method, seed), not once per k (each pre-training prints one "done" line)
-    assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done", r.stdout)) == len(SEEDS) * 2
+    # pre-trained once per (method, seed), not once per k (each pre-training prints one "done in" line; the
+    # other k find it done and say "done before, kept")
+    assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done in", r.stdout)) == len(SEEDS) * 2
+    assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done before, kept", r.stdout)) == \
+        len(SEEDS) * 2 * (len(KS) - 1)
 
     # results.json: per grid value, per method, and paired differences equal to a slow recomputation
     res = json.loads((out / "results.json").read_text())
@@ -117,7 +120,8 @@ def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done, skipped") == len(METHODS) * len(SEEDS) * len(KS)
-    started = re.compile(r"=== \[\d+/\d+\] (self-pre-training \(|UNETR fine-tuning)")  # a stage's start line
+    # a stage's start line (a stage found done prints "=== [n/m] NAME: done before, kept ===" instead)
+    started = re.compile(r"=== \[\d+/\d+\] (self-pre-training \([a-z_]+\)|UNETR fine-tuning) ===")
     assert "[probe]" not in again.stdout and not started.search(again.stdout)
 
     # an unfinished run and a missing probe are redone; the rest is skipped; the probe comes out the same
