@@ -151,3 +151,40 @@ def test_finetuning_names_its_validation_cases(tiny_phantoms, tmp_path, capsys):
             assert line.endswith(": " + ", ".join(val)), line
         else:
             assert val == [] and "no validation (data.val_cases=0)" in line, line
+
+
+def test_finetuning_warns_when_the_datalists_classes_are_not_the_configs(tiny_phantoms, tmp_path, capsys):
+    """The demo and paper configs are set for BTCV's 14 classes; a datalist that names 3 gets a warning at the
+    start of the run that gives the settings that fit, and none once they are set."""
+    from medhpm.config import parse_class_list
+    from medhpm.runtime.distributed import DistInfo
+    from medhpm.segment.trainer import FinetuneTrainer
+
+    src = Path(tiny_phantoms)
+    dl = json.loads(src.read_text())
+    dl["labels"] = {"0": "background", "1": "liver", "2": "left kidney"}
+    for split in ("training", "validation"):  # the labels kept to values 0..2: liver and left kidney
+        for e in dl[split]:
+            lab = nib.load(src.parent / e["label"])
+            arr = np.asarray(lab.dataobj)
+            three = np.where(arr == 6, 1, np.where(arr == 3, 2, 0)).astype(np.uint8)
+            e["label"] = str(tmp_path / Path(e["label"]).name)
+            nib.save(nib.Nifti1Image(three, lab.affine, lab.header), e["label"])
+            e["image"] = str(src.parent / e["image"])
+    dl.pop("test", None)
+    (tmp_path / "three.json").write_text(json.dumps(dl))
+
+    def warnings(*extra):
+        cfg = load_config("demo", TINY + [f"data.dataset={tmp_path / 'three.json'}", *extra])
+        trainer = FinetuneTrainer(cfg, tmp_path / f"run{len(extra)}", init=None)
+        trainer.dist = DistInfo()
+        trainer.build_data()
+        return [x for x in capsys.readouterr().out.splitlines() if x.startswith("[finetune] warning:")]
+
+    (line,) = warnings("finetune.num_classes=14", "finetune.reported=btcv8")
+    assert "names 3 classes (background and liver, left kidney) but finetune.num_classes is 14" in line, line
+    assert "11 outputs that no label uses" in line and "finetune.reported=btcv8" in line, line
+    fit = line.split("For these classes: ")[1].rstrip(".").split()
+    assert fit[0] == "finetune.num_classes=3"
+    assert parse_class_list(fit[1].split("=", 1)[1]) == {1: "liver", 2: "left_kidney"}
+    assert warnings(*fit) == []

@@ -13,6 +13,7 @@ TRAINING cases (never the test cases); the best checkpoint is kept.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -72,6 +73,10 @@ class FinetuneTrainer(Trainer):
         k = self.cfg.finetune.labelled_cases
         train, val, n = finetune_cases(dl, d.val_cases, k, seed=self.cfg.seed)
         echo(f"[finetune] {_split_sentence(dl, val, n, d.val_cases)}", self.dist)
+        mismatch = _classes_mismatch(dl.get("labels") or {}, self.cfg.finetune.num_classes,
+                                     self.cfg.finetune.reported)
+        if mismatch:
+            echo(f"[finetune] warning: {mismatch}", self.dist)
         if k:
             echo(f"[finetune] learning from the labels of {len(train)} of {n} training cases "
                  f"(finetune.labelled_cases={k}): {', '.join(e.get('case') or str(e['image']) for e in train)}", self.dist)
@@ -246,3 +251,29 @@ def _split_sentence(datalist: dict, val: list[dict], n: int, val_cases: int) -> 
     source = ("the datalist's validation split" if given
               else f"drawn from the training cases by seed (data.val_cases={val_cases})")
     return f"{n} training cases; {len(val)} validation, {source}: {names}"
+
+
+def _classes_mismatch(labels: dict, num_classes: int, reported: str) -> str | None:
+    """What is off when the datalist's own classes are not the config's (the demo and paper configs are
+    set for BTCV's 14): a model with outputs no label uses, a BTCV preset reporting other organs under
+    BTCV's names; with the settings that fit. None when the datalist names no classes or they agree."""
+    if not labels:
+        return None
+    declared = max(int(v) for v in labels) + 1
+    if declared == num_classes:
+        return None
+    names = {int(v): str(n) for v, n in labels.items() if int(v) > 0}
+    fit = ",".join(f"{_spec_name(n, v)}={v}" for v, n in sorted(names.items()))
+    text = (f"the datalist names {declared} classes (background and {', '.join(names[v] for v in sorted(names))}) "
+            f"but finetune.num_classes is {num_classes}")
+    if num_classes > declared:
+        text += f": the model gets {num_classes - declared} outputs that no label uses"
+    if str(reported).strip().lower() in ("btcv8", "btcv13"):
+        text += f", and finetune.reported={reported} reports label values under BTCV's organ names"
+    return text + f". For these classes: finetune.num_classes={declared} finetune.reported={fit}"
+
+
+def _spec_name(name: str, value: int) -> str:
+    """An organ name as finetune.reported's NAME=VALUE syntax takes it ('left kidney' -> 'left_kidney')."""
+    out = re.sub(r"[^A-Za-z0-9_\-]+", "_", name).strip("_")
+    return out if out[:1].isalpha() else f"label{value}" + (f"_{out}" if out else "")
