@@ -5,6 +5,8 @@ per test (compiling is the slow part)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -30,13 +32,25 @@ def _run(stage: str, dataset, out, *more: str):
     return load_state(out / "final.pt"), records(out, "step")
 
 
-def _compare(stage, dataset, tmp_path, *more):
+def _epoch_line(capsys, stage: str) -> str:
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"[{stage}] epoch 1/1")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _compare(stage, dataset, tmp_path, capsys, *more):
     from torch._dynamo.utils import counters
 
+    capsys.readouterr()
     eager, e_steps = _run(stage, dataset, tmp_path / "eager", "runtime.compile=none", *more)
+    eager_line = _epoch_line(capsys, stage)
     before = counters["stats"]["unique_graphs"]
     comp, c_steps = _run(stage, dataset, tmp_path / "compiled", "runtime.compile=default", *more)
+    comp_line = _epoch_line(capsys, stage)
     assert counters["stats"]["unique_graphs"] > before, "nothing was compiled"
+    # the epoch that compiled says so, with its first step's time, so the compile is not read as the pace
+    assert re.search(r"first step \d+\.\ds, compiling it \(runtime\.compile=default\)", comp_line), comp_line
+    assert "first step" not in eager_line and "compiling" not in eager_line, eager_line
     assert len(e_steps) == len(c_steps) == 2
     for key in [k for k in e_steps[0] if k.startswith("loss") or k == "grad_norm"]:
         assert [r[key] for r in c_steps] == pytest.approx([r[key] for r in e_steps], rel=1e-4, abs=1e-6), key
@@ -45,17 +59,17 @@ def _compare(stage, dataset, tmp_path, *more):
     return eager, comp
 
 
-def test_compiled_hpm_step_equals_eager(tiny_dataset, tmp_path):
-    eager, comp = _compare("pretrain", tiny_dataset, tmp_path, "pretrain.method=hpm")
+def test_compiled_hpm_step_equals_eager(tiny_dataset, tmp_path, capsys):
+    eager, comp = _compare("pretrain", tiny_dataset, tmp_path, capsys, "pretrain.method=hpm")
     assert_same_tensors(eager["teacher"], comp["teacher"], atol=2e-5, rtol=1e-4, what="EMA teacher")
 
 
-def test_compiled_mae_step_equals_eager(tiny_dataset, tmp_path):
-    _compare("pretrain", tiny_dataset, tmp_path, "pretrain.method=mae")
+def test_compiled_mae_step_equals_eager(tiny_dataset, tmp_path, capsys):
+    _compare("pretrain", tiny_dataset, tmp_path, capsys, "pretrain.method=mae")
 
 
-def test_compiled_finetune_step_equals_eager(tiny_dataset, tmp_path):
-    _compare("finetune", tiny_dataset, tmp_path)
+def test_compiled_finetune_step_equals_eager(tiny_dataset, tmp_path, capsys):
+    _compare("finetune", tiny_dataset, tmp_path, capsys)
 
 
 def test_update_check_fails_wrong_steps_and_passes_rounding():

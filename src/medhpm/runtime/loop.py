@@ -65,6 +65,7 @@ class Trainer:
         self.skipped_steps = 0
         self.history: list[dict] = []
         self._last_saved: int | None = None  # the epoch of the last.pt this process wrote
+        self._first_step_done = False  # this process's first optimizer step: the one that compiles
 
     # ------------------------------------------------------------------ steps a stage implements
     def build_data(self):  # -> training DataLoader (medhpm.data.dataset.training_loader)
@@ -391,6 +392,7 @@ class Trainer:
         micro: dict[str, torch.Tensor] = {}  # loss sums over the micro-batches of the optimizer step
         n_micro = 0
         data_time = compute_time = 0.0
+        first_step_time = None
         bar = self._progress(epoch)
         opt.zero_grad(set_to_none=True)
         for i, (batch, dt) in enumerate(self._batches()):
@@ -430,9 +432,13 @@ class Trainer:
             dev.update({k: v for k, v in logs.items() if torch.is_tensor(v) and not k.startswith("loss")})
             host.update(self.after_optimizer_step(epoch_f, ok))
             dev.update(grad_norm=grad_norm.float(), _ok_loss=ok_loss, _ok_grad=ok_grad)
+            step_time = time.time() - t0
             self._pending.append({"epoch": epoch, "lr": lr, "host": host, "dev": dev, "data_time": dt,
-                                  "compute_time": time.time() - t0})
-            compute_time += time.time() - t0
+                                  "compute_time": step_time})
+            compute_time += step_time
+            if not self._first_step_done:
+                self._first_step_done = True
+                first_step_time = step_time
             if self.global_step % log_every == 0:
                 self._flush(bar)
             if bar is not None:
@@ -443,7 +449,16 @@ class Trainer:
         stats = {k: v / max(self._epoch_count, 1) for k, v in self._epoch_sums.items()}
         stats.update(data_time=data_time, compute_time=compute_time, steps=self._epoch_count,
                      skipped_steps=self.skipped_steps)
+        if first_step_time is not None and self.compile_mode != "none":  # only then is it a compile time
+            stats["first_step_time"] = first_step_time
         return stats
+
+    def compile_note(self, stats: dict) -> str:
+        """For the epoch line: under ``runtime.compile``, how long the epoch that compiled the step spent in
+        its first step, so that compiling is not read as the epoch's pace; '' for every other epoch."""
+        if self.compile_mode == "none" or "first_step_time" not in stats:
+            return ""
+        return f"first step {stats['first_step_time']:.1f}s, compiling it (runtime.compile={self.compile_mode})"
 
     def _optimizer_step(self, ok: torch.Tensor) -> None:
         """``optimizer.step()`` where ``ok`` (a 0-dim bool tensor) is true, decided on the device: fused

@@ -173,7 +173,8 @@ class FinetuneTrainer(Trainer):
         msg = f"[finetune] epoch {epoch + 1}/{f.epochs}: loss {stats.get('loss', float('nan')):.4f}"
         if "val_dice" in out:
             msg += f", val Dice {out['val_dice']:.3f} (best {self.best_metric:.3f})"
-        echo(msg + f", {stats['epoch_time']:.1f}s", self.dist)
+        note = self.compile_note(stats)
+        echo(msg + f", {stats['epoch_time']:.1f}s" + (f" ({note})" if note else ""), self.dist)
         return out
 
     @torch.no_grad()
