@@ -346,12 +346,13 @@ class PretrainTrainer(Trainer):
         diag = dict(self.diagnostics)
         if self.teacher is not None:
             diag.update(teacher_init_share=self.teacher_init_share, ema_momentum=getattr(self, "ema_momentum", None))
+        note = self.compile_note(stats)
         echo(
             f"[pretrain] epoch {epoch + 1}/{self.cfg.pretrain.epochs}: loss_rec {stats.get('loss_rec', float('nan')):.4f}"
             + (f", loss_pred {stats['loss_pred']:.4f}" if "loss_pred" in stats else "")
             + f", alpha {self.alpha(epoch):.3f}, {stats['epoch_time']:.1f}s "
             f"(data {stats['data_time']:.1f}s, compute {stats['compute_time']:.1f}s"
-            + (f"; {self.compile_note(stats)})" if self.compile_note(stats) else ")")
+            + (f"; {note})" if note else ")")
             + _diagnostics_text(diag),
             self.dist,
         )
