@@ -65,7 +65,7 @@ class Trainer:
         self.skipped_steps = 0
         self.history: list[dict] = []
         self._last_saved: int | None = None  # the epoch of the last.pt this process wrote
-        self._first_step_done = False  # this process's first optimizer step: the one that compiles
+        self._first_step_done = False  # under runtime.compile: this process's first optimizer step, which compiles
 
     # ------------------------------------------------------------------ steps a stage implements
     def build_data(self):  # -> training DataLoader (medhpm.data.dataset.training_loader)
@@ -436,7 +436,7 @@ class Trainer:
             self._pending.append({"epoch": epoch, "lr": lr, "host": host, "dev": dev, "data_time": dt,
                                   "compute_time": step_time})
             compute_time += step_time
-            if not self._first_step_done:
+            if not self._first_step_done and self.compile_mode != "none":  # the step that compiles
                 self._first_step_done = True
                 first_step_time = step_time
             if self.global_step % log_every == 0:
@@ -449,14 +449,14 @@ class Trainer:
         stats = {k: v / max(self._epoch_count, 1) for k, v in self._epoch_sums.items()}
         stats.update(data_time=data_time, compute_time=compute_time, steps=self._epoch_count,
                      skipped_steps=self.skipped_steps)
-        if first_step_time is not None and self.compile_mode != "none":  # only then is it a compile time
+        if first_step_time is not None:
             stats["first_step_time"] = first_step_time
         return stats
 
     def compile_note(self, stats: dict) -> str:
         """For the epoch line: under ``runtime.compile``, how long the epoch that compiled the step spent in
         its first step, so that compiling is not read as the epoch's pace; '' for every other epoch."""
-        if self.compile_mode == "none" or "first_step_time" not in stats:
+        if "first_step_time" not in stats:  # set only under runtime.compile, by the epoch that compiled
             return ""
         return f"first step {stats['first_step_time']:.1f}s, compiling it (runtime.compile={self.compile_mode})"
 
