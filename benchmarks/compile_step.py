@@ -1,7 +1,7 @@
 """Training steps eager against ``torch.compile`` (issue 18), as the trainers run them.
 
 A step is the trainers' optimizer step: for pre-training (``mae``, ``hpm`` at alpha 0.5 with the teacher
-pass) ``iteration_core`` (teacher pass, mask, student, L_rec, L_pred), backward, gradient clipping (5.0),
+pass) ``pretrain.step.step_core`` (teacher pass, mask, student, L_rec, L_pred), backward, gradient clipping (5.0),
 fused AdamW, for hpm the EMA update; for fine-tuning the UNETR forward and DiceCE, backward, clipping,
 fused AdamW. ``runtime.compile``'s modes compile the part up to the loss (``Trainer.compiled``).
 Mask noise is drawn on the device. Each mode is built in the same process with the same seed and
@@ -64,7 +64,8 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
     ``mode`` (``none``: eager). ``forward_backward`` (the step without optimizer and EMA) is for FLOP
     counting. ``backend``: torch.compile's backend (``eager``: dynamo's capture only, for quick tests)."""
     from medhpm.pretrain.masking import num_masked
-    from medhpm.pretrain.trainer import build_pretrain_model, iteration_core, make_teacher
+    from medhpm.pretrain.step import step_core
+    from medhpm.pretrain.trainer import build_pretrain_model, make_teacher
     from medhpm.runtime.param_groups import param_groups_weight_decay
 
     torch.manual_seed(seed)
@@ -107,7 +108,7 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
         n = model.encoder.num_patches
         n_hard = torch.tensor(int(0.5 * num_masked(n, p.mask_ratio)), device=dev) if teacher else None
         gen = torch.Generator(device=dev)
-        core_c = compiled(iteration_core)
+        core_c = compiled(step_core)
         step_no = [0]
 
         def call():

@@ -100,7 +100,8 @@ def _finetune_variants(names: list[str]) -> tuple[dict, float]:
 
 def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
     from medhpm.config import load_config
-    from medhpm.pretrain.trainer import build_pretrain_model, make_teacher, pretrain_iteration
+    from medhpm.pretrain.step import pretrain_iteration
+    from medhpm.pretrain.trainer import build_pretrain_model, make_teacher
 
     cfg = load_config("demo")
     p = cfg.pretrain

@@ -22,7 +22,7 @@ tokens, a quarter of the patch-embedding work).
 
 With ``--compile`` (``python -m benchmarks --only mae_vs_monai --compile``): ``ours_compiled`` is ``ours``
 with the step up to the loss through ``torch.compile`` as ``runtime.compile=default`` runs it (the
-trainers compile ``iteration_core``), ``monai_compiled`` MONAI's forward and the same loss through
+trainers compile ``pretrain.step.step_core``), ``monai_compiled`` MONAI's forward and the same loss through
 ``torch.compile`` (their backward is compiled with them); clipping and AdamW stay eager in both, as in the
 trainers. The first two steps (compilation) are recorded as ``first_two_steps_s`` and not timed; FLOPs are
 the eager variant's.
@@ -100,7 +100,8 @@ def build_case(spec: dict, device: str) -> Case:
     backend = spec.get("backend", "inductor")
     if impl.startswith("ours"):
         from medhpm.config import load_config
-        from medhpm.pretrain.trainer import build_pretrain_model, iteration_core, pretrain_iteration
+        from medhpm.pretrain.step import pretrain_iteration, step_core
+        from medhpm.pretrain.trainer import build_pretrain_model
 
         cfg = load_config("demo", [
             f"model.preset={spec['preset']}", f"data.roi=[{roi},{roi},{roi}]", "model.patch_size=16",
@@ -125,7 +126,7 @@ def build_case(spec: dict, device: str) -> Case:
             if not torch.allclose(ref.float(), new.float(), atol=1e-3, rtol=1e-3):
                 raise RuntimeError("embedding all patches then gathering differs from ViTEncoder.forward")
 
-        core = torch.compile(iteration_core, backend=backend) if compiled else None
+        core = torch.compile(step_core, backend=backend) if compiled else None
 
         def loss_fn():
             with amp_context(device):

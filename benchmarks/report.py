@@ -243,7 +243,7 @@ and rotations folded into one gather per key, intensity scale/shift as one fused
 ### 7. Keeping the accelerator busy (issue 18): compiled steps, no host syncs, large batches
 **Compiled step** (`runtime.compile = none | default | reduce-overhead | max-autotune`; the old switch
 `true`/`false` still reads as `default`/`none`, anything else is an error naming the key). What is
-compiled is the *step up to the loss* (`Trainer.compiled`): for pre-training `iteration_core` (teacher pass,
+compiled is the *step up to the loss* (`Trainer.compiled`): for pre-training `pretrain.step.step_core` (teacher pass,
 mask, student, L_rec, L_pred), for fine-tuning the UNETR forward and DiceCE; backward goes through the
 compiled graph's own backward. The optimizer (fused AdamW, one multi-tensor kernel) and the EMA
 (`_foreach_lerp_`) are already few launches and stay eager. Shapes are static: every sample masks

@@ -79,6 +79,8 @@ BAD: dict[str, list[str]] = {
     "pretrain.ema_horizon_end": ["0"],
     "pretrain.ema_ramp": ["-0.5", "2"],
     "pretrain.figure_every": ["-1"],
+    "pretrain.teacher_view": ["partial", "masked_views"],
+    "pretrain.teacher_views": ["1", "-2", "217"],  # the demo's crop has 216 tokens
     "finetune.architecture": ["swin"],
     "finetune.layer_decay": ["0", "1.5"],
     "finetune.drop_path": ["1.0", "-0.1"],

@@ -124,6 +124,11 @@ class PretrainConfig(TrainingConfig):
     ema_horizon_end: float = 0.01  # (0, 1]
     ema_ramp: float = 0.5  # [0, 1]
     figure_every: int = 0  # >= 0; epochs between reconstruction figures (0: first and last only)
+    # how the EMA teacher scores patches (medhpm.pretrain.step, docs/method.md "How the teacher is queried"):
+    # masked - from teacher_views complementary masked views, like the inputs its predictor is trained on;
+    # full - one pass over the whole unmasked volume, as the paper and HPM's code (ranks near chance)
+    teacher_view: str = "masked"  # full | masked
+    teacher_views: int = 0  # 0 (views whose visible share is 1 - mask_ratio: 4 at 0.75) or 2 .. the tokens of a crop
 
 
 @dataclass
@@ -399,6 +404,8 @@ def _upgrade(data: dict) -> dict:
     if isinstance(pre, dict) and "pred_loss" in pre:
         value = pre.pop("pred_loss")
         pre.setdefault("prediction_loss", "ranking" if value == "relative" else value)
+    if isinstance(pre, dict) and pre and "teacher_view" not in pre:  # resolved before teacher_view existed:
+        pre["teacher_view"] = "full"  # its teacher scored the full volume, and it keeps doing so
     return data
 
 
@@ -408,7 +415,8 @@ CHECKPOINT_KEYS = (
     "model.preset", "model.patch_size", "model.in_chans", "model.pos_embed", "model.decoder_dim",
     "model.decoder_depth", "model.decoder_heads", "model.feature_size", "model.skip_blocks", "model.norm_name",
     "data.roi", "data.spacing", "data.orientation", "data.a_min", "data.a_max", "data.b_min", "data.b_max",
-    "pretrain.method", "finetune.architecture", "finetune.num_classes",
+    "pretrain.method", "pretrain.teacher_view", "pretrain.teacher_views", "finetune.architecture",
+    "finetune.num_classes",
 )
 
 
@@ -680,6 +688,11 @@ def validate(cfg: Config) -> Config:
         _check(0.0 < getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in (0, 1]: a share of the run's optimizer steps")
     _check(0.0 <= p.ema_ramp <= 1.0, "pretrain.ema_ramp", "must lie in [0, 1]: a share of the run's optimizer steps")
     _count(p.figure_every, "pretrain.figure_every", 0, " (0: first and last epoch only)")
+    _check(p.teacher_view in ("full", "masked"), "pretrain.teacher_view", f"{p.teacher_view!r} is not full or masked")
+    n_tokens = math.prod(int(r) // m.patch_size for r in d.roi)  # roi and patch size were checked above
+    _check(p.teacher_views == 0 or 2 <= p.teacher_views <= n_tokens, "pretrain.teacher_views",
+           f"{p.teacher_views} is out of range: must be 0 (one view per visible share 1 - mask_ratio) or 2 to "
+           f"{n_tokens} (the tokens of a data.roi crop)")
     # fine-tuning
     _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")

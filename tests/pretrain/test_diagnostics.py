@@ -62,3 +62,34 @@ def test_organ_shares_against_a_slow_reference_on_a_planted_mask():
     assert out["organ_share_hard"] == pytest.approx(float(ref[hard].float().mean()))
     assert out["organ_share_random"] == pytest.approx(float(ref[rand].float().mean()) if rand.any() else 0.0)
     assert "organ_share_hard" not in organ_shares(has, torch.zeros_like(hard), masked)
+
+
+def _spearman_numpy(a, b):
+    """Plain reference: average ranks by counting, then the Pearson correlation of the ranks."""
+    def avg_ranks(v):
+        v = np.asarray(v, dtype=float)
+        return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2.0 for x in v])
+    ra, rb = avg_ranks(a), avg_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+
+
+def test_rank_correlation_against_a_plain_numpy_spearman():
+    from medhpm.pretrain.diagnostics import rank_correlation
+
+    g = np.random.default_rng(0)
+    truth = g.normal(size=(3, 40))
+    planted = truth + g.normal(scale=0.7, size=truth.shape)  # scores that partly know the truth
+    planted[1, :10] = planted[1, 0]  # ties in the scores
+    want = np.mean([_spearman_numpy(planted[i], truth[i]) for i in range(3)])
+    got = rank_correlation(torch.tensor(planted), torch.tensor(truth))
+    assert got == pytest.approx(want, abs=1e-12)
+    assert 0.3 < got < 0.95
+    assert rank_correlation(torch.tensor(truth), torch.tensor(truth)) == pytest.approx(1.0)
+    assert rank_correlation(torch.tensor(-truth), torch.tensor(truth)) == pytest.approx(-1.0)
+    # a constant sample says nothing and is left out; all constant is NaN
+    flat = torch.tensor(planted).clone()
+    flat[0] = 1.0
+    assert rank_correlation(flat, torch.tensor(truth)) == pytest.approx(
+        np.mean([_spearman_numpy(planted[i], truth[i]) for i in (1, 2)]), abs=1e-12)
+    assert np.isnan(rank_correlation(torch.ones(2, 5), torch.rand(2, 5)))

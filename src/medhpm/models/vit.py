@@ -451,12 +451,14 @@ class ViTEncoder(nn.Module):
         Args:
             x: ``(B, C, H, W, D)`` with ``(H, W, D) == img_size``.
             ids_keep: optional ``(B, K)`` long token indices to keep (the visible tokens). Only those
-                patches are embedded, each with its own position embedding.
+                patches are embedded, each with its own position embedding. ``(B, V, K)``: V views of
+                each sample, each keeping its own K tokens, encoded as ``B * V`` sequences (sample-major:
+                row ``b * V + v``) without copying the volume V times (the HPM teacher's masked views).
             return_hidden: 1-based block numbers whose outputs (before the final norm) are returned, in
                 the order asked (UNETR uses ``(3, 6, 9)``).
         Returns:
-            ``(tokens, hidden)``: tokens ``(B, N or K, D)`` after the final norm; hidden a list of
-            ``(B, N or K, D)``.
+            ``(tokens, hidden)``: tokens ``(B, N or K, D)`` (``(B * V, K, D)`` for views) after the final
+            norm; hidden a list of the same shape.
         """
         if x.dim() != 5 or x.shape[1] != self._in_chans or tuple(x.shape[2:]) != self._img_size:
             raise ValueError(
@@ -471,14 +473,18 @@ class ViTEncoder(nn.Module):
         if ids_keep is None:
             tokens = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         else:
-            if ids_keep.dim() != 2 or ids_keep.shape[0] != x.shape[0]:
-                raise ValueError(f"ids_keep must be (B, K) with B={x.shape[0]}, got {tuple(ids_keep.shape)}.")
-            ids = ids_keep.long()
+            if ids_keep.dim() not in (2, 3) or ids_keep.shape[0] != x.shape[0]:
+                raise ValueError(f"ids_keep must be (B, K) or (B, V, K) with B={x.shape[0]}, got "
+                                 f"{tuple(ids_keep.shape)}.")
+            views = ids_keep.shape[1] if ids_keep.dim() == 3 else 1
+            ids = ids_keep.long().reshape(x.shape[0], -1)  # (B, V*K): every view's patches of a sample
             # embed only the kept patches, each with its own position (the same tokens as embedding all
             # of them and gathering, for about a quarter of the embedding's work under a 75 % mask)
             pos = torch.gather(self.pos_embed.expand(x.shape[0], -1, -1), 1,
                                ids.unsqueeze(-1).expand(-1, -1, self._embed_dim))
-            tokens = self.patch_embed.embed_selected(x, ids) + pos  # (B, K, D)
+            tokens = self.patch_embed.embed_selected(x, ids) + pos  # (B, V*K, D)
+            if views > 1:
+                tokens = tokens.reshape(x.shape[0] * views, -1, self._embed_dim)  # (B*V, K, D)
 
         outputs: dict[int, torch.Tensor] = {}
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()

@@ -6,6 +6,8 @@
   the share of correctly ordered pairs of patches of the same sample, pairs tied in either excluded
   (0.5 = chance, 1 = the same order). Used for the teacher's scores and for the student's own predicted
   losses ``lp``, both against the student's measured reconstruction loss of the masked patches.
+* :func:`rank_correlation` - the same question as Spearman's rank correlation, per sample, averaged over
+  the samples (0 = chance, 1 = the same order).
 * :func:`patches_with_organ` and :func:`organ_shares` - the paper's premise is that hard patches are the
   discriminative parts (organs): with labels, the share of mined patches that hold organ voxels against
   the share among the randomly masked ones.
@@ -13,11 +15,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from medhpm.models.vit import patchify
 
-__all__ = ["pairwise_order_accuracy", "patches_with_organ", "organ_shares"]
+__all__ = ["pairwise_order_accuracy", "rank_correlation", "patches_with_organ", "organ_shares"]
 
 
 def pairwise_order_accuracy(scores: torch.Tensor, target: torch.Tensor) -> float:
@@ -43,6 +47,28 @@ def pairwise_order_accuracy(scores: torch.Tensor, target: torch.Tensor) -> float
     if valid == 0:
         return float("nan")
     return int((agree > 0).sum()) / valid
+
+
+def rank_correlation(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """Spearman's rank correlation of ``scores`` with ``target`` in each sample, averaged over samples.
+
+    Args:
+        scores, target: ``(B, M)``, the same patches in the same order.
+    Returns:
+        the mean over samples of the Pearson correlation of the two samples' ranks (tied values share
+        their mean rank); a sample whose scores or targets are all equal is left out; NaN if all are.
+    """
+    if scores.dim() != 2 or scores.shape != target.shape:
+        raise ValueError(f"scores and target must both be (B, M), got {tuple(scores.shape)} and {tuple(target.shape)}.")
+    s = scores.detach().double().cpu().numpy()
+    t = target.detach().double().cpu().numpy()
+    rhos = []
+    for a, b in zip(s, t):
+        ra, rb = rankdata(a) - (len(a) + 1) / 2, rankdata(b) - (len(b) + 1) / 2  # centred ranks
+        den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+        if den > 0:
+            rhos.append(float((ra * rb).sum()) / den)
+    return float(np.mean(rhos)) if rhos else float("nan")
 
 
 def patches_with_organ(label: torch.Tensor, patch_size: int) -> torch.Tensor:

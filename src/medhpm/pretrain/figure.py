@@ -20,8 +20,9 @@ from monai.transforms import CenterSpatialCrop, SpatialPad
 
 from medhpm.config import DataConfig
 from medhpm.data.transforms import predict_transforms
-from medhpm.pretrain.masking import hard_patch_mask, num_masked, random_mask
+from medhpm.pretrain.masking import hard_patch_mask, num_hard, num_masked, random_mask
 from medhpm.pretrain.model import HPMPretrainModel
+from medhpm.pretrain.step import teacher_scores
 from medhpm.runtime.files import save_png
 
 
@@ -106,15 +107,18 @@ def figure_crop(data_cfg: DataConfig, image) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_figure(model: HPMPretrainModel, teacher: HPMPretrainModel | None, x: torch.Tensor,
-                          mask_ratio: float, alpha: float, out_png, title: str, seed: int = 0) -> Path:
-    """Mask ``x`` (1, C, H, W, D) as pre-training does (HPM's mask from ``teacher``'s predicted difficulty
-    with share ``alpha`` of hard patches, or a random mask without a teacher; drawn from ``seed``),
-    reconstruct it with ``model`` in eval mode (its train/eval mode is restored) and draw the figure."""
+                          mask_ratio: float, alpha: float, out_png, title: str, seed: int = 0, view: str = "full",
+                          views: int = 1) -> Path:
+    """Mask ``x`` (1, C, H, W, D) as pre-training does (HPM's mask from ``teacher``'s predicted difficulty,
+    queried as the run queries it (``view``/``views``, :func:`medhpm.pretrain.step.teacher_scores`), with
+    share ``alpha`` of hard patches, or a random mask without a teacher; drawn from ``seed``), reconstruct
+    it with ``model`` in eval mode (its train/eval mode is restored) and draw the figure."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     n = model.encoder.num_patches
     scores = None
     if teacher is not None:
-        scores = teacher.predict_difficulty(x).cpu()
+        view_noise = torch.rand(1, n, generator=g).to(x.device) if view == "masked" else None
+        scores = teacher_scores(teacher, x, view, views, view_noise).cpu()
         mask = hard_patch_mask(scores, mask_ratio, alpha, generator=g)
     else:
         alpha = 0.0
@@ -128,5 +132,5 @@ def reconstruction_figure(model: HPMPretrainModel, teacher: HPMPretrainModel | N
         recon=rec["recon"][0, 0].cpu().numpy(), pasted=rec["pasted"][0, 0].cpu().numpy(),
         difficulty=None if scores is None else scores[0].numpy(), mask=mask[0].numpy(),
         grid=model.encoder.grid_size, patch_size=model.patch_size, out_png=out_png,
-        title=f"{title}, alpha {alpha:.2f}", n_hard_mask=int(alpha * num_masked(n, mask_ratio)),
+        title=f"{title}, alpha {alpha:.2f}" + ("" if scores is None else f", teacher view {view}"), n_hard_mask=num_hard(alpha, num_masked(n, mask_ratio)),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["num_visible", "num_masked", "random_mask", "hard_patch_mask", "curriculum_alpha"]
+__all__ = ["num_visible", "num_masked", "num_hard", "random_mask", "hard_patch_mask", "curriculum_alpha"]
 
 # int(N * (1 - r)) as in MAE/HPM, but a ratio like 0.9 gives N * 0.09999999999999998: the tiny slack
 # makes the count what the user meant instead of one fewer visible token.
@@ -38,6 +38,12 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 def num_masked(num_patches: int, mask_ratio: float) -> int:
     """Masked tokens per sample: ``M = N - K``."""
     return num_patches - num_visible(num_patches, mask_ratio)
+
+
+def num_hard(alpha: float, num_masked: int) -> int:
+    """Hard (mined) patches per sample at curriculum share ``alpha``: ``int(alpha * M)``, as HPM rounds it.
+    The one place this count is made: the step, the mask, the figure and the diagnostics read it here."""
+    return int(float(alpha) * int(num_masked))
 
 
 def _mask_from_visible(visible: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
@@ -105,7 +111,7 @@ def hard_patch_mask(
         hard_from_tensor = True
     else:
         hard_from_tensor = False
-        n_hard = int(alpha * m)
+        n_hard = num_hard(alpha, m)
 
     # rand in [0, 1) ranks the ordinary patches at random; a hard patch gets 2.0 so it sorts last and
     # can never be among the K lowest (visible) ones.

@@ -14,6 +14,8 @@ Reads like the paper's Fig. 1 (one student; the teacher is an EMA copy of this w
     reconstruction_loss (per-patch normalised MSE)                             per_patch (B,M), L_rec
     prediction_loss (eq. 1 ranking, or the absolute variant)                   L_pred
     predict_difficulty: teacher pass on the FULL volume, predictor only         s (B,N)
+    predict_difficulty_views: teacher pass on V complementary MASKED views
+                        (B*V sequences), mean over the views that mask a token  s (B,N)
 
 Token order of every output over masked patches (``pred``, ``per_patch_loss``, ``lp``, targets): the
 masked tokens in ASCENDING token index, i.e. ``ids_masked[b]`` is sorted and ``pred[b, i]`` belongs to
@@ -251,6 +253,28 @@ class HPMPretrainModel(nn.Module):
             latent = self.forward_encoder(x.float(), None)  # (B, N, D)
             seq = self.decoder_input(latent, None)  # (B, N, Dd)
             return self.forward_predictor(seq, None).float()  # (B, N)
+
+    @torch.no_grad()
+    def predict_difficulty_views(self, x: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
+        """Teacher step from masked views, like the inputs the predictor is trained on.
+
+        ``ids_visible`` ``(B, V, K)``: the tokens each of V views of a sample keeps visible (disjoint
+        groups, see ``medhpm.pretrain.step.view_partition``). All ``B * V`` views run as ONE batch: the
+        encoder on each view's K visible tokens, the predictor over each view's whole sequence (visible
+        tokens and mask tokens). A token's score is the mean of the predicted losses of the views that mask
+        it. ``x`` (B, C, H, W, D) -> ``(B, N)`` float32 in token order, computed in float32 whatever the
+        autocast (as :meth:`predict_difficulty`).
+        """
+        if ids_visible.dim() != 3 or ids_visible.shape[0] != x.shape[0]:
+            raise ValueError(f"ids_visible must be (B, V, K) with B={x.shape[0]}, got {tuple(ids_visible.shape)}.")
+        b, v, k = ids_visible.shape
+        n = self.encoder.num_patches
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            latent = self.forward_encoder(x.float(), ids_visible)  # (B*V, K, D)
+            seq = self.decoder_input(latent, ids_visible.reshape(b * v, k))  # (B*V, N, Dd)
+            lp = self.forward_predictor(seq, None).float().reshape(b, v, n)  # (B, V, N)
+        masked = torch.ones(b, v, n, dtype=torch.bool, device=x.device).scatter(2, ids_visible, False)
+        return torch.where(masked, lp, 0.0).sum(1) / masked.sum(1)  # (B, N)
 
     # -- 6. losses (float32 even under autocast) -----------------------------------------------------
     def reconstruction_loss(

@@ -7,9 +7,10 @@
 | no_learn_to_mask   | random                        | on     | none        |
 | hpm                | hard patches, alpha_0->alpha_T| on     | EMA         |
 
-One iteration (ALGORITHM.md section 2): teacher pass on the full volume -> predicted difficulty
-(skipped while the curriculum asks for no hard patch) -> mask -> student reconstructs the masked patches
-and predicts their losses -> L = L_rec + lambda_pred * L_pred -> AdamW step -> EMA update.
+One iteration (ALGORITHM.md section 2; the step itself is ``medhpm.pretrain.step``): the teacher scores
+the patches (from the full volume or from complementary masked views, ``pretrain.teacher_view``; skipped
+while the curriculum asks for no hard patch) -> mask -> student reconstructs the masked patches and
+predicts their losses -> L = L_rec + lambda_pred * L_pred -> AdamW step -> EMA update.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from medhpm.data.datalist import load_datalist
 from medhpm.data.dataset import training_loader
 from medhpm.data.sources import resolve_dataset
 from medhpm.data.transforms import pretrain_transforms, transforms_spec
-from medhpm.models import build_encoder, patchify
+from medhpm.models import build_encoder
 from medhpm.pretrain.model import HPMPretrainModel
-from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, patches_with_organ
+from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, patches_with_organ, rank_correlation
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
-from medhpm.pretrain.masking import curriculum_alpha, hard_patch_mask, num_masked, random_mask
+from medhpm.pretrain.masking import curriculum_alpha, num_hard, num_masked
+from medhpm.pretrain.step import mined_patch_stats, mined_patches, pretrain_iteration, step_core, teacher_scores, \
+    teacher_views_used
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
@@ -78,93 +81,28 @@ def make_teacher(student: HPMPretrainModel) -> EMATeacher:
 TEACHER_UNUSED = ("decoder_blocks", "decoder_norm", "decoder_pred")
 
 
-def pretrain_iteration(student, teacher: EMATeacher | None, x: torch.Tensor, alpha: float, mask_ratio: float,
-                       lambda_pred: float, use_pred: bool, noise: torch.Tensor | None = None,
-                       core=None, n_hard_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """One selfMedHPM iteration up to the loss (ALGORITHM.md section 2, steps 1 to 7).
-
-    ``student`` is the (possibly DDP-wrapped) :class:`HPMPretrainModel`; ``teacher`` its EMA copy or
-    None. ``x`` (B, C, H, W, D); ``noise`` optional uniform (B, N) ranks for the random part of the mask.
-    ``core``: :func:`iteration_core` or its ``torch.compile``d form (``runtime.compile``); ``n_hard_tensor``
-    the hard-patch count as a 0-dim tensor on ``x``'s device (one compiled graph for every alpha).
-    Returns the loss to back-propagate and what to log: ``alpha``, ``n_hard`` (Python numbers) and
-    ``loss_rec``/``loss_pred`` as detached 0-dim tensors, nothing read back from the device (plus the
-    student's output under ``_out`` and, when patches were mined, the teacher's scores and the mask under
-    ``_scores``/``_mask``).
-    """
-    n_tokens = unwrap(student).encoder.num_patches
-    m = num_masked(n_tokens, mask_ratio)
-    n_hard = int(alpha * m) if teacher is not None else 0
-    if n_hard and n_hard_tensor is None:
-        n_hard_tensor = torch.tensor(n_hard, device=x.device)
-    core = core or iteration_core
-    loss, parts = core(student, teacher if n_hard else None, x, noise, n_hard_tensor if n_hard else None,
-                       mask_ratio, lambda_pred, use_pred)
-    logs: dict = {"alpha": alpha, "n_hard": n_hard, "_out": parts["out"], "loss_rec": parts["loss_rec"]}
-    if "loss_pred" in parts:
-        logs["loss_pred"] = parts["loss_pred"]
-    if n_hard:
-        logs["_scores"], logs["_mask"] = parts["scores"], parts["mask"]
-    return loss, logs
-
-
-def iteration_core(student, teacher: EMATeacher | None, x: torch.Tensor, noise: torch.Tensor | None,
-                   n_hard: torch.Tensor | None, mask_ratio: float, lambda_pred: float, use_pred: bool):
-    """The part of :func:`pretrain_iteration` that runs on the device, with static shapes: teacher pass
-    (when ``teacher`` is given), mask, student, losses. No value is read back to the host, so it can be
-    compiled whole (``runtime.compile``; a CUDA graph with ``reduce-overhead``)."""
-    n_tokens = unwrap(student).encoder.num_patches
-    m = num_masked(n_tokens, mask_ratio)
-    parts: dict = {}
-    if teacher is None:  # no teacher pass while the curriculum asks for no hard patch
-        mask = random_mask(x.shape[0], n_tokens, mask_ratio, device=x.device, noise=noise)
-    else:
-        with torch.no_grad():  # the teacher never needs a graph
-            scores = teacher.model.predict_difficulty(x)  # (B, N)
-        mask = hard_patch_mask(scores, mask_ratio, 0.0, noise=noise, n_hard=n_hard)
-        parts["scores"], parts["mask"] = scores, mask
-    out = student(x, mask, m)
-    parts["out"] = out
-    loss = out["loss_rec"]
-    parts["loss_rec"] = out["loss_rec"].detach()
-    if use_pred and out["loss_pred"] is not None:
-        loss = loss + lambda_pred * out["loss_pred"]
-        parts["loss_pred"] = out["loss_pred"].detach()
-    return loss, parts
-
-
-def mined_patches(scores: torch.Tensor, n_hard: int) -> torch.Tensor:
-    """bool ``(B, N)``: the ``n_hard`` patches with the highest teacher scores (the ones HPM always masks)."""
-    hard = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return hard.scatter_(1, torch.topk(scores, n_hard, dim=1).indices, True)
-
-
-def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg, num_masked: int | None = None) -> dict:
-    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3), as
-    0-dim device tensors (read back with the step's other logs, at the log interval). ``num_masked``: M
-    of the masks, if known; without it whether any patch was masked at random is read from the device."""
-    d = data_cfg
-    with torch.no_grad():
-        mean_int = patchify(x.float(), patch_size).mean(-1)  # (B, N) in [b_min, b_max]
-        hu = d.a_min + (mean_int - d.b_min) / (d.b_max - d.b_min) * (d.a_max - d.a_min)
-        hard = mined_patches(scores, n_hard)
-        rand = mask & ~hard
-        out = {"hu_hard_mean": (hu * hard).sum() / hard.sum()}
-        if (n_hard < num_masked) if num_masked is not None else bool(rand.any()):
-            out["hu_random_mean"] = (hu * rand).sum() / rand.sum()
-    return out
-
-
 class PretrainTrainer(Trainer):
     stage = "pretrain"
 
     def __init__(self, cfg: Config, out_dir, resume: bool = False):
         super().__init__(cfg, out_dir, resume)
-        self.use_pred, self.use_teacher = METHOD_SWITCHES[cfg.pretrain.method]
+        p = cfg.pretrain
+        self.use_pred, self.use_teacher = METHOD_SWITCHES[p.method]
         self.teacher: EMATeacher | None = None
+        # how the teacher is queried (medhpm.pretrain.step): "full" (1 view) or "masked" (views per sample)
+        self.teacher_view = p.teacher_view
+        self.teacher_views = teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)
         self.teacher_init_share = 1.0  # product of the EMA momenta applied so far (diagnostics module)
+        self.ema_momentum: float | None = None
         self.diagnostics: dict = {}
         self._diagnosed_epoch = -1
+        self._diagnosis_inputs: dict | None = None
+        # the masks' random ranks: a generator re-seeded each micro-step from (seed, step, micro-step)
+        self._micro = 0
+        self._noise_gen: torch.Generator | None = None
+        self._noise_rows: dict[int, torch.Tensor] = {}  # local batch -> this process's rows of the global batch
+        self._n_hard_cache: dict[int, torch.Tensor] = {}
+        self._fig_x: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
     def build_data(self):
@@ -208,7 +146,12 @@ class PretrainTrainer(Trainer):
         super().setup()
         if self.teacher is not None:
             self.teacher.to(self.device)
-        self._core = self.compiled(iteration_core)  # runtime.compile: teacher pass, mask, student, losses
+        self._core = self.compiled(step_core)  # runtime.compile: teacher pass, mask, student, losses
+        if self.teacher is not None:
+            views = ("the full volume" if self.teacher_view == "full" else
+                     f"{self.teacher_views} complementary masked views a crop")
+            echo(f"[pretrain] the EMA teacher scores patches from {views} (pretrain.teacher_view={self.teacher_view})",
+                 self.dist)
 
     def param_groups(self, model, lr):
         return param_groups_weight_decay(model, lr, self.cfg.pretrain.weight_decay)
@@ -228,18 +171,19 @@ class PretrainTrainer(Trainer):
         x = batch["image"].to(self.device, non_blocking=True).as_subclass(torch.Tensor)  # (B, 1, H, W, D)
         p = self.cfg.pretrain
         alpha = self.alpha(epoch_f)
-        n_hard = int(alpha * self.num_masked) if self.teacher is not None else 0
+        n_hard = num_hard(alpha, self.num_masked) if self.teacher is not None else 0
+        noise, view_noise = self.step_noise(x.shape[0])
         loss, logs = pretrain_iteration(self.ddp, self.teacher, x, alpha=alpha, mask_ratio=p.mask_ratio,
-                                        lambda_pred=p.lambda_pred, use_pred=self.use_pred,
-                                        noise=self.mask_noise(x.shape[0]), core=self._core,
-                                        n_hard_tensor=self._n_hard_tensor(n_hard))
+                                        lambda_pred=p.lambda_pred, use_pred=self.use_pred, noise=noise,
+                                        core=self._core, n_hard_tensor=self._n_hard_tensor(n_hard),
+                                        view=self.teacher_view, views=self.teacher_views, view_noise=view_noise)
         # only for the step that will be logged (it becomes step global_step + 1)
         if n_hard > 0 and (self.global_step + 1) % max(self.cfg.runtime.log_every, 1) == 0:
             logs.update(mined_patch_stats(x, logs["_scores"], logs["_mask"], n_hard,
                                           self.cfg.model.patch_size, self.cfg.data, self.num_masked))
         if int(epoch_f) != self._diagnosed_epoch:  # the first micro-batch of each epoch
             self._diagnosed_epoch = int(epoch_f)
-            self._diagnosis_inputs = self.diagnosis_inputs(x, batch.get("label"), logs)
+            self._diagnosis_inputs = self.diagnosis_inputs(x, batch.get("label"), logs, view_noise)
         for key in ("_scores", "_mask", "_out"):
             logs.pop(key, None)
         return loss, logs
@@ -248,13 +192,12 @@ class PretrainTrainer(Trainer):
         """The hard-patch count as a 0-dim device tensor, made once per value (no copy each step)."""
         if not n_hard:
             return None
-        cache = self.__dict__.setdefault("_n_hard_cache", {})
-        if n_hard not in cache:
-            cache[n_hard] = torch.tensor(n_hard, device=self.device)
-        return cache[n_hard]
+        if n_hard not in self._n_hard_cache:
+            self._n_hard_cache[n_hard] = torch.tensor(n_hard, device=self.device)
+        return self._n_hard_cache[n_hard]
 
     @torch.no_grad()
-    def diagnosis_inputs(self, x: torch.Tensor, label, logs: dict) -> dict:
+    def diagnosis_inputs(self, x: torch.Tensor, label, logs: dict, view_noise: torch.Tensor | None) -> dict:
         """Copies of what :meth:`mining_diagnostics` needs from this step (device tensors, nothing read
         back): the measures are computed at the epoch's end, outside the hot loop."""
         out = logs["_out"]
@@ -263,7 +206,7 @@ class PretrainTrainer(Trainer):
         if self.teacher is not None:
             scores = logs.get("_scores")
             if scores is None:  # no patch was mined this step: the teacher pass is made for the diagnostics
-                scores = self.teacher.model.predict_difficulty(x)
+                scores = teacher_scores(self.teacher, x, self.teacher_view, self.teacher_views, view_noise)
             keep["scores"] = scores.clone()
             if label is not None and keep["n_hard"] > 0:
                 keep["has_organ"] = patches_with_organ(label.to(x.device).as_subclass(torch.Tensor),
@@ -274,45 +217,56 @@ class PretrainTrainer(Trainer):
     @torch.no_grad()
     def mining_diagnostics(self, keep: dict) -> dict:
         """How well the teacher's scores and the student's predicted losses order the student's measured
-        losses of the masked patches of the epoch's first step, and (with labels) how often mined patches
-        hold organ voxels compared with randomly masked ones. See :mod:`medhpm.pretrain.diagnostics`."""
+        losses of the masked patches of the epoch's first step (pair accuracy and Spearman rank
+        correlation), and (with labels) how often mined patches hold organ voxels compared with randomly
+        masked ones. See :mod:`medhpm.pretrain.diagnostics`."""
         per_patch, ids_masked = keep["per_patch"], keep["ids_masked"]
         diag = {}
         if keep["lp"] is not None:
             diag["student_rank_acc"] = pairwise_order_accuracy(keep["lp"], per_patch)
+            diag["student_spearman"] = rank_correlation(keep["lp"], per_patch)
         if "scores" not in keep:
             return diag
         scores = keep["scores"]
-        diag["teacher_rank_acc"] = pairwise_order_accuracy(torch.gather(scores, 1, ids_masked), per_patch)
+        teacher_masked = torch.gather(scores, 1, ids_masked)
+        diag["teacher_rank_acc"] = pairwise_order_accuracy(teacher_masked, per_patch)
+        diag["teacher_spearman"] = rank_correlation(teacher_masked, per_patch)
         if "has_organ" in keep:
             diag.update(organ_shares(keep["has_organ"], mined_patches(scores, keep["n_hard"]), keep["mask"]))
         return diag
 
-    def mask_noise(self, local_batch: int) -> torch.Tensor:
-        """Uniform ranks for this micro-batch's masks, drawn for the GLOBAL batch from (seed, micro-step)
-        and sliced to this process's samples: the masks, and so the run, do not depend on the number of
-        processes (a 2-process run equals a 1-process run with the same global batch).
+    def step_noise(self, local_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Uniform ranks ``(B, N)`` for this micro-batch's mask and, when the teacher is queried from masked
+        views, for its view partition (else None). Drawn for the GLOBAL batch from (seed, micro-step) and
+        sliced to this process's samples: the masks and partitions, and so the run, do not depend on the
+        number of processes (a 2-process run equals a 1-process run with the same global batch), and a
+        resumed run draws the same ones.
 
         Drawn on the training device by a generator of that device, re-seeded each micro-step (host-side,
-        no sync): nothing crosses from the host. On the CPU it is the same stream as a CPU generator's;
-        on CUDA the stream is CUDA's Philox, so a CUDA run's masks differ from a CPU run's (each is
-        reproducible, and independent of the number of processes)."""
-        self._micro = getattr(self, "_micro", 0) + 1
+        no sync): nothing crosses from the host. The mask's ranks come first, so they are the same whatever
+        the teacher view. On the CPU it is the same stream as a CPU generator's; on CUDA the stream is
+        CUDA's Philox, so a CUDA run's masks differ from a CPU run's (each is reproducible, and independent
+        of the number of processes)."""
+        self._micro += 1
         w, r, ns = self.dist.world_size, self.dist.rank, self.cfg.data.num_samples
-        g = self.__dict__.get("_noise_gen")
-        if g is None:
-            g = self._noise_gen = torch.Generator(device=self.device)
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator(device=self.device)
+        g = self._noise_gen
         g.manual_seed((self.cfg.seed * 1_000_003 + self.global_step * 9_973 + self._micro) % 2**63)
-        noise = torch.rand(local_batch * w, self.num_patches, generator=g, device=self.device)  # (B_global, N)
+        shape = (local_batch * w, self.num_patches)  # (B_global, N)
+        noise = torch.rand(shape, generator=g, device=self.device)
+        view_noise = None
+        if self.teacher is not None and self.teacher_view == "masked":
+            view_noise = torch.rand(shape, generator=g, device=self.device)
         if w == 1:
-            return noise
+            return noise, view_noise
         # DistributedSampler gives rank r the volumes r, r+w, r+2w, ... of the global batch order
-        idx = self.__dict__.setdefault("_noise_rows", {}).get(local_batch)
+        idx = self._noise_rows.get(local_batch)
         if idx is None:
             vols = local_batch // ns
             idx = ((w * torch.arange(vols)[:, None] + r) * ns + torch.arange(ns)[None, :]).flatten().to(self.device)
             self._noise_rows[local_batch] = idx
-        return noise[idx]
+        return noise[idx], None if view_noise is None else view_noise[idx]
 
     def after_optimizer_step(self, epoch_f, applied):
         self._micro = 0
@@ -340,12 +294,12 @@ class PretrainTrainer(Trainer):
                 self.write_figure(epoch)
             except Exception as e:  # a figure must never cost the run
                 echo(f"[pretrain] figure skipped: {e}")
-        keep = self.__dict__.pop("_diagnosis_inputs", None)
+        keep, self._diagnosis_inputs = self._diagnosis_inputs, None
         if keep is not None:
             self.diagnostics = self.mining_diagnostics(keep)
         diag = dict(self.diagnostics)
         if self.teacher is not None:
-            diag.update(teacher_init_share=self.teacher_init_share, ema_momentum=getattr(self, "ema_momentum", None))
+            diag.update(teacher_init_share=self.teacher_init_share, ema_momentum=self.ema_momentum)
         note = self.compile_note(stats)
         echo(
             f"[pretrain] epoch {epoch + 1}/{self.cfg.pretrain.epochs}: loss_rec {stats.get('loss_rec', float('nan')):.4f}"
@@ -360,7 +314,7 @@ class PretrainTrainer(Trainer):
 
     def figure_input(self) -> torch.Tensor:
         """A fixed crop of the first training scan (deterministic chain, centre crop), cached."""
-        if not hasattr(self, "_fig_x"):
+        if self._fig_x is None:
             self._fig_x = figure_crop(self.cfg.data, self.entries[0]["image"])
         return self._fig_x.to(self.device)
 
@@ -369,7 +323,7 @@ class PretrainTrainer(Trainer):
         teacher = self.teacher.model if self.teacher is not None else None
         reconstruction_figure(unwrap(self.model), teacher, self.figure_input(), self.cfg.pretrain.mask_ratio,
                               self.alpha(epoch), path, title=f"{self.cfg.pretrain.method} epoch {epoch + 1}",
-                              seed=1234)
+                              seed=1234, view=self.teacher_view, views=self.teacher_views)
         shutil.copyfile(path, self.run_dir / "figures" / "reconstruction_latest.png")
         self.logger.image("pretrain/reconstruction", mpimg.imread(str(path))[..., :3], epoch)
         return path
@@ -393,15 +347,20 @@ class PretrainTrainer(Trainer):
 
 
 def _diagnostics_text(diag: dict) -> str:
-    """The epoch line's part on mining: '; teacher: init share 0.26, rank acc 0.550, student rank acc 0.710,
-    organ share mined 0.65 vs random 0.42' (the parts a method has; '' for mae)."""
+    """The epoch line's part on mining: '; teacher: init share 0.26, rank acc 0.550, spearman 0.31, student
+    rank acc 0.710, student spearman 0.62, organ share mined 0.65 vs random 0.42' (the parts a method has;
+    '' for mae)."""
     parts = []
     if "teacher_init_share" in diag:
         parts.append(f"init share {diag['teacher_init_share']:.3g}")
     if "teacher_rank_acc" in diag:
         parts.append(f"rank acc {diag['teacher_rank_acc']:.3f}")
+    if "teacher_spearman" in diag:
+        parts.append(f"spearman {diag['teacher_spearman']:.2f}")
     if "student_rank_acc" in diag:
         parts.append(f"student rank acc {diag['student_rank_acc']:.3f}")
+    if "student_spearman" in diag:
+        parts.append(f"student spearman {diag['student_spearman']:.2f}")
     if "organ_share_hard" in diag:
         parts.append(f"organ share mined {diag['organ_share_hard']:.2f} vs random {diag.get('organ_share_random', float('nan')):.2f}")
     if not parts:
