@@ -349,13 +349,28 @@ def visualize_pretrain(
     ckpt: Path = typer.Argument(..., help="A pre-training checkpoint."),
     image: Path = typer.Option(..., "--image", help="A CT scan (NIfTI file or DICOM folder)."),
     out: Path = typer.Option(..., "-o", "--out", help="PNG to write."),
-    seed: int = typer.Option(0, help="Seed of the random part of the mask."),
+    seed: int = typer.Option(0, help="Seed of the masks and of the check's crops."),
+    label: Optional[Path] = typer.Option(None, "--label", help="The scan's label map: adds the organ share of "
+                                         "the patches the teacher ranks hardest (the lift)."),
+    crops: int = typer.Option(16, "--crops", help="Random crops of the scan for the teacher check."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the teacher check's figures here."),
 ):
-    """Original, masked input, reconstruction, predicted difficulty and HPM's mask on orthogonal slices."""
+    """Original, masked input, reconstruction, predicted difficulty and HPM's mask on orthogonal slices;
+    for an hpm checkpoint also how well its teacher ranks the student's losses on random crops of the scan."""
     from medhpm.viz.reconstruction import visualize_pretrain_checkpoint
 
-    path = visualize_pretrain_checkpoint(ckpt, image, out, seed=seed)
+    path, check = visualize_pretrain_checkpoint(ckpt, image, out, seed=seed, label=label, crops=crops,
+                                                json_out=json_out)
     typer.echo(f"wrote {path}")
+    if check is not None:
+        student = (f"; the student's own predicted losses {check['student_spearman']:.2f} / "
+                   f"{check['student_pair_accuracy']:.3f}" if "student_spearman" in check else "")
+        lift = (f"; organ share of the top-scored half {check['organ_share_top']:.2f} vs "
+                f"{check['organ_share_all']:.2f} of all patches (lift {check['organ_lift']:.2f})"
+                if "organ_lift" in check else "")
+        typer.echo(f"teacher ({check['teacher_view']} view) on {check['crops']} random crops: Spearman "
+                   f"{check['teacher_spearman']:.2f}, pair accuracy {check['teacher_pair_accuracy']:.3f} against "
+                   f"the student's measured losses{student}{lift}" + (f"; wrote {json_out}" if json_out else ""))
 
 
 @viz_app.command("segmentation")

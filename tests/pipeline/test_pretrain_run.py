@@ -75,6 +75,8 @@ def test_teacher_diagnostics_logged_every_epoch(runs):
         assert 0.0 < e["ema_momentum"] < 1.0
         for key in ("teacher_rank_acc", "student_rank_acc", "organ_share_hard", "organ_share_random"):
             assert 0.0 <= e[key] <= 1.0, (key, e)
+        for key in ("teacher_spearman", "student_spearman"):  # rank correlations beside the pair accuracies
+            assert -1.0 <= e[key] <= 1.0, (key, e)
     assert epochs[-1]["teacher_init_share"] < epochs[0]["teacher_init_share"] < 1.0
     mae = [r for r in read_metrics(runs["mae"] / "metrics.jsonl") if r.get("kind") == "epoch"]
     assert not any(k in r for r in mae for k in ("teacher_rank_acc", "student_rank_acc", "teacher_init_share"))
@@ -136,7 +138,7 @@ def test_visualize_pretrain_checkpoint_draws_the_training_figure(runs, tiny_phan
     from medhpm.viz.reconstruction import visualize_pretrain_checkpoint
 
     scan = tiny_phantoms.parent / json.loads(tiny_phantoms.read_text())["training"][0]["image"]  # dataset.json
-    png = visualize_pretrain_checkpoint(runs[method] / "final.pt", scan, tmp_path / "fig.png")
+    png, _ = visualize_pretrain_checkpoint(runs[method] / "final.pt", scan, tmp_path / "fig.png")
     width = mpimg.imread(str(png)).shape[1]
     assert abs(width - round(2.3 * columns * 90)) <= 2, width
     trainer_png = runs[method] / "figures" / "reconstruction_latest.png"
@@ -169,3 +171,127 @@ def test_pretraining_reads_only_the_training_scans_and_says_so(tiny_phantoms, tm
     n_val, n_test = len(dl["validation"]), len(dl["test"])
     assert line == (f"[pretrain] {len(dl['training'])} training scans of {src} and 2 label-free scans "
                     f"(data.extra_unlabelled); its {n_val} validation and {n_test} test cases are not read"), line
+
+
+# ------------------------------------------------------------------ the teacher check of `visualize pretrain`
+def _medhpm(*args: str, check: bool = True):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "medhpm.cli", *args], capture_output=True, text=True, timeout=600)
+    assert not check or p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def _scan_and_label(tiny_phantoms):
+    dl = json.loads(tiny_phantoms.read_text())
+    e = dl["test"][0] if dl.get("test") else dl["training"][0]
+    return tiny_phantoms.parent / e["image"], tiny_phantoms.parent / e["label"]
+
+
+def test_visualize_pretrain_json_for_an_hpm_checkpoint(runs, tiny_phantoms, tmp_path):
+    """`medhpm visualize pretrain CKPT --image --label --crops --json`: the figure, one line of figures, and
+    a JSON that names the run's own teacher view and holds every measure in its range."""
+    scan, label = _scan_and_label(tiny_phantoms)
+    out = tmp_path / "check.json"
+    p = _medhpm("visualize", "pretrain", str(runs["hpm"] / "final.pt"), "--image", str(scan), "--label", str(label),
+                "--crops", "6", "--json", str(out), "-o", str(tmp_path / "fig.png"))
+    assert (tmp_path / "fig.png").is_file()
+    res = json.loads(out.read_text())
+    assert res["teacher_view"] == "masked" and res["teacher_views"] == 4 and res["crops"] == 6
+    for key in ("teacher_spearman", "student_spearman"):
+        assert -1.0 <= res[key] <= 1.0
+    for key in ("teacher_pair_accuracy", "student_pair_accuracy", "organ_share_top", "organ_share_all"):
+        assert 0.0 <= res[key] <= 1.0
+    assert res["organ_lift"] == pytest.approx(res["organ_share_top"] / res["organ_share_all"])
+    assert "teacher (masked view) on 6 random crops: Spearman" in p.stdout and "lift" in p.stdout
+
+
+def test_visualize_pretrain_refuses_a_teacher_check_it_cannot_make(runs, tiny_phantoms, tmp_path):
+    """An MAE checkpoint has no teacher; a label map off the scan's grid cannot be compared patch by patch.
+    Both are refused with a sentence naming the file, before anything is written."""
+    import nibabel as nib
+
+    scan, label = _scan_and_label(tiny_phantoms)
+    out, png = tmp_path / "check.json", tmp_path / "fig.png"
+    p = _medhpm("visualize", "pretrain", str(runs["mae"] / "final.pt"), "--image", str(scan), "--json", str(out),
+                "-o", str(png), check=False)
+    assert p.returncode != 0 and "holds no EMA teacher (method mae)" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not out.exists() and not png.exists()
+    img = nib.load(str(label))
+    small = tmp_path / "label_small.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-4], img.affine), str(small))
+    p = _medhpm("visualize", "pretrain", str(runs["hpm"] / "final.pt"), "--image", str(scan), "--label", str(small),
+                "--json", str(out), "-o", str(png), check=False)
+    assert p.returncode != 0 and str(small) in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists() and not png.exists()
+
+
+class _PlantedTeacher:
+    """A teacher whose scores are given (only its scores are read by the check)."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def predict_difficulty(self, x):
+        return self.scores
+
+
+def _np_spearman(a, b):
+    def ranks(v):
+        return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2.0 for x in v])
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+
+
+def test_teacher_check_measures_against_numpy_on_planted_scores():
+    """The check's figures equal a plain NumPy computation for planted teacher scores: the truth itself
+    gives 1, random scores the NumPy Spearman and pair accuracy, and the organ lift counts the organ
+    patches among the top-scored half of each crop's masked patches."""
+    from medhpm.pretrain.masking import random_mask
+    from medhpm.pretrain.model import HPMPretrainModel
+    from medhpm.viz.reconstruction import teacher_ranking_check
+
+    torch.manual_seed(0)
+    student = HPMPretrainModel(ViTEncoder(img_size=(32, 32, 32), patch_size=8, embed_dim=48, depth=2, num_heads=4),
+                               decoder_dim=36, decoder_depth=1, decoder_heads=3)
+    n, n_tok, seed = 3, 64, 5
+    x = torch.rand(n, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    # the check masks at random from its seed, first draw; the student's measured losses are the truth
+    mask = random_mask(n, n_tok, 0.75, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = student.eval()(x, mask)
+    truth, ids = out["per_patch_loss"].numpy(), out["ids_masked"].numpy()
+
+    perfect = torch.rand(n, n_tok)
+    perfect.scatter_(1, out["ids_masked"], out["per_patch_loss"])
+    res = teacher_ranking_check(student, _PlantedTeacher(perfect), x, None, 0.75, "full", 1, seed)
+    assert res["teacher_spearman"] == pytest.approx(1.0) and res["teacher_pair_accuracy"] == 1.0
+    assert "organ_lift" not in res
+
+    planted = torch.rand(n, n_tok, generator=torch.Generator().manual_seed(7))
+    label = torch.zeros(n, 1, 32, 32, 32)
+    label[:, :, :16] = 6.0  # the organ fills the patches of the first half along the first axis
+    res = teacher_ranking_check(student, _PlantedTeacher(planted), x, label, 0.75, "full", 1, seed)
+    sc = planted.numpy()
+    assert res["teacher_spearman"] == pytest.approx(np.mean([_np_spearman(sc[i, ids[i]], truth[i]) for i in range(n)]))
+    right = total = 0
+    for i in range(n):
+        for a in range(ids.shape[1]):
+            for b in range(a + 1, ids.shape[1]):
+                ds, dt = sc[i, ids[i, a]] - sc[i, ids[i, b]], truth[i, a] - truth[i, b]
+                if ds != 0 and dt != 0:
+                    total += 1
+                    right += (ds > 0) == (dt > 0)
+    assert res["teacher_pair_accuracy"] == pytest.approx(right / total)
+    # organ patches: token index (ih*4 + iw)*4 + id, ih < 2 holds the organ -> tokens 0..31
+    organ = np.arange(n_tok) < 32
+    hits = cnt = 0
+    for i in range(n):
+        top = ids[i][np.argsort(-sc[i, ids[i]])[: len(ids[i]) // 2]]
+        hits += organ[top].sum()
+        cnt += len(top)
+    assert res["organ_share_all"] == pytest.approx(0.5)
+    assert res["organ_share_top"] == pytest.approx(hits / cnt)
+    assert res["organ_lift"] == pytest.approx(hits / cnt / 0.5)

@@ -86,3 +86,21 @@ def organ_shares(has_organ: torch.Tensor, hard: torch.Tensor, masked: torch.Tens
         if n:
             out[name] = int((has_organ & group).sum()) / n
     return out
+
+
+def organ_lift(scores: torch.Tensor, has_organ: torch.Tensor, masked: torch.Tensor) -> dict[str, float]:
+    """Does the teacher point at the organs? Over all samples: the share of the top-scored half of each
+    sample's masked patches that hold organ voxels (``organ_share_top``), the share of all patches that do
+    (``organ_share_all``) and their ratio (``organ_lift``; 1 = no better than any patch; NaN without organ).
+
+    ``scores`` (B, N) teacher scores; ``has_organ`` and ``masked`` bool (B, N)."""
+    top_hits = top_count = 0
+    for s, org, msk in zip(scores, has_organ, masked):
+        ids = msk.nonzero().flatten()
+        top = ids[torch.topk(s[ids], len(ids) // 2).indices]
+        top_hits += int(org[top].sum())
+        top_count += len(top)
+    share_top = top_hits / top_count if top_count else float("nan")
+    share_all = float(has_organ.float().mean())
+    return {"organ_share_top": share_top, "organ_share_all": share_all,
+            "organ_lift": share_top / share_all if share_all > 0 else float("nan")}

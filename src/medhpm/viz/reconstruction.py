@@ -1,24 +1,37 @@
-"""``medhpm visualize pretrain``: the pre-training figure (``medhpm.pretrain.figure``) for a checkpoint."""
+"""``medhpm visualize pretrain``: the pre-training figure (``medhpm.pretrain.figure``) for a checkpoint, and
+a check of its teacher on the user's own scan: does the teacher rank patches by how hard the student finds
+them, and does it point at the organs?
+
+The check (:func:`teacher_ranking_check`) draws random crops of the scan through the checkpoint's own
+deterministic chain (seeded), masks each at random with the run's mask ratio, and takes the student's
+measured per-patch reconstruction loss of the masked patches as the truth. The teacher scores the same
+crops as the run queried it (``pretrain.teacher_view``); the student's own predicted losses are the
+yardstick. Reported: Spearman's rank correlation and pair accuracy of each against the truth
+(``medhpm.pretrain.diagnostics``), and with a label map the organ share of the top-scored half of the
+masked patches against that of all patches (the lift).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from medhpm.config import from_dict
+from medhpm.data.headers import check_headers
+from medhpm.data.transforms import predict_transforms, val_transforms
+from medhpm.pretrain.diagnostics import organ_lift, pairwise_order_accuracy, patches_with_organ, rank_correlation
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
-from medhpm.pretrain.masking import curriculum_alpha
+from medhpm.pretrain.masking import curriculum_alpha, random_mask
 from medhpm.pretrain.model import HPMPretrainModel
-from medhpm.runtime.checkpoint import load_checkpoint
-from medhpm.runtime.files import refuse_overwriting_inputs
+from medhpm.pretrain.step import teacher_scores, teacher_views_used
+from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
+from medhpm.runtime.files import atomic_write_text, refuse_overwriting_inputs
 
 
-def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
-    """Figure for a pre-training checkpoint on a scan: the chain stored in the checkpoint, centre crop.
-
-    The mask is HPM's (teacher difficulty, the checkpoint's alpha) when the checkpoint has a teacher,
-    else random.
-    """
-    refuse_overwriting_inputs([out_png], [ckpt, image], hint="choose another PNG path with -o")
+def _load(ckpt):
     state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch",
                                                           "model_args.pretrain_model"))
     cfg = from_dict(state["config"])
@@ -29,9 +42,104 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0) -> Path:
         teacher = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
         teacher.load_state_dict(state["teacher"], strict=False)  # the teacher carries no reconstructor
         teacher.eval()
+    return state, cfg, model, teacher
+
+
+def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0, label=None, crops: int = 16,
+                                  json_out=None) -> tuple[Path, dict | None]:
+    """Figure for a pre-training checkpoint on a scan (the chain stored in the checkpoint, centre crop;
+    HPM's mask from the teacher as the run queried it, with the checkpoint's alpha, else random), and, for
+    a checkpoint with a teacher, :func:`teacher_ranking_check` on ``crops`` random crops (written to
+    ``json_out`` when given). Returns the PNG's path and the check's figures (None without a teacher).
+
+    Everything that can be refused is refused before any voxel is read: an output that would replace an
+    input, ``--json`` or ``--label`` for a checkpoint without a teacher, a label map off the scan's grid."""
+    outs = [out_png] + ([json_out] if json_out is not None else [])
+    refuse_overwriting_inputs(outs, [ckpt, image] + ([label] if label is not None else []),
+                              hint="choose another output path")
+    if json_out is not None and Path(json_out).resolve() == Path(out_png).resolve():
+        raise ValueError(f"--json {json_out} is the figure's own path; name another file")
+    if crops < 1:
+        raise ValueError(f"--crops must be at least 1, got {crops}")
+    state, cfg, model, teacher = _load(ckpt)
     p = cfg.pretrain
+    if teacher is None and (json_out is not None or label is not None):
+        raise CheckpointError(
+            f"{ckpt} holds no EMA teacher (method {p.method}): the teacher check (--json, --label) needs a "
+            "checkpoint of an hpm pre-training; nothing was written")
+    if label is not None:
+        check_headers([{"image": str(image), "label": str(label)}], what="given")
+    view, views = p.teacher_view, teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)
     alpha = curriculum_alpha(int(state["epoch"]), p.epochs, p.alpha_0, p.alpha_T)
-    return reconstruction_figure(
-        model, teacher, figure_crop(cfg.data, image), p.mask_ratio, alpha, out_png, seed=seed,
-        title=f"{Path(str(image)).name}: {p.method}, epoch {int(state['epoch']) + 1}",
+    png = reconstruction_figure(
+        model, teacher, figure_crop(cfg.data, image), p.mask_ratio, alpha, out_png, seed=seed, view=view,
+        views=views, title=f"{Path(str(image)).name}: {p.method}, epoch {int(state['epoch']) + 1}",
     )
+    if teacher is None:
+        return png, None
+    x, lab = random_crops(cfg.data, image, label, crops, seed)
+    result = {"checkpoint": str(ckpt), "image": str(image), "label": None if label is None else str(label),
+              "epoch": int(state["epoch"]) + 1, "method": p.method, "mask_ratio": p.mask_ratio, "seed": seed,
+              **teacher_ranking_check(model, teacher, x, lab, p.mask_ratio, view, views, seed)}
+    if json_out is not None:
+        atomic_write_text(Path(json_out), json.dumps(_jsonable(result), indent=2) + "\n")
+    return png, result
+
+
+def random_crops(data_cfg, image, label, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` crops of ``data_cfg.roi`` at uniformly random places (drawn from ``seed``) of the scan after
+    the deterministic chain (and of its label map, on the same grid): ``(n, 1, *roi)`` float32 each."""
+    roi = tuple(int(r) for r in data_cfg.roi)
+    if label is None:
+        data = predict_transforms(data_cfg)({"image": str(image)})
+    else:
+        data = val_transforms(data_cfg)({"image": str(image), "label": str(label)})
+    img = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()  # (1, H, W, D), >= roi
+    lab = None if label is None else torch.as_tensor(data["label"]).as_subclass(torch.Tensor).float()
+    rng = np.random.default_rng(seed)
+    xs, ls = [], []
+    for _ in range(n):
+        start = [int(rng.integers(0, s - r + 1)) for s, r in zip(img.shape[1:], roi)]
+        sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(start, roi))
+        xs.append(img[sl])
+        if lab is not None:
+            ls.append(lab[sl])
+    return torch.stack(xs), (torch.stack(ls) if lab is not None else None)
+
+
+@torch.no_grad()
+def teacher_ranking_check(student: HPMPretrainModel, teacher: HPMPretrainModel, x: torch.Tensor,
+                          label: torch.Tensor | None, mask_ratio: float, view: str, views: int,
+                          seed: int = 0) -> dict:
+    """How well the teacher's scores (queried as ``view``/``views``) and the student's predicted losses
+    order the student's measured losses of randomly masked patches of the crops ``x`` (n, 1, *roi); with
+    ``label`` (n, 1, *roi) also the organ share of the teacher's top-scored half of the masked patches."""
+    g = torch.Generator().manual_seed(seed)
+    n_tok = student.encoder.num_patches
+    mask = random_mask(x.shape[0], n_tok, mask_ratio, generator=g)  # (n, N)
+    view_noise = torch.rand(x.shape[0], n_tok, generator=g) if view == "masked" else None
+    was = student.training
+    student.eval()
+    out = student(x, mask)
+    student.train(was)
+    truth = out["per_patch_loss"]  # (n, M), ascending token order
+    scores = teacher_scores(teacher, x, view, views, view_noise)  # (n, N)
+    t_masked = torch.gather(scores, 1, out["ids_masked"])
+    res: dict = {"teacher_view": view, "teacher_views": views, "crops": int(x.shape[0]),
+                 "masked_patches_per_crop": int(truth.shape[1]),
+                 "teacher_spearman": rank_correlation(t_masked, truth),
+                 "teacher_pair_accuracy": pairwise_order_accuracy(t_masked, truth)}
+    if out["lp"] is not None:
+        res["student_spearman"] = rank_correlation(out["lp"], truth)
+        res["student_pair_accuracy"] = pairwise_order_accuracy(out["lp"], truth)
+    if label is not None:
+        res.update(organ_lift(scores, patches_with_organ(label, student.patch_size), mask))
+    return res
+
+
+def _jsonable(d: dict) -> dict:
+    """NaN as null (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
+
+
+__all__ = ["visualize_pretrain_checkpoint", "random_crops", "teacher_ranking_check"]
