@@ -10,11 +10,13 @@ from medhpm.runtime.files import atomic_write_text, save_png
 from medhpm.runtime.logging import read_metrics
 
 
-# the pre-training diagnostics of medhpm.pretrain.diagnostics, all in [0, 1]
+# the pre-training diagnostics of medhpm.pretrain.diagnostics, in [0, 1] (the rank correlations in [-1, 1])
 _MINING_CURVES = (
     ("teacher_init_share", "teacher: random-init share"),
     ("teacher_rank_acc", "teacher scores: pair accuracy"),
     ("student_rank_acc", "student lp: pair accuracy"),
+    ("teacher_spearman", "teacher scores: Spearman"),
+    ("student_spearman", "student lp: Spearman"),
     ("organ_share_hard", "mined patches with organ"),
     ("organ_share_random", "random masked with organ"),
 )
@@ -44,7 +46,7 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
         mining = [(label, xs, [r.get(key) for r in recs]) for key, label in _MINING_CURVES
                   if any(r.get(key) is not None for r in recs)]
         if mining:
-            panels.append((f"{name}: teacher and mining", mining, "share / pair accuracy"))
+            panels.append((f"{name}: teacher and mining", mining, "share / accuracy / correlation"))
         val = [(r["epoch"] + 1, r["val_dice"]) for r in recs if r.get("val_dice") is not None]
         if val:
             panels.append((f"{name}: validation Dice", [("val Dice (reported organs)", [v[0] for v in val],
