@@ -44,8 +44,11 @@ def pretrain_runs(tiny_dataset, tmp_path_factory):
 
 
 def test_pretrain_resume_gives_the_losses_of_an_uninterrupted_run(pretrain_runs):
+    """The teacher is queried from masked views (the default), so this also says that a resumed run draws
+    the same random view partitions as the uninterrupted one: its mined patches and weights are the same."""
     a, b, out = pretrain_runs
     assert "resumed from" in out and "at epoch 2" in out
+    assert "teacher_view: masked" in (b / "config_pretrain.yaml").read_text()
     ea, eb = _steps(a, epoch=2), _steps(b, epoch=2)
     assert len(ea) == 3  # 5 volumes, batch 2: 3 steps per epoch
     assert eb == ea  # every logged value of epoch 3, exactly (teacher mining and HU stats included)
