@@ -58,6 +58,15 @@ def test_packaged_configs_resolve():
     assert btcv.pretrain.lr == pytest.approx(1.5e-4) and btcv.pretrain.weight_decay == pytest.approx(0.05)
     assert btcv.finetune.lr == pytest.approx(8e-4) and btcv.finetune.layer_decay == 0.75
     assert btcv.finetune.drop_path == 0.1 and btcv.finetune.num_classes == 14 and btcv.data.split == "transunet"
+    # the paper configs keep the paper's full-volume teacher; everything else asks it from masked views
+    assert btcv.pretrain.teacher_view == smwb.pretrain.teacher_view == "full"
+    assert load_config("demo").pretrain.teacher_view == "masked" == Config().pretrain.teacher_view
+
+
+def test_teacher_views_without_masked_views_is_refused():
+    with pytest.raises(ConfigError, match="'pretrain.teacher_views'.*only used with pretrain.teacher_view=masked"):
+        load_config("btcv_paper", ["pretrain.teacher_views=4"])
+    assert load_config("btcv_paper", ["pretrain.teacher_view=masked", "pretrain.teacher_views=4"]).pretrain.teacher_views == 4
 
 
 @pytest.mark.parametrize("override,key,hint", [
@@ -167,11 +176,21 @@ def test_a_config_stored_by_an_earlier_version_still_loads():
     old = to_dict(load_config("demo"))
     old["evaluate"] = {**old.pop("inference"), "overlap": 0.25, "output_on_cpu": True, "save_probabilities": False}
     del old["pretrain"]["prediction_loss"]
+    del old["pretrain"]["teacher_view"], old["pretrain"]["teacher_views"]
     old["pretrain"]["pred_loss"] = "relative"
     cfg = from_dict(old)
     assert cfg.inference.overlap == 0.25 and cfg.pretrain.prediction_loss == "ranking"
     old["pretrain"]["pred_loss"] = "absolute"
     assert from_dict(old).pretrain.prediction_loss == "absolute"
+    # written before pretrain.teacher_view existed: its teacher scored the full volume, and keeps doing so
+    assert cfg.pretrain.teacher_view == "full"
+
+
+def test_resume_refuses_another_teacher_view(tmp_path):
+    run = tmp_path / "run"
+    save_config(load_config("demo", ["pretrain.epochs=2"]), run / "config_pretrain.yaml")
+    with pytest.raises(ConfigError, match="pretrain.teacher_view 'masked' -> 'full'"):
+        resume_config(run, "pretrain", ["pretrain.epochs=5", "pretrain.teacher_view=full"])
 
 
 def test_resume_config_extends_the_run_but_keeps_what_its_checkpoint_depends_on(tmp_path):

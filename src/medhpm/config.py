@@ -693,6 +693,9 @@ def validate(cfg: Config) -> Config:
     _check(p.teacher_views == 0 or 2 <= p.teacher_views <= n_tokens, "pretrain.teacher_views",
            f"{p.teacher_views} is out of range: must be 0 (one view per visible share 1 - mask_ratio) or 2 to "
            f"{n_tokens} (the tokens of a data.roi crop)")
+    _check(p.teacher_views == 0 or p.teacher_view == "masked", "pretrain.teacher_views",
+           f"{p.teacher_views} views are only used with pretrain.teacher_view=masked (it is {p.teacher_view!r}): "
+           "set pretrain.teacher_view=masked, or leave teacher_views at 0")
     # fine-tuning
     _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
