@@ -4,10 +4,11 @@ A step is the trainers' optimizer step: for pre-training (``mae``, ``hpm`` at al
 pass) ``pretrain.step.step_core`` (teacher pass, mask, student, L_rec, L_pred), backward, gradient clipping (5.0),
 fused AdamW, for hpm the EMA update; for fine-tuning the UNETR forward and DiceCE, backward, clipping,
 fused AdamW. ``runtime.compile``'s modes compile the part up to the loss (``Trainer.compiled``).
-Mask noise is drawn on the device. Each mode is built in the same process with the same seed and
-shapes; timing interleaves the modes (``benchmarks.common.time_interleaved``). Reported: median seconds
-per step and the ratio compiled / eager (below 1: compiling helps); compile time is the first (warm-up)
-calls and not part of the medians.
+The teacher is queried as the demo config says (``pretrain.teacher_view``: masked, 4 views by default).
+Mask noise (and the view partition's ranks) is drawn on the device, as the trainer's ``step_noise``. Each
+mode is built in the same process with the same seed and shapes; timing interleaves the modes
+(``benchmarks.common.time_interleaved``). Reported: median seconds per step and the ratio compiled / eager
+(below 1: compiling helps); compile time is the first (warm-up) calls and not part of the medians.
 
 Run: ``python -m benchmarks.compile_step [--threads 1] [--repeats 5] [--out DIR]``; the CPU figures of
 docs/PERFORMANCE.md come from it. ``benchmarks/gpu_all.py`` uses :func:`build_step` for the GPU run.
@@ -64,7 +65,7 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
     ``mode`` (``none``: eager). ``forward_backward`` (the step without optimizer and EMA) is for FLOP
     counting. ``backend``: torch.compile's backend (``eager``: dynamo's capture only, for quick tests)."""
     from medhpm.pretrain.masking import num_masked
-    from medhpm.pretrain.step import step_core
+    from medhpm.pretrain.step import step_core, teacher_views_used
     from medhpm.pretrain.trainer import build_pretrain_model, make_teacher
     from medhpm.runtime.param_groups import param_groups_weight_decay
 
@@ -107,6 +108,9 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
         p = cfg.pretrain
         n = model.encoder.num_patches
         n_hard = torch.tensor(int(0.5 * num_masked(n, p.mask_ratio)), device=dev) if teacher else None
+        # the teacher queried as the trainer queries it (pretrain.teacher_view / teacher_views)
+        view = p.teacher_view if teacher is not None else "full"
+        views = teacher_views_used(view, p.teacher_views, p.mask_ratio)
         gen = torch.Generator(device=dev)
         core_c = compiled(step_core)
         step_no = [0]
@@ -114,8 +118,10 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
         def call():
             step_no[0] += 1
             gen.manual_seed(step_no[0])
-            noise = torch.rand(batch, n, generator=gen, device=dev)
-            loss, _ = core_c(model, teacher, x, noise, n_hard, p.mask_ratio, p.lambda_pred, task == "hpm")
+            noise = torch.rand(batch, n, generator=gen, device=dev)  # the mask's ranks first, as step_noise
+            view_noise = torch.rand(batch, n, generator=gen, device=dev) if view == "masked" else None
+            loss, _ = core_c(model, teacher, x, noise, n_hard, p.mask_ratio, p.lambda_pred, task == "hpm", view, views,
+                             view_noise)
             return loss
 
         lr = p.lr
@@ -170,6 +176,8 @@ def measure(task, size, batch, modes, device, repeats, warmup, log=print, backen
 
 def main(argv=None) -> dict:
     from benchmarks.common import cpu_model
+    from medhpm.config import load_config
+    from medhpm.pretrain.step import teacher_views_used
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="cpu", choices=tuple(SIZES))
@@ -183,6 +191,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     modes = a.modes.split(",")
+    p = load_config("demo").pretrain  # build_step's teacher view (the demo config's)
     results, ratios = {}, []
     started = time.time()
     for task in a.tasks.split(","):
@@ -193,7 +202,9 @@ def main(argv=None) -> dict:
             ratios.append({"name": f"{task}: {mode} / eager", "ratio": r[mode]["s_per_step"] / r["none"]["s_per_step"]})
     payload = {"title": "Training step: torch.compile vs eager on the CPU", "measures": __doc__.strip(),
                "machine": {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__},
-               "settings": {"size": a.size, **SIZES[a.size], "batch": a.batch, "repeats": a.repeats, "modes": modes},
+               "settings": {"size": a.size, **SIZES[a.size], "batch": a.batch, "repeats": a.repeats, "modes": modes,
+                            "teacher_view": p.teacher_view,
+                            "teacher_views": teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)},
                "results": results, "ratios": ratios, "duration_s": time.time() - started}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

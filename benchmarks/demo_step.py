@@ -3,7 +3,8 @@
 A step is what the demo's trainers run, at the demo's shapes (``configs/demo.yaml``): fine-tuning = the
 UNETR (tiny ViT, patch 8, feature size 16, 14 classes) forward on a batch of 2 crops of 48^3, DiceCE (batch
 Dice) on float32 logits, backward, clipping at 1.0, fused AdamW; pre-training = hpm at alpha 0.5 (teacher
-pass, mask, student, L_rec, L_pred) on 4 crops, backward, fused AdamW. Variants of the fine-tuning step:
+pass as the demo queries it, ``pretrain.teacher_view``: 4 complementary masked views with the config's
+default; mask, student, L_rec, L_pred) on 4 crops, backward, fused AdamW. Variants of the fine-tuning step:
 
 * ``fp32``: the baseline (``runtime.precision=fp32``);
 * ``bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward, as ``runtime.precision=bf16`` or
@@ -100,7 +101,7 @@ def _finetune_variants(names: list[str]) -> tuple[dict, float]:
 
 def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
     from medhpm.config import load_config
-    from medhpm.pretrain.step import pretrain_iteration
+    from medhpm.pretrain.step import pretrain_iteration, teacher_views_used
     from medhpm.pretrain.trainer import build_pretrain_model, make_teacher
 
     cfg = load_config("demo")
@@ -108,6 +109,22 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
     torch.manual_seed(0)
     base = build_pretrain_model(cfg)
     x = torch.rand(p.batch_size, 1, *cfg.data.roi, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    # the teacher queried as the demo's trainer queries it
+    view, views = p.teacher_view, teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)
+    n = base.encoder.num_patches
+
+    def step_noise():
+        """The mask's ranks, then the view partition's (masked view), from one seeded generator like the
+        trainer's ``step_noise``; the same every step, so every variant masks alike."""
+        g = torch.Generator().manual_seed(2)
+        noise = torch.rand(x.shape[0], n, generator=g)
+        return noise, (torch.rand(x.shape[0], n, generator=g) if view == "masked" else None)
+
+    def iteration(model, teacher):
+        noise, view_noise = step_noise()
+        return pretrain_iteration(model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise,
+                                  view=view, views=views, view_noise=view_noise)
+
     steps = {}
     for name in names:
         model = copy.deepcopy(base)
@@ -116,9 +133,8 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
         bf16 = name == "bf16"
 
         def step(model=model, teacher=teacher, opt=opt, bf16=bf16) -> float:
-            noise = torch.rand(x.shape[0], model.encoder.num_patches, generator=torch.Generator().manual_seed(2))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = pretrain_iteration(model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)
+                loss, _ = iteration(model, teacher)
             loss = loss.float()
             loss.backward()
             opt.step()
@@ -128,9 +144,17 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
         steps[f"pretrain/{name}"] = step
     model = copy.deepcopy(base)
     teacher = make_teacher(model)
-    noise = torch.rand(x.shape[0], model.encoder.num_patches, generator=torch.Generator().manual_seed(2))
-    return steps, count_flops(lambda: pretrain_iteration(
-        model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise)[0].backward()) / 1e9
+    return steps, count_flops(lambda: iteration(model, teacher)[0].backward()) / 1e9
+
+
+def _demo_teacher_view() -> str:
+    """How the demo's teacher is queried, e.g. ``masked, 4 views`` (``pretrain.teacher_view``)."""
+    from medhpm.config import load_config
+    from medhpm.pretrain.step import teacher_views_used
+
+    p = load_config("demo").pretrain
+    v = teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)
+    return p.teacher_view + (f", {v} views" if p.teacher_view == "masked" else "")
 
 
 PARTS = ("bf16", "channels_last", "channels_last_gn", "compile")
@@ -203,7 +227,8 @@ def main(argv=None) -> dict:
                "machine": {"cpu": cpu_model(), **cpu_details(), "native_bf16": cpu_has_native_bf16(),
                            "threads": a.threads,
                            "torch": torch.__version__, "loadavg": list(os.getloadavg())},
-               "settings": {"rounds": a.rounds, "config": "demo", "finetune_batch": 2, "pretrain_batch": 4},
+               "settings": {"rounds": a.rounds, "config": "demo", "finetune_batch": 2, "pretrain_batch": 4,
+                            "pretrain_teacher_view": _demo_teacher_view()},
                "gflop_per_step": gflop,
                "results": results}
     out = Path(a.out)

@@ -69,6 +69,33 @@ def test_step_benchmarks_report_flops_and_phases(smoke_run):
     hpm = pre["results"]["micro/hpm_a0.5"]["phases_s"]
     assert {"forward", "teacher_pass", "backward", "optimizer", "ema"} <= hpm.keys()
     assert "teacher_pass" not in pre["results"]["micro/hpm_a0"]["phases_s"]  # alpha 0 skips the teacher
+    # the masked teacher view: the step, the teacher pass alone, and their ratios
+    assert pre["settings"]["teacher_views"] == 4  # default_teacher_views(0.75)
+    assert "teacher_pass" in pre["results"]["micro/hpm_a0.5_masked"]["phases_s"]
+    res = pre["results"]
+    for view in ("full", "masked"):
+        assert res[f"micro/teacher_{view}"]["spec"]["view"] == view
+        assert "teacher_pass" in res[f"micro/teacher_{view}"]["phases_s"]
+    # counted, not timed: the masked view runs the predictor over all N positions of each of its V views
+    assert res["micro/teacher_masked"]["flops_per_step"] > res["micro/teacher_full"]["flops_per_step"]
+    names = {r["name"]: r for r in pre["ratios"]}
+    for name in ("micro: hpm_a0.5 / mae", "micro: hpm_a0 / mae", "micro: hpm_a0.5_masked / mae",
+                 "micro: hpm_a0.5_masked / hpm_a0.5", "micro: teacher_masked / teacher_full",
+                 "micro: teacher_pass of hpm_a0.5_masked / hpm_a0.5", "micro: hpm_a0.5_fused / hpm_a0.5"):
+        assert name in names, (name, sorted(names))
+    assert names["micro: teacher_pass of hpm_a0.5_masked / hpm_a0.5"]["phase"] == "teacher_pass"
+
+
+def test_demo_size_is_the_demo_configs_model():
+    from benchmarks.pretrain_step import MASK_RATIO, SIZES
+    from medhpm.config import load_config
+
+    cfg = load_config("demo")
+    s = SIZES["demo"]
+    assert s["models"] == (cfg.model.preset,) and s["patch"] == cfg.model.patch_size
+    assert [s["roi"]] * 3 == list(cfg.data.roi) and s["batch"] == cfg.pretrain.batch_size
+    assert s["decoder"] == (cfg.model.decoder_dim, cfg.model.decoder_depth, cfg.model.decoder_heads)
+    assert MASK_RATIO == cfg.pretrain.mask_ratio
 
 
 def test_docs_are_generated(smoke_run):
