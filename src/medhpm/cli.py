@@ -365,12 +365,13 @@ def visualize_pretrain(
     if check is not None:
         student = (f"; the student's own predicted losses {check['student_spearman']:.2f} / "
                    f"{check['student_pair_accuracy']:.3f}" if "student_spearman" in check else "")
+        position = (f"; position alone {check['position_spearman']:.2f}" if "position_spearman" in check else "")
         lift = (f"; organ share of the top-scored half {check['organ_share_top']:.2f} vs "
                 f"{check['organ_share_all']:.2f} of all patches (lift {check['organ_lift']:.2f})"
                 if "organ_lift" in check else "")
         typer.echo(f"teacher ({check['teacher_view']} view) on {check['crops']} random crops: Spearman "
                    f"{check['teacher_spearman']:.2f}, pair accuracy {check['teacher_pair_accuracy']:.3f} against "
-                   f"the student's measured losses{student}{lift}" + (f"; wrote {json_out}" if json_out else ""))
+                   f"the student's measured losses{student}{position}{lift}" + (f"; wrote {json_out}" if json_out else ""))
 
 
 @viz_app.command("segmentation")

@@ -199,12 +199,13 @@ def test_visualize_pretrain_json_for_an_hpm_checkpoint(runs, tiny_phantoms, tmp_
     assert (tmp_path / "fig.png").is_file()
     res = json.loads(out.read_text())
     assert res["teacher_view"] == "masked" and res["teacher_views"] == 4 and res["crops"] == 6
-    for key in ("teacher_spearman", "student_spearman"):
+    for key in ("teacher_spearman", "student_spearman", "position_spearman"):
         assert -1.0 <= res[key] <= 1.0
     for key in ("teacher_pair_accuracy", "student_pair_accuracy", "organ_share_top", "organ_share_all"):
         assert 0.0 <= res[key] <= 1.0
     assert res["organ_lift"] == pytest.approx(res["organ_share_top"] / res["organ_share_all"])
     assert "teacher (masked view) on 6 random crops: Spearman" in p.stdout and "lift" in p.stdout
+    assert "position alone" in p.stdout
 
 
 def test_visualize_pretrain_refuses_a_teacher_check_it_cannot_make(runs, tiny_phantoms, tmp_path):

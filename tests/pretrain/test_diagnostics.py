@@ -93,3 +93,29 @@ def test_rank_correlation_against_a_plain_numpy_spearman():
     assert rank_correlation(flat, torch.tensor(truth)) == pytest.approx(
         np.mean([_spearman_numpy(planted[i], truth[i]) for i in (1, 2)]), abs=1e-12)
     assert np.isnan(rank_correlation(torch.ones(2, 5), torch.rand(2, 5)))
+
+
+def test_position_baseline_is_the_mean_at_each_position_over_the_other_crops():
+    from medhpm.pretrain.diagnostics import position_baseline
+
+    g = torch.Generator().manual_seed(0)
+    n_tok, b, m = 12, 4, 7
+    ids = torch.stack([torch.sort(torch.randperm(n_tok, generator=g)[:m]).values for _ in range(b)])
+    truth = torch.rand(b, m, generator=g, dtype=torch.float64)
+    got = position_baseline(ids, truth, n_tok)
+    for i in range(b):
+        for j in range(m):
+            others = [float(truth[k, jj]) for k in range(b) if k != i for jj in range(m) if ids[k, jj] == ids[i, j]]
+            if others:
+                want = sum(others) / len(others)
+            else:  # no other crop masked this position: the other crops' overall mean
+                want = float(truth[[k for k in range(b) if k != i]].mean())
+            assert float(got[i, j]) == pytest.approx(want, rel=1e-9)
+    # losses that depend on position only are ranked perfectly by it
+    pos_loss = torch.rand(n_tok, generator=g)
+    from medhpm.pretrain.diagnostics import rank_correlation
+
+    full = torch.arange(n_tok).expand(b, n_tok)
+    assert rank_correlation(position_baseline(full, pos_loss[full], n_tok), pos_loss[full]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2 crops"):
+        position_baseline(ids[:1], truth[:1], n_tok)

@@ -104,3 +104,23 @@ def organ_lift(scores: torch.Tensor, has_organ: torch.Tensor, masked: torch.Tens
     share_all = float(has_organ.float().mean())
     return {"organ_share_top": share_top, "organ_share_all": share_all,
             "organ_lift": share_top / share_all if share_all > 0 else float("nan")}
+
+
+def position_baseline(ids_masked: torch.Tensor, truth: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """A yardstick that knows only WHERE a patch is: for each crop, the mean of the measured losses at the
+    same token position in the OTHER crops (leave one crop out), ``(B, M)`` like ``truth``. A position no
+    other crop masked gets the other crops' overall mean. If this ranks a crop's losses as well as a
+    predictor does, the predictor has learned little beyond the position of a patch in the crop.
+
+    ``ids_masked`` (B, M) token indices of ``truth`` (B, M) measured losses; B >= 2."""
+    if ids_masked.shape != truth.shape or ids_masked.dim() != 2 or truth.shape[0] < 2:
+        raise ValueError(f"need (B, M) ids and losses of at least 2 crops, got {tuple(ids_masked.shape)} and "
+                         f"{tuple(truth.shape)}")
+    b = truth.shape[0]
+    t = truth.detach().double()
+    tot = torch.zeros(b, num_patches, dtype=torch.float64).scatter_add_(1, ids_masked, t)
+    cnt = torch.zeros(b, num_patches, dtype=torch.float64).scatter_add_(1, ids_masked, torch.ones_like(t))
+    other_tot, other_cnt = tot.sum(0, keepdim=True) - tot, cnt.sum(0, keepdim=True) - cnt  # (B, N)
+    fallback = other_tot.sum(1, keepdim=True) / other_cnt.sum(1, keepdim=True)  # (B, 1)
+    mean = torch.where(other_cnt > 0, other_tot / other_cnt.clamp(min=1), fallback)
+    return torch.gather(mean, 1, ids_masked)

@@ -6,7 +6,9 @@ The check (:func:`teacher_ranking_check`) draws random crops of the scan through
 deterministic chain (seeded), masks each at random with the run's mask ratio, and takes the student's
 measured per-patch reconstruction loss of the masked patches as the truth. The teacher scores the same
 crops as the run queried it (``pretrain.teacher_view``); the student's own predicted losses are the
-yardstick. Reported: Spearman's rank correlation and pair accuracy of each against the truth
+yardstick, and so is position alone (the mean loss at the same token position in the other crops,
+``position_spearman``): a predictor that ranks no better than that has learned little beyond where a patch
+sits in the crop. Reported: Spearman's rank correlation and pair accuracy of each against the truth
 (``medhpm.pretrain.diagnostics``), and with a label map the organ share of the top-scored half of the
 masked patches against that of all patches (the lift).
 """
@@ -22,7 +24,8 @@ import torch
 from medhpm.config import from_dict
 from medhpm.data.headers import check_headers
 from medhpm.data.transforms import predict_transforms, val_transforms
-from medhpm.pretrain.diagnostics import organ_lift, pairwise_order_accuracy, patches_with_organ, rank_correlation
+from medhpm.pretrain.diagnostics import organ_lift, pairwise_order_accuracy, patches_with_organ, position_baseline, \
+    rank_correlation
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
 from medhpm.pretrain.masking import curriculum_alpha, random_mask
 from medhpm.pretrain.model import HPMPretrainModel
@@ -132,6 +135,8 @@ def teacher_ranking_check(student: HPMPretrainModel, teacher: HPMPretrainModel, 
     if out["lp"] is not None:
         res["student_spearman"] = rank_correlation(out["lp"], truth)
         res["student_pair_accuracy"] = pairwise_order_accuracy(out["lp"], truth)
+    if x.shape[0] >= 2:  # the yardstick of position alone (diagnostics.position_baseline)
+        res["position_spearman"] = rank_correlation(position_baseline(out["ids_masked"], truth, n_tok), truth)
     if label is not None:
         res.update(organ_lift(scores, patches_with_organ(label, student.patch_size), mask))
     return res
