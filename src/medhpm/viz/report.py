@@ -13,10 +13,11 @@ from medhpm.runtime.logging import read_metrics
 # the pre-training diagnostics of medhpm.pretrain.diagnostics, in [0, 1] (the rank correlations in [-1, 1])
 _MINING_CURVES = (
     ("teacher_init_share", "teacher: random-init share"),
-    ("teacher_rank_acc", "teacher scores: pair accuracy"),
     ("student_rank_acc", "student lp: pair accuracy"),
-    ("teacher_spearman", "teacher scores: Spearman"),
     ("student_spearman", "student lp: Spearman"),
+    # drawn after the student's, dashed: with masked views the teacher's curves lie on the student's
+    ("teacher_rank_acc", "teacher scores: pair accuracy"),
+    ("teacher_spearman", "teacher scores: Spearman"),
     ("organ_share_hard", "mined patches with organ"),
     ("organ_share_random", "random masked with organ"),
 )
@@ -53,18 +54,23 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
                                                           [v[1] for v in val])], "Dice"))
     if not panels:
         raise ValueError("no epoch records found in the given run folders")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    crowded = any(len(lines) > 4 for _, lines, _ in panels)  # the mining panel: its legend goes below it
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4 if crowded else 3.2), squeeze=False)
     for ax, (t, lines, ylab) in zip(axes[0], panels):
         for label, xs, ys in lines:
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
+                        linestyle="--" if label.startswith("teacher scores") else "-")
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.2, 1.4 ticks
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(lines) > 4:  # below the axes, so that no line hides behind it
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+        else:
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save_png(fig, out_png)
