@@ -11,10 +11,15 @@ An experiment config (packaged under ``configs/experiments/`` or a YAML path)::
     imagenet_weights: null     # a 2D ViT-B/16 checkpoint (timm or MAE layout) for the `imagenet` row
     grid: {key: finetune.labelled_cases, values: [1, 3]}   # optional: one config key, several values
     probe: true                # the frozen-encoder probe per (method, seed) (default true)
+    variants:                  # optional: named methods = a method above with overrides of their own
+      hpm_full: {method: hpm, overrides: [pretrain.teacher_view=full], label: "UNETR+HPM (full-view teacher)"}
+    pairs: [[hpm, hpm_full]]   # optional: paired differences A - B beyond the default ones
 
 Methods: ``scratch`` (UNETR, no pre-training), ``mae``/``hpm``/``no_lpred``/``no_learn_to_mask``
 (pre-training then UNETR), ``imagenet`` (UNETR from an inflated 2D ViT), ``unet`` (MONAI DynUNet CNN from
-scratch, the paper's U-Net reference row). Each (method, seed) runs in its own process (so its peak memory
+scratch, the paper's U-Net reference row), and any variant the spec names (one of these with its own
+config overrides, applied after the experiment's and the grid's: e.g. HPM with each teacher view on the same
+data and seeds). Each (method, seed) runs in its own process (so its peak memory
 is its own) under ``OUT/runs/METHOD/seedS``, or with a grid ``OUT/runs/KEY=VALUE/METHOD/seedS``; finished
 runs are skipped and an interrupted one resumes. When the grid key is one pre-training does not depend on
 (``finetune.*``, ``inference.*``, UNETR's decoder keys), each (method, seed) is pre-trained once, under
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +53,9 @@ ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-trai
 LABELS = {"unet": "U-Net (DynUNet)", "scratch": "UNETR", "imagenet": "UNETR+ImageNet", "mae": "UNETR+MAE",
           "no_lpred": "UNETR+HPM w/o L_pred, learn to mask", "no_learn_to_mask": "UNETR+HPM w/o learn to mask",
           "hpm": "UNETR+HPM"}
-_KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "description", "grid", "probe"}
+_KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "description", "grid", "probe",
+         "variants", "pairs"}
+_VARIANT_KEYS = {"method", "overrides", "label"}
 # paired differences A - B reported when both methods ran
 PAIRS = (("hpm", "mae"), ("mae", "scratch"), ("hpm", "scratch"), ("hpm", "no_learn_to_mask"),
          ("no_learn_to_mask", "scratch"))
@@ -73,10 +81,16 @@ def load_experiment(name_or_path: str) -> dict:
     spec.setdefault("overrides", [])
     spec.setdefault("seeds", [0])
     spec.setdefault("probe", True)
-    bad = [m for m in spec.get("methods", []) if m not in ALL_METHODS]
+    spec["variants"] = _check_variants(spec.get("variants"), where)
+    known = ALL_METHODS + tuple(spec["variants"])
+    bad = [m for m in spec.get("methods", []) if m not in known]
     if not spec.get("methods") or bad:
-        raise ConfigError(f"{where}: 'methods' must list some of {', '.join(ALL_METHODS)} (bad: {bad})")
-    if "imagenet" in spec["methods"] and not spec.get("imagenet_weights"):
+        raise ConfigError(f"{where}: 'methods' must list some of {', '.join(known)} (bad: {bad}); a variant "
+                          "is defined under 'variants'")
+    if len(set(spec["methods"])) != len(spec["methods"]):
+        raise ConfigError(f"{where}: 'methods' names a method twice: {spec['methods']}")
+    spec["pairs"] = _check_pairs(spec.get("pairs"), spec["methods"], where)
+    if "imagenet" in [base_method(spec, m) for m in spec["methods"]] and not spec.get("imagenet_weights"):
         raise ConfigError(f"{where}: method 'imagenet' needs 'imagenet_weights' (a 2D ViT-B/16 checkpoint you supply)")
     if "base" not in spec:
         raise ConfigError(f"{where}: 'base' (the pipeline config, e.g. demo or btcv_paper) is missing")
@@ -86,7 +100,71 @@ def load_experiment(name_or_path: str) -> dict:
         _check_grid(spec, where)
     else:
         spec["grid"] = None
+    for name, v in spec["variants"].items():  # every variant's overrides resolve on the base config
+        try:
+            load_config(spec["base"], list(spec["overrides"]) + list(v["overrides"]))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: variant {name!r}: {e}") from None
     return spec
+
+
+def _check_variants(variants, where: str) -> dict:
+    """``variants`` of a spec: NAME -> {method: one of ALL_METHODS, overrides: [key=value, ...], label}."""
+    if variants is None:
+        return {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{where}: 'variants' must map names to {{method: ..., overrides: [...]}}, got {variants!r}")
+    out = {}
+    for name, v in variants.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name) or name in ALL_METHODS:
+            raise ConfigError(f"{where}: variant name {name!r} must be a new name (not one of {', '.join(ALL_METHODS)}) "
+                              "of letters, digits and '_' (it names folders and the pairs A-B)")
+        if not isinstance(v, dict) or set(v) - _VARIANT_KEYS or v.get("method") not in ALL_METHODS:
+            raise ConfigError(f"{where}: variant {name!r} must be {{method: one of {', '.join(ALL_METHODS)}, overrides: "
+                              f"[key=value, ...], label: text}}, got {v!r}")
+        ov = v.get("overrides", [])
+        if not isinstance(ov, list) or not all(isinstance(o, str) and "=" in o for o in ov):
+            raise ConfigError(f"{where}: variant {name!r}: 'overrides' must be a list of key=value, got {ov!r}")
+        if any(o.split("=", 1)[0].strip() in ("pretrain.method", "seed", "method") for o in ov):
+            raise ConfigError(f"{where}: variant {name!r}: its method is 'method: ...' and seeds are the "
+                              "experiment's; they cannot be overridden")
+        out[name] = {"method": v["method"], "overrides": list(ov),
+                     "label": str(v.get("label") or f"{LABELS[v['method']]} ({name})")}
+    return out
+
+
+def _check_pairs(pairs, methods: list[str], where: str) -> list[tuple[str, str]]:
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ConfigError(f"{where}: 'pairs' must be a list of [A, B] method names, got {pairs!r}")
+    bad = [m for p in pairs for m in p if m not in methods]
+    if bad:
+        raise ConfigError(f"{where}: 'pairs' names {bad}, which 'methods' does not list")
+    return [(a, b) for a, b in pairs]
+
+
+def base_method(spec: dict, name: str) -> str:
+    """The built-in method (one of :data:`ALL_METHODS`) a method name of ``spec`` runs."""
+    v = spec.get("variants", {}).get(name)
+    return v["method"] if v else name
+
+
+def method_label(spec: dict, name: str) -> str:
+    v = spec.get("variants", {}).get(name)
+    return v["label"] if v else LABELS[name]
+
+
+def pairs_of(spec: dict) -> list[tuple[str, str]]:
+    """Paired differences A - B of ``spec``: :data:`PAIRS`, each variant against its method (and, for a
+    pre-training variant, against scratch and mae), and the spec's own ``pairs``; each once."""
+    out = list(PAIRS)
+    for name, v in spec.get("variants", {}).items():
+        out.append((name, v["method"]))
+        if v["method"] in METHODS:
+            out += [(name, "scratch"), (name, "mae")]
+    out += list(spec.get("pairs", []))
+    return [p for p in dict.fromkeys(out) if p[0] != p[1]]
 
 
 def _check_grid(spec: dict, where: str) -> None:
@@ -145,9 +223,17 @@ def _cells(spec: dict, overrides: list[str] | None) -> list[dict]:
     base_ov = list(spec["overrides"]) + list(overrides or [])
     grid = spec.get("grid")
     if not grid:
-        return [{"value": None, "name": None, "cfg": load_config(spec["base"], base_ov)}]
-    return [{"value": v, "name": f"{grid['key']}={_value_name(v)}",
+        return [{"value": None, "name": None, "cfg": load_config(spec["base"], base_ov), "overrides": base_ov}]
+    return [{"value": v, "name": f"{grid['key']}={_value_name(v)}", "overrides": base_ov + [_override(grid["key"], v)],
              "cfg": load_config(spec["base"], base_ov + [_override(grid["key"], v)])} for v in grid["values"]]
+
+
+def _method_cfg(spec: dict, cell: dict, name: str):
+    """The config a method of ``spec`` runs with in ``cell``: the cell's, then a variant's own overrides."""
+    v = spec.get("variants", {}).get(name)
+    if not v or not v["overrides"]:
+        return cell["cfg"]
+    return load_config(spec["base"], cell["overrides"] + v["overrides"])
 
 
 def shares_pretraining(spec: dict) -> bool:
@@ -165,6 +251,28 @@ def _probe_cell(spec: dict, cells: list[dict]) -> dict:
     return cells[0]
 
 
+def planned_runs(spec: dict, out: Path, overrides: list[str] | None = None) -> list[dict]:
+    """Every run of ``spec`` under ``out``, in the order they run (seed, grid value, method): its method
+    name, the built-in method it runs, seed, grid cell and value, run folder, pre-training folder (None
+    without pre-training) and the resolved config it runs with (the experiment's overrides, the grid
+    value's, then a variant's own)."""
+    cells = _cells(spec, overrides)
+    shared = shares_pretraining(spec)
+    runs = []
+    for seed in spec["seeds"]:
+        for cell in cells:
+            for method in spec["methods"]:
+                where = out / "runs" / cell["name"] if cell["name"] else out / "runs"
+                run_dir = where / method / f"seed{seed}"
+                pt_dir = None
+                if base_method(spec, method) in METHODS:
+                    pt_dir = out / "pretrain" / method / f"seed{seed}" if shared else run_dir / "pretrain"
+                runs.append({"method": method, "base": base_method(spec, method), "seed": seed, "dir": run_dir,
+                             "cell": cell["name"], "value": cell["value"], "pretrain_dir": pt_dir,
+                             "cfg": _method_cfg(spec, cell, method)})
+    return runs
+
+
 def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
     cells = _cells(spec, overrides)
     cfg = cells[0]["cfg"]
@@ -175,41 +283,35 @@ def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
     else:
         dataset = Path(cfg.data.dataset)
     shared = shares_pretraining(spec)
-    runs = []
-    total = len(spec["methods"]) * len(spec["seeds"]) * len(cells)
+    plan = planned_runs(spec, out, overrides)
     t0 = time.time()
-    for seed in spec["seeds"]:
-        for cell in cells:
-            for method in spec["methods"]:
-                where = out / "runs" / cell["name"] if cell["name"] else out / "runs"
-                run_dir = where / method / f"seed{seed}"
-                pt_dir = None
-                if method in METHODS:
-                    pt_dir = out / "pretrain" / method / f"seed{seed}" if shared else run_dir / "pretrain"
-                done = (run_dir / "evaluation" / "metrics.json").exists()
-                at = f", {cell['name']}" if cell["name"] else ""
-                reuse = (" (pre-trained once, shared by the grid: "
-                         f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})") if shared and pt_dir else ""
-                print(f"\n##### [{len(runs) + 1}/{total}] {method}, seed {seed}{at}: "
-                      f"{'done, skipped' if done else 'running' + reuse} ({(time.time() - t0) / 60:.1f} min so far) #####",
-                      flush=True)
-                if not done:
-                    _run_one(cell["cfg"], spec, method, seed, dataset, run_dir, pt_dir if shared else None)
-                runs.append({"method": method, "seed": seed, "dir": run_dir, "cell": cell["name"],
-                             "value": cell["value"], "pretrain_dir": pt_dir})
+    for i, r in enumerate(plan):
+        pt_dir = r["pretrain_dir"]
+        done = (r["dir"] / "evaluation" / "metrics.json").exists()
+        at = f", {r['cell']}" if r["cell"] else ""
+        reuse = (" (pre-trained once, shared by the grid: "
+                 f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})") if shared and pt_dir else ""
+        print(f"\n##### [{i + 1}/{len(plan)}] {r['method']}, seed {r['seed']}{at}: "
+              f"{'done, skipped' if done else 'running' + reuse} ({(time.time() - t0) / 60:.1f} min so far) #####",
+              flush=True)
+        if not done:
+            _run_one(r["cfg"], spec, r["method"], r["seed"], dataset, r["dir"], pt_dir if shared else None)
+    runs = [{k: v for k, v in r.items() if k not in ("cfg", "base")} for r in plan]
     probes = _run_probes(spec, cells, runs, dataset, out, shared) if spec["probe"] else []
     return write_experiment_results(out, spec, cfg, runs, probes)
 
 
 def _run_one(cfg, spec, method, seed, dataset, run_dir: Path, pretrain_dir: Path | None = None) -> None:
-    """One (method, seed) run in its own process: ``python -m medhpm.pipeline`` (see its ``main``)."""
+    """One (method, seed) run in its own process: ``python -m medhpm.pipeline`` (see its ``main``); a
+    variant runs its method under its own name."""
+    name, method = method, base_method(spec, method)
     run_cfg = replace(cfg, seed=int(seed))
     if method == "unet":
         run_cfg = replace(run_cfg, finetune=replace(run_cfg.finetune, architecture="dynunet"))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_cfg, run_dir / "config.yaml")
     cmd = [sys.executable, "-m", "medhpm.pipeline", "--config", str(run_dir / "config.yaml"),
-           "--dataset", str(dataset), "--out", str(run_dir), "--name", method]
+           "--dataset", str(dataset), "--out", str(run_dir), "--name", name]
     if method in METHODS:  # pre-training, then UNETR from its encoder
         cmd += ["--pretrain", method]
         if pretrain_dir is not None:  # one pre-training shared by the grid's runs
@@ -218,7 +320,7 @@ def _run_one(cfg, spec, method, seed, dataset, run_dir: Path, pretrain_dir: Path
         cmd += ["--init", str(spec["imagenet_weights"])]
     rc = subprocess.call(cmd)
     if rc != 0:
-        raise RuntimeError(f"run {method} seed {seed} failed (exit {rc}); rerun the same command to resume it")
+        raise RuntimeError(f"run {name} seed {seed} failed (exit {rc}); rerun the same command to resume it")
 
 
 def _run_probes(spec: dict, cells: list[dict], runs: list[dict], dataset: Path, out: Path, shared: bool) -> list[dict]:
@@ -228,23 +330,25 @@ def _run_probes(spec: dict, cells: list[dict], runs: list[dict], dataset: Path, 
     pcell = _probe_cell(spec, cells)
     probes, seen = [], set()
     for r in runs:
-        if r["method"] == "unet" or (not per_cell and r["cell"] != pcell["name"]):
+        base = base_method(spec, r["method"])
+        if base == "unet" or (not per_cell and r["cell"] != pcell["name"]):
             continue
         cell = next(c for c in cells if c["name"] == r["cell"])
-        if cell["cfg"].finetune.architecture != "unetr":  # no ViT encoder to probe
+        mcfg = _method_cfg(spec, cell, r["method"])
+        if mcfg.finetune.architecture != "unetr":  # no ViT encoder to probe
             continue
         path = (r["dir"] if per_cell else out / "probe" / r["method"] / f"seed{r['seed']}") / "probe.json"
         if path in seen:
             continue
         seen.add(path)
         init = None
-        if r["method"] in METHODS:
+        if base in METHODS:
             init = r["pretrain_dir"] / "encoder.safetensors"
-        elif r["method"] == "imagenet":
+        elif base == "imagenet":
             init = spec["imagenet_weights"]
         if not path.exists():
             print(f"[probe] {r['method']}, seed {r['seed']}: frozen-encoder probe -> {path}", flush=True)
-        res = run_probe(replace(cell["cfg"], seed=int(r["seed"])), dataset, path, init=init)
+        res = run_probe(replace(mcfg, seed=int(r["seed"])), dataset, path, init=init)
         probes.append({"method": r["method"], "seed": r["seed"], "cell": r["cell"] if per_cell else None,
                        "path": path, "result": res})
     return probes
@@ -270,7 +374,7 @@ def _summary_steps(folder: Path) -> int | None:
         return None
 
 
-def _budget(runs: list[dict], probes: list[dict] | None = None) -> dict:
+def _budget(spec: dict, runs: list[dict], probes: list[dict] | None = None) -> dict:
     """Per method: the optimizer steps of pre-training and fine-tuning, and the wall time of each stage per
     run, from each run's ``timings.json`` (``python -m medhpm.pipeline`` writes it); a stage a run found
     done (a pre-training shared by a grid, a resumed run's finished stages) counts where it ran, once."""
@@ -281,7 +385,8 @@ def _budget(runs: list[dict], probes: list[dict] | None = None) -> dict:
                                              "finetune_s": [], "predict_evaluate_s": [], "runs": 0})
         e["runs"] += 1
         pt = r.get("pretrain_dir") or r["dir"] / "pretrain"
-        if r["method"] in METHODS and pt not in seen_pt:
+        base = base_method(spec, r["method"])
+        if base in METHODS and pt not in seen_pt:
             seen_pt.add(pt)
             steps = _summary_steps(pt)
             if steps is not None:
@@ -296,7 +401,7 @@ def _budget(runs: list[dict], probes: list[dict] | None = None) -> dict:
         timed += 1
         stage_s = {k: float(v) for k, v in times.items() if isinstance(v, (int, float))}
         total += sum(stage_s.values())
-        pre = stage_s.get(PRETRAIN_STAGE.format(method=r["method"]))
+        pre = stage_s.get(PRETRAIN_STAGE.format(method=base))
         if pre is not None:
             e["pretrain_s"].append(pre)
         if FINETUNE_STAGE in stage_s:
@@ -309,7 +414,7 @@ def _budget(runs: list[dict], probes: list[dict] | None = None) -> dict:
             "timed_runs": timed}
 
 
-def _budget_md(budget: dict) -> str:
+def _budget_md(spec: dict, budget: dict) -> str:
     def steps(v):
         return "n/a" if not v else (f"{v[0]}" if min(v) == max(v) else f"{min(v)}-{max(v)}")
 
@@ -322,8 +427,9 @@ def _budget_md(budget: dict) -> str:
     lines = ["| method | pre-training steps | fine-tuning steps | pre-training (min) | fine-tuning (min) | "
              "prediction + evaluation (s) | runs |", "|---|---|---|---|---|---|---|"]
     for m, e in budget["methods"].items():
-        lines.append(f"| {LABELS.get(m, m)} | {steps(e['pretrain_steps']) if m in METHODS else '-'} | "
-                     f"{steps(e['finetune_steps'])} | {mean_sd(e['pretrain_s'], 60) if m in METHODS else '-'} | "
+        pre = base_method(spec, m) in METHODS
+        lines.append(f"| {method_label(spec, m)} | {steps(e['pretrain_steps']) if pre else '-'} | "
+                     f"{steps(e['finetune_steps'])} | {mean_sd(e['pretrain_s'], 60) if pre else '-'} | "
                      f"{mean_sd(e['finetune_s'], 60)} | {mean_sd(e['predict_evaluate_s'], 1)} | {e['runs']} |")
     untimed = budget["runs"] - budget["timed_runs"]
     probes = (f", and the frozen-encoder probes {budget['probe_seconds'] / 60:.1f} min"
@@ -337,11 +443,11 @@ def _budget_md(budget: dict) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def _paired(per_seed: dict[str, dict], methods: list[str]) -> dict:
-    """``{"A-B": paired_difference(...)}`` for the :data:`PAIRS` among ``methods``; ``per_seed`` maps a
-    method to ``{seed: value}``."""
+def _paired(per_seed: dict[str, dict], methods: list[str], pairs) -> dict:
+    """``{"A-B": paired_difference(...)}`` for the ``pairs`` (:func:`pairs_of`) among ``methods``;
+    ``per_seed`` maps a method to ``{seed: value}``."""
     return {f"{a}-{b}": paired_difference(per_seed[a], per_seed[b], CONFIDENCE)
-            for a, b in PAIRS if a in methods and b in methods}
+            for a, b in pairs if a in methods and b in methods}
 
 
 def _ms(values) -> dict:
@@ -380,20 +486,21 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probe
             "name": c, "value": values[c],
             "methods": {m: {"dice": {**_ms(dice[m].values()), "seeds": dice[m]},
                             "hd95": {**_ms(hd[m].values()), "seeds": hd[m]}} for m in per_cell[c]},
-            "paired": {"dice": _paired(dice, list(per_cell[c])), "hd95": _paired(hd, list(per_cell[c]))},
+            "paired": {"dice": _paired(dice, list(per_cell[c]), pairs_of(spec)),
+                       "hd95": _paired(hd, list(per_cell[c]), pairs_of(spec))},
             "aggregate": {m: aggregate_seeds(s) for m, s in per_cell[c].items()},
         })
-    probe_out = _probe_summary(probes, out)
+    probe_out = _probe_summary(spec, probes, out)
     figure = None
     if grid:
-        series = {LABELS[m]: [(cell["value"], 100 * cell["methods"][m]["dice"]["mean"],
+        series = {method_label(spec, m): [(cell["value"], 100 * cell["methods"][m]["dice"]["mean"],
                                100 * cell["methods"][m]["dice"]["std"]) for cell in cells_out if m in cell["methods"]]
                   for m in methods}
         figure = grid_figure(series, out / f"dice_vs_{_value_name(grid['key'])}.png", xlabel=grid["key"],
                              title=f"{spec['name']}: mean ± std over seeds {spec['seeds']}")
-    budget = _budget(runs, probes)
+    budget = _budget(spec, runs, probes)
     md = _results_md(spec, cfg, classes, cells_out, probe_out, costs, figure, out) + \
-        f"\n## Budget and wall time\n\n{_budget_md(budget)}"
+        f"\n## Budget and wall time\n\n{_budget_md(spec, budget)}"
     atomic_write_text(out / "results.md", md)
     payload = {"spec": spec, "interval": INTERVAL, "confidence": CONFIDENCE, "grid": grid,
                "cells": cells_out, "probe": probe_out,
@@ -406,7 +513,7 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probe
     return out / "results.md"
 
 
-def _probe_summary(probes: list[dict], out: Path) -> dict | None:
+def _probe_summary(spec: dict, probes: list[dict], out: Path) -> dict | None:
     if not probes:
         return None
     summary: dict = {"metric": probes[0]["result"]["metric"], "cells": {}}
@@ -419,7 +526,8 @@ def _probe_summary(probes: list[dict], out: Path) -> dict | None:
     for cell in summary["cells"].values():
         for e in cell["methods"].values():
             e.update(_ms(e["seeds"].values()))
-        cell["paired"] = _paired({m: e["seeds"] for m, e in cell["methods"].items()}, list(cell["methods"]))
+        cell["paired"] = _paired({m: e["seeds"] for m, e in cell["methods"].items()}, list(cell["methods"]),
+                                 pairs_of(spec))
     return summary
 
 
@@ -451,7 +559,7 @@ def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path) -> s
         for m, e in c["methods"].items():
             pe = (pcell or {}).get("methods", {}).get(m)
             pr = _pm(100 * pe["mean"], 100 * pe["std"] if math.isfinite(pe["std"]) else 0, 1) if pe else "n/a"
-            lines.append(("| " + _value_name(c["value"]) + " " if grid else "") + f"| {LABELS[m]} | "
+            lines.append(("| " + _value_name(c["value"]) + " " if grid else "") + f"| {method_label(spec, m)} | "
                          f"{_pm(100 * e['dice']['mean'], 100 * e['dice']['std'] if math.isfinite(e['dice']['std']) else 0, 2)} | "
                          f"{_pm(e['hd95']['mean'], e['hd95']['std'] if math.isfinite(e['hd95']['std']) else 0, 2)} | {pr} |")
     parts.append("## Mean Dice over the reported organs, HD95, and the frozen-encoder probe\n\n" + "\n".join(lines) + "\n")
@@ -479,7 +587,7 @@ def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path) -> s
             tag = "" if name == "all" else f" ({name})"
             for m, e in cell["methods"].items():
                 ch = statistics.mean(e["chance"].values())
-                pl.append(f"| {LABELS[m]}{tag} | {_pm(100 * e['mean'], 100 * e['std'] if math.isfinite(e['std']) else 0, 1)}"
+                pl.append(f"| {method_label(spec, m)}{tag} | {_pm(100 * e['mean'], 100 * e['std'] if math.isfinite(e['std']) else 0, 1)}"
                           f" | {100 * ch:.1f} | {e['n']} |")
             for pair, d in cell["paired"].items():
                 ql.append(f"| {pair}{tag} | {_ci(d, 100, 2)} | {d['n']} |")
@@ -502,7 +610,7 @@ def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path) -> s
     # Table 1 and Table 3, per grid value
     for c in cells:
         tag = f" ({c['name']})" if c["name"] else ""
-        rows = {LABELS[m]: a for m, a in c["aggregate"].items()}
+        rows = {method_label(spec, m): a for m, a in c["aggregate"].items()}
         parts.append(f"## Table 1 style{tag}: per organ (DSC %) and average DSC / HD95 (mm)\n\n{paper_table(rows, classes)}")
         ablation = [m for m in ("no_lpred", "no_learn_to_mask", "hpm") if m in c["aggregate"]]
         if not grid or len(ablation) > 1:  # with a grid only when there is an ablation to show

@@ -197,3 +197,37 @@ def test_budget_and_wall_time_from_the_runs_records(tmp_path):
     assert "| UNETR+HPM | 600 | 400 | 2.5 ± 1.0 | 1.8 ± 0.1 | 3.0 ± 0.0 | 6 |" in md, md[-1500:]
     assert "| UNETR | - | 400 | - |" in md
     assert "1 run(s) were made before runs recorded their times" in md
+
+
+def test_variant_results_pair_the_variant_with_its_method(tmp_path):
+    """A named variant is a row of its own (its label in the tables) and is paired with its method, with
+    scratch and mae, and as the spec's pairs ask, from the finished runs' metrics (planted shifts)."""
+    datalist = _one_case_datalist(tmp_path)
+    out = tmp_path / "exp"
+    methods = ["scratch", "mae", "hpm", "hpm_full"]
+    shift = {"scratch": 3, "mae": 2, "hpm": 0, "hpm_full": 1}
+    dice = {}
+    for m in methods:
+        for s in SEEDS:
+            run = out / "runs" / m / f"seed{s}"
+            _finished_run(run, datalist, shift[m] + (s == 1))
+            per_case = json.loads((run / "evaluation" / "metrics.json").read_text())["cases"]["case0"]
+            dice.setdefault(m, {})[s] = (per_case["1"]["dice"] + per_case["6"]["dice"]) / 2
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "variants", "base": "demo", "methods": methods, "seeds": SEEDS, "probe": False,
+        "variants": {"hpm_full": {"method": "hpm", "overrides": ["pretrain.teacher_view=full"],
+                                  "label": "UNETR+HPM (full view)"}},
+        "pairs": [["hpm", "hpm_full"]],
+        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    run_experiment(str(spec), out)
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    assert {"hpm_full-hpm", "hpm_full-scratch", "hpm_full-mae", "hpm-hpm_full", "hpm-mae"} <= set(cell["paired"]["dice"])
+    for pair in ("hpm_full-hpm", "hpm-hpm_full", "hpm_full-scratch"):
+        a, b = pair.split("-")
+        want = _reference(dice[a], dice[b])
+        for key in ("mean", "lo", "hi"):
+            assert cell["paired"]["dice"][pair][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12)
+    assert cell["paired"]["dice"]["hpm-hpm_full"]["mean"] > 0  # the smaller shift segments better
+    md = (out / "results.md").read_text()
+    assert "| UNETR+HPM (full view) |" in md and "| hpm_full-hpm |" in md
