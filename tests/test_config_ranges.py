@@ -81,6 +81,7 @@ BAD: dict[str, list[str]] = {
     "pretrain.figure_every": ["-1"],
     "pretrain.teacher_view": ["partial", "masked_views"],
     "pretrain.teacher_views": ["1", "-2", "217"],  # the demo's crop has 216 tokens
+    "pretrain.snapshot_steps": ["[0]", "[-1]", "[5,3]", "[3,3]", "[1.5]", "300"],  # beyond the run: test_snapshots.py
     "finetune.architecture": ["swin"],
     "finetune.layer_decay": ["0", "1.5"],
     "finetune.drop_path": ["1.0", "-0.1"],

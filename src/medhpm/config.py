@@ -129,6 +129,9 @@ class PretrainConfig(TrainingConfig):
     # full - one pass over the whole unmasked volume, as the paper and HPM's code (ranks near chance)
     teacher_view: str = "masked"  # full | masked
     teacher_views: int = 0  # 0 (views whose visible share is 1 - mask_ratio: 4 at 0.75) or 2 .. the tokens of a crop
+    # optimizer steps after which the student's encoder is written to RUN/snapshots/encoder_stepNNNNNNN.safetensors
+    # (the format of `medhpm export-encoder`): integers >= 1, strictly increasing, within the run's steps
+    snapshot_steps: tuple[int, ...] = ()
 
 
 @dataclass
@@ -599,6 +602,23 @@ def _unit(value, key: str, what: str = "a probability") -> None:
     _check(0.0 <= value <= 1.0, key, f"{value} is out of range: must lie in [0, 1] ({what})")
 
 
+def _check_snapshot_steps(p: PretrainConfig) -> None:
+    """``pretrain.snapshot_steps``: integers >= 1, strictly increasing, at most the run's optimizer steps
+    where ``steps_per_epoch`` fixes them (with 0 the trainer knows them only once the data is read, and
+    warns at the start about listed steps beyond the run)."""
+    key, steps = "pretrain.snapshot_steps", tuple(p.snapshot_steps)
+    for s in steps:
+        _check(isinstance(s, int) and not isinstance(s, bool) and s >= 1, key,
+               f"{s!r} is out of range: each entry must be an optimizer step, an integer of at least 1")
+    for a, b in zip(steps, steps[1:]):
+        _check(b > a, key, f"{list(steps)} must be strictly increasing ({b} follows {a})")
+    if steps and p.steps_per_epoch > 0:
+        total = p.epochs * p.steps_per_epoch
+        _check(steps[-1] <= total, key,
+               f"step {steps[-1]} is beyond the run: it has {total} optimizer steps (pretrain.epochs {p.epochs} x "
+               f"pretrain.steps_per_epoch {p.steps_per_epoch})")
+
+
 def validate(cfg: Config) -> Config:
     """Raise a :class:`ConfigError` naming the key for any value outside its range (written beside each
     field); called on every resolved config, before any data is read or any folder is made."""
@@ -696,6 +716,7 @@ def validate(cfg: Config) -> Config:
     _check(p.teacher_views == 0 or p.teacher_view == "masked", "pretrain.teacher_views",
            f"{p.teacher_views} views are only used with pretrain.teacher_view=masked (it is {p.teacher_view!r}): "
            "set pretrain.teacher_view=masked, or leave teacher_views at 0")
+    _check_snapshot_steps(p)
     # fine-tuning
     _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
     _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
