@@ -43,18 +43,18 @@ from medhpm.data.sources import resolve_dataset
 from medhpm.evaluate.classes import parse_classes
 from medhpm.evaluate.paired import paired_difference
 from medhpm.evaluate.tables import aggregate_seeds, mean_std, paper_table
-from medhpm.pipeline import EVALUATE_STAGE, FINETUNE_STAGE, PREDICT_STAGE, PRETRAIN_STAGE
+from medhpm.pipeline import EVALUATE_STAGE, FINETUNE_STAGE, PREDICT_STAGE, PRETRAIN_STAGE, read_timings
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
 from medhpm.runtime.logging import read_metrics
-from medhpm.segment.probe import run_probe
-from medhpm.viz.report import grid_figure
+from medhpm.segment.probe import run_noise_floor, run_probe
+from medhpm.viz.report import curve_figure, grid_figure
 
 ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-training methods
 LABELS = {"unet": "U-Net (DynUNet)", "scratch": "UNETR", "imagenet": "UNETR+ImageNet", "mae": "UNETR+MAE",
           "no_lpred": "UNETR+HPM w/o L_pred, learn to mask", "no_learn_to_mask": "UNETR+HPM w/o learn to mask",
           "hpm": "UNETR+HPM"}
 _KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "description", "grid", "probe",
-         "variants", "pairs"}
+         "variants", "pairs", "pretrain_seeds", "finetune_from"}
 _VARIANT_KEYS = {"method", "overrides", "label"}
 # paired differences A - B reported when both methods ran
 PAIRS = (("hpm", "mae"), ("mae", "scratch"), ("hpm", "scratch"), ("hpm", "no_learn_to_mask"),
@@ -105,7 +105,68 @@ def load_experiment(name_or_path: str) -> dict:
             load_config(spec["base"], list(spec["overrides"]) + list(v["overrides"]))
         except ConfigError as e:
             raise ConfigError(f"{where}: variant {name!r}: {e}") from None
+    _check_label_draws(spec, where)
     return spec
+
+
+def _check_label_draws(spec: dict, where: str) -> None:
+    """``pretrain_seeds`` and ``finetune_from``: pre-training seeds apart from the label draws (``seeds``),
+    and the snapshot steps to fine-tune from besides the end; each step adds a method ``M@STEP`` per
+    pre-training method ``M`` (a variant of it that fine-tunes from that snapshot of M's pre-training)."""
+    seeds, frm = spec.get("pretrain_seeds"), spec.get("finetune_from")
+    if seeds is None:
+        if frm is not None:
+            raise ConfigError(f"{where}: 'finetune_from' needs 'pretrain_seeds' (snapshots are taken from the one "
+                              "pre-training of each method and pre-training seed)")
+        spec["pretrain_seeds"], spec["finetune_from"] = None, ["last"]
+        return
+    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ConfigError(f"{where}: 'pretrain_seeds' must be a non-empty list of distinct integers, got {seeds!r}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in spec["seeds"]):
+        raise ConfigError(f"{where}: with 'pretrain_seeds', 'seeds' (the label draws) must be integers, got {spec['seeds']!r}")
+    if spec["grid"] is not None and not shares_pretraining(spec):
+        raise ConfigError(f"{where}: with 'pretrain_seeds' every run fine-tunes from one pre-training per method and "
+                          f"pre-training seed, so the grid key must be one pre-training does not read "
+                          f"(finetune.*, inference.*), not {spec['grid']['key']!r}")
+    pretrained = [m for m in spec["methods"] if base_method(spec, m) in METHODS]
+    if not pretrained:
+        raise ConfigError(f"{where}: 'pretrain_seeds' is given but no method in 'methods' pre-trains")
+    frm = ["last"] if frm is None else frm
+    if not isinstance(frm, list) or not frm or len(set(map(str, frm))) != len(frm) or not all(
+            f == "last" or (isinstance(f, int) and not isinstance(f, bool)) for f in frm):
+        raise ConfigError(f"{where}: 'finetune_from' must list 'last' and/or snapshot steps (integers), once each, "
+                          f"got {frm!r}")
+    if "last" not in frm:
+        raise ConfigError(f"{where}: 'finetune_from' must include 'last' (the end of the pre-training), got {frm!r}")
+    steps = [f for f in frm if f != "last"]
+    variants = dict(spec["variants"])
+    methods = []
+    for m in spec["methods"]:
+        methods.append(m)
+        if m not in pretrained:
+            continue
+        cfg = load_config(spec["base"], list(spec["overrides"]) + list(spec["variants"].get(m, {}).get("overrides", [])))
+        missing = [f for f in steps if f not in cfg.pretrain.snapshot_steps]
+        if missing:
+            raise ConfigError(f"{where}: 'finetune_from' steps {missing} are not in {m}'s pretrain.snapshot_steps "
+                              f"{list(cfg.pretrain.snapshot_steps)}: a run can only fine-tune from a snapshot taken")
+        for f in steps:
+            name = f"{m}@{f}"
+            variants[name] = {"method": base_method(spec, m), "overrides": list(spec["variants"].get(m, {}).get("overrides", [])),
+                              "label": f"{method_label(spec, m)} at step {f}", "from_step": f, "pretrained_as": m}
+            methods.append(name)
+    spec["variants"], spec["methods"], spec["finetune_from"] = variants, methods, frm
+
+
+def label_draws(spec: dict) -> bool:
+    """Whether ``spec`` pre-trains once per (method, pre-training seed) and fine-tunes per label draw."""
+    return bool(spec.get("pretrain_seeds"))
+
+
+def pretrained_as(spec: dict, name: str) -> str:
+    """The method whose pre-training ``name`` fine-tunes from (``mae@300`` -> ``mae``; else ``name``)."""
+    return spec.get("variants", {}).get(name, {}).get("pretrained_as", name)
 
 
 def _check_variants(variants, where: str) -> dict:
@@ -160,6 +221,9 @@ def pairs_of(spec: dict) -> list[tuple[str, str]]:
     pre-training variant, against scratch and mae), and the spec's own ``pairs``; each once."""
     out = list(PAIRS)
     for name, v in spec.get("variants", {}).items():
+        if "from_step" in v:  # a snapshot of a pre-training: against its end and against scratch
+            out += [(name, v["pretrained_as"]), (name, "scratch")]
+            continue
         out.append((name, v["method"]))
         if v["method"] in METHODS:
             out += [(name, "scratch"), (name, "mae")]
@@ -257,6 +321,8 @@ def planned_runs(spec: dict, out: Path, overrides: list[str] | None = None) -> l
     without pre-training) and the resolved config it runs with (the experiment's overrides, the grid
     value's, then a variant's own)."""
     cells = _cells(spec, overrides)
+    if label_draws(spec):
+        return _draw_runs(spec, out, cells)
     shared = shares_pretraining(spec)
     runs = []
     for seed in spec["seeds"]:
@@ -273,6 +339,100 @@ def planned_runs(spec: dict, out: Path, overrides: list[str] | None = None) -> l
     return runs
 
 
+def planned_pretrainings(spec: dict, out: Path, overrides: list[str] | None = None) -> list[dict]:
+    """With ``pretrain_seeds``: the one pre-training of each (pre-training method, pre-training seed), in
+    the order they run: its method name, seed, job folder ``OUT/pretrain/METHOD/seedP`` (its
+    ``timings.json``), pre-training folder (the job's ``pretrain/``: checkpoints, ``snapshots/``) and the
+    config it runs with (the experiment's overrides, then the method's own; seed P)."""
+    if not label_draws(spec):
+        return []
+    cell = _cells(spec, overrides)[0]  # the grid key is one pre-training does not read
+    jobs = []
+    for p in spec["pretrain_seeds"]:
+        for m in spec["methods"]:
+            if base_method(spec, m) not in METHODS or pretrained_as(spec, m) != m:
+                continue
+            job = out / "pretrain" / m / f"seed{p}"
+            jobs.append({"method": m, "base": base_method(spec, m), "seed": p, "dir": job, "pt": job / "pretrain",
+                         "cfg": replace(_method_cfg(spec, cell, m), seed=int(p))})
+    return jobs
+
+
+def _draw_runs(spec: dict, out: Path, cells: list[dict]) -> list[dict]:
+    """:func:`planned_runs` with ``pretrain_seeds``: every (pre-training seed P, label draw D, grid value,
+    method) fine-tunes with seed D (which draws its labelled cases, as for every method of the draw) from
+    the encoder of the (method, P) pre-training at the end or at its ``M@STEP`` snapshot. Runs that do not
+    pre-train do not depend on P: one run per draw, in every P's pairs. ``seed`` is the pairing key: D
+    with one pre-training seed, ``pPdD`` with several."""
+    runs, several = [], len(spec["pretrain_seeds"]) > 1
+    for p in spec["pretrain_seeds"]:
+        for d in spec["seeds"]:
+            for cell in cells:
+                where = out / "runs" / cell["name"] if cell["name"] else out / "runs"
+                for method in spec["methods"]:
+                    base = base_method(spec, method)
+                    r = {"method": method, "base": base, "seed": f"p{p}d{d}" if several else d, "run_seed": d,
+                         "cell": cell["name"], "value": cell["value"], "pretrain_dir": None, "pretrain_job": None,
+                         "init": None, "cfg": _method_cfg(spec, cell, method)}
+                    if base in METHODS:
+                        job = out / "pretrain" / pretrained_as(spec, method) / f"seed{p}"
+                        step = spec["variants"].get(method, {}).get("from_step")
+                        r.update(pretrain_job=job, pretrain_dir=job / "pretrain",
+                                 init=job / "pretrain" / (f"snapshots/encoder_step{step:07d}.safetensors" if step
+                                                          else "encoder.safetensors"),
+                                 dir=where / method / (f"pretrain_seed{p}" if several else "") / f"seed{d}")
+                    else:
+                        r["dir"] = where / method / f"seed{d}"
+                    runs.append(r)
+    return runs
+
+
+class _Remaining:
+    """Progress and the time left of a list of jobs, from the mean of those that ran in this call."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.took, self.t0 = total, what, [], time.time()
+
+    def line(self, i: int, label: str, state: str) -> str:
+        left = self.total - i
+        eta = (f"about {left * statistics.mean(self.took) / 60:.0f} min left for the {left} {self.what} to go "
+               f"({statistics.mean(self.took) / 60:.1f} min each so far)" if self.took and left
+               else "time left: known once one has run" if left else "the last one")
+        return (f"\n##### [{i + 1}/{self.total}] {label}: {state} ({(time.time() - self.t0) / 60:.1f} min so far; "
+                f"{eta}) #####")
+
+    def ran(self, seconds: float) -> None:
+        self.took.append(seconds)
+
+
+def _run_pretrainings(jobs: list[dict], dataset: Path, after=None) -> None:
+    """Each pre-training job in its own process (``python -m medhpm.pipeline --pretrain-only``): skipped when
+    finished, resumed from ``last.pt`` when interrupted. ``after(job)`` runs after each (its probes: an
+    interrupted experiment keeps the curves of the pre-trainings it finished)."""
+    eta = _Remaining(len(jobs), "pre-trainings")
+    for i, j in enumerate(jobs):
+        done = (j["pt"] / "final.pt").exists() and (j["pt"] / "encoder.safetensors").exists()
+        print(eta.line(i, f"pre-training {j['method']}, pre-training seed {j['seed']}",
+                       "done, skipped" if done else "running"), flush=True)
+        if not done:
+            t0 = time.time()
+            _pretrain_job(j, dataset)
+            eta.ran(time.time() - t0)
+        if after is not None:
+            after(j)
+
+
+def _pretrain_job(j: dict, dataset: Path) -> None:
+    j["dir"].mkdir(parents=True, exist_ok=True)
+    save_config(j["cfg"], j["dir"] / "config.yaml")
+    rc = subprocess.call([sys.executable, "-m", "medhpm.pipeline", "--config", str(j["dir"] / "config.yaml"),
+                          "--dataset", str(dataset), "--out", str(j["dir"]), "--pretrain", j["base"],
+                          "--pretrain-only"])
+    if rc != 0:
+        raise RuntimeError(f"pre-training {j['method']} seed {j['seed']} failed (exit {rc}); rerun the same "
+                           "command to resume it")
+
+
 def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
     cells = _cells(spec, overrides)
     cfg = cells[0]["cfg"]
@@ -283,41 +443,70 @@ def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
     else:
         dataset = Path(cfg.data.dataset)
     shared = shares_pretraining(spec)
+    draws = label_draws(spec)
+    jobs = planned_pretrainings(spec, out, overrides)
+    _run_pretrainings(jobs, dataset, after=(lambda j: _run_probe_curve(spec, cells, [j], dataset, out))
+                      if spec["probe"] else None)
     plan = planned_runs(spec, out, overrides)
-    t0 = time.time()
-    for i, r in enumerate(plan):
+    eta = _Remaining(len({r["dir"] for r in plan}), "runs")
+    seen: set = set()
+    for r in plan:
+        if r["dir"] in seen:  # a run without pre-training, paired with every pre-training seed's runs
+            continue
+        seen.add(r["dir"])
         pt_dir = r["pretrain_dir"]
         done = (r["dir"] / "evaluation" / "metrics.json").exists()
         at = f", {r['cell']}" if r["cell"] else ""
         reuse = (" (pre-trained once, shared by the grid: "
-                 f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})") if shared and pt_dir else ""
-        print(f"\n##### [{i + 1}/{len(plan)}] {r['method']}, seed {r['seed']}{at}: "
-              f"{'done, skipped' if done else 'running' + reuse} ({(time.time() - t0) / 60:.1f} min so far) #####",
+                 f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})") if shared and pt_dir and not draws else ""
+        frm = f" (fine-tuning from {r['init']})" if draws and r.get("init") else ""
+        seed = f"label draw {r['run_seed']}" if draws else f"seed {r['seed']}"
+        print(eta.line(len(seen) - 1, f"{r['method']}, {seed}{at}", "done, skipped" if done else "running" + reuse + frm),
               flush=True)
         if not done:
-            _run_one(r["cfg"], spec, r["method"], r["seed"], dataset, r["dir"], pt_dir if shared else None)
+            t0 = time.time()
+            _run_one(r, spec, dataset, pt_dir if shared and not draws else None)
+            eta.ran(time.time() - t0)
     runs = [{k: v for k, v in r.items() if k not in ("cfg", "base")} for r in plan]
+    if draws:
+        curve = _run_probe_curve(spec, cells, jobs, dataset, out) if spec["probe"] else None  # read back
+        return write_experiment_results(out, spec, cfg, runs, [], curve)
     probes = _run_probes(spec, cells, runs, dataset, out, shared) if spec["probe"] else []
     return write_experiment_results(out, spec, cfg, runs, probes)
 
 
-def _run_one(cfg, spec, method, seed, dataset, run_dir: Path, pretrain_dir: Path | None = None) -> None:
-    """One (method, seed) run in its own process: ``python -m medhpm.pipeline`` (see its ``main``); a
-    variant runs its method under its own name."""
-    name, method = method, base_method(spec, method)
-    run_cfg = replace(cfg, seed=int(seed))
+def run_command(r: dict, spec: dict, dataset, pretrain_dir: Path | None = None):
+    """``(config, command)`` of one run of :func:`planned_runs`: the config it runs with (its seed: the
+    run's, with ``pretrain_seeds`` the label draw's) and the ``python -m medhpm.pipeline`` command line
+    (its ``--config`` is ``RUN/config.yaml``, which :func:`_run_one` writes)."""
+    name, method, run_dir = r["method"], base_method(spec, r["method"]), r["dir"]
+    run_cfg = replace(r["cfg"], seed=int(r.get("run_seed", r["seed"])))
     if method == "unet":
         run_cfg = replace(run_cfg, finetune=replace(run_cfg.finetune, architecture="dynunet"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run_cfg, run_dir / "config.yaml")
     cmd = [sys.executable, "-m", "medhpm.pipeline", "--config", str(run_dir / "config.yaml"),
            "--dataset", str(dataset), "--out", str(run_dir), "--name", name]
-    if method in METHODS:  # pre-training, then UNETR from its encoder
+    if method in METHODS and r.get("init"):  # UNETR from a pre-training made before (pretrain_seeds)
+        cmd += ["--init", str(r["init"])]
+    elif method in METHODS:  # pre-training, then UNETR from its encoder
         cmd += ["--pretrain", method]
         if pretrain_dir is not None:  # one pre-training shared by the grid's runs
             cmd += ["--pretrain-dir", str(pretrain_dir)]
     elif method == "imagenet":  # UNETR from the inflated 2D ViT; scratch and unet start from nothing
         cmd += ["--init", str(spec["imagenet_weights"])]
+    return run_cfg, cmd
+
+
+def _run_one(r: dict, spec: dict, dataset, pretrain_dir: Path | None = None) -> None:
+    """One run of :func:`planned_runs` in its own process (:func:`run_command`); a variant runs its method
+    under its own name. With ``pretrain_seeds`` a pre-training method's run fine-tunes from the encoder
+    ``r["init"]`` of its finished pre-training."""
+    name, seed = r["method"], r.get("run_seed", r["seed"])
+    if r.get("init") and not Path(r["init"]).exists():
+        raise FileNotFoundError(f"run {name} seed {seed}: the encoder it fine-tunes from, {r['init']}, does not "
+                                "exist (its pre-training did not write that snapshot)")
+    run_cfg, cmd = run_command(r, spec, dataset, pretrain_dir)
+    r["dir"].mkdir(parents=True, exist_ok=True)
+    save_config(run_cfg, r["dir"] / "config.yaml")
     rc = subprocess.call(cmd)
     if rc != 0:
         raise RuntimeError(f"run {name} seed {seed} failed (exit {rc}); rerun the same command to resume it")
@@ -354,6 +543,65 @@ def _run_probes(spec: dict, cells: list[dict], runs: list[dict], dataset: Path, 
     return probes
 
 
+PROBES = ("linear_cv", "knn", "linear_fixed")  # the probes of the curve, as run_noise_floor names them
+
+
+def _probe_scores(res: dict) -> dict:
+    return {"linear_fixed": res["balanced_accuracy"], "linear_cv": res["linear_cv"]["balanced_accuracy"],
+            "knn": res["knn"]["balanced_accuracy"]}
+
+
+def _run_probe_curve(spec: dict, cells: list[dict], jobs: list[dict], dataset: Path, out: Path) -> dict:
+    """With ``pretrain_seeds``: the frozen-encoder probes at every snapshot (and the end) of every
+    pre-training, and their noise floor over the random initialisations fine-tuning from scratch starts
+    from (one per label draw). Every probe learns from ALL training cases (the instrument, not the
+    label-scarce setting) with the same folds (seeded with the first label draw), so the encoders are
+    compared on equal terms; files under ``OUT/probe/``. Returns ``{"floor": ..., "methods": {M: {P:
+    {"steps": [...], PROBE: [...], "loss_rec": [[step, loss], ...]}}}, "final_steps": ...}``."""
+    seed0 = int(spec["seeds"][0])
+    cell = cells[0]
+    base_cfg = replace(cell["cfg"], seed=seed0)
+    floor_path = out / "probe" / "noise_floor.json"
+    if not floor_path.exists():
+        print(f"[probe] the noise floor: random initialisations {spec['seeds']} -> {floor_path}", flush=True)
+    floor = run_noise_floor(base_cfg, dataset, floor_path, seeds=[int(x) for x in spec["seeds"]], labelled_cases=0)
+    curve: dict = {"floor": {k: floor["summary"][k] for k in PROBES}, "floor_file": str(floor_path.relative_to(out)),
+                   "cases_seed": seed0, "training_cases": len(floor["training_cases"]),
+                   "test_cases": len(floor["test_cases"]), "methods": {}, "seconds": float(floor.get("seconds") or 0)}
+    for j in jobs:
+        pt = j["pt"]
+        final = _summary_steps(pt)
+        points = [(s_, pt / "snapshots" / f"encoder_step{s_:07d}.safetensors") for s_ in j["cfg"].pretrain.snapshot_steps
+                  if final is None or s_ <= final]
+        if final is not None and final not in j["cfg"].pretrain.snapshot_steps:
+            points.append((final, pt / "encoder.safetensors"))
+        e = {"steps": [], **{k: [] for k in PROBES}, "files": [], "loss_rec": _loss_curve(pt)}
+        for step, enc in points:
+            path = out / "probe" / j["method"] / f"seed{j['seed']}" / f"step{step:07d}.json"
+            if not path.exists():
+                print(f"[probe] {j['method']}, pre-training seed {j['seed']}, step {step}: {enc} -> {path}", flush=True)
+            res = run_probe(replace(j["cfg"], seed=seed0), dataset, path, init=enc, labelled_cases=0)
+            e["steps"].append(step)
+            e["files"].append(str(path.relative_to(out)))
+            for k, v in _probe_scores(res).items():
+                e[k].append(v)
+            curve["seconds"] += float(res.get("seconds") or 0)
+        curve["methods"].setdefault(j["method"], {})[j["seed"]] = e
+    return curve
+
+
+def _loss_curve(pt: Path) -> list[list[float]]:
+    """``[[optimizer step, mean training reconstruction loss of the epoch ending there], ...]`` of a
+    pre-training (its ``metrics.jsonl`` epoch records)."""
+    epochs = {r["epoch"]: r for r in read_metrics(pt / "metrics.jsonl")  # a resumed epoch: its last record
+              if r.get("kind") == "epoch" and "loss_rec" in r and "epoch" in r}
+    out, step = [], 0
+    for e in sorted(epochs):
+        step += int(epochs[e].get("steps") or 0)
+        out.append([step, float(epochs[e]["loss_rec"])])
+    return out
+
+
 def _pretrain_cost(pt: Path) -> dict | None:
     recs = read_metrics(pt / "metrics.jsonl")
     steps = [r["compute_time"] + r.get("data_time", 0.0) for r in recs if r.get("kind") == "step" and "compute_time" in r]
@@ -374,13 +622,21 @@ def _summary_steps(folder: Path) -> int | None:
         return None
 
 
+def _read_times(folder: Path) -> dict[str, float]:
+    """A run's ``timings.json`` (:func:`pipeline.read_timings`), its numbers as floats."""
+    return {k: float(v) for k, v in read_timings(folder / "timings.json").items() if isinstance(v, (int, float))}
+
+
 def _budget(spec: dict, runs: list[dict], probes: list[dict] | None = None) -> dict:
     """Per method: the optimizer steps of pre-training and fine-tuning, and the wall time of each stage per
     run, from each run's ``timings.json`` (``python -m medhpm.pipeline`` writes it); a stage a run found
     done (a pre-training shared by a grid, a resumed run's finished stages) counts where it ran, once."""
     methods: dict = {}
-    total, timed, seen_pt = 0.0, 0, set()
+    total, timed, seen_pt, seen_run = 0.0, 0, set(), set()
     for r in runs:
+        if r["dir"] in seen_run:  # a run without pre-training, in the pairs of every pre-training seed
+            continue
+        seen_run.add(r["dir"])
         e = methods.setdefault(r["method"], {"pretrain_steps": [], "finetune_steps": [], "pretrain_s": [],
                                              "finetune_s": [], "predict_evaluate_s": [], "runs": 0})
         e["runs"] += 1
@@ -391,15 +647,18 @@ def _budget(spec: dict, runs: list[dict], probes: list[dict] | None = None) -> d
             steps = _summary_steps(pt)
             if steps is not None:
                 e["pretrain_steps"].append(steps)
+            if r.get("pretrain_job"):  # a pre-training run as a job of its own (pretrain_seeds)
+                pre = _read_times(r["pretrain_job"]).get(PRETRAIN_STAGE.format(method=base))
+                if pre is not None:
+                    e["pretrain_s"].append(pre)
+                    total += pre
         steps = _summary_steps(r["dir"] / "finetune")
         if steps is not None:
             e["finetune_steps"].append(steps)
-        try:
-            times = json.loads((r["dir"] / "timings.json").read_text())
-        except (OSError, ValueError):
+        if not (r["dir"] / "timings.json").exists():
             continue  # a run made before runs recorded their times
         timed += 1
-        stage_s = {k: float(v) for k, v in times.items() if isinstance(v, (int, float))}
+        stage_s = _read_times(r["dir"])
         total += sum(stage_s.values())
         pre = stage_s.get(PRETRAIN_STAGE.format(method=base))
         if pre is not None:
@@ -410,7 +669,7 @@ def _budget(spec: dict, runs: list[dict], probes: list[dict] | None = None) -> d
         if rest:
             e["predict_evaluate_s"].append(sum(rest))
     probe_s = sum(float(p["result"].get("seconds") or 0.0) for p in probes or [])
-    return {"methods": methods, "stage_seconds": total, "probe_seconds": probe_s, "runs": len(runs),
+    return {"methods": methods, "stage_seconds": total, "probe_seconds": probe_s, "runs": len(seen_run),
             "timed_runs": timed}
 
 
@@ -455,7 +714,11 @@ def _ms(values) -> dict:
     return {"mean": mean, "std": std, "n": n}
 
 
-def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probes: list[dict] | None = None) -> Path:
+def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probes: list[dict] | None = None,
+                             curve: dict | None = None) -> Path:
+    """``results.md`` and ``results.json`` of the finished ``runs`` (:func:`planned_runs`, less their
+    configs), with the per-(method, seed) ``probes`` or, with ``pretrain_seeds``, the probe ``curve``
+    (:func:`_run_probe_curve`)."""
     classes = parse_classes(cfg.finetune.reported)
     probes = probes or []
     methods = [m for m in spec["methods"]]
@@ -499,11 +762,19 @@ def write_experiment_results(out: Path, spec: dict, cfg, runs: list[dict], probe
         figure = grid_figure(series, out / f"dice_vs_{_value_name(grid['key'])}.png", xlabel=grid["key"],
                              title=f"{spec['name']}: mean ± std over seeds {spec['seeds']}")
     budget = _budget(spec, runs, probes)
-    md = _results_md(spec, cfg, classes, cells_out, probe_out, costs, figure, out) + \
+    curve_md = ""
+    if curve:
+        budget["probe_seconds"] += curve["seconds"]
+        probe_out = _curve_as_probe(spec, curve)
+        curve_md = _curve_md(spec, curve, curve_figure(
+            {method_label(spec, m): e for m, e in curve["methods"].items()}, curve["floor"],
+            out / "probe_vs_pretraining_steps.png", PROBES[:2],
+            title=f"{spec['name']}: frozen-encoder probes on {curve['test_cases']} test cases"))
+    md = _results_md(spec, cfg, classes, cells_out, probe_out, costs, figure, out, curve_md) + \
         f"\n## Budget and wall time\n\n{_budget_md(spec, budget)}"
     atomic_write_text(out / "results.md", md)
     payload = {"spec": spec, "interval": INTERVAL, "confidence": CONFIDENCE, "grid": grid,
-               "cells": cells_out, "probe": probe_out,
+               "cells": cells_out, "probe": probe_out, "probe_curve": curve,
                "pretrain_cost": costs, "budget": budget, "figure": figure.name if figure else None}
     if not grid:  # the layout of experiments without a grid, as before
         payload["methods"] = cells_out[0]["aggregate"]
@@ -531,6 +802,58 @@ def _probe_summary(spec: dict, probes: list[dict], out: Path) -> dict | None:
     return summary
 
 
+def _curve_as_probe(spec: dict, curve: dict) -> dict:
+    """The cross-validated linear probe of the encoder each method fine-tunes from (its pre-training's end or
+    its ``M@STEP`` snapshot, mean over pre-training seeds; ``scratch``: the noise floor over the label
+    draws' random initialisations), in the shape the Dice table reads (``cells.all.methods``)."""
+    methods = {}
+    for m in spec["methods"]:
+        base, src = base_method(spec, m), pretrained_as(spec, m)
+        if base in METHODS and src in curve["methods"]:
+            step = spec["variants"].get(m, {}).get("from_step")
+            vals = [e["linear_cv"][e["steps"].index(step) if step else -1]
+                    for e in curve["methods"][src].values() if e["steps"] and (not step or step in e["steps"])]
+            if vals:
+                methods[m] = _ms(vals)
+        elif base == "scratch":
+            f = curve["floor"]["linear_cv"]
+            methods[m] = {"mean": f["mean"], "std": f["std"], "n": f["n"]}
+    return {"metric": "balanced accuracy of the cross-validated linear probe (all training cases)",
+            "cells": {"all": {"methods": methods}}, "from_curve": True}
+
+
+def _curve_md(spec: dict, curve: dict, figure: Path) -> str:
+    names = {"linear_cv": "cross-validated linear probe", "knn": "kNN probe", "linear_fixed": "fixed linear probe (L2 1e-3)"}
+    floor = curve["floor"]
+    parts = [
+        "## Frozen-encoder probes against pre-training steps\n\n"
+        f"Every snapshot of every pre-training, frozen, probed on the tokens of all {curve['training_cases']} "
+        f"training cases and scored on the {curve['test_cases']} test cases by balanced accuracy (%), with the "
+        "same case-wise folds for every encoder (the probes: docs/experiments.md). **Noise floor**: the same "
+        f"probes of the random initialisations fine-tuning from scratch starts from ({floor['linear_cv']['n']} "
+        f"of them, `{curve['floor_file']}`): mean ± std [min, max]. An encoder above the floor's max holds "
+        "something random initialisations do not.\n",
+        f"![probes against pre-training steps]({figure.name})\n\n[{figure.name}]({figure.name}): the "
+        "cross-validated linear and the kNN probe against the pre-training's optimizer steps (log scale) per "
+        "method, the noise floor as a band (mean ± std, dotted: its max); right: the training reconstruction "
+        "loss of each epoch.\n"]
+    for k in PROBES:
+        f = floor[k]
+        steps = sorted({s_ for m in curve["methods"].values() for e in m.values() for s_ in e["steps"]})
+        lines = ["| method (pre-training seed) | " + " | ".join(f"step {s_}" for s_ in steps) + " |",
+                 "|---|" + "---|" * len(steps)]
+        lines.append("| random initialisation (noise floor) | " + " | ".join(
+            [f"{100 * f['mean']:.1f} ± {100 * (f['std'] if math.isfinite(f['std']) else 0):.1f} "
+             f"[{100 * f['min']:.1f}, {100 * f['max']:.1f}]"] * len(steps)) + " |")
+        for m, seeds in curve["methods"].items():
+            for p, e in seeds.items():
+                at = dict(zip(e["steps"], e[k]))
+                lines.append(f"| {method_label(spec, m)} ({p}) | " + " | ".join(
+                    f"{100 * at[s_]:.1f}" + ("*" if at[s_] > f["max"] else "") if s_ in at else "-" for s_ in steps) + " |")
+        parts.append(f"### {names[k]}\n\n" + "\n".join(lines) + "\n\n`*`: above the noise floor's max.\n")
+    return "\n".join(parts)
+
+
 def _ci(d: dict, scale: float, digits: int) -> str:
     if not math.isfinite(d["mean"]):
         return "n/a"
@@ -540,7 +863,7 @@ def _ci(d: dict, scale: float, digits: int) -> str:
     return text
 
 
-def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path) -> str:
+def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path, curve_md: str = "") -> str:
     grid = spec.get("grid")
     n_seeds = len(spec["seeds"])
     key = grid["key"] if grid else None
@@ -579,7 +902,9 @@ def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path) -> s
                      "validation split, the labelled cases and the data order), then the mean and its " + INTERVAL
                      + ". ΔDSC > 0: A segments better; ΔHD95 < 0: A's boundaries are closer. With 3 to 5 seeds "
                      "read the interval as the width the seeds allow, not as a test.\n\n" + "\n".join(plines) + "\n")
-    if probe:
+    if curve_md:
+        parts.append(curve_md)
+    elif probe:
         pl = ["| method | balanced accuracy (%) | chance (%) | seeds |", "|---|---|---|---|"]
         ql = ["| A - B | Δ balanced accuracy (points) [95 % CI] | seeds |", "|---|---|---|"]
         texts = []

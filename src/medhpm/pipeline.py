@@ -4,6 +4,7 @@
 config. The experiment runner starts one process per method and seed with this module's entry point::
 
     python -m medhpm.pipeline --config RUN/config.yaml --dataset DATA --out RUN [--pretrain hpm [--pretrain-dir PT] | --init W]
+    python -m medhpm.pipeline --config JOB/config.yaml --dataset DATA --out JOB --pretrain hpm --pretrain-only
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Stages:
     def __init__(self, total: int, record: Path | None = None):
         self.total, self.n, self.times, self.kept = total, 0, {}, []
         self.record = record
-        self.earlier = _read_timings(record) if record is not None else {}
+        self.earlier = read_timings(record) if record is not None else {}
 
     def write(self) -> None:
         """Write the times to the record file (if any)."""
@@ -80,6 +81,21 @@ class Stages:
         print(f"\n=== [{self.n}/{self.total}] {name}: done before"
               + (f" (in {took:.1f} s)" if isinstance(took, (int, float)) else "") + ", kept ===", flush=True)
         self.write()
+
+
+def pretrain_stage(cfg: Config, pt: Path, stages: Stages) -> Path:
+    """Pre-train with ``cfg.pretrain.method`` into ``pt`` (resumed from ``last.pt``; a finished one is
+    reused after :func:`config.check_resume`) and export its encoder; returns ``pt/encoder.safetensors``."""
+    name = PRETRAIN_STAGE.format(method=cfg.pretrain.method)
+    enc = pt / "encoder.safetensors"
+    if not (pt / "final.pt").exists():
+        stages.run(name, pretrain, cfg, pt, resume=(pt / "last.pt").exists())
+    else:  # reused: made with this method and model (a shared folder may have been made by another run)
+        check_resume(cfg, pt, "pretrain")
+        stages.skip(name)
+    if not enc.exists():
+        export_encoder(pt / "final.pt", enc, force=True)  # a sidecar without weights: an export cut short
+    return enc
 
 
 def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | None = None, init: str | None = None,
@@ -114,15 +130,7 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
     if pretrain_method:
         cfg = replace(cfg, pretrain=replace(cfg.pretrain, method=pretrain_method))
         pt = Path(pretrain_dir) if pretrain_dir is not None else out / "pretrain"
-        enc = pt / "encoder.safetensors"
-        if not (pt / "final.pt").exists():
-            stages.run(PRETRAIN_STAGE.format(method=pretrain_method), pretrain, cfg, pt, resume=(pt / "last.pt").exists())
-        else:  # reused: made with this method and model (a shared folder may have been made by another run)
-            check_resume(cfg, pt, "pretrain")
-            stages.skip(PRETRAIN_STAGE.format(method=pretrain_method))
-        if not enc.exists():
-            export_encoder(pt / "final.pt", enc, force=True)  # a sidecar without weights: an export cut short
-        init = str(enc)
+        init = str(pretrain_stage(cfg, pt, stages))
         result["pretrain"] = str(pt)
     ft = out / "finetune"
     if not (ft / "final.pt").exists():
@@ -230,8 +238,9 @@ def _layout(out: Path) -> str:
     return "\n".join(lines)
 
 
-def _read_timings(path: Path) -> dict:
-    """The stage times a demo folder's last call recorded (empty for a new or unreadable record)."""
+def read_timings(path: Path) -> dict:
+    """The stage times a ``timings.json`` records (a demo's, a run's: stage name -> seconds; empty for a new
+    or unreadable record)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -294,9 +303,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--pretrain-dir", type=Path, help="with --pretrain: the pre-training folder (default "
                     "OUT/pretrain); a finished one is reused, an interrupted one resumed")
     ap.add_argument("--name", help="row name in the evaluation table")
+    ap.add_argument("--pretrain-only", action="store_true", help="with --pretrain: pre-train (into OUT/pretrain, "
+                    "or --pretrain-dir) and export the encoder, nothing else (the experiment runner's one "
+                    "pre-training per method and pre-training seed)")
     args = ap.parse_args(argv)
     if args.pretrain_dir is not None and args.pretrain is None:
         ap.error("--pretrain-dir needs --pretrain METHOD")
+    if args.pretrain_only and args.pretrain is None:
+        ap.error("--pretrain-only needs --pretrain METHOD")
+    if args.pretrain_only:
+        with run_folder_lock(args.out, what="pipeline run"):
+            cfg = load_config(args.config)
+            cfg = replace(cfg, data=replace(cfg.data, dataset=str(args.dataset)),
+                          pretrain=replace(cfg.pretrain, method=args.pretrain))
+            pretrain_stage(cfg, args.pretrain_dir or args.out / "pretrain", Stages(1, record=args.out / "timings.json"))
+        return
     with run_folder_lock(args.out, what="pipeline run"):
         # each run records its stage times (the experiment's budget table reads them)
         stages = Stages(4 if args.pretrain else 3, record=args.out / "timings.json")

@@ -112,6 +112,58 @@ def grid_figure(series: dict[str, list[tuple[object, float, float]]], out_png: s
     return save_png(fig, out_png)
 
 
+def curve_figure(methods: dict[str, dict], floor: dict, out_png: str | Path, probes=("linear_cv", "knn"),
+                 title: str = "") -> Path:
+    """Probe scores against pre-training steps: one panel per probe of ``probes`` (balanced accuracy in %,
+    log-scaled steps), a line per (method, pre-training seed), the noise ``floor`` as a band (mean ± std)
+    with its max dotted; a last panel with each pre-training's training reconstruction loss per epoch.
+
+    ``methods``: label -> {pre-training seed: {"steps": [...], PROBE: [...], "loss_rec": [[step, loss]]}};
+    ``floor``: PROBE -> {"mean", "std", "max"}."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(probes) + 1, figsize=(4.2 * (len(probes) + 1), 3.9))
+    names = {"linear_cv": "cross-validated linear probe", "knn": "kNN probe", "linear_fixed": "fixed linear probe"}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, probe in zip(axes, probes):
+        f = floor[probe]
+        sd = f["std"] if f.get("std") is not None and math.isfinite(f["std"]) else 0.0
+        ax.axhspan(100 * (f["mean"] - sd), 100 * (f["mean"] + sd), color="0.85", label="random init (mean ± std)")
+        ax.axhline(100 * f["max"], color="0.5", ls=":", lw=1, label="random init (max)")
+        for i, (label, seeds) in enumerate(methods.items()):
+            for j, (seed, e) in enumerate(seeds.items()):
+                ax.plot(e["steps"], [100 * v for v in e[probe]], marker="o", ms=3, color=colours[i % len(colours)],
+                        ls="-" if j == 0 else "--", label=label if j == 0 else None)
+        ax.set_xscale("log")
+        ax.set_xlabel("pre-training optimizer steps")
+        ax.set_ylabel("balanced accuracy on test cases (%)")
+        ax.set_title(names.get(probe, probe), fontsize=10)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for i, (label, seeds) in enumerate(methods.items()):
+        for j, e in enumerate(seeds.values()):
+            if e.get("loss_rec"):
+                st, lo = zip(*e["loss_rec"])
+                ax.plot(st, lo, color=colours[i % len(colours)], ls="-" if j == 0 else "--", lw=1,
+                        label=label if j == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("pre-training optimizer steps")
+    ax.set_ylabel("training reconstruction loss (epoch mean)")
+    ax.set_title("pretext loss", fontsize=10)
+    ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return save_png(fig, out_png)
+
+
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
