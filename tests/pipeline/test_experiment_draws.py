@@ -202,7 +202,9 @@ def test_the_probe_curve_reads_every_snapshot_and_the_noise_floor(tmp_path):
     """The curve of probes at each snapshot and the end (the probe files planted: run_probe reads a finished
     one back), against the noise floor; the Dice table's probe column is the cross-validated probe of the
     encoder each method fine-tunes from (scratch: the floor's mean)."""
-    from medhpm.experiment import _run_probe_curve, _curve_as_probe, _curve_md, _cells
+    from medhpm.experiment.report import _curve_as_probe, _curve_md
+    from medhpm.experiment.runner import _run_probe_curve
+    from medhpm.experiment.spec import grid_cells
     from medhpm.viz.report import curve_figure
 
     out = tmp_path / "exp"
@@ -221,7 +223,7 @@ def test_the_probe_curve_reads_every_snapshot_and_the_noise_floor(tmp_path):
     (out / "probe" / "noise_floor.json").write_text(json.dumps({
         "summary": summ, "seeds": DRAWS, "labelled_cases": 0, "cases_seed": DRAWS[0], "seconds": 3.0,
         "training_cases": ["a", "b"], "test_cases": ["c"]}))
-    curve = _run_probe_curve(spec, _cells(spec, None), jobs, "unused", out)
+    curve = _run_probe_curve(spec, grid_cells(spec, None), jobs, "unused", out)
     for m, at in values.items():
         e = curve["methods"][m][7]
         assert e["steps"] == [300, 1000, 1500] and e["linear_cv"] == [at[s] for s in (300, 1000, 1500)]
