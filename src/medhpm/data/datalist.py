@@ -54,8 +54,33 @@ class DataError(ValueError):
     """A data set, datalist or image that cannot be used; the message names the file and the problem."""
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The exception under MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
+    seen = set()
+    while (isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None
+           and id(e) not in seen):
+        seen.add(id(e))
+        e = e.__cause__
+    return e
+
+
+def case_error(e: BaseException, item: Any) -> DataError:
+    """A :class:`DataError` for a datalist entry whose chain failed: the cause's own message when it is a
+    DataError (it names the file), else the case's files and the cause."""
+    root = root_cause(e)
+    if isinstance(root, DataError):
+        return DataError(str(root))
+    files = ""
+    if isinstance(item, dict):
+        files = ", ".join(f"{k} {item[k]}" for k in ("image", "label") if isinstance(item.get(k), str))
+        case = item.get("case")
+        files = f"case {case} ({files})" if case else files
+    first = (str(root).strip().splitlines() or [""])[0]
+    return DataError(f"cannot prepare {files or 'a case'}: {type(root).__name__}: {first}")
+
+
 # --------------------------------------------------------------------------------------------------
-# BTCV: the two published splits (PROTOCOL.md); the label table is medhpm.data.labels
+# BTCV: the two published splits (docs/reproduce_btcv.md); the label table is medhpm.data.labels
 
 
 # TransUNet's 18/12 split (the paper's Table 1); MONAI's 24/6 split (cases 1-10 and 21-34 vs 35-40).

@@ -30,12 +30,11 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from monai.data.utils import worker_init_fn as _monai_worker_init_fn
-from monai.transforms import Compose, RandomizableTrait, Transform
 from torch.utils.data.distributed import DistributedSampler
 
 from medhpm.config import DataConfig
-from medhpm.data.datalist import DataError
-from medhpm.data.transforms import DETERMINISTIC_FIELDS, transforms_spec
+from medhpm.data.datalist import case_error, root_cause
+from medhpm.data.transforms import DETERMINISTIC_FIELDS, deterministic_head, transforms_spec
 from medhpm.runtime.files import atomic_path
 
 __all__ = ["make_dataset", "make_loader", "training_loader", "seed_worker", "item_hash", "chain_hash", "case_error",
@@ -60,29 +59,13 @@ def item_hash(item: Any) -> bytes:
     return hashlib.sha256(blob).hexdigest().encode("utf-8")
 
 
-def _flat(transform: Any) -> list:
-    # not Compose.flatten(): it builds a new Compose, whose constructor re-seeds the shared transforms
-    if isinstance(transform, Compose):
-        return [t for sub in transform.transforms for t in _flat(sub)]
-    return [transform]
-
-
-def _deterministic_head(transform: Any) -> list:
-    head = []
-    for t in _flat(transform):
-        if isinstance(t, RandomizableTrait) or not isinstance(t, Transform):
-            break
-        head.append(t)
-    return head
-
-
 def chain_hash(transform: Any, cfg: DataConfig) -> str:
     """Hash of what the cached (deterministic) head computes: its transforms and their keys, and the
     chain parameters (the spec attached by medhpm.data.transforms, else those of ``cfg``)."""
 
     spec = getattr(transform, "medhpm_spec", None) or transforms_spec(cfg)
     head = []
-    for t in _deterministic_head(transform):
+    for t in deterministic_head(transform):
         desc: list = [type(t).__name__, sorted(map(str, getattr(t, "keys", ())))]
         checks = getattr(t, "checks", None)  # LoadCTd's checks: an item cached without them was never checked
         if isinstance(checks, dict) and checks:
@@ -94,31 +77,6 @@ def chain_hash(transform: Any, cfg: DataConfig) -> str:
         "head": head,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The exception under MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
-    seen = set()
-    while (isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None
-           and id(e) not in seen):
-        seen.add(id(e))
-        e = e.__cause__
-    return e
-
-
-def case_error(e: BaseException, item: Any) -> DataError:
-    """A :class:`DataError` for a datalist entry whose chain failed: the cause's own message when it is a
-    DataError (it names the file), else the case's files and the cause."""
-    root = root_cause(e)
-    if isinstance(root, DataError):
-        return DataError(str(root))
-    files = ""
-    if isinstance(item, dict):
-        files = ", ".join(f"{k} {item[k]}" for k in ("image", "label") if isinstance(item.get(k), str))
-        case = item.get("case")
-        files = f"case {case} ({files})" if case else files
-    first = (str(root).strip().splitlines() or [""])[0]
-    return DataError(f"cannot prepare {files or 'a case'}: {type(root).__name__}: {first}")
 
 
 class _NamedErrors:

@@ -167,14 +167,15 @@ class DeviceCropSampler:
 
     def __init__(self, entries: Sequence[dict], transform: Callable, batch_size: int, seed: int = 0,
                  world_size: int = 1, rank: int = 0, device: Optional[torch.device | str] = None):
-        from medhpm.data.dataset import _deterministic_head, _flat, case_error
+        from medhpm.data.datalist import case_error
+        from medhpm.data.transforms import deterministic_head, flat_transforms
 
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         entries = [dict(e) for e in entries]
         if not entries:
             raise _refuse("no training cases")
-        head = _deterministic_head(transform)
-        tail = _flat(transform)[len(head):]
+        head = deterministic_head(transform)
+        tail = flat_transforms(transform)[len(head):]
         self.keys = tuple(_keys(tail[0])) if tail else ("image",)
         self.plan = tail_plan(tail, self.keys)
         crop = self.plan["crop"]

@@ -3,7 +3,7 @@
 Every other BTCV table in the package is read from ``BTCV_ORGANS``: ``BTCV_LABELS`` (the names written
 into a dataset.json, as the BTCV download and the phantoms label their organs), ``BTCV13`` (the
 snake_case class names that metrics.json, metrics.csv and the figures use) and ``PROTOCOL_ORGANS`` (the
-eight organs of the paper's Table 1, TransUNet's protocol, see docs/PROTOCOL.md).
+eight organs of the paper's Table 1, TransUNet's protocol, see docs/reproduce_btcv.md).
 
 ``LABEL_PALETTE`` / :func:`label_rgb` are the one colour table of label values: the overlay figures paint
 with it and every predicted label map's 3D Slicer and ITK-SNAP colour tables carry it.

@@ -1,4 +1,4 @@
-"""The one definition of the transform chains (PROTOCOL.md, "Preprocessing recipe").
+"""The one definition of the transform chains (docs/method.md, the recipe table; docs/own_data.md).
 
 Deterministic part, shared by every chain::
 
@@ -38,11 +38,13 @@ from monai.transforms import (
     RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
+    RandomizableTrait,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
+    Transform,
 )
 
 from medhpm.config import DataConfig
@@ -268,3 +270,22 @@ def config_from_spec(spec: dict) -> DataConfig:
 def transforms_from_spec(spec: dict, kind: str) -> Compose:
     """Rebuild the chain ``kind`` (pretrain | pretrain_labelled | train | val | predict) from a spec."""
     return build_transforms(config_from_spec(spec), kind)
+
+
+# ----------------------------------------------------------------------------------------- chain anatomy
+def flat_transforms(transform: Any) -> list:
+    """The transforms of a (nested) Compose chain, in order."""
+    # not Compose.flatten(): it builds a new Compose, whose constructor re-seeds the shared transforms
+    if isinstance(transform, Compose):
+        return [t for sub in transform.transforms for t in flat_transforms(sub)]
+    return [transform]
+
+
+def deterministic_head(transform: Any) -> list:
+    """The transforms of a chain up to its first random one: what a cache may compute once per case."""
+    head = []
+    for t in flat_transforms(transform):
+        if isinstance(t, RandomizableTrait) or not isinstance(t, Transform):
+            break
+        head.append(t)
+    return head

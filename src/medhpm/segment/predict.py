@@ -34,7 +34,7 @@ from medhpm.config import Config, checkpoint_keys, from_dict, get_key
 from medhpm.data.color_tables import color_table_paths, write_color_tables
 from medhpm.data.ct_reader import read_volume
 from medhpm.data.datalist import DataError, detect_format, load_datalist
-from medhpm.data.dataset import root_cause
+from medhpm.data.datalist import root_cause
 from medhpm.data.dicom_seg import check_seg_references, write_dicom_seg
 from medhpm.data.scans import case_name, is_dicom_series, is_nifti
 from medhpm.data.transforms import predict_transforms
