@@ -113,7 +113,7 @@ def test_disk_too_small_for_this_models_checkpoints(tiny_dataset, tmp_path):
 def test_the_free_disk_estimate_counts_what_the_run_will_write():
     """last, best (fine-tuning) and final, one temporary copy while one is written, and a margin for figures
     and logs; a resumed run replaces its existing checkpoints in place (issue 15)."""
-    from medhpm.runtime.loop import OUTPUT_MARGIN, disk_needed
+    from medhpm.runtime.files import OUTPUT_MARGIN, disk_needed
     from medhpm.pretrain.trainer import PretrainTrainer
     from medhpm.segment.trainer import FinetuneTrainer
 

@@ -7,7 +7,7 @@
 | no_learn_to_mask   | random                        | on     | none        |
 | hpm                | hard patches, alpha_0->alpha_T| on     | EMA         |
 
-One iteration (ALGORITHM.md section 2; the step itself is ``medhpm.pretrain.step``): the teacher scores
+One iteration (docs/method.md, "One iteration"; the step itself is ``medhpm.pretrain.step``): the teacher scores
 the patches (from the full volume or from complementary masked views, ``pretrain.teacher_view``; skipped
 while the curriculum asks for no hard patch) -> mask -> student reconstructs the masked patches and
 predicts their losses -> L = L_rec + lambda_pred * L_pred -> AdamW step -> EMA update.
@@ -40,9 +40,9 @@ from medhpm.pretrain.step import mined_patch_stats, mined_patches, pretrain_iter
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.loop import Trainer, TrainingError, echo, write_run_summary
-from medhpm.runtime.files import atomic_write_text, atomic_write_with, refuse_overwriting_inputs, remove_stale_temps, \
-    sha256_file
+from medhpm.runtime.files import (atomic_write_text, atomic_write_with, refuse_overwriting_inputs, remove_stale_temps,
+                                  sha256_file, write_run_summary)
+from medhpm.runtime.loop import Trainer, TrainingError, echo
 from medhpm.runtime.param_groups import param_groups_weight_decay
 from medhpm.runtime.weights import sidecar_path
 
@@ -141,7 +141,7 @@ class PretrainTrainer(Trainer):
     def build_model(self):
         model = build_pretrain_model(self.cfg)
         if self.use_teacher:
-            # starts as a copy of the randomly initialised student (ALGORITHM.md section 1)
+            # starts as a copy of the randomly initialised student (docs/method.md, "Parts")
             self.teacher = make_teacher(model)
         self.num_patches = model.encoder.num_patches
         self.num_masked = num_masked(self.num_patches, self.cfg.pretrain.mask_ratio)

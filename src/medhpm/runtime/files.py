@@ -303,3 +303,28 @@ def run_folder_lock(folder: str | Path, enabled: bool = True, what: str = "run")
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- run outputs
+OUTPUT_MARGIN = 50 * 2**20  # figures, metrics.jsonl, TensorBoard events, configs
+
+
+def disk_needed(checkpoint_bytes: int, names, existing=(), margin: int = OUTPUT_MARGIN) -> tuple[int, str]:
+    """The bytes a run will write, and how they add up: one checkpoint for each of ``names`` that does
+    not exist yet (a resumed run replaces ``existing`` ones in place), one temporary copy while a
+    checkpoint is written (atomic writes: the old file stays until the new one is complete), and
+    ``margin`` for figures and logs."""
+    new = [n for n in names if n not in set(existing)]
+    mib = checkpoint_bytes / 2**20
+    total = (len(new) + 1) * checkpoint_bytes + margin
+    files = ", ".join(f"{n}.pt" for n in new)
+    parts = [f"{len(new)} new checkpoint(s) of {mib:.1f} MiB ({files})" if new else "no new checkpoint",
+             f"1 temporary copy of {mib:.1f} MiB while one is written", f"{margin / 2**20:.0f} MiB for figures and logs"]
+    return total, " + ".join(parts)
+
+
+def write_run_summary(run_dir: Path, summary: dict) -> None:
+    """``RUN/summary.json`` of a finished stage (atomic)."""
+    import json
+
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))

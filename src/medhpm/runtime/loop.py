@@ -26,7 +26,8 @@ from medhpm.config import Config, checkpoint_keys, compile_mode, differences, fr
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_cpu_memory, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
-from medhpm.runtime.files import atomic_write_text, check_writable, remove_stale_temps, run_folder_lock, save_config
+from medhpm.runtime.files import (atomic_write_text, check_writable, disk_needed, remove_stale_temps, run_folder_lock,
+                                  save_config)
 from medhpm.runtime.logging import MetricLogger
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr, warmup_steps
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
@@ -576,23 +577,6 @@ class Trainer:
         return path
 
 
-OUTPUT_MARGIN = 50 * 2**20  # figures, metrics.jsonl, TensorBoard events, configs
-
-
-def disk_needed(checkpoint_bytes: int, names, existing=(), margin: int = OUTPUT_MARGIN) -> tuple[int, str]:
-    """The bytes a run will write, and how they add up: one checkpoint for each of ``names`` that does
-    not exist yet (a resumed run replaces ``existing`` ones in place), one temporary copy while a
-    checkpoint is written (atomic writes: the old file stays until the new one is complete), and
-    ``margin`` for figures and logs."""
-    new = [n for n in names if n not in set(existing)]
-    mib = checkpoint_bytes / 2**20
-    total = (len(new) + 1) * checkpoint_bytes + margin
-    files = ", ".join(f"{n}.pt" for n in new)
-    parts = [f"{len(new)} new checkpoint(s) of {mib:.1f} MiB ({files})" if new else "no new checkpoint",
-             f"1 temporary copy of {mib:.1f} MiB while one is written", f"{margin / 2**20:.0f} MiB for figures and logs"]
-    return total, " + ".join(parts)
-
-
 def _fused_adamw_ok(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
@@ -606,10 +590,3 @@ class _null:
 
     def __exit__(self, *a):
         return False
-
-
-def write_run_summary(run_dir: Path, summary: dict) -> None:
-    import json
-
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-

@@ -1,6 +1,6 @@
 """Optimizer parameter groups: layer-wise lr decay for fine-tuning, plain weight-decay split for pre-training.
 
-Layer-wise lr decay (ALGORITHM.md section 4, as BEiT / MAE fine-tuning): with ``L`` encoder blocks,
+Layer-wise lr decay (docs/method.md, "Transfer to UNETR"; as BEiT / MAE fine-tuning): with ``L`` encoder blocks,
 the patch embedding and the position embedding get layer id 0, block ``k`` (0-based) gets id ``k + 1``, and
 everything else (the encoder's final norm, the UNETR decoder) gets id ``L + 1`` (13 for ViT-B).
 A parameter's lr is ``lr * layer_decay ** (L + 1 - id)``: the decoder trains at the full lr, the patch
@@ -43,7 +43,7 @@ def _find_encoder(model: nn.Module) -> tuple[str, ViTEncoder]:
 
 
 def layer_id_for(name: str, prefix: str, depth: int) -> int:
-    """Layer id of parameter ``name`` (ALGORITHM.md section 4) for an encoder at ``prefix`` with ``depth`` blocks."""
+    """Layer id of parameter ``name`` (docs/method.md, "Transfer to UNETR") for an encoder at ``prefix`` with ``depth`` blocks."""
     if name.startswith(prefix):
         rel = name[len(prefix) :]
         if rel.startswith("patch_embed.") or rel in ("pos_embed", "cls_token", "mask_token"):

@@ -1,4 +1,4 @@
-"""UNETR fine-tuning from a pre-trained encoder (paper section 2; ALGORITHM.md section 4).
+"""UNETR fine-tuning from a pre-trained encoder (paper section 2; docs/method.md, "Transfer to UNETR").
 
 Validation uses the datalist's labelled ``validation`` split when it has one, else ``data.val_cases``
 cases drawn from the training split; test cases are never seen.
@@ -31,7 +31,8 @@ from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.device import autocast, peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.loop import Trainer, echo, write_run_summary
+from medhpm.runtime.files import write_run_summary
+from medhpm.runtime.loop import Trainer, echo
 from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_weight_decay
 from medhpm.runtime.weights import load_encoder_weights
 
