@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/.medhpm-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install  # the inner loop: everything but the tests marked slow (end-to-end runs, real torchrun)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install  # pyflakes and pycodestyle's errors ([tool.ruff] in pyproject.toml)
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -100,7 +100,7 @@ minutes on 2026-11-26, torch 2.11 + CUDA 13.0, MONAI 1.6.1; ViT-B/16, 96^3, batc
 
 ### 1. HPM vs MAE: 1.72x (base) and 2.15x (tiny) per step; the paper's "under 1.1x" is not reachable as specified
 * FLOPs first: an hpm step at alpha 0.5 does **2.32x** the FLOPs of an mae step (base, batch 2, 96^3:
-  242 vs 104.5 GFLOP). The extra work is the algorithm itself (ALGORITHM.md sections 1-2): the teacher pass
+  242 vs 104.5 GFLOP). The extra work is the algorithm itself (docs/method.md, "One iteration"): the teacher pass
   runs the encoder over all 216 tokens plus the loss predictor (forward only, 0.73 s of the 2.93 s base step,
   25 %), and the student runs a second 8-block decoder over all 216 tokens, forward and backward, plus L_pred.
   The teacher pass alone sees 4x the tokens of the student's encoder.
@@ -305,7 +305,7 @@ diverges, and check the loader keeps up (crops per second, `benchmarks/gpu_all.p
 **Measurements.** `benchmarks/compile_step.py` (CPU: eager vs compiled step, ratios in the same process)
 and `benchmarks/gpu_all.py` (every GPU figure of issue 18: steps eager vs each compile mode at batch 4 and
 at the largest batch that fits, crops/s, ms/step, peak memory, MFU; the loader at 0/4/8 workers and the
-device sampler when it exists; `--tiny` runs on the CPU in about a minute). It measures the most wanted figures first (hpm, then fine-tuning, then mae: eager against CUDA graphs at batch 4 and at the largest batch; the other compile modes after, max-autotune last), rewrites its JSON after every job, and with `--budget-s 420` starts nothing after 7 minutes, listing what it left out under `skipped`: one 10-minute device call then returns the main figures, since compiling every mode of every task (18 compilations of ViT-B-size steps) would not fit in one. 
+device sampler when it exists; `--tiny` runs on the CPU in about a minute). It measures the most wanted figures first (hpm, then fine-tuning, then mae: eager against CUDA graphs at batch 4 and at the largest batch; the other compile modes after, max-autotune last), rewrites its JSON after every job, and with `--budget-s 420` starts nothing after 7 minutes, listing what it left out under `skipped`: one 10-minute device call then returns the main figures, since compiling every mode of every task (18 compilations of ViT-B-size steps) would not fit in one.
 CPU figures (`python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6`, micro model at 32^3, 1 thread, AMD EPYC (2 cores shared with 4 other jobs, so absolute times are inflated): mae step eager 796 ms, compiled (`default`, inductor) 590 ms, **0.74x**; the first two compiled steps took 238 s (compilation on the loaded 2-core machine). The hpm and fine-tuning ratios, measured 2026-12-02 on 2 idle cores of the AVX2-only AMD EPYC (CPU family 23 model 1; `python -m benchmarks.compile_step --size tiny --batch 2 --repeats 6 --threads 2 --tasks hpm,finetune`, `compile_step_cpu.json`): hpm step eager 67.9 ms, compiled 54.9 ms, **0.81x** (compilation 150 s); fine-tuning (UNETR, feature size 8, 2 x 32^3) eager 490 ms, compiled 448 ms, **0.92x** (compilation 159 s). At the demo's own shapes compiling the fine-tuning step gives 0.92x on that CPU (`demo_step_cpu_avx2_epyc.json`, below).
 No GPU figure has been taken yet: the script has not run on an H100/H200.
 **On a GPU machine that reaches no package index** (an offline cluster node; the GPU machine lent to this

@@ -152,7 +152,7 @@ def test_summarize_means_stds_and_counts():
     assert s["mean"]["dice_mean"] == pytest.approx(((0.9 + 0.7) / 3 + 0.25) / 2)
     assert s["mean"]["hd95_mean"] == pytest.approx(4.0)
     # string label keys (as read back from metrics.json) and a subset of classes
-    s1 = summarize({k: {str(l): e for l, e in v.items()} for k, v in cases.items()}, {1: "x"})
+    s1 = summarize({k: {str(label): e for label, e in v.items()} for k, v in cases.items()}, {1: "x"})
     assert list(s1) == ["1", "mean"] and s1["mean"]["dice_mean"] == pytest.approx(s["1"]["dice_mean"])
 
 
