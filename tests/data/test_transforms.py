@@ -1,4 +1,4 @@
-"""The transform chains of PROTOCOL.md on tiny synthetic CT volumes."""
+"""The transform chains (docs/method.md, the recipe table) on tiny synthetic CT volumes."""
 
 from __future__ import annotations
 

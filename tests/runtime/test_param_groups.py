@@ -1,4 +1,4 @@
-"""Layer-wise lr decay groups (ALGORITHM.md section 4) and the pre-training weight-decay split."""
+"""Layer-wise lr decay groups (docs/method.md, "Transfer to UNETR") and the pre-training weight-decay split."""
 
 import pytest
 import torch

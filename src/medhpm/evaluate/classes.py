@@ -13,7 +13,7 @@ from medhpm.config import check_class_name, check_label_value, class_table, pars
 from medhpm.data.labels import BTCV13, BTCV_LABELS, PROTOCOL_ORGANS
 
 
-# The 8 organs the paper's Table 1 reports (TransUNet's protocol), see docs/PROTOCOL.md.
+# The 8 organs the paper's Table 1 reports (TransUNet's protocol), see docs/reproduce_btcv.md.
 BTCV8: dict[int, str] = {v: BTCV13[v] for v in PROTOCOL_ORGANS}
 
 # The classes of the presets that medhpm.config.CLASS_PRESETS names (the syntax of a class string is

@@ -20,7 +20,7 @@ output convolution. Hence a patch of ``P`` needs exactly ``log2(P) - 1`` skip bl
 paper's blocks 3, 6, 9), 2 for patch 8.
 
 Note: MONAI's own UNETR reads ``hidden_states_out[3], [6], [9]``, i.e. (1-based) blocks 4, 7 and 10; this
-class takes the 1-based block numbers it is given, (3, 6, 9) by default as in the paper and ALGORITHM.md.
+class takes the 1-based block numbers it is given, (3, 6, 9) by default as in the paper (docs/method.md, "Transfer to UNETR").
 """
 
 from __future__ import annotations

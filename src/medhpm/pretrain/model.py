@@ -149,7 +149,7 @@ class HPMPretrainModel(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
 
         # difficulty predictor d_psi: same shape; its head is Linear to P^3*C then a mean (not Linear to 1),
-        # which is how HPM initialises it (ALGORITHM.md trap 5)
+        # which is how HPM initialises it (docs/method.md, "Traps we guard against")
         self.has_predictor = bool(predictor)
         if self.has_predictor:
             self.predictor_blocks = nn.ModuleList(

@@ -1,5 +1,5 @@
 """The HPM step, in one place: the teacher scores the patches, the curriculum masks the hardest, the
-student reconstructs the masked patches and predicts their losses (ALGORITHM.md section 2, steps 1 to 7).
+student reconstructs the masked patches and predicts their losses (docs/method.md, "One iteration", steps 1 to 7).
 
 Everything that runs a pre-training step calls this module: the trainer (eagerly or through
 ``torch.compile``, ``runtime.compile``), the figures, ``medhpm visualize pretrain`` and the benchmarks.
@@ -140,7 +140,7 @@ def mined_patches(scores: torch.Tensor, n_hard: int) -> torch.Tensor:
 
 
 def mined_patch_stats(x, scores, mask, n_hard, patch_size, data_cfg, num_masked: int | None = None) -> dict:
-    """HU statistics of the mined (hard) patches vs the randomly masked ones (ALGORITHM.md trap 3), as
+    """HU statistics of the mined (hard) patches vs the randomly masked ones (docs/method.md, "Traps we guard against"), as
     0-dim device tensors (read back with the step's other logs, at the log interval). ``num_masked``: M
     of the masks, if known; without it whether any patch was masked at random is read from the device."""
     d = data_cfg
