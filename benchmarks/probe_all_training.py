@@ -20,7 +20,7 @@ from pathlib import Path
 from medhpm.config import METHODS, load_config
 from medhpm.evaluate.paired import paired_difference
 from medhpm.evaluate.tables import mean_std
-from medhpm.segment.probe import run_probe
+from medhpm.segment.encoder_probe import run_probe
 
 
 def main(argv=None) -> dict:

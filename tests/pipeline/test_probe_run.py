@@ -1,4 +1,4 @@
-"""The frozen-encoder probe of a run (segment/probe.py) on real phantom files: the encoder it probes is the
+"""The frozen-encoder probe of a run (segment/encoder_probe.py) on real phantom files: the encoder it probes is the
 one fine-tuning starts from, the cases are fine-tuning's, the cross-validation folds are those cases, a
 finished probe.json is read back, and the noise floor probes random initialisations on the same cases."""
 
@@ -13,7 +13,7 @@ import torch
 
 from medhpm.config import load_config
 from medhpm.data.datalist import load_datalist
-from medhpm.segment.probe import probe_encoder, run_noise_floor, run_probe
+from medhpm.segment.encoder_probe import probe_encoder, run_noise_floor, run_probe
 from medhpm.segment.trainer import FinetuneTrainer
 
 from pipeline_settings import TINY

@@ -86,7 +86,7 @@ def test_colour_table_texts_follow_the_viewers_formats():
 
 def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(tiny_checkpoint, seg_phantoms,
                                                                               tmp_path):
-    from medhpm.evaluate.statistics import organ_statistics
+    from medhpm.evaluate.organ_stats import organ_statistics
     from medhpm.segment.predict import Predictor
 
     dl = json.loads(Path(seg_phantoms).read_text())

@@ -22,7 +22,7 @@ from medhpm.experiment.report import PROBES, loss_curve, probe_scores, summary_s
 from medhpm.experiment.spec import (ENCODER_KEYS, LABELLED, base_method, grid_cells, label_draws, load_experiment,
                                     method_cfg, pretrained_as, shares_pretraining)
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
-from medhpm.segment.probe import run_noise_floor, run_probe
+from medhpm.segment.encoder_probe import run_noise_floor, run_probe
 
 
 def run_experiment(config: str, out: str | Path | None = None, overrides: list[str] | None = None) -> Path:

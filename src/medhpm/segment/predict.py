@@ -39,7 +39,7 @@ from medhpm.data.dicom_seg import check_seg_references, write_dicom_seg
 from medhpm.data.scans import case_name, is_dicom_series, is_nifti
 from medhpm.data.transforms import predict_transforms
 from medhpm.data.volume_checks import grid_problem_of_affine
-from medhpm.evaluate.statistics import STATISTICS_CONVENTIONS, organ_statistics, statistics_csv
+from medhpm.evaluate.organ_stats import STATISTICS_CONVENTIONS, organ_statistics, statistics_csv
 from medhpm.models.dynunet import build_dynunet
 from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import MODEL_ORDER, CheckpointError, load_checkpoint
@@ -56,7 +56,7 @@ class Prediction:
     None; ``classes``: ``{label value: name}`` of the checkpoint; ``header``: the input's NIfTI header
     (None for DICOM or array input), so that :meth:`to_nifti` keeps its exact geometry codes;
     ``statistics``: on request, per organ volume (mL) and HU mean/std inside the mask on the input's own
-    grid (:func:`medhpm.evaluate.statistics.organ_statistics`), else None.
+    grid (:func:`medhpm.evaluate.organ_stats.organ_statistics`), else None.
     """
 
     label: np.ndarray

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from medhpm.evaluate.statistics import organ_statistics, statistics_csv
+from medhpm.evaluate.organ_stats import organ_statistics, statistics_csv
 
 
 def _slow(image, label, spacing_mm, value):

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from medhpm.evaluate.probe import (CV_TOLERANCE, DEFAULT_K, DEFAULT_STRENGTH, balanced_accuracy, case_folds,
+from medhpm.evaluate.token_probes import (CV_TOLERANCE, DEFAULT_K, DEFAULT_STRENGTH, balanced_accuracy, case_folds,
                                    cv_knn_probe, cv_linear_probe, fit_knn_probe, fit_linear_probe, noise_floor,
                                    patch_majority_labels, probe_tokens)
 
@@ -71,7 +71,7 @@ def F_onehot(y, c):
 
 
 def test_volume_tokens_tile_the_volume_with_roi_windows():
-    from medhpm.evaluate.probe import volume_tokens
+    from medhpm.evaluate.token_probes import volume_tokens
     from medhpm.models import ViTEncoder
 
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_knn_against_a_slow_loop(metric):
         probe = fit_knn_probe(x, y, 5, k=k, metric=metric)
         assert torch.equal(probe.predict(q), _knn_loop(x, y, q, k, metric, 5)), k
     # batched over queries: the same with a tiny chunk
-    import medhpm.evaluate.probe as P
+    import medhpm.evaluate.token_probes as P
 
     old, P._CHUNK_ELEMENTS = P._CHUNK_ELEMENTS, 3 * len(y)
     try:

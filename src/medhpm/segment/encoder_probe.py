@@ -4,10 +4,10 @@ The encoder is exactly the one UNETR fine-tuning starts from (:func:`probe_encod
 the segmentation model built as the fine-tuning trainer builds it (so ``scratch`` probes the seeded random
 initialisation of the same ViT), then the pre-trained weights loaded as fine-tuning loads them. The scans
 go through the validation/inference preprocessing (``data.transforms.val_transforms``), are tiled by ROI
-windows, and every token is labelled with its patch's majority class (``evaluate.probe.volume_tokens``).
+windows, and every token is labelled with its patch's majority class (``evaluate.token_probes.volume_tokens``).
 The probes are fitted on the tokens of the cases fine-tuning learns from (``data.datalist.finetune_cases``:
 the labelled training cases, never a validation or test case) and scored by balanced accuracy on the
-labelled test cases (``evaluate.probe.probe_tokens``): a class-balanced linear probe at a fixed L2 strength
+labelled test cases (``evaluate.token_probes.probe_tokens``): a class-balanced linear probe at a fixed L2 strength
 (the probe of old, which can memorise its tokens), the same probe with its strength chosen by case-wise
 cross-validation on the training cases, and a class-balanced k-nearest-neighbour probe with k chosen the
 same way. :func:`run_noise_floor` probes several seeded random initialisations of the same encoder on the
@@ -27,7 +27,8 @@ import torch
 from medhpm.config import Config
 from medhpm.data.datalist import finetune_cases, load_datalist
 from medhpm.data.transforms import val_transforms
-from medhpm.evaluate.probe import DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_STRENGTHS, noise_floor, probe_tokens, volume_tokens
+from medhpm.evaluate.token_probes import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_STRENGTHS, noise_floor, probe_tokens,
+                                          volume_tokens)
 from medhpm.runtime.device import configure_cpu_memory, configure_threads, pick_device
 from medhpm.runtime.files import atomic_write_text
 from medhpm.runtime.seed import seed_everything
