@@ -56,17 +56,14 @@ def _instance_to_group_norm(module: torch.nn.Module) -> None:
 
 
 def _finetune_variants(names: list[str]) -> tuple[dict, float]:
-    from monai.losses import DiceCELoss
-
     from medhpm.config import load_config
-    from medhpm.segment.trainer import build_segmentation_model
+    from medhpm.segment.trainer import build_segmentation_model, forward_loss, segmentation_loss
 
     cfg = load_config("demo")
     f = cfg.finetune
     torch.manual_seed(0)
     base = build_segmentation_model(cfg)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=f.batch_dice, smooth_nr=f.dice_smooth_nr,
-                         smooth_dr=f.dice_smooth_dr)
+    loss_fn = segmentation_loss(cfg)  # the trainer's loss (before 2026-12-06 a copy without squared_pred)
     roi = tuple(cfg.data.roi)
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(f.batch_size, 1, *roi, generator=g) * 2 - 1
@@ -86,8 +83,7 @@ def _finetune_variants(names: list[str]) -> tuple[dict, float]:
 
         def step(model=model, fwd=fwd, opt=opt, x=x, bf16=bf16) -> float:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = fwd(x)
-            loss = loss_fn(logits.float(), y)
+                loss = forward_loss(fwd, loss_fn, x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
             opt.step()
@@ -96,7 +92,7 @@ def _finetune_variants(names: list[str]) -> tuple[dict, float]:
 
         steps[f"finetune/{name}"] = step
     model = copy.deepcopy(base)
-    return steps, count_flops(lambda: loss_fn(model(x0), y).backward()) / 1e9
+    return steps, count_flops(lambda: forward_loss(model, loss_fn, x0, y).backward()) / 1e9
 
 
 def _pretrain_variants(names: list[str]) -> tuple[dict, float]:

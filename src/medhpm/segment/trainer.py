@@ -37,6 +37,24 @@ from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_w
 from medhpm.runtime.weights import load_encoder_weights
 
 
+def segmentation_loss(cfg: Config):
+    """The fine-tuning loss: DiceCE over all classes with the recipe's Dice settings (``finetune.batch_dice``,
+    ``dice_squared_pred``, ``dice_smooth_nr``, ``dice_smooth_dr``; docs/method.md, the recipe table)."""
+    from monai.losses import DiceCELoss
+
+    f = cfg.finetune
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=f.batch_dice, squared_pred=f.dice_squared_pred,
+                      smooth_nr=f.dice_smooth_nr, smooth_dr=f.dice_smooth_dr)
+
+
+def forward_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The segmentation network's forward (under the caller's autocast) and its loss in float32: one
+    micro-batch of fine-tuning (the trainer's step; the benchmarks time this same function)."""
+    logits = model(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return loss_fn(logits.float(), y.float())
+
+
 def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
     """UNETR around the configured encoder (preset, patch size, ROI from the config), or DynUNet."""
     if cfg.finetune.architecture == "dynunet":
@@ -94,8 +112,6 @@ class FinetuneTrainer(Trainer):
 
     # ------------------------------------------------------------------ model
     def build_model(self):
-        from monai.losses import DiceCELoss
-
         model = build_segmentation_model(self.cfg)
         if self.cfg.finetune.architecture != "unetr" and self.init:
             raise ValueError(f"finetune.architecture={self.cfg.finetune.architecture} has no ViT encoder to "
@@ -107,9 +123,7 @@ class FinetuneTrainer(Trainer):
             echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
         elif not self.init and not self.resume:
             echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
-        f = self.cfg.finetune
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=f.batch_dice, squared_pred=f.dice_squared_pred,
-                                  smooth_nr=f.dice_smooth_nr, smooth_dr=f.dice_smooth_dr)
+        self.loss_fn = segmentation_loss(self.cfg)
         return model
 
     def param_groups(self, model, lr):
@@ -153,10 +167,8 @@ class FinetuneTrainer(Trainer):
         return loss, {"loss_dice_ce": loss.detach()}  # a device tensor: read back at the log interval
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """UNETR forward and DiceCE loss (in float32) of one micro-batch."""
-        logits = self.ddp(x)
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            return self.loss_fn(logits.float(), y.float())
+        """UNETR forward and DiceCE loss (in float32) of one micro-batch (:func:`forward_loss`)."""
+        return forward_loss(self.ddp, self.loss_fn, x, y)
 
     # ------------------------------------------------------------------ validation
     def end_of_epoch(self, epoch, stats):
