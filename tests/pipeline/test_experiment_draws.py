@@ -294,3 +294,25 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done, skipped") == 1 + 6 and "[probe]" not in again.stdout
+
+
+@pytest.mark.parametrize("name", ["pretraining_length", "benchmarks/device/pretraining_length_gpu.yaml"])
+def test_the_pretraining_length_specs_load_with_what_the_study_asks(name):
+    """Both teacher views, MAE and scratch; one pre-training per method to at least 30,000 steps with
+    log-spaced snapshots; k = 1 and 3 from at least 8 label draws; at least 16 test phantoms."""
+    from pathlib import Path
+
+    from medhpm.data.phantom.write import _split_counts  # the phantoms' 60/20/20 split
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_experiment(name if "/" not in name else str(root / name))
+    assert spec["methods"] == ["scratch", "mae", "hpm_masked", "hpm_full"] and spec["pretrain_seeds"] == [0]
+    assert len(spec["seeds"]) >= 8 and spec["grid"] == {"key": "finetune.labelled_cases", "values": [1, 3]}
+    jobs = planned_pretrainings(spec, root / "unused")
+    assert [j["cfg"].pretrain.teacher_view for j in jobs] == ["masked", "masked", "full"]
+    for j in jobs:
+        p = j["cfg"].pretrain
+        assert p.epochs * p.steps_per_epoch >= 30000 and p.snapshot_steps[-1] == p.epochs * p.steps_per_epoch
+        assert len(p.snapshot_steps) >= 5
+    d = jobs[0]["cfg"].data
+    assert d.phantom_variability == "wide" and _split_counts(d.phantom_cases, (0.6, 0.2, 0.2))[2] >= 16
