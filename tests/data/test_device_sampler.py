@@ -18,7 +18,8 @@ from monai.transforms import Compose, RandGaussianNoised, apply_transform
 from scipy import stats
 
 from medhpm.config import ConfigError, DataConfig, load_config
-from medhpm.data.dataset import _deterministic_head, _flat, make_dataset, training_loader
+from medhpm.data.dataset import make_dataset, training_loader
+from medhpm.data.transforms import deterministic_head, flat_transforms
 from medhpm.data.device_sampler import DeviceCropSampler, DeviceSamplerError
 from medhpm.data.transforms import pretrain_transforms, train_transforms
 from medhpm.runtime.distributed import DistInfo
@@ -53,7 +54,7 @@ def heads(transform, entries) -> list[dict]:
     out = []
     for e in entries:
         item = dict(e)
-        for t in _deterministic_head(transform):
+        for t in deterministic_head(transform):
             item = apply_transform(t, item)
         out.append(item)
     return out
@@ -62,7 +63,7 @@ def heads(transform, entries) -> list[dict]:
 def monai_crops(transform, pre: dict, calls: int, seed: int, crop_only: bool = False) -> list[dict]:
     """``calls * num_samples`` crops of one preprocessed item by the chain's own random tail (``crop_only``:
     its crop transform alone, for a chain whose other random transforms have probability 0)."""
-    tail = _flat(transform)[len(_deterministic_head(transform)):]
+    tail = flat_transforms(transform)[len(deterministic_head(transform)):]
     tail = Compose(tail[:1] if crop_only else tail)
     tail.set_random_state(seed)
     out = []
@@ -370,7 +371,7 @@ def test_refuses_what_it_does_not_implement(entries):
     with pytest.raises(DeviceSamplerError, match=r"data\.cache=device.*RandGaussianNoised"):
         DeviceCropSampler(entries, noisy, batch_size=8)
     with pytest.raises(DeviceSamplerError, match=r"data\.cache=device.*no random crop"):
-        DeviceCropSampler(entries, Compose(_deterministic_head(t)), batch_size=8)
+        DeviceCropSampler(entries, Compose(deterministic_head(t)), batch_size=8)
     with pytest.raises(ValueError, match="data.num_samples"):
         DeviceCropSampler(entries, t, batch_size=3)
     with pytest.raises(ValueError, match=r"data\.cache=device serves training crops only"):
