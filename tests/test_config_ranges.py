@@ -117,6 +117,7 @@ EXEMPT: dict[str, str] = {
     "finetune.use_teacher": "a switch",
     "finetune.allow_partial_init": "a switch",
     "runtime.deterministic": "a switch",
+    "pretrain.snapshot_student": "a switch",
     "runtime.progress": "a switch",
 }
 

@@ -255,7 +255,8 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
         "name": "length", "base": "demo", "methods": ["scratch", "mae"], "seeds": [0, 1], "pretrain_seeds": [5],
         "finetune_from": ["last", 2], "grid": {"key": "finetune.labelled_cases", "values": [1]},
         "overrides": TINY + [f"data.dataset={tiny_phantoms}", "pretrain.epochs=2", "pretrain.steps_per_epoch=2",
-                             "pretrain.snapshot_steps=[2,4]", "finetune.epochs=1", "finetune.steps_per_epoch=2",
+                             "pretrain.snapshot_steps=[2,4]", "pretrain.snapshot_student=true",
+                             "finetune.epochs=1", "finetune.steps_per_epoch=2",
                              "finetune.val_every=1"]}))
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "medhpm.cli", "experiment", "--config", str(spec), "--out", str(out)]
@@ -266,7 +267,8 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
     assert yaml.safe_load((out / "pretrain" / "mae" / "seed5" / "config.yaml").read_text())["seed"] == 5
     assert (pt / "final.pt").exists() and json.loads((pt / "summary.json").read_text())["steps"] == 4
     assert sorted(p.name for p in (pt / "snapshots").glob("*.safetensors")) == [
-        "encoder_step0000002.safetensors", "encoder_step0000004.safetensors"]
+        "encoder_step0000002.safetensors", "encoder_step0000004.safetensors",
+        "student_step0000002.safetensors", "student_step0000004.safetensors"]
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("pretrain/*/*/pretrain/final.pt")) == [
         "pretrain/mae/seed5/pretrain/final.pt"]  # once, for every draw and snapshot
     cases = {}
@@ -282,6 +284,9 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
     res = json.loads((out / "results.json").read_text())
     curve = res["probe_curve"]
     assert curve["methods"]["mae"]["5"]["steps"] == [2, 4]
+    held = curve["methods"]["mae"]["5"]["heldout_loss"]  # the students' loss on the test scans
+    assert len(held) == 2 and all(isinstance(v, float) and v > 0 for v in held)
+    assert (out / "probe" / "mae" / "seed5" / "heldout_step0000004.json").exists()
     for step in (2, 4):
         probe = json.loads((out / "probe" / "mae" / "seed5" / f"step{step:07d}.json").read_text())
         assert probe["encoder"].endswith(f"encoder_step{step:07d}.safetensors")
@@ -289,7 +294,8 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
     assert floor["seeds"] == [0, 1] and curve["floor"]["linear_cv"]["n"] == 2
     assert set(res["cells"][0]["paired"]["dice"]) >= {"mae-scratch", "mae@2-mae", "mae@2-scratch"}
     assert (out / "probe_vs_pretraining_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Frozen-encoder probes against pre-training steps" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Frozen-encoder probes against pre-training steps" in md and "Reconstruction loss on the test scans" in md
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -180,3 +180,56 @@ def test_snapshot_steps_are_not_what_a_checkpoint_depends_on():
 
     assert "pretrain.snapshot_steps" not in CHECKPOINT_KEYS
     assert load_config("demo", ["pretrain.snapshot_steps=[30,240]"]).pretrain.snapshot_steps == (30, 240)
+
+
+def _slow_reconstruction_loss(model, x, mask, p: int) -> float:
+    """L_rec written out: every masked patch cut from the crop by hand in the token order of docs/method.md
+    ((ih*G+iw)*G+id, voxels in (ph, pw, pd) order), normalised by its own mean and unbiased variance, the
+    squared error against the model's reconstruction of it averaged over its voxels, then over patches."""
+    out = model(x, mask)
+    n, g = x.shape[0], x.shape[-1] // p
+    errors = []
+    for b in range(n):
+        masked = [t for t in range(g ** 3) if bool(mask[b, t])]
+        for j, t in enumerate(masked):
+            ih, iw, idd = t // (g * g), (t // g) % g, t % g
+            patch = x[b, 0, ih * p:(ih + 1) * p, iw * p:(iw + 1) * p, idd * p:(idd + 1) * p].reshape(-1).double()
+            target = (patch - patch.mean()) / torch.sqrt(patch.var(unbiased=True) + 1e-6)
+            errors.append(float(((out["pred"][b, j].double() - target) ** 2).mean()))
+    return sum(errors) / len(errors)
+
+
+def test_student_snapshots_hold_the_whole_student_and_score_held_out_scans(length_runs, tiny_phantoms, tmp_path):
+    """pretrain.snapshot_student: at each listed step the whole student (encoder, reconstructor, predictor)
+    beside the encoder, equal bit for bit to the student of a run that ends there; its reconstruction loss
+    on the test scans (pretrain/heldout.py) is L_rec on seeded random crops and masks, the same for every
+    model, and equals a slow recomputation."""
+    from medhpm.data.datalist import load_datalist
+    from medhpm.pretrain.heldout import heldout_reconstruction, load_student, random_crops, run_heldout
+    from medhpm.pretrain.masking import random_mask
+
+    cfg = _cfg(tiny_phantoms, "pretrain.steps_per_epoch=1", "pretrain.epochs=6", "pretrain.snapshot_steps=[2,5]",
+               "pretrain.snapshot_student=true")
+    run = pretrain(cfg, tmp_path / "students")
+    assert _snapshots(run) == ["encoder_step0000002.json", "encoder_step0000002.safetensors",
+                               "encoder_step0000005.json", "encoder_step0000005.safetensors",
+                               "student_step0000002.safetensors", "student_step0000005.safetensors"]
+    for step in (2, 5):
+        _same(load_file(str(run / "snapshots" / f"student_step{step:07d}.safetensors")),
+              dict(load_checkpoint(length_runs[step] / "final.pt")["model"]), f"student of step {step}")
+    assert not (length_runs["long"] / "snapshots" / "student_step0000002.safetensors").exists()  # off by default
+
+    test = [e["image"] for e in load_datalist(tiny_phantoms)["test"]]
+    early = load_student(cfg, run / "snapshots" / "student_step0000002.safetensors")
+    late = load_student(cfg, run / "snapshots" / "student_step0000005.safetensors")
+    a = heldout_reconstruction(early, cfg, test, crops=2, seed=3)
+    assert a == heldout_reconstruction(early, cfg, test, crops=2, seed=3)  # the same crops and masks
+    assert a["loss_rec"] != heldout_reconstruction(late, cfg, test, crops=2, seed=3)["loss_rec"]
+    x, _ = random_crops(cfg.data, test[0], None, 2, 3)
+    mask = random_mask(2, early.encoder.num_patches, cfg.pretrain.mask_ratio, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = _slow_reconstruction_loss(early, x, mask, cfg.model.patch_size)
+    assert a["per_scan"][0] == pytest.approx(want, rel=1e-5)
+    res = run_heldout(cfg, tiny_phantoms, run / "snapshots" / "student_step0000002.safetensors", tmp_path / "h.json",
+                      crops=2, seed=3)
+    assert res["loss_rec"] == pytest.approx(a["loss_rec"]) and res["cases"] and res["split"] == "test"

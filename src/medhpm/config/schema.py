@@ -120,6 +120,10 @@ class PretrainConfig(TrainingConfig):
     # optimizer steps after which the student's encoder is written to RUN/snapshots/encoder_stepNNNNNNN.safetensors
     # (the format of `medhpm export-encoder`): integers >= 1, strictly increasing, within the run's steps
     snapshot_steps: tuple[int, ...] = ()
+    # also keep the whole student (encoder, reconstructor, predictor) at those steps, as
+    # RUN/snapshots/student_stepNNNNNNN.safetensors: what the reconstruction loss on held-out scans needs
+    # (experiments, pretrain/heldout.py); the encoder alone is all fine-tuning reads
+    snapshot_student: bool = False
 
 
 @dataclass

@@ -291,6 +291,22 @@ def _curve_md(spec: dict, curve: dict, figure: Path) -> str:
                 lines.append(f"| {method_label(spec, m)} ({p}) | " + " | ".join(
                     f"{100 * at[s_]:.1f}" + ("*" if at[s_] > f["max"] else "") if s_ in at else "-" for s_ in steps) + " |")
         parts.append(f"### {names[k]}\n\n" + "\n".join(lines) + "\n\n`*`: above the noise floor's max.\n")
+    held = [(m, p, e) for m, seeds in curve["methods"].items() for p, e in seeds.items()
+            if any(v is not None for v in e.get("heldout_loss") or [])]
+    if held:
+        steps = sorted({s_ for _, _, e in held for s_ in e["steps"]})
+        lines = ["| method (pre-training seed) | " + " | ".join(f"step {s_}" for s_ in steps) + " |",
+                 "|---|" + "---|" * len(steps)]
+        for m, p, e in held:
+            at = dict(zip(e["steps"], e["heldout_loss"]))
+            train = {s_: lo for s_, lo in e.get("loss_rec") or []}
+            lines.append(f"| {method_label(spec, m)} ({p}) | " + " | ".join(
+                (f"{at[s_]:.3f}" + (f" ({train[s_]:.3f})" if s_ in train else "")) if at.get(s_) is not None else "-"
+                for s_ in steps) + " |")
+        parts.append("### Reconstruction loss on the test scans\n\nThe student of each snapshot "
+                     "(`pretrain.snapshot_student`) on 4 random crops of each test scan, each masked at random at "
+                     "the mask ratio: the same crops and masks for every method (`pretrain/heldout.py`); in "
+                     "brackets the training loss of the epoch that ended at that step.\n\n" + "\n".join(lines) + "\n")
     return "\n".join(parts)
 
 

@@ -22,6 +22,7 @@ from medhpm.experiment.report import PROBES, loss_curve, probe_scores, summary_s
 from medhpm.experiment.spec import (ENCODER_KEYS, LABELLED, base_method, grid_cells, label_draws, load_experiment,
                                     method_cfg, pretrained_as, shares_pretraining)
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
+from medhpm.pretrain.heldout import run_heldout
 from medhpm.segment.encoder_probe import run_noise_floor, run_probe
 
 
@@ -79,8 +80,10 @@ def planned_pretrainings(spec: dict, out: Path, overrides: list[str] | None = No
             if base_method(spec, m) not in METHODS or pretrained_as(spec, m) != m:
                 continue
             job = out / "pretrain" / m / f"seed{p}"
+            cfg = method_cfg(spec, cell, m)  # the config the job runs: its method set, as the pipeline sets it
+            cfg = replace(cfg, seed=int(p), pretrain=replace(cfg.pretrain, method=base_method(spec, m)))
             jobs.append({"method": m, "base": base_method(spec, m), "seed": p, "dir": job, "pt": job / "pretrain",
-                         "cfg": replace(method_cfg(spec, cell, m), seed=int(p))})
+                         "cfg": cfg})
     return jobs
 
 
@@ -275,7 +278,10 @@ def _run_probe_curve(spec: dict, cells: list[dict], jobs: list[dict], dataset: P
     from (one per label draw). Every probe learns from ALL training cases (the instrument, not the
     label-scarce setting) with the same folds (seeded with the first label draw), so the encoders are
     compared on equal terms; files under ``OUT/probe/``. Returns ``{"floor": ..., "methods": {M: {P:
-    {"steps": [...], PROBE: [...], "loss_rec": [[step, loss], ...]}}}, "final_steps": ...}``."""
+    {"steps": [...], PROBE: [...], "loss_rec": [[step, loss], ...], "heldout_loss": [...]}}}, ...}``; with
+    ``pretrain.snapshot_student`` each snapshot's reconstruction loss on the test scans (``heldout_loss``,
+    :func:`medhpm.pretrain.heldout.run_heldout`, None where the run kept no student), beside the training
+    loss of each epoch (``loss_rec``)."""
     seed0 = int(spec["seeds"][0])
     cell = cells[0]
     base_cfg = replace(cell["cfg"], seed=seed0)
@@ -293,8 +299,16 @@ def _run_probe_curve(spec: dict, cells: list[dict], jobs: list[dict], dataset: P
                   if final is None or s_ <= final]
         if final is not None and final not in j["cfg"].pretrain.snapshot_steps:
             points.append((final, pt / "encoder.safetensors"))
-        e = {"steps": [], **{k: [] for k in PROBES}, "files": [], "loss_rec": loss_curve(pt)}
+        e = {"steps": [], **{k: [] for k in PROBES}, "files": [], "loss_rec": loss_curve(pt), "heldout_loss": []}
         for step, enc in points:
+            student = pt / "snapshots" / f"student_step{step:07d}.safetensors"  # pretrain.snapshot_student
+            held = None
+            if student.exists():
+                hpath = out / "probe" / j["method"] / f"seed{j['seed']}" / f"heldout_step{step:07d}.json"
+                hres = run_heldout(j["cfg"], dataset, student, hpath, seed=seed0)
+                held = hres["loss_rec"]
+                curve["seconds"] += float(hres.get("seconds") or 0)
+            e["heldout_loss"].append(held)
             path = out / "probe" / j["method"] / f"seed{j['seed']}" / f"step{step:07d}.json"
             if not path.exists():
                 print(f"[probe] {j['method']}, pre-training seed {j['seed']}, step {step}: {enc} -> {path}", flush=True)

@@ -335,7 +335,7 @@ class PretrainTrainer(Trainer):
         if new:
             import shutil
 
-            model = unwrap(self.model).encoder
+            model = unwrap(self.model) if self.cfg.pretrain.snapshot_student else unwrap(self.model).encoder
             need = new * sum(t.numel() * t.element_size() for t in model.state_dict().values())
             free = shutil.disk_usage(self.run_dir).free
             if free < need:
@@ -385,11 +385,28 @@ class PretrainTrainer(Trainer):
             self._applied_steps = None
         return step if done == step else None  # done > step cannot happen: the count rises by one at most
 
+    def student_snapshot_path(self, step: int) -> Path:
+        return self.run_dir / "snapshots" / f"student_step{step:07d}.safetensors"
+
+    def write_student_snapshot(self, step: int) -> Path:
+        """With ``pretrain.snapshot_student``: the whole student (encoder and decoders, the state dict of
+        :class:`HPMPretrainModel`) after optimizer step ``step``, written atomically beside the encoder's
+        snapshot. One already there (a resumed run retracing its steps) is kept, as the encoder's is."""
+        from safetensors.torch import save_file
+
+        path = self.student_snapshot_path(step)
+        if not path.exists():
+            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(self.model).state_dict().items()}
+            atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)}))
+        return path
+
     def write_snapshot(self, step: int) -> Path | None:
         """The student's encoder as it is after optimizer step ``step`` (and its EMA update), in the format
         of :func:`export_encoder`, at ``RUN/snapshots/encoder_stepNNNNNNN.safetensors`` (main process)."""
         path = self.snapshot_path(step)
         there = self.snapshot_on_disk(step)
+        if self.cfg.pretrain.snapshot_student and there in (None, "incomplete", "same"):
+            self.write_student_snapshot(step)
         if there == "same":
             # The run is deterministic: a resumed run retraces the steps after last.pt with the same data,
             # masks and weights (bit for bit in --deterministic CPU mode), so the snapshot of this step that

@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medhpm.config import from_dict
 from medhpm.data.headers import check_headers
-from medhpm.data.transforms import predict_transforms, val_transforms
 from medhpm.pretrain.diagnostics import organ_lift, pairwise_order_accuracy, patches_with_organ, position_baseline, \
     rank_correlation
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
+from medhpm.pretrain.heldout import random_crops
 from medhpm.pretrain.masking import curriculum_alpha, random_mask
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.step import teacher_scores, teacher_views_used
@@ -87,27 +86,6 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0, label=Non
     if json_out is not None:
         atomic_write_text(Path(json_out), json.dumps(_jsonable(result), indent=2) + "\n")
     return png, result
-
-
-def random_crops(data_cfg, image, label, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n`` crops of ``data_cfg.roi`` at uniformly random places (drawn from ``seed``) of the scan after
-    the deterministic chain (and of its label map, on the same grid): ``(n, 1, *roi)`` float32 each."""
-    roi = tuple(int(r) for r in data_cfg.roi)
-    if label is None:
-        data = predict_transforms(data_cfg)({"image": str(image)})
-    else:
-        data = val_transforms(data_cfg)({"image": str(image), "label": str(label)})
-    img = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()  # (1, H, W, D), >= roi
-    lab = None if label is None else torch.as_tensor(data["label"]).as_subclass(torch.Tensor).float()
-    rng = np.random.default_rng(seed)
-    xs, ls = [], []
-    for _ in range(n):
-        start = [int(rng.integers(0, s - r + 1)) for s, r in zip(img.shape[1:], roi)]
-        sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(start, roi))
-        xs.append(img[sl])
-        if lab is not None:
-            ls.append(lab[sl])
-    return torch.stack(xs), (torch.stack(ls) if lab is not None else None)
 
 
 @torch.no_grad()

@@ -116,7 +116,8 @@ def curve_figure(methods: dict[str, dict], floor: dict, out_png: str | Path, pro
                  title: str = "") -> Path:
     """Probe scores against pre-training steps: one panel per probe of ``probes`` (balanced accuracy in %,
     log-scaled steps), a line per (method, pre-training seed), the noise ``floor`` as a band (mean ± std)
-    with its max dotted; a last panel with each pre-training's training reconstruction loss per epoch.
+    with its max dotted; a last panel with each pre-training's training reconstruction loss per epoch and,
+    where measured (``heldout_loss``, None elsewhere), its loss on the test scans at each snapshot.
 
     ``methods``: label -> {pre-training seed: {"steps": [...], PROBE: [...], "loss_rec": [[step, loss]]}};
     ``floor``: PROBE -> {"mean", "std", "max"}."""
@@ -145,16 +146,21 @@ def curve_figure(methods: dict[str, dict], floor: dict, out_png: str | Path, pro
         ax.set_title(names.get(probe, probe), fontsize=10)
         ax.grid(alpha=0.3)
     ax = axes[-1]
+    held_any = False
     for i, (label, seeds) in enumerate(methods.items()):
         for j, e in enumerate(seeds.values()):
             if e.get("loss_rec"):
                 st, lo = zip(*e["loss_rec"])
                 ax.plot(st, lo, color=colours[i % len(colours)], ls="-" if j == 0 else "--", lw=1,
                         label=label if j == 0 else None)
+            held = [(s_, v) for s_, v in zip(e["steps"], e.get("heldout_loss") or []) if v is not None]
+            if held:
+                held_any = True
+                ax.plot(*zip(*held), color=colours[i % len(colours)], ls=":", marker="s", ms=4)
     ax.set_xscale("log")
     ax.set_xlabel("pre-training optimizer steps")
-    ax.set_ylabel("training reconstruction loss (epoch mean)")
-    ax.set_title("pretext loss", fontsize=10)
+    ax.set_ylabel("reconstruction loss")
+    ax.set_title("pretext loss: training (lines)" + (", test scans (squares)" if held_any else ""), fontsize=10)
     ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
