@@ -26,24 +26,43 @@ from benchmarks.common import DOCS_PATH, RESULTS_DIR, SIZES, Context, _loadavg, 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Benchmarks: " + ", ".join(BENCHMARKS))
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Benchmarks: " + ", ".join(BENCHMARKS),
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--size", choices=SIZES, default=None,
-                   help="smoke (seconds, for the test), cpu (default on CPU: whole suite < 10 min on 2 cores), "
-                        "paper (ViT-B/16, 96^3, batch 4, 512x512x150 volume; default on CUDA)")
-    p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this benchmark (repeatable, or comma-separated)")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=None,
+        help="smoke (seconds, for the test), cpu (default on CPU: whole suite < 10 min on 2 cores), "
+        "paper (ViT-B/16, 96^3, batch 4, 512x512x150 volume; default on CUDA)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this benchmark (repeatable, or comma-separated)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: per benchmark and size)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default: per benchmark)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the torch.compile variants (mae_vs_monai: ours and MONAI; minutes to compile)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak (dense bf16 TFLOP/s) for model FLOP utilisation on an unknown GPU")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the torch.compile variants (mae_vs_monai: ours and MONAI; minutes to compile)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak (dense bf16 TFLOP/s) for model FLOP utilisation on an unknown GPU",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}")
     p.add_argument("--docs", type=Path, default=DOCS_PATH, help=f"PERFORMANCE.md to regenerate (default {DOCS_PATH})")
     p.add_argument("--no-docs", action="store_true", help="do not regenerate the docs")
@@ -66,9 +85,19 @@ def main(argv=None) -> int:
         print(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     threads = apply_threads(args.threads)
-    ctx = Context(device=device, size=size, threads=threads, repeats=args.repeats, warmup=args.warmup,
-                  memory=not args.no_memory, flops=not args.no_flops, peak_tflops=args.peak_tflops, compile=args.compile,
-                  results_dir=args.results_dir, verbose=not args.quiet)
+    ctx = Context(
+        device=device,
+        size=size,
+        threads=threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        memory=not args.no_memory,
+        flops=not args.no_flops,
+        peak_tflops=args.peak_tflops,
+        compile=args.compile,
+        results_dir=args.results_dir,
+        verbose=not args.quiet,
+    )
     os.makedirs(ctx.results_dir, exist_ok=True)
     todo = only or list(BENCHMARKS)
     ctx.log(f"device {device}, size {size}, {threads} threads, benchmarks: {', '.join(todo)}")

@@ -147,8 +147,11 @@ def cpu_details(cpuinfo: str | None = None) -> dict:
     if not fields:
         return {}
     flags = set(fields.get("flags", "").split())
-    return {"cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
-            "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
+    return {
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model_number": fields.get("model"),
+        "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+    }
 
 
 def machine_info(device: str) -> dict:
@@ -287,8 +290,7 @@ def time_interleaved(cases: dict[str, Case], repeats: int, warmup: int, device: 
     return out
 
 
-def ratio_entry(name: str, num: str, den: str, timings: dict, target: float | None = None,
-                what: str = "") -> dict:
+def ratio_entry(name: str, num: str, den: str, timings: dict, target: float | None = None, what: str = "") -> dict:
     """``median(num) / median(den)`` and the median of the per-repeat ratios."""
     a, b = timings[num]["wall_s"], timings[den]["wall_s"]
     ratio = a["median"] / b["median"]
@@ -372,8 +374,17 @@ def add_flops(ctx: Context, cases: dict[str, Case], timings: dict, results: dict
 # --------------------------------------------------------------------------------------------------
 # memory probes (fresh process per variant)
 # --------------------------------------------------------------------------------------------------
-_PRELOAD = ["torch", "monai", "medhpm", "medhpm.models", "medhpm.pretrain.trainer", "monai.networks.nets",
-            "monai.losses", "monai.inferers", "benchmarks.common"]
+_PRELOAD = [
+    "torch",
+    "monai",
+    "medhpm",
+    "medhpm.models",
+    "medhpm.pretrain.trainer",
+    "monai.networks.nets",
+    "monai.losses",
+    "monai.inferers",
+    "benchmarks.common",
+]
 _CTX = None
 
 

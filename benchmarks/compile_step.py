@@ -39,13 +39,23 @@ def _cfg(task: str, size: dict, batch: int):
     from medhpm.config import load_config
 
     d, roi = size["decoder"], size["roi"]
-    return load_config("demo", [
-        f"model.preset={size['preset']}", f"data.roi=[{roi},{roi},{roi}]", f"model.patch_size={size['patch']}",
-        f"model.decoder_dim={d[0]}", f"model.decoder_depth={d[1]}", f"model.decoder_heads={d[2]}",
-        f"model.feature_size={size['feature_size']}", f"pretrain.method={'mae' if task == 'mae' else 'hpm'}",
-        f"pretrain.batch_size={batch}", f"finetune.batch_size={batch}", "finetune.drop_path=0.0",
-        "data.num_samples=1",
-    ])
+    return load_config(
+        "demo",
+        [
+            f"model.preset={size['preset']}",
+            f"data.roi=[{roi},{roi},{roi}]",
+            f"model.patch_size={size['patch']}",
+            f"model.decoder_dim={d[0]}",
+            f"model.decoder_depth={d[1]}",
+            f"model.decoder_heads={d[2]}",
+            f"model.feature_size={size['feature_size']}",
+            f"pretrain.method={'mae' if task == 'mae' else 'hpm'}",
+            f"pretrain.batch_size={batch}",
+            f"finetune.batch_size={batch}",
+            "finetune.drop_path=0.0",
+            "data.num_samples=1",
+        ],
+    )
 
 
 def _room_for_graphs() -> None:
@@ -120,8 +130,9 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
             gen.manual_seed(step_no[0])
             noise = torch.rand(batch, n, generator=gen, device=dev)  # the mask's ranks first, as step_noise
             view_noise = torch.rand(batch, n, generator=gen, device=dev) if view == "masked" else None
-            loss, _ = core_c(model, teacher, x, noise, n_hard, p.mask_ratio, p.lambda_pred, task == "hpm", view, views,
-                             view_noise)
+            loss, _ = core_c(
+                model, teacher, x, noise, n_hard, p.mask_ratio, p.lambda_pred, task == "hpm", view, views, view_noise
+            )
             return loss
 
         lr = p.lr
@@ -168,8 +179,13 @@ def measure(task, size, batch, modes, device, repeats, warmup, log=print, backen
     out = {}
     for mode in modes:
         med = timings[mode]["wall_s"]["median"]
-        out[mode] = {"s_per_step": med, "ms_per_step": 1e3 * med, "crops_per_s": batch / med,
-                     "first_two_steps_s": compile_s[mode], "wall_s": timings[mode]["wall_s"]}
+        out[mode] = {
+            "s_per_step": med,
+            "ms_per_step": 1e3 * med,
+            "crops_per_s": batch / med,
+            "first_two_steps_s": compile_s[mode],
+            "wall_s": timings[mode]["wall_s"],
+        }
         log(f"  {task} batch {batch} {mode}: {1e3 * med:.1f} ms/step (first two steps {compile_s[mode]:.1f}s)")
     return out
 
@@ -195,17 +211,27 @@ def main(argv=None) -> dict:
     results, ratios = {}, []
     started = time.time()
     for task in a.tasks.split(","):
-        r = measure(task, SIZES[a.size], a.batch, modes, "cpu", a.repeats, a.warmup,
-                    log=lambda m: print(m, flush=True))
+        r = measure(task, SIZES[a.size], a.batch, modes, "cpu", a.repeats, a.warmup, log=lambda m: print(m, flush=True))
         results[task] = r
         for mode in modes[1:]:
             ratios.append({"name": f"{task}: {mode} / eager", "ratio": r[mode]["s_per_step"] / r["none"]["s_per_step"]})
-    payload = {"title": "Training step: torch.compile vs eager on the CPU", "measures": __doc__.strip(),
-               "machine": {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__},
-               "settings": {"size": a.size, **SIZES[a.size], "batch": a.batch, "repeats": a.repeats, "modes": modes,
-                            "teacher_view": p.teacher_view,
-                            "teacher_views": teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)},
-               "results": results, "ratios": ratios, "duration_s": time.time() - started}
+    payload = {
+        "title": "Training step: torch.compile vs eager on the CPU",
+        "measures": __doc__.strip(),
+        "machine": {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__},
+        "settings": {
+            "size": a.size,
+            **SIZES[a.size],
+            "batch": a.batch,
+            "repeats": a.repeats,
+            "modes": modes,
+            "teacher_view": p.teacher_view,
+            "teacher_views": teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio),
+        },
+        "results": results,
+        "ratios": ratios,
+        "duration_s": time.time() - started,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compile_step_cpu.json").write_text(json.dumps(payload, indent=1, default=str))

@@ -58,8 +58,12 @@ def child(policy: str, steps: int, threads: int) -> dict:
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             rows.append({"s": dt, "minor_faults": r1.ru_minflt - r0.ru_minflt, "sys_s": r1.ru_stime - r0.ru_stime})
         out[kind] = rows
-    return {"policy": policy, "configured": done, "steps": out,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "policy": policy,
+        "configured": done,
+        "steps": out,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _median(values):
@@ -75,10 +79,13 @@ def summarise(children: list[dict]) -> dict:
         per = {}
         for policy in POLICIES:
             rows = [r for c in children if c["policy"] == policy for r in c["steps"][kind]]
-            per[policy] = {"median_s": _median([r["s"] for r in rows]),
-                           "median_minor_faults": _median([r["minor_faults"] for r in rows]),
-                           "median_sys_s": _median([r["sys_s"] for r in rows]), "steps": len(rows),
-                           "samples_s": [r["s"] for r in rows]}
+            per[policy] = {
+                "median_s": _median([r["s"] for r in rows]),
+                "median_minor_faults": _median([r["minor_faults"] for r in rows]),
+                "median_sys_s": _median([r["sys_s"] for r in rows]),
+                "steps": len(rows),
+                "samples_s": [r["s"] for r in rows],
+            }
         per["ratio_reuse_vs_release"] = per["reuse"]["median_s"] / per["release"]["median_s"]
         results[kind] = per
     rss = {p: _median([c["peak_rss_mib"] for c in children if c["policy"] == p]) for p in POLICIES}
@@ -104,29 +111,56 @@ def main(argv=None) -> dict:
     children = []
     for rnd in range(a.rounds):
         for policy in POLICIES:
-            cmd = [sys.executable, "-m", "benchmarks.cpu_memory", "--child", policy, "--steps", str(a.steps),
-                   "--threads", str(a.threads)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.cpu_memory",
+                "--child",
+                policy,
+                "--steps",
+                str(a.steps),
+                "--threads",
+                str(a.threads),
+            ]
             done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
             if done.returncode != 0:
-                raise SystemExit(f"cpu_memory: the {policy} child failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                raise SystemExit(
+                    f"cpu_memory: the {policy} child failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+                )
             children.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {rnd + 1}/{a.rounds} {policy}: peak RSS {children[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     summary = summarise(children)
-    payload = {"name": "cpu_memory", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "duration_s": time.time() - started,
-               "machine": {"cpu": cpu_model(), **cpu_details(), "native_bf16": cpu_has_native_bf16(),
-                           "threads": a.threads, "torch": torch.__version__, "loadavg": list(os.getloadavg())},
-               "settings": {"rounds": a.rounds, "steps": a.steps, "config": "demo", "finetune_batch": 2,
-                            "pretrain_batch": 4, "configured": {p: next(c["configured"] for c in children
-                                                                        if c["policy"] == p) for p in POLICIES}},
-               **summary}
+    payload = {
+        "name": "cpu_memory",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": time.time() - started,
+        "machine": {
+            "cpu": cpu_model(),
+            **cpu_details(),
+            "native_bf16": cpu_has_native_bf16(),
+            "threads": a.threads,
+            "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()),
+        },
+        "settings": {
+            "rounds": a.rounds,
+            "steps": a.steps,
+            "config": "demo",
+            "finetune_batch": 2,
+            "pretrain_batch": 4,
+            "configured": {p: next(c["configured"] for c in children if c["policy"] == p) for p in POLICIES},
+        },
+        **summary,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_memory_cpu.json").write_text(json.dumps(payload, indent=1))
     for kind, r in summary["results"].items():
-        print(f"{kind:16s} release {r['release']['median_s']:.3f} s ({r['release']['median_minor_faults']} faults)"
-              f"  reuse {r['reuse']['median_s']:.3f} s ({r['reuse']['median_minor_faults']} faults)"
-              f"  x{r['ratio_reuse_vs_release']:.3f}")
+        print(
+            f"{kind:16s} release {r['release']['median_s']:.3f} s ({r['release']['median_minor_faults']} faults)"
+            f"  reuse {r['reuse']['median_s']:.3f} s ({r['reuse']['median_minor_faults']} faults)"
+            f"  x{r['ratio_reuse_vs_release']:.3f}"
+        )
     p = summary["peak_rss_mib"]
     print(f"peak RSS: release {p['release']:.0f} MiB, reuse {p['reuse']:.0f} MiB, x{p['ratio_reuse_vs_release']:.3f}")
     return payload

@@ -41,8 +41,10 @@ def make_cgroup(cpus: float) -> Path:
     name = f"medhpm_bench_{os.getpid()}"
     reason: object = "no cgroup v1 cpu hierarchy and no v2 root with the cpu controller"
     # (hierarchy, the file that shows it is one, cgroup v2?)
-    for base, marker, v2 in ((Path("/sys/fs/cgroup/cpu"), "cpu.cfs_quota_us", False),
-                             (Path("/sys/fs/cgroup"), "cgroup.controllers", True)):
+    for base, marker, v2 in (
+        (Path("/sys/fs/cgroup/cpu"), "cpu.cfs_quota_us", False),
+        (Path("/sys/fs/cgroup"), "cgroup.controllers", True),
+    ):
         if not (base / marker).exists():
             continue
         group = base / name
@@ -82,8 +84,14 @@ def child(mode: str, group: str, steps: int, torch_threads: int) -> dict:
             step()
             times.append(time.perf_counter() - t)
         out[kind] = times
-    return {"mode": mode, "quota_read": cpu_quota(), "torch_chose": chose, "threads": torch.get_num_threads(),
-            "configure_threads_said": said, "steps": out}
+    return {
+        "mode": mode,
+        "quota_read": cpu_quota(),
+        "torch_chose": chose,
+        "threads": torch.get_num_threads(),
+        "configure_threads_said": said,
+        "steps": out,
+    }
 
 
 def _median(values):
@@ -94,8 +102,13 @@ def _median(values):
 def summarise(children: list[dict]) -> dict:
     results = {}
     for kind in children[0]["steps"]:
-        per = {m: {"median_s": _median([t for c in children if c["mode"] == m for t in c["steps"][kind]]),
-                   "samples_s": [t for c in children if c["mode"] == m for t in c["steps"][kind]]} for m in MODES}
+        per = {
+            m: {
+                "median_s": _median([t for c in children if c["mode"] == m for t in c["steps"][kind]]),
+                "samples_s": [t for c in children if c["mode"] == m for t in c["steps"][kind]],
+            }
+            for m in MODES
+        }
         per["ratio_capped_vs_torch"] = per["capped"]["median_s"] / per["torch"]["median_s"]
         results[kind] = per
     return results
@@ -124,36 +137,65 @@ def main(argv=None) -> dict:
     children = []
     try:
         for rnd in range(a.rounds):
-            for mode in (MODES if rnd % 2 == 0 else MODES[::-1]):
-                cmd = [sys.executable, "-m", "benchmarks.cpu_quota", "--child", mode, "--group", str(group),
-                       "--steps", str(a.steps), "--torch-threads", str(a.torch_threads)]
+            for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.cpu_quota",
+                    "--child",
+                    mode,
+                    "--group",
+                    str(group),
+                    "--steps",
+                    str(a.steps),
+                    "--torch-threads",
+                    str(a.torch_threads),
+                ]
                 done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
-                    raise SystemExit(f"cpu_quota: the {mode} child failed (exit {done.returncode}):\n"
-                                     f"{done.stderr[-3000:]}")
+                    raise SystemExit(
+                        f"cpu_quota: the {mode} child failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+                    )
                 children.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 c = children[-1]
-                print(f"round {rnd + 1}/{a.rounds} {mode}: quota read {c['quota_read']}, {c['threads']} threads",
-                      flush=True)
+                print(
+                    f"round {rnd + 1}/{a.rounds} {mode}: quota read {c['quota_read']}, {c['threads']} threads",
+                    flush=True,
+                )
     finally:
         group.rmdir()
     results = summarise(children)
     threads = {m: next(c["threads"] for c in children if c["mode"] == m) for m in MODES}
-    payload = {"name": "cpu_quota", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "duration_s": time.time() - started,
-               "machine": {"cpu": cpu_model(), **cpu_details(), "visible_cpus": os.cpu_count(),
-                           "torch": torch.__version__, "loadavg": list(os.getloadavg())},
-               "settings": {"cpus_quota": a.cpus, "rounds": a.rounds, "steps": a.steps, "config": "demo",
-                            "threads": threads, "quota_read": children[0]["quota_read"],
-                            "configure_threads_said": next(c["configure_threads_said"] for c in children
-                                                           if c["mode"] == "capped")},
-               "results": results}
+    payload = {
+        "name": "cpu_quota",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": time.time() - started,
+        "machine": {
+            "cpu": cpu_model(),
+            **cpu_details(),
+            "visible_cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()),
+        },
+        "settings": {
+            "cpus_quota": a.cpus,
+            "rounds": a.rounds,
+            "steps": a.steps,
+            "config": "demo",
+            "threads": threads,
+            "quota_read": children[0]["quota_read"],
+            "configure_threads_said": next(c["configure_threads_said"] for c in children if c["mode"] == "capped"),
+        },
+        "results": results,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_quota_cpu.json").write_text(json.dumps(payload, indent=1))
     for kind, r in results.items():
-        print(f"{kind:16s} torch ({threads['torch']} threads) {r['torch']['median_s']:.3f} s  capped "
-              f"({threads['capped']}) {r['capped']['median_s']:.3f} s  x{r['ratio_capped_vs_torch']:.3f}")
+        print(
+            f"{kind:16s} torch ({threads['torch']} threads) {r['torch']['median_s']:.3f} s  capped "
+            f"({threads['capped']}) {r['capped']['median_s']:.3f} s  x{r['ratio_capped_vs_torch']:.3f}"
+        )
     return payload
 
 

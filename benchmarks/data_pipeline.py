@@ -39,12 +39,36 @@ NAME = "data_pipeline"
 TITLE = "Data pipeline: training crops per second"
 
 SIZES = {
-    "smoke": dict(cases=2, phantom_size=(48, 48, 32), spacing=(4.0, 4.0, 4.0), roi=32, num_samples=2,
-                  workers=(0, 2), repeats=1, device_epochs=2),
-    "cpu": dict(cases=4, phantom_size=None, spacing=(1.5, 1.5, 2.0), roi=96, num_samples=4,
-                workers=(0, 1, 2), repeats=2, device_epochs=8),
-    "paper": dict(cases=8, phantom_size=None, spacing=(1.5, 1.5, 2.0), roi=96, num_samples=4,
-                  workers=(0, 1, 2, 4, 8), repeats=3, device_epochs=20),
+    "smoke": dict(
+        cases=2,
+        phantom_size=(48, 48, 32),
+        spacing=(4.0, 4.0, 4.0),
+        roi=32,
+        num_samples=2,
+        workers=(0, 2),
+        repeats=1,
+        device_epochs=2,
+    ),
+    "cpu": dict(
+        cases=4,
+        phantom_size=None,
+        spacing=(1.5, 1.5, 2.0),
+        roi=96,
+        num_samples=4,
+        workers=(0, 1, 2),
+        repeats=2,
+        device_epochs=8,
+    ),
+    "paper": dict(
+        cases=8,
+        phantom_size=None,
+        spacing=(1.5, 1.5, 2.0),
+        roi=96,
+        num_samples=4,
+        workers=(0, 1, 2, 4, 8),
+        repeats=3,
+        device_epochs=20,
+    ),
 }
 MODES = ("none", "memory", "disk")
 LARGE_BATCH_VOLUMES = 16
@@ -100,12 +124,23 @@ def _device_results(ctx: Context, entries, transform, s: dict, repeats: int) -> 
             dt, crops = run_once()
             times.append(dt)
         med = statistics.median(times)
-        out[key] = {"variant": key, "cache": "device", "workers": 0, "batch_volumes": batch, "crops_per_epoch": crops,
-                    "crops_per_s": crops / med, "wall_s": summarize([t / crops for t in times]),
-                    "epoch_s": summarize(times), "first_epoch_s": first_s, "build_s": build_s,
-                    "device_bytes": sampler.nbytes}
-        ctx.log(f"  {key}: {crops / med:.1f} crops/s ({crops} crops in {med:.3f}s, build {build_s:.2f}s, "
-                f"{sampler.nbytes / 2**20:.0f} MiB on {dev})")
+        out[key] = {
+            "variant": key,
+            "cache": "device",
+            "workers": 0,
+            "batch_volumes": batch,
+            "crops_per_epoch": crops,
+            "crops_per_s": crops / med,
+            "wall_s": summarize([t / crops for t in times]),
+            "epoch_s": summarize(times),
+            "first_epoch_s": first_s,
+            "build_s": build_s,
+            "device_bytes": sampler.nbytes,
+        }
+        ctx.log(
+            f"  {key}: {crops / med:.1f} crops/s ({crops} crops in {med:.3f}s, build {build_s:.2f}s, "
+            f"{sampler.nbytes / 2**20:.0f} MiB on {dev})"
+        )
     return out
 
 
@@ -127,12 +162,18 @@ def run(ctx: Context) -> dict:
         gen_s = time.perf_counter() - t0
         meta = json.loads(Path(js).read_text())
         root = Path(js).parent
-        entries = [{k: str(root / v) for k, v in e.items()}
-                   for split in ("training", "validation", "test") for e in meta.get(split, [])]
-        base = dataclasses.replace(Config().data, spacing=tuple(s["spacing"]), roi=(s["roi"],) * 3,
-                                   num_samples=s["num_samples"], num_workers=0)
-        ctx.log(f"{NAME}: {len(entries)} phantom volumes ({gen_s:.1f}s to write), ROI {s['roi']}^3, "
-                f"{s['num_samples']} crops per volume, workers {list(s['workers'])}, {repeats} timed epochs")
+        entries = [
+            {k: str(root / v) for k, v in e.items()}
+            for split in ("training", "validation", "test")
+            for e in meta.get(split, [])
+        ]
+        base = dataclasses.replace(
+            Config().data, spacing=tuple(s["spacing"]), roi=(s["roi"],) * 3, num_samples=s["num_samples"], num_workers=0
+        )
+        ctx.log(
+            f"{NAME}: {len(entries)} phantom volumes ({gen_s:.1f}s to write), ROI {s['roi']}^3, "
+            f"{s['num_samples']} crops per volume, workers {list(s['workers'])}, {repeats} timed epochs"
+        )
         transform = train_transforms(base)
         modes = tuple(ctx.extra.get("modes", MODES))  # a quick run may measure fewer (e.g. memory only)
         for mode in modes:
@@ -154,51 +195,93 @@ def run(ctx: Context) -> dict:
                 key = f"{mode}/w{w}"
                 med = statistics.median(times)
                 results[key] = {
-                    "variant": key, "cache": mode, "workers": w, "crops_per_epoch": crops,
-                    "crops_per_s": crops / med, "wall_s": summarize([t / crops for t in times]),
-                    "epoch_s": summarize(times), "first_epoch_s": first_s, "build_s": build_s,
+                    "variant": key,
+                    "cache": mode,
+                    "workers": w,
+                    "crops_per_epoch": crops,
+                    "crops_per_s": crops / med,
+                    "wall_s": summarize([t / crops for t in times]),
+                    "epoch_s": summarize(times),
+                    "first_epoch_s": first_s,
+                    "build_s": build_s,
                 }
                 if mode == "disk":
                     results[key]["cold_epoch_s"] = cold
-                ctx.log(f"  {key}: {crops / med:.2f} crops/s (epoch {med:.2f}s, first {first_s:.2f}s, "
-                        f"dataset build {build_s:.2f}s)")
+                ctx.log(
+                    f"  {key}: {crops / med:.2f} crops/s (epoch {med:.2f}s, first {first_s:.2f}s, "
+                    f"dataset build {build_s:.2f}s)"
+                )
             del ds
         for mode in [m for m in ("memory", "disk") if m in modes and "none" in modes]:
             for w in s["workers"]:
                 a, b = results[f"{mode}/w{w}"], results[f"none/w{w}"]
                 ratio = a["wall_s"]["median"] / b["wall_s"]["median"]
-                ratios.append({"name": f"{mode} / none, {w} workers", "numerator": f"{mode}/w{w}",
-                               "denominator": f"none/w{w}", "ratio": ratio,
-                               "paired_median": statistics.median(
-                                   x / y for x, y in zip(a["wall_s"]["samples"], b["wall_s"]["samples"], strict=True)),
-                               "target": None, "meets_target": None,
-                               "what": "time per crop with the cache / without (below 1: the cache helps)"})
+                ratios.append(
+                    {
+                        "name": f"{mode} / none, {w} workers",
+                        "numerator": f"{mode}/w{w}",
+                        "denominator": f"none/w{w}",
+                        "ratio": ratio,
+                        "paired_median": statistics.median(
+                            x / y for x, y in zip(a["wall_s"]["samples"], b["wall_s"]["samples"], strict=True)
+                        ),
+                        "target": None,
+                        "meets_target": None,
+                        "what": "time per crop with the cache / without (below 1: the cache helps)",
+                    }
+                )
         results.update(_device_results(ctx, entries, transform, s, repeats))
         w_max = max(s["workers"])
         for key in ("device/b1", f"device/b{LARGE_BATCH_VOLUMES}") if "memory" in modes else ():
             for w in sorted({0, w_max}):
                 a, b = results[key], results[f"memory/w{w}"]
-                ratios.append({"name": f"{key} / memory cache, {w} workers", "numerator": key,
-                               "denominator": f"memory/w{w}", "ratio": a["wall_s"]["median"] / b["wall_s"]["median"],
-                               "paired_median": None, "target": None, "meets_target": None,
-                               "what": "time per crop of the device sampler / of the MONAI chain with the memory "
-                                       "cache (below 1: the device sampler is faster)"})
+                ratios.append(
+                    {
+                        "name": f"{key} / memory cache, {w} workers",
+                        "numerator": key,
+                        "denominator": f"memory/w{w}",
+                        "ratio": a["wall_s"]["median"] / b["wall_s"]["median"],
+                        "paired_median": None,
+                        "target": None,
+                        "meets_target": None,
+                        "what": "time per crop of the device sampler / of the MONAI chain with the memory "
+                        "cache (below 1: the device sampler is faster)",
+                    }
+                )
         for mode in modes:
             a, b = results[f"{mode}/w{w_max}"], results[f"{mode}/w0"]
-            ratios.append({"name": f"{mode}: {w_max} workers / 0 workers", "numerator": f"{mode}/w{w_max}",
-                           "denominator": f"{mode}/w0", "ratio": a["wall_s"]["median"] / b["wall_s"]["median"],
-                           "paired_median": None, "target": None, "meets_target": None,
-                           "what": "time per crop with workers / in the main process"})
+            ratios.append(
+                {
+                    "name": f"{mode}: {w_max} workers / 0 workers",
+                    "numerator": f"{mode}/w{w_max}",
+                    "denominator": f"{mode}/w0",
+                    "ratio": a["wall_s"]["median"] / b["wall_s"]["median"],
+                    "paired_median": None,
+                    "target": None,
+                    "meets_target": None,
+                    "what": "time per crop with workers / in the main process",
+                }
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     payload = {
         "title": TITLE,
         "measures": __doc__.strip().split("\n\n", 1)[1],
-        "settings": {"cases": s["cases"], "phantom_size": s["phantom_size"] or "drawn per case",
-                     "spacing": list(s["spacing"]), "roi": s["roi"], "num_samples": s["num_samples"],
-                     "workers": list(s["workers"]), "repeats": repeats, "chain": "train_transforms",
-                     "device_epochs": s["device_epochs"], "modes": list(modes), "large_batch_volumes": LARGE_BATCH_VOLUMES,
-                     "batch_volumes": 1, "phantom_write_s": gen_s},
+        "settings": {
+            "cases": s["cases"],
+            "phantom_size": s["phantom_size"] or "drawn per case",
+            "spacing": list(s["spacing"]),
+            "roi": s["roi"],
+            "num_samples": s["num_samples"],
+            "workers": list(s["workers"]),
+            "repeats": repeats,
+            "chain": "train_transforms",
+            "device_epochs": s["device_epochs"],
+            "modes": list(modes),
+            "large_batch_volumes": LARGE_BATCH_VOLUMES,
+            "batch_volumes": 1,
+            "phantom_write_s": gen_s,
+        },
         "results": results,
         "ratios": ratios,
     }

@@ -49,8 +49,11 @@ def _instance_to_group_norm(module: torch.nn.Module) -> None:
     """Replace every ``InstanceNorm3d`` under ``module`` by ``GroupNorm(C, C)`` with its eps and affine flag."""
     for name, child in module.named_children():
         if isinstance(child, torch.nn.InstanceNorm3d) and not child.track_running_stats:
-            setattr(module, name, torch.nn.GroupNorm(child.num_features, child.num_features, eps=child.eps,
-                                                     affine=child.affine))
+            setattr(
+                module,
+                name,
+                torch.nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine),
+            )
         else:
             _instance_to_group_norm(child)
 
@@ -118,8 +121,19 @@ def _pretrain_variants(names: list[str]) -> tuple[dict, float]:
 
     def iteration(model, teacher):
         noise, view_noise = step_noise()
-        return pretrain_iteration(model, teacher, x, 0.5, p.mask_ratio, p.lambda_pred, True, noise=noise,
-                                  view=view, views=views, view_noise=view_noise)
+        return pretrain_iteration(
+            model,
+            teacher,
+            x,
+            0.5,
+            p.mask_ratio,
+            p.lambda_pred,
+            True,
+            noise=noise,
+            view=view,
+            views=views,
+            view_noise=view_noise,
+        )
 
     steps = {}
     for name in names:
@@ -187,8 +201,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo uses 2)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile variants (minutes to compile)")
     ap.add_argument("--no-bf16", action="store_true", help="leave out the bf16 variants (slow where emulated)")
-    ap.add_argument("--variants", default="", help="comma-separated fine-tuning variants instead of the default set, "
-                    f"parts of {', '.join(PARTS)} joined by '+' (e.g. channels_last+bf16); fp32 is always measured")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated fine-tuning variants instead of the default set, "
+        f"parts of {', '.join(PARTS)} joined by '+' (e.g. channels_last+bf16); fp32 is always measured",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -216,23 +234,44 @@ def main(argv=None) -> dict:
         stage = k.split("/")[0]
         med = sorted(ts)[len(ts) // 2]
         base = sorted(times[f"{stage}/fp32"])[len(ts) // 2]
-        results[k] = {"median_s": med, "ratio_vs_fp32": med / base, "first_s": first[k], "first_loss": loss0[k],
-                      "gflop_per_s": gflop[stage] / med, "samples_s": ts}
-    payload = {"name": "demo_step", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "duration_s": time.time() - started,
-               "machine": {"cpu": cpu_model(), **cpu_details(), "native_bf16": cpu_has_native_bf16(),
-                           "threads": a.threads,
-                           "torch": torch.__version__, "loadavg": list(os.getloadavg())},
-               "settings": {"rounds": a.rounds, "config": "demo", "finetune_batch": 2, "pretrain_batch": 4,
-                            "pretrain_teacher_view": _demo_teacher_view()},
-               "gflop_per_step": gflop,
-               "results": results}
+        results[k] = {
+            "median_s": med,
+            "ratio_vs_fp32": med / base,
+            "first_s": first[k],
+            "first_loss": loss0[k],
+            "gflop_per_s": gflop[stage] / med,
+            "samples_s": ts,
+        }
+    payload = {
+        "name": "demo_step",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": time.time() - started,
+        "machine": {
+            "cpu": cpu_model(),
+            **cpu_details(),
+            "native_bf16": cpu_has_native_bf16(),
+            "threads": a.threads,
+            "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()),
+        },
+        "settings": {
+            "rounds": a.rounds,
+            "config": "demo",
+            "finetune_batch": 2,
+            "pretrain_batch": 4,
+            "pretrain_teacher_view": _demo_teacher_view(),
+        },
+        "gflop_per_step": gflop,
+        "results": results,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_step_cpu.json").write_text(json.dumps(payload, indent=1))
     for k, r in results.items():
-        print(f"{k:28s} {r['median_s']:.3f} s/step  x{r['ratio_vs_fp32']:.3f} vs fp32  {r['gflop_per_s']:.1f} GFLOP/s"
-              f"  (first {r['first_s']:.1f} s)")
+        print(
+            f"{k:28s} {r['median_s']:.3f} s/step  x{r['ratio_vs_fp32']:.3f} vs fp32  {r['gflop_per_s']:.1f} GFLOP/s"
+            f"  (first {r['first_s']:.1f} s)"
+        )
     return payload
 
 

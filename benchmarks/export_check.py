@@ -69,16 +69,25 @@ assert not any(m == "medhpm" or m.startswith("medhpm.") for m in sys.modules)
 """
 
 
-def run_without_medhpm(*args, cwd: Path, timeout: int = 3600, threads: int | None = None) -> subprocess.CompletedProcess:
+def run_without_medhpm(
+    *args, cwd: Path, timeout: int = 3600, threads: int | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m ARGS`` (or ``-c CODE``) with medhpm hidden; raises on a non-zero exit, with its output."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    r = subprocess.run([sys.executable, "-I", "-c", HIDDEN, *map(str, args)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", HIDDEN, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if r.returncode != 0:
-        raise RuntimeError(f"{args[:2]} failed without medhpm (exit {r.returncode}):\n{r.stdout[-3000:]}\n"
-                           f"{r.stderr[-5000:]}")
+        raise RuntimeError(
+            f"{args[:2]} failed without medhpm (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+        )
     return r
 
 
@@ -119,8 +128,12 @@ def compare(ref_path: Path, got_path: Path, canonical: bool) -> dict:
         ref, got = nib.as_closest_canonical(ref), nib.as_closest_canonical(got)
     same = ref.shape == got.shape and bool(np.allclose(ref.affine, got.affine, atol=1e-4))
     dice = dice_per_label(np.asarray(ref.dataobj), np.asarray(got.dataobj)) if ref.shape == got.shape else {}
-    return {"same_geometry": same, "compared": "canonical (RAS) grid" if canonical else "as written",
-            "dice": dice, "min_dice": min(dice.values()) if dice else None}
+    return {
+        "same_geometry": same,
+        "compared": "canonical (RAS) grid" if canonical else "as written",
+        "dice": dice,
+        "min_dice": min(dice.values()) if dice else None,
+    }
 
 
 def central_roi(cfg, scan: Path):
@@ -131,7 +144,7 @@ def central_roi(cfg, scan: Path):
     img = predict_transforms(cfg.data)({"image": str(scan)})["image"].as_tensor()
     roi = [int(r) for r in cfg.data.roi]
     starts = [max(0, (s - r) // 2) for s, r in zip(img.shape[1:], roi, strict=True)]
-    x = img[None, :, starts[0]:starts[0] + roi[0], starts[1]:starts[1] + roi[1], starts[2]:starts[2] + roi[2]]
+    x = img[None, :, starts[0] : starts[0] + roi[0], starts[1] : starts[1] + roi[1], starts[2] : starts[2] + roi[2]]
     return x.contiguous()
 
 
@@ -151,8 +164,7 @@ def roi_differences(ckpt: Path, exports: dict[str, Path], scan: Path) -> dict:
         for fmt in ("onnx", "torchscript"):
             net, _ = load_exported(exports[fmt])
             out[fmt] = float(np.max(np.abs(net(x).numpy() - ref)))
-    return {"roi": roi, "scan": str(scan), "max_abs_logit_difference": out,
-            "max_abs_logit": float(np.max(np.abs(ref)))}
+    return {"roi": roi, "scan": str(scan), "max_abs_logit_difference": out, "max_abs_logit": float(np.max(np.abs(ref)))}
 
 
 def main(argv=None) -> int:
@@ -178,12 +190,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     scans = [(Path(e["image"]), False) for e in load_datalist(a.phantoms).get("test", [])]
     scans.append((a.dicom, True))
-    result: dict = {"model": str(a.model), "checkpoint_sha256": sha256_file(a.model),
-                    "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                                "torch_threads": torch.get_num_threads(),
-                                "loadavg_start": list(os.getloadavg())},
-                    "note": "seconds per scan, one scan at a time; on a shared CPU they are inflated by the "
-                            "other work on it (loadavg)", "export_seconds": {}, "scans": {}}
+    result: dict = {
+        "model": str(a.model),
+        "checkpoint_sha256": sha256_file(a.model),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_start": list(os.getloadavg()),
+        },
+        "note": "seconds per scan, one scan at a time; on a shared CPU they are inflated by the "
+        "other work on it (loadavg)",
+        "export_seconds": {},
+        "scans": {},
+    }
     exports = {}
     for fmt in ("bundle", "onnx", "torchscript"):
         t = time.perf_counter()
@@ -206,9 +226,16 @@ def main(argv=None) -> int:
             pr.predict_file(scan, work / fmt, name=named(scan))
             timings[fmt][str(scan)] = time.perf_counter() - t
     bundle_out = work / "bundle"
-    run_without_medhpm("-c", _BUNDLE_TIMER, str(exports["bundle"]), str(bundle_out),
-                       json.dumps([str(s) for s, _ in scans]), str(work / "bundle_seconds.json"), cwd=work,
-                       threads=a.threads or None)
+    run_without_medhpm(
+        "-c",
+        _BUNDLE_TIMER,
+        str(exports["bundle"]),
+        str(bundle_out),
+        json.dumps([str(s) for s, _ in scans]),
+        str(work / "bundle_seconds.json"),
+        cwd=work,
+        threads=a.threads or None,
+    )
     timings["bundle"] = json.loads((work / "bundle_seconds.json").read_text())
 
     for scan, is_dicom in scans:
@@ -219,8 +246,10 @@ def main(argv=None) -> int:
                 got = bundle_out / (f"{scan.name}.nii.gz" if is_dicom else scan.name)
             else:
                 got = work / runtime / f"{name}.nii.gz"
-            entry[runtime] = {"seconds": timings[runtime][str(scan)],
-                              **compare(work / "predict" / f"{name}.nii.gz", got, canonical=is_dicom)}
+            entry[runtime] = {
+                "seconds": timings[runtime][str(scan)],
+                **compare(work / "predict" / f"{name}.nii.gz", got, canonical=is_dicom),
+            }
         result["scans"][str(scan)] = entry
     result["roi_check"] = roi_differences(a.model, exports, scans[0][0])
     mins = [e[r]["min_dice"] for e in result["scans"].values() for r in ("bundle", "onnx", "torchscript")]
@@ -235,8 +264,11 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out, json.dumps(result, indent=2))
     print(json.dumps(result["summary"], indent=2))
-    ok = (result["summary"]["min_dice_against_predict"] or 0) >= 0.999 and result["summary"]["all_same_geometry"] \
+    ok = (
+        (result["summary"]["min_dice_against_predict"] or 0) >= 0.999
+        and result["summary"]["all_same_geometry"]
         and result["summary"]["max_roi_logit_difference"] <= 1e-4
+    )
     return 0 if ok else 1
 
 

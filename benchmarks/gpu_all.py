@@ -86,7 +86,8 @@ def _peak_memory(task, size, batch, device) -> int | None:
 def _fits(task, size, batch, device) -> bool:
     try:
         _peak_memory(task, size, batch, device) if torch.device(device).type == "cuda" else build_step(
-            task, size, batch, "none", device)[0]()
+            task, size, batch, "none", device
+        )[0]()
         return True
     except torch.OutOfMemoryError:
         return False
@@ -185,14 +186,19 @@ def loader_measurements(a, size, device, log) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="medhpm-gpu-all-"))
     out: dict = {}
     try:
-        js = write_phantom_dataset(tmp / "phantom", cases=a.cases, seed=0,
-                                   size=(48, 48, 32) if a.tiny else None)
+        js = write_phantom_dataset(tmp / "phantom", cases=a.cases, seed=0, size=(48, 48, 32) if a.tiny else None)
         meta = json.loads(Path(js).read_text())
         root = Path(js).parent
         entries = [{k: str(root / v) for k, v in e.items()} for e in meta["training"]]
         roi = size["roi"]
-        base = dataclasses.replace(Config().data, roi=(roi,) * 3, num_samples=4, num_workers=0, cache="memory",
-                                   **({"spacing": (4.0, 4.0, 4.0)} if a.tiny else {}))
+        base = dataclasses.replace(
+            Config().data,
+            roi=(roi,) * 3,
+            num_samples=4,
+            num_workers=0,
+            cache="memory",
+            **({"spacing": (4.0, 4.0, 4.0)} if a.tiny else {}),
+        )
         ds = make_dataset(entries, train_transforms(base), base, cache_dir=tmp / "cache")
         for w in a.workers:
             loader = make_loader(ds, batch_size=1, shuffle=True, num_workers=w, seed=0, prefetch_factor=2)
@@ -223,11 +229,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 256)")
     ap.add_argument("--skip-loader", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no measurement after this many seconds; the rest is listed as skipped (e.g. 420 "
-                         "for a 10-minute device call: a job already started runs to its end)")
-    ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; --tiny: eager, "
-                    "dynamo's capture without code generation, so that it stays under a minute)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no measurement after this many seconds; the rest is listed as skipped (e.g. 420 "
+        "for a 10-minute device call: a job already started runs to its end)",
+    )
+    ap.add_argument(
+        "--backend",
+        default=None,
+        help="torch.compile backend (default inductor; --tiny: eager, "
+        "dynamo's capture without code generation, so that it stays under a minute)",
+    )
     a = ap.parse_args(argv)
     if a.tiny:
         size, a.batch, a.modes, a.workers = SIZES["tiny"], 2, ["none", "default"], [0, 1]
@@ -246,12 +260,25 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     started = time.time()
     log = lambda m: print(m, flush=True)  # noqa: E731
-    payload: dict = {"schema": "medhpm-gpu-all/1", "tiny": a.tiny, "device": a.device,
-                     "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else cpu_model(),
-                     "cpu": cpu_model(), "torch": torch.__version__, "settings": {
-                         "size": size, "batch": a.batch, "max_batch": a.max_batch, "modes": a.modes,
-                         "workers": a.workers, "repeats": a.repeats, "backend": a.backend, "peak_flops": _peak(a.device, a.peak_tflops)},
-                     "errors": {}}
+    payload: dict = {
+        "schema": "medhpm-gpu-all/1",
+        "tiny": a.tiny,
+        "device": a.device,
+        "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else cpu_model(),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "settings": {
+            "size": size,
+            "batch": a.batch,
+            "max_batch": a.max_batch,
+            "modes": a.modes,
+            "workers": a.workers,
+            "repeats": a.repeats,
+            "backend": a.backend,
+            "peak_flops": _peak(a.device, a.peak_tflops),
+        },
+        "errors": {},
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("gpu_all_tiny.json" if a.tiny else "gpu_all.json")
@@ -269,8 +296,16 @@ def main(argv=None) -> dict:
     # the steps first (the main figures; saved after every job), leaving the loader about 2 minutes
     payload["steps"], payload["skipped"] = {}, []
     try:
-        step_measurements(a, size, a.device, log, payload["steps"],
-                          deadline - (0 if a.skip_loader else LOADER_RESERVE_S), save, payload["skipped"])
+        step_measurements(
+            a,
+            size,
+            a.device,
+            log,
+            payload["steps"],
+            deadline - (0 if a.skip_loader else LOADER_RESERVE_S),
+            save,
+            payload["skipped"],
+        )
     except Exception:  # noqa: BLE001
         error("steps")
     save()

@@ -103,10 +103,19 @@ def build_case(spec: dict, device: str) -> Case:
         from medhpm.pretrain.step import pretrain_iteration, step_core
         from medhpm.pretrain.trainer import build_pretrain_model
 
-        cfg = load_config("demo", [
-            f"model.preset={spec['preset']}", f"data.roi=[{roi},{roi},{roi}]", "model.patch_size=16",
-            f"model.decoder_dim={dd}", f"model.decoder_depth={ddepth}", f"model.decoder_heads={dheads}",
-            "pretrain.method=mae", "pretrain.norm_pix_loss=true"])
+        cfg = load_config(
+            "demo",
+            [
+                f"model.preset={spec['preset']}",
+                f"data.roi=[{roi},{roi},{roi}]",
+                "model.patch_size=16",
+                f"model.decoder_dim={dd}",
+                f"model.decoder_depth={ddepth}",
+                f"model.decoder_heads={dheads}",
+                "pretrain.method=mae",
+                "pretrain.norm_pix_loss=true",
+            ],
+        )
         model = build_pretrain_model(cfg).to(device).train()
         if impl == "ours_embed_all":
             import types
@@ -130,19 +139,37 @@ def build_case(spec: dict, device: str) -> Case:
 
         def loss_fn():
             with amp_context(device):
-                loss, _ = pretrain_iteration(model, None, x, alpha=0.0, mask_ratio=MASK_RATIO, lambda_pred=1.0,
-                                             use_pred=False, core=core)
+                loss, _ = pretrain_iteration(
+                    model, None, x, alpha=0.0, mask_ratio=MASK_RATIO, lambda_pred=1.0, use_pred=False, core=core
+                )
             return loss.float()
     else:
         from monai.networks.nets import MaskedAutoEncoderViT
 
-        model = MaskedAutoEncoderViT(
-            in_channels=1, img_size=roi, patch_size=16, hidden_size=enc["embed_dim"],
-            mlp_dim=4 * enc["embed_dim"], num_layers=enc["depth"], num_heads=enc["num_heads"],
-            masking_ratio=MASK_RATIO, decoder_hidden_size=dd, decoder_mlp_dim=4 * dd,
-            decoder_num_layers=ddepth, decoder_num_heads=dheads, proj_type="conv", pos_embed_type="sincos",
-            decoder_pos_embed_type="sincos", dropout_rate=0.0, spatial_dims=3, qkv_bias=True,
-        ).to(device).train()
+        model = (
+            MaskedAutoEncoderViT(
+                in_channels=1,
+                img_size=roi,
+                patch_size=16,
+                hidden_size=enc["embed_dim"],
+                mlp_dim=4 * enc["embed_dim"],
+                num_layers=enc["depth"],
+                num_heads=enc["num_heads"],
+                masking_ratio=MASK_RATIO,
+                decoder_hidden_size=dd,
+                decoder_mlp_dim=4 * dd,
+                decoder_num_layers=ddepth,
+                decoder_num_heads=dheads,
+                proj_type="conv",
+                pos_embed_type="sincos",
+                decoder_pos_embed_type="sincos",
+                dropout_rate=0.0,
+                spatial_dims=3,
+                qkv_bias=True,
+            )
+            .to(device)
+            .train()
+        )
         if impl == "monai_sdpa":
             from monai.networks.blocks import SABlock
 
@@ -182,8 +209,10 @@ def run(ctx: Context) -> dict:
     repeats = ctx.reps({k: v["repeats"] for k, v in SIZES.items()})
     warmup = ctx.warm({k: v["warmup"] for k, v in SIZES.items()})
     impls = IMPLS + (COMPILED_IMPLS if ctx.compile else ())
-    specs = {impl: dict(impl=impl, preset=s["preset"], roi=s["roi"], batch=s["batch"], decoder=list(s["decoder"]))
-             for impl in impls}
+    specs = {
+        impl: dict(impl=impl, preset=s["preset"], roi=s["roi"], batch=s["batch"], decoder=list(s["decoder"]))
+        for impl in impls
+    }
     ctx.log(f"{NAME}: {s['preset']}, ROI {s['roi']}^3, batch {s['batch']}, {repeats} repeats")
     cases = {impl: build_case(spec, ctx.device) for impl, spec in specs.items()}
     count_case_flops(ctx, {k: c for k, c in cases.items() if k not in COMPILED_IMPLS})
@@ -197,10 +226,17 @@ def run(ctx: Context) -> dict:
             cases[impl].info["flops"] = cases[impl.removesuffix("_compiled")].info.get("flops")
             ctx.log(f"  {impl}: first two steps (compilation) {cases[impl].info['first_two_steps_s']:.1f}s")
     timings = time_interleaved(cases, repeats, warmup, ctx.device, log=ctx.log)
-    results = {impl: {"model": s["preset"], "variant": impl, "spec": specs[impl], **timings[impl],
-                      "params": cases[impl].info["params"],
-                      **({"first_two_steps_s": cases[impl].info["first_two_steps_s"]} if impl in COMPILED_IMPLS else {})}
-               for impl in impls}
+    results = {
+        impl: {
+            "model": s["preset"],
+            "variant": impl,
+            "spec": specs[impl],
+            **timings[impl],
+            "params": cases[impl].info["params"],
+            **({"first_two_steps_s": cases[impl].info["first_two_steps_s"]} if impl in COMPILED_IMPLS else {}),
+        }
+        for impl in impls
+    }
     add_flops(ctx, cases, timings, results)
     del cases
     for impl in MEMORY_IMPLS:
@@ -227,11 +263,19 @@ def run(ctx: Context) -> dict:
     payload = {
         "title": TITLE,
         "measures": __doc__.strip().split("\n\n", 1)[1],
-        "settings": {**{k: v for k, v in s.items() if k not in ("repeats", "warmup")}, "repeats": repeats,
-                     "warmup": warmup, "mask_ratio": MASK_RATIO, "precision": amp_name(ctx.device),
-                     "optimizer": f"AdamW lr {LR}, betas {BETAS}, wd {WD}", "clip_grad": CLIP,
-                     "qkv_bias": True, "mlp_ratio": 4, "pos_embed": "sincos (encoder and decoder)",
-                     "compiled_variants": bool(ctx.compile)},
+        "settings": {
+            **{k: v for k, v in s.items() if k not in ("repeats", "warmup")},
+            "repeats": repeats,
+            "warmup": warmup,
+            "mask_ratio": MASK_RATIO,
+            "precision": amp_name(ctx.device),
+            "optimizer": f"AdamW lr {LR}, betas {BETAS}, wd {WD}",
+            "clip_grad": CLIP,
+            "qkv_bias": True,
+            "mlp_ratio": 4,
+            "pos_embed": "sincos (encoder and decoder)",
+            "compiled_variants": bool(ctx.compile),
+        },
         "results": results,
         "ratios": ratios,
     }

@@ -64,8 +64,11 @@ def main(argv=None) -> int:
     model, cfg, _ = load_model(a.model)
     model = model.cpu().float().eval()
     model64 = copy.deepcopy(model).double()
-    levels = [n for n in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
-              if hasattr(ort.GraphOptimizationLevel, n)]
+    levels = [
+        n
+        for n in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+        if hasattr(ort.GraphOptimizationLevel, n)
+    ]
 
     def ops_of(level: str) -> dict[str, int]:
         so = ort.SessionOptions()
@@ -73,24 +76,36 @@ def main(argv=None) -> int:
         so.optimized_model_filepath = str(work / f"{level}.onnx")
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         graph = onnx.load(so.optimized_model_filepath).graph
-        return dict(sorted(collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}"
-                                               for n in graph.node).items()))
+        return dict(
+            sorted(collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in graph.node).items())
+        )
 
-    result: dict = {"model": str(a.model), "checkpoint_sha256": sha256_file(a.model),
-                    "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": list(os.getloadavg())},
-                    "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
-                    "roi": [int(r) for r in cfg.data.roi], "medhpm_session_options": ort_session_options_summary(),
-                    "optimised_graph_ops": {lv: ops_of(lv) for lv in levels}, "scans": {}}
+    result: dict = {
+        "model": str(a.model),
+        "checkpoint_sha256": sha256_file(a.model),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": list(os.getloadavg())},
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        "roi": [int(r) for r in cfg.data.roi],
+        "medhpm_session_options": ort_session_options_summary(),
+        "optimised_graph_ops": {lv: ops_of(lv) for lv in levels},
+        "scans": {},
+    }
 
     def compare(got: np.ndarray, ref: np.ndarray) -> dict:
-        return {"max_abs": float(np.max(np.abs(got - ref))),
-                "argmax_differs_fraction": float(np.mean(got.argmax(1) != ref.argmax(1)))}
+        return {
+            "max_abs": float(np.max(np.abs(got - ref))),
+            "argmax_differs_fraction": float(np.mean(got.argmax(1) != ref.argmax(1))),
+        }
 
     for scan in a.scan:
         x = central_roi(cfg, scan)
         with torch.no_grad():
             ref64 = model64(x.double()).numpy()
-            entry: dict = {"max_abs_logit_float64": float(np.max(np.abs(ref64))), "torch_float32": {}, "onnxruntime": {}}
+            entry: dict = {
+                "max_abs_logit_float64": float(np.max(np.abs(ref64))),
+                "torch_float32": {},
+                "onnxruntime": {},
+            }
             torch_seconds = {}
             ref32 = None
             for t in threads:
@@ -110,8 +125,10 @@ def main(argv=None) -> int:
                 sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 out, sec = _timed(lambda: sess.run(["logits"], {"image": x.numpy()})[0])
                 entry["onnxruntime"][f"{level} threads={t}"] = {
-                    "vs_float64": compare(out, ref64), "vs_torch_float32": compare(out, ref32),
-                    "seconds_per_roi_vs_torch": sec / torch_seconds[t]}
+                    "vs_float64": compare(out, ref64),
+                    "vs_torch_float32": compare(out, ref32),
+                    "seconds_per_roi_vs_torch": sec / torch_seconds[t],
+                }
         # the session medhpm itself creates (OnnxRuntimeNetwork, the export's check)
         sess = ort.InferenceSession(str(onnx_path), ort_session_options(), providers=["CPUExecutionProvider"])
         out = sess.run(["logits"], {"image": x.numpy()})[0]
@@ -128,8 +145,10 @@ def ort_session_options_summary() -> dict:
     from medhpm.segment.export import ort_session_options
 
     so = ort_session_options()
-    return {"graph_optimization_level": str(so.graph_optimization_level),
-            "intra_op_num_threads": so.intra_op_num_threads}
+    return {
+        "graph_optimization_level": str(so.graph_optimization_level),
+        "intra_op_num_threads": so.intra_op_num_threads,
+    }
 
 
 if __name__ == "__main__":

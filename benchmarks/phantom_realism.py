@@ -54,8 +54,15 @@ def phantom_medians(cases: int, variability: str) -> dict[str, dict]:
         c = generate_case(seed, variability=variability)
         for name, med in _organ_medians(c.image.astype(np.float32), c.label).items():
             per_case.setdefault(name, []).append(med)
-    return {name: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)),
-                   "p95": float(np.percentile(v, 95)), "n": len(v)} for name, v in per_case.items()}
+    return {
+        name: {
+            "median": float(np.median(v)),
+            "p5": float(np.percentile(v, 5)),
+            "p95": float(np.percentile(v, 95)),
+            "n": len(v),
+        }
+        for name, v in per_case.items()
+    }
 
 
 def model_on_fixture(ckpt: Path) -> dict:
@@ -69,20 +76,32 @@ def model_on_fixture(ckpt: Path) -> dict:
     spacing = tuple(float(s) for s in ref_img.header.get_zooms()[:3])
     present = {v: BTCV_LABELS[v] for v in sorted(set(np.unique(ref).tolist()) - {0})}
     m = compute_case_metrics(pred, ref, spacing, present)
-    return {BTCV_LABELS[v]: {"dice_pct": round(100 * r["dice"], 1), "hd95_mm": r["hd95"], "status": r["status"]}
-            for v, r in m.items()}
+    return {
+        BTCV_LABELS[v]: {"dice_pct": round(100 * r["dice"], 1), "hd95_mm": r["hd95"], "status": r["status"]}
+        for v, r in m.items()
+    }
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=24, help="phantoms per variability")
-    ap.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
-                    help="a fine-tuned checkpoint to score on the real DICOM fixture (repeatable)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=CKPT",
+        help="a fine-tuned checkpoint to score on the real DICOM fixture (repeatable)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "phantom_realism.json")
     args = ap.parse_args(argv)
     real = real_fixture_medians()
-    res = {"machine": machine_info("cpu"), "real_fixture": str(FIXTURE.relative_to(FIXTURE.parents[3])), "real_median_hu": real,
-           "phantoms": {v: phantom_medians(args.cases, v) for v in ("standard", "wide")}, "models": {}}
+    res = {
+        "machine": machine_info("cpu"),
+        "real_fixture": str(FIXTURE.relative_to(FIXTURE.parents[3])),
+        "real_median_hu": real,
+        "phantoms": {v: phantom_medians(args.cases, v) for v in ("standard", "wide")},
+        "models": {},
+    }
     for v, organs in res["phantoms"].items():
         for name, s in organs.items():
             if name in real:

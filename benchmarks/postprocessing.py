@@ -25,8 +25,12 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {"plain": {}, "tta": {"tta": True}, "largest_component": {"largest_component": True},
-            "tta+largest_component": {"tta": True, "largest_component": True}}
+VARIANTS = {
+    "plain": {},
+    "tta": {"tta": True},
+    "largest_component": {"largest_component": True},
+    "tta+largest_component": {"tta": True, "largest_component": True},
+}
 
 
 def run(run_dir: Path, device: str = "auto", split: str = "test") -> dict:
@@ -41,9 +45,17 @@ def run(run_dir: Path, device: str = "auto", split: str = "test") -> dict:
     reported = load_checkpoint(ckpt, stage="finetune")["model_args"]["reported"]
     classes = {int(k): v for k, v in reported.items()}
     base = Predictor.from_checkpoint(ckpt, device=device)
-    out: dict = {"run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "dataset": str(dataset.resolve()),
-                 "split": split, "device": str(base.device), "torch_threads": torch.get_num_threads(),
-                 "machine": platform.processor() or platform.machine(), "classes": reported, "variants": {}}
+    out: dict = {
+        "run": str(run_dir.resolve()),
+        "checkpoint": str(ckpt.resolve()),
+        "dataset": str(dataset.resolve()),
+        "split": split,
+        "device": str(base.device),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "classes": reported,
+        "variants": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, switches in VARIANTS.items():
             p = Predictor(base.model, base.cfg, classes=base.classes, device=str(base.device), **switches)
@@ -58,12 +70,20 @@ def run(run_dir: Path, device: str = "auto", split: str = "test") -> dict:
                 p._write(res, pred_dir, case)
             m = evaluate_predictions(pred_dir, dataset, classes, Path(tmp) / f"eval_{name}", datalist_key=split)
             mean = m["summary"]["mean"]
-            out["variants"][name] = {"dice_mean": mean["dice_mean"], "hd95_mean": mean["hd95_mean"],
-                                     "surface_dice_mean": mean.get("surface_dice_mean"),
-                                     "assd_mean": mean.get("assd_mean"), "seconds_per_scan": sum(seconds) / len(seconds),
-                                     "seconds": seconds, "scans": len(seconds)}
-            print(f"{name}: Dice {mean['dice_mean']:.4f}, HD95 {mean['hd95_mean']:.2f} mm, "
-                  f"{sum(seconds) / len(seconds):.1f} s/scan", flush=True)
+            out["variants"][name] = {
+                "dice_mean": mean["dice_mean"],
+                "hd95_mean": mean["hd95_mean"],
+                "surface_dice_mean": mean.get("surface_dice_mean"),
+                "assd_mean": mean.get("assd_mean"),
+                "seconds_per_scan": sum(seconds) / len(seconds),
+                "seconds": seconds,
+                "scans": len(seconds),
+            }
+            print(
+                f"{name}: Dice {mean['dice_mean']:.4f}, HD95 {mean['hd95_mean']:.2f} mm, "
+                f"{sum(seconds) / len(seconds):.1f} s/scan",
+                flush=True,
+            )
     plain = out["variants"]["plain"]
     for v in out["variants"].values():
         v["dice_change"] = v["dice_mean"] - plain["dice_mean"]

@@ -60,14 +60,39 @@ MODULE = "benchmarks.pretrain_step"
 SIZES = {
     # models: encoder presets; patch: patch size; decoder: (width, depth, heads) of the reconstructor and the
     # predictor; prototype_models: the presets that also run the fused-AdamW variants
-    "smoke": dict(models=("micro",), prototype_models=("micro",), roi=32, patch=16, batch=1, decoder=(96, 1, 4),
-                  repeats=2, warmup=1),
-    "demo": dict(models=("tiny",), prototype_models=("tiny",), roi=48, patch=8, batch=4, decoder=(96, 2, 4),
-                 repeats=12, warmup=2),
-    "cpu": dict(models=("tiny", "base"), prototype_models=("base",), roi=96, patch=16, batch=2,
-                decoder=(384, 8, 12), repeats=4, warmup=1),
-    "paper": dict(models=("tiny", "base"), prototype_models=("tiny", "base"), roi=96, patch=16, batch=4,
-                  decoder=(384, 8, 12), repeats=10, warmup=3),
+    "smoke": dict(
+        models=("micro",),
+        prototype_models=("micro",),
+        roi=32,
+        patch=16,
+        batch=1,
+        decoder=(96, 1, 4),
+        repeats=2,
+        warmup=1,
+    ),
+    "demo": dict(
+        models=("tiny",), prototype_models=("tiny",), roi=48, patch=8, batch=4, decoder=(96, 2, 4), repeats=12, warmup=2
+    ),
+    "cpu": dict(
+        models=("tiny", "base"),
+        prototype_models=("base",),
+        roi=96,
+        patch=16,
+        batch=2,
+        decoder=(384, 8, 12),
+        repeats=4,
+        warmup=1,
+    ),
+    "paper": dict(
+        models=("tiny", "base"),
+        prototype_models=("tiny", "base"),
+        roi=96,
+        patch=16,
+        batch=4,
+        decoder=(384, 8, 12),
+        repeats=10,
+        warmup=3,
+    ),
 }
 VARIANTS = {
     # name: (method, alpha, fused AdamW, teacher view, part: "step" (the whole step) or "teacher" (its pass alone))
@@ -87,8 +112,12 @@ LAMBDA_PRED = 1.0
 CLIP = 5.0
 RATIOS = (
     # numerator, denominator, target, what
-    ("hpm_a0.5", "mae", 1.1,
-     "hpm step (teacher pass over the full volume, alpha 0.5) / mae step; the paper claims < 1.1"),
+    (
+        "hpm_a0.5",
+        "mae",
+        1.1,
+        "hpm step (teacher pass over the full volume, alpha 0.5) / mae step; the paper claims < 1.1",
+    ),
     ("hpm_a0", "mae", None, "hpm step at alpha 0 (no teacher pass) / mae step"),
     ("mae_fused", "mae", None, "fused AdamW (the trainer's since fix 1) / torch's default AdamW, mae step"),
     ("hpm_a0.5_fused", "hpm_a0.5", None, "fused AdamW (the trainer's since fix 1) / torch's default AdamW, hpm step"),
@@ -100,8 +129,14 @@ RATIOS = (
 )
 # ratios of one phase of two step variants (from the phase times of the same rounds)
 PHASE_RATIOS = (
-    ("teacher_pass", "hpm_a0.5_masked", "hpm_a0.5", "teacher_masked", "teacher_full",
-     "the teacher pass inside the hpm step (phase times), V masked views / the full volume"),
+    (
+        "teacher_pass",
+        "hpm_a0.5_masked",
+        "hpm_a0.5",
+        "teacher_masked",
+        "teacher_full",
+        "the teacher pass inside the hpm step (phase times), V masked views / the full volume",
+    ),
 )
 
 
@@ -110,13 +145,21 @@ def _cfg(spec: dict):
 
     d = spec["decoder"]
     roi = spec["roi"]
-    return load_config("demo", [
-        f"model.preset={spec['preset']}", f"data.roi=[{roi},{roi},{roi}]",
-        f"model.patch_size={spec.get('patch', 16)}",
-        f"model.decoder_dim={d[0]}", f"model.decoder_depth={d[1]}", f"model.decoder_heads={d[2]}",
-        f"pretrain.method={spec['method']}", "pretrain.batch_size=" + str(spec["batch"]),
-        f"pretrain.mask_ratio={MASK_RATIO}", f"pretrain.teacher_view={spec.get('view', 'full')}",
-    ])
+    return load_config(
+        "demo",
+        [
+            f"model.preset={spec['preset']}",
+            f"data.roi=[{roi},{roi},{roi}]",
+            f"model.patch_size={spec.get('patch', 16)}",
+            f"model.decoder_dim={d[0]}",
+            f"model.decoder_depth={d[1]}",
+            f"model.decoder_heads={d[2]}",
+            f"pretrain.method={spec['method']}",
+            "pretrain.batch_size=" + str(spec["batch"]),
+            f"pretrain.mask_ratio={MASK_RATIO}",
+            f"pretrain.teacher_view={spec.get('view', 'full')}",
+        ],
+    )
 
 
 def build_case(spec: dict, device: str) -> Case:
@@ -157,8 +200,9 @@ def build_case(spec: dict, device: str) -> Case:
         step_no[0] += 1
         gen.manual_seed(step_no[0])
         noise = torch.rand(b, n_tokens, generator=gen, device=device)
-        view_noise = (torch.rand(b, n_tokens, generator=gen, device=device)
-                      if teacher is not None and view == "masked" else None)
+        view_noise = (
+            torch.rand(b, n_tokens, generator=gen, device=device) if teacher is not None and view == "masked" else None
+        )
         return noise, view_noise
 
     def scores_of(view_noise):  # the teacher pass, timed as its own phase
@@ -171,6 +215,7 @@ def build_case(spec: dict, device: str) -> Case:
         return scores
 
     if spec.get("part", "step") == "teacher":
+
         def teacher_only():
             _, view_noise = draw()
             with amp_context(device):
@@ -184,12 +229,34 @@ def build_case(spec: dict, device: str) -> Case:
         with amp_context(device):
             if n_hard:  # pretrain_iteration's call of step_core, with the teacher's scores made apart
                 scores = scores_of(view_noise)
-                loss, _ = step_core(model, teacher, x, noise, n_hard_t, MASK_RATIO, LAMBDA_PRED, use_pred, view,
-                                    views, view_noise, scores=scores)
+                loss, _ = step_core(
+                    model,
+                    teacher,
+                    x,
+                    noise,
+                    n_hard_t,
+                    MASK_RATIO,
+                    LAMBDA_PRED,
+                    use_pred,
+                    view,
+                    views,
+                    view_noise,
+                    scores=scores,
+                )
             else:  # no teacher pass (mae, or alpha 0)
-                loss, _ = pretrain_iteration(model, teacher, x, alpha=alpha, mask_ratio=MASK_RATIO,
-                                             lambda_pred=LAMBDA_PRED, use_pred=use_pred, noise=noise, view=view,
-                                             views=views, view_noise=view_noise)
+                loss, _ = pretrain_iteration(
+                    model,
+                    teacher,
+                    x,
+                    alpha=alpha,
+                    mask_ratio=MASK_RATIO,
+                    lambda_pred=LAMBDA_PRED,
+                    use_pred=use_pred,
+                    noise=noise,
+                    view=view,
+                    views=views,
+                    view_noise=view_noise,
+                )
         return loss.float()
 
     def step():
@@ -218,27 +285,50 @@ def _flop_ratio(results: dict, num: str, den: str) -> float | None:
 def run(ctx: Context) -> dict:
     started = time.time()
     s = SIZES[ctx.size]
-    repeats, warmup = ctx.reps({k: v["repeats"] for k, v in SIZES.items()}), ctx.warm(
-        {k: v["warmup"] for k, v in SIZES.items()})
+    repeats, warmup = (
+        ctx.reps({k: v["repeats"] for k, v in SIZES.items()}),
+        ctx.warm({k: v["warmup"] for k, v in SIZES.items()}),
+    )
     views = None
     results, ratios, timings_all = {}, [], {}
     for preset in s["models"]:
         specs = {
-            name: dict(preset=preset, roi=s["roi"], patch=s["patch"], batch=s["batch"], decoder=list(s["decoder"]),
-                       method=m, alpha=a, fused=f, view=v, part=part)
-            for name, (m, a, f, v, part) in VARIANTS.items() if preset in s["prototype_models"] or not f
+            name: dict(
+                preset=preset,
+                roi=s["roi"],
+                patch=s["patch"],
+                batch=s["batch"],
+                decoder=list(s["decoder"]),
+                method=m,
+                alpha=a,
+                fused=f,
+                view=v,
+                part=part,
+            )
+            for name, (m, a, f, v, part) in VARIANTS.items()
+            if preset in s["prototype_models"] or not f
         }
         ctx.log(f"{NAME}: {preset}, ROI {s['roi']}^3, patch {s['patch']}, batch {s['batch']}, {repeats} repeats")
         cases = {name: build_case(spec, ctx.device) for name, spec in specs.items()}
         views = cases["hpm_a0.5_masked"].info["teacher_views"]
         count_case_flops(ctx, cases)
         timings = time_interleaved(cases, repeats, warmup, ctx.device, log=ctx.log)
-        res = {name: {"model": preset, "variant": name, "spec": specs[name], **timings[name],
-                      "params": cases[name].info["params"]} for name in cases}
+        res = {
+            name: {
+                "model": preset,
+                "variant": name,
+                "spec": specs[name],
+                **timings[name],
+                "params": cases[name].info["params"],
+            }
+            for name in cases
+        }
         add_flops(ctx, cases, timings, res)
         phase_timings = {  # every timed round's phase times (the warm-up's were cleared)
             (phase, name): {"wall_s": summarize(case.phases[phase])}
-            for phase in {pr[0] for pr in PHASE_RATIOS} for name, case in cases.items() if case.phases.get(phase)
+            for phase in {pr[0] for pr in PHASE_RATIOS}
+            for name, case in cases.items()
+            if case.phases.get(phase)
         }
         del cases
         for name in MEMORY_VARIANTS:
@@ -250,26 +340,34 @@ def run(ctx: Context) -> dict:
         for num, den, target, what in RATIOS:
             if f"{preset}/{num}" not in results or f"{preset}/{den}" not in results:
                 continue
-            e = ratio_entry(f"{preset}: {num} / {den}", f"{preset}/{num}", f"{preset}/{den}", timings_all,
-                            target=target, what=what)
+            e = ratio_entry(
+                f"{preset}: {num} / {den}", f"{preset}/{num}", f"{preset}/{den}", timings_all, target=target, what=what
+            )
             e["flop_ratio"] = _flop_ratio(results, f"{preset}/{num}", f"{preset}/{den}")
             ratios.append(e)
         for phase, num, den, fnum, fden, what in PHASE_RATIOS:
             if (phase, num) not in phase_timings or (phase, den) not in phase_timings:
                 continue
             pt = {f"{preset}/{n}": phase_timings[(phase, n)] for n in (num, den)}
-            e = ratio_entry(f"{preset}: {phase} of {num} / {den}", f"{preset}/{num}", f"{preset}/{den}", pt,
-                            what=what)
+            e = ratio_entry(f"{preset}: {phase} of {num} / {den}", f"{preset}/{num}", f"{preset}/{den}", pt, what=what)
             e["phase"] = phase
             e["flop_ratio"] = _flop_ratio(results, f"{preset}/{fnum}", f"{preset}/{fden}")  # the pass alone
             ratios.append(e)
     payload = {
         "title": TITLE,
         "measures": __doc__.strip().split("\n\n", 1)[1],
-        "settings": {**{k: v for k, v in s.items() if k not in ("repeats", "warmup")}, "repeats": repeats,
-                     "warmup": warmup, "mask_ratio": MASK_RATIO, "lambda_pred": LAMBDA_PRED, "clip_grad": CLIP,
-                     "teacher_views": views, "precision": amp_name(ctx.device),
-                     "optimizer": "AdamW (0.9, 0.95), weight-decay groups", "memory_variants": list(MEMORY_VARIANTS)},
+        "settings": {
+            **{k: v for k, v in s.items() if k not in ("repeats", "warmup")},
+            "repeats": repeats,
+            "warmup": warmup,
+            "mask_ratio": MASK_RATIO,
+            "lambda_pred": LAMBDA_PRED,
+            "clip_grad": CLIP,
+            "teacher_views": views,
+            "precision": amp_name(ctx.device),
+            "optimizer": "AdamW (0.9, 0.95), weight-decay groups",
+            "memory_variants": list(MEMORY_VARIANTS),
+        },
         "results": results,
         "ratios": ratios,
     }
@@ -294,8 +392,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     threads = apply_threads(a.threads)
-    ctx = Context(device=a.device, size=a.size, threads=threads, repeats=a.repeats, warmup=a.warmup,
-                  memory=not a.no_memory, flops=not a.no_flops, results_dir=a.results_dir, verbose=not a.quiet)
+    ctx = Context(
+        device=a.device,
+        size=a.size,
+        threads=threads,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        memory=not a.no_memory,
+        flops=not a.no_flops,
+        results_dir=a.results_dir,
+        verbose=not a.quiet,
+    )
     ctx.results_dir.mkdir(parents=True, exist_ok=True)
     ctx.extra["loadavg_start"] = _loadavg()
     ctx.log(f"device {a.device}, size {a.size}, {threads} threads")

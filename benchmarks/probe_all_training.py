@@ -36,15 +36,25 @@ def main(argv=None) -> dict:
     for m in methods:
         for s in spec["seeds"]:
             init = None if m == "scratch" else out / "pretrain" / m / f"seed{s}" / "encoder.safetensors"
-            r = run_probe(replace(cfg, seed=int(s)), dataset, out / "probe_all_training" / m / f"seed{s}" / "probe.json",
-                          init=init, labelled_cases=0)
+            r = run_probe(
+                replace(cfg, seed=int(s)),
+                dataset,
+                out / "probe_all_training" / m / f"seed{s}" / "probe.json",
+                init=init,
+                labelled_cases=0,
+            )
             acc.setdefault(m, {})[int(s)] = r["balanced_accuracy"]
-            print(f"{m} seed {s}: balanced accuracy {100 * r['balanced_accuracy']:.1f} % "
-                  f"(training {100 * r['train_balanced_accuracy']:.1f} % on {r['train_tokens']} tokens)", flush=True)
+            print(
+                f"{m} seed {s}: balanced accuracy {100 * r['balanced_accuracy']:.1f} % "
+                f"(training {100 * r['train_balanced_accuracy']:.1f} % on {r['train_tokens']} tokens)",
+                flush=True,
+            )
     pairs = [(a, b) for a, b in (("hpm", "mae"), ("mae", "scratch"), ("hpm", "scratch")) if a in acc and b in acc]
-    summary = {"per_seed": acc, "mean_std": {m: dict(zip(("mean", "std", "n"), mean_std(list(v.values()))))
-                                             for m, v in acc.items()},
-               "paired": {f"{a}-{b}": paired_difference(acc[a], acc[b]) for a, b in pairs}}
+    summary = {
+        "per_seed": acc,
+        "mean_std": {m: dict(zip(("mean", "std", "n"), mean_std(list(v.values())))) for m, v in acc.items()},
+        "paired": {f"{a}-{b}": paired_difference(acc[a], acc[b]) for a, b in pairs},
+    }
     (out / "probe_all_training" / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     for k, v in summary["paired"].items():
         print(f"{k}: {100 * v['mean']:+.2f} points [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}]")

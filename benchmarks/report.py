@@ -533,7 +533,8 @@ def _header(doc: dict) -> list[str]:
         f"#### {doc['device']} / size `{doc['size']}` ({doc['_file']})",
         "",
         f"*Machine:* {machine_line(m)}. *Run:* {doc.get('created', '?')}, {doc.get('duration_s', 0):.0f} s"
-        + (f", load average {load[0][0]} at start / {load[1][0]} at end" if load[0] and load[1] else "") + ".",
+        + (f", load average {load[0][0]} at start / {load[1][0]} at end" if load[0] and load[1] else "")
+        + ".",
         "",
         "*Settings:* " + ", ".join(f"{k} `{_setting(v)}`" for k, v in doc.get("settings", {}).items()) + ".",
         "",
@@ -542,20 +543,25 @@ def _header(doc: dict) -> list[str]:
 
 
 def _ratio_table(doc: dict) -> list[str]:
-    rows = ["| ratio (time / time) | median ratio | paired | CPU-time ratio | FLOP ratio | target | met |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| ratio (time / time) | median ratio | paired | CPU-time ratio | FLOP ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in doc.get("ratios", []):
         rows.append(
             f"| {r['name']} | **{_num(r.get('ratio'), '.3f')}** | {_num(r.get('paired_median'), '.3f')} | "
             f"{_num(r.get('cpu_ratio'), '.3f')} | {_num(r.get('flop_ratio'), '.3f')} | "
             f"{'' if r.get('target') is None else '<= ' + str(r['target'])} | "
-            f"{'' if r.get('meets_target') is None else ('yes' if r['meets_target'] else '**no**')} |")
+            f"{'' if r.get('meets_target') is None else ('yes' if r['meets_target'] else '**no**')} |"
+        )
     return rows + [""]
 
 
 def _step_table(doc: dict) -> list[str]:
-    rows = ["| variant | median s | min-max s | CPU s | peak MiB | static MiB | GFLOP/step | TFLOP/s | MFU |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | median s | min-max s | CPU s | peak MiB | static MiB | GFLOP/step | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in doc["results"].items():
         w, c = r["wall_s"], r["cpu_s"]
         peak, static = _mem(r)
@@ -563,14 +569,19 @@ def _step_table(doc: dict) -> list[str]:
         rows.append(
             f"| {key} | {w['median']:.3f} | {w['min']:.3f}-{w['max']:.3f} | {c['median']:.2f} | {peak} | {static} | "
             f"{_num(fl / 1e9 if fl else None, ',.1f')} | {_num(r.get('achieved_tflops'), '.3f')} | "
-            f"{'n/a' if r.get('mfu') is None else format(r['mfu'], '.1%')} |")
+            f"{'n/a' if r.get('mfu') is None else format(r['mfu'], '.1%')} |"
+        )
     return rows + [""]
 
 
 def _phase_table(doc: dict) -> list[str]:
     keys = ("forward", "teacher_pass", "backward", "optimizer", "ema")
-    rows = ["Median phase times of one step (s; *forward* includes the teacher pass):", "",
-            "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    rows = [
+        "Median phase times of one step (s; *forward* includes the teacher pass):",
+        "",
+        "| variant | " + " | ".join(keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
     for key, r in doc["results"].items():
         ph = r.get("phases_s") or {}
         rows.append(f"| {key} | " + " | ".join(_num(ph.get(k), ".3f") for k in keys) + " |")
@@ -582,43 +593,58 @@ def _sliding_table(doc: dict) -> list[str]:
     for key, r in doc["results"].items():
         w = r["wall_s"]
         peak, static = _mem(r)
-        rows.append(f"| {key} | {w['median']:.2f} | {w['min']:.2f}-{w['max']:.2f} | {r['windows_per_s']:.2f} | "
-                    f"{peak} | {static} |")
+        rows.append(
+            f"| {key} | {w['median']:.2f} | {w['min']:.2f}-{w['max']:.2f} | {r['windows_per_s']:.2f} | "
+            f"{peak} | {static} |"
+        )
     return rows + [""]
 
 
 def _data_table(doc: dict) -> list[str]:
-    rows = ["| cache | workers | volumes per batch | crops/s (median) | epoch s | first epoch s | dataset build s |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| cache | workers | volumes per batch | crops/s (median) | epoch s | first epoch s | dataset build s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in doc["results"].values():
-        rows.append(f"| {r['cache']} | {r['workers']} | {r.get('batch_volumes', 1)} | **{r['crops_per_s']:.2f}** | "
-                    f"{r['epoch_s']['median']:.2f} | {r['first_epoch_s']:.2f} | {r['build_s']:.2f} |")
+        rows.append(
+            f"| {r['cache']} | {r['workers']} | {r.get('batch_volumes', 1)} | **{r['crops_per_s']:.2f}** | "
+            f"{r['epoch_s']['median']:.2f} | {r['first_epoch_s']:.2f} | {r['build_s']:.2f} |"
+        )
     cold = [r.get("cold_epoch_s") for r in doc["results"].values() if r.get("cold_epoch_s")]
     extra = [f"Disk cache, first (cold) pass that writes the cache: {cold[0]:.2f} s.", ""] if cold else []
     return rows + [""] + extra
 
 
 def _headline(docs: list[dict]) -> list[str]:
-    rows = ["## Headline figures", "",
-            "| benchmark | device / size | ratio | value | target |", "|---|---|---|---|---|"]
+    rows = [
+        "## Headline figures",
+        "",
+        "| benchmark | device / size | ratio | value | target |",
+        "|---|---|---|---|---|",
+    ]
     for doc in docs:
         if doc["name"] == "data_pipeline":
             best = max(doc["results"].values(), key=lambda r: r["crops_per_s"])
             base = doc["results"].get("none/w0")
-            rows.append(f"| data_pipeline | {doc['device']} / {doc['size']} | crops/s none, 0 workers -> best "
-                        f"({best['variant']}) | {base['crops_per_s']:.2f} -> {best['crops_per_s']:.2f} | |")
+            rows.append(
+                f"| data_pipeline | {doc['device']} / {doc['size']} | crops/s none, 0 workers -> best "
+                f"({best['variant']}) | {base['crops_per_s']:.2f} -> {best['crops_per_s']:.2f} | |"
+            )
             continue
         for r in doc.get("ratios", []):
             if doc["name"] == "pretrain_step" and "fused" in r["name"]:
                 continue
             tgt = "" if r.get("target") is None else f"<= {r['target']} ({'met' if r['meets_target'] else 'not met'})"
-            rows.append(f"| {doc['name']} | {doc['device']} / {doc['size']} | {r['name']} | **{r['ratio']:.3f}** | "
-                        f"{tgt} |")
+            rows.append(
+                f"| {doc['name']} | {doc['device']} / {doc['size']} | {r['name']} | **{r['ratio']:.3f}** | {tgt} |"
+            )
         if doc["name"] == "sliding_window":
             res = doc["results"]
-            rows.append(f"| sliding_window | {doc['device']} / {doc['size']} | seconds ours / monai, volume "
-                        f"{'x'.join(map(str, doc['settings']['volume']))} | {res['ours']['wall_s']['median']:.1f} / "
-                        f"{res['monai']['wall_s']['median']:.1f} | |")
+            rows.append(
+                f"| sliding_window | {doc['device']} / {doc['size']} | seconds ours / monai, volume "
+                f"{'x'.join(map(str, doc['settings']['volume']))} | {res['ours']['wall_s']['median']:.1f} / "
+                f"{res['monai']['wall_s']['median']:.1f} | |"
+            )
     durations = {}
     for doc in docs:
         durations.setdefault((doc["device"], doc["size"]), []).append(doc.get("duration_s", 0.0))
@@ -630,10 +656,22 @@ def _headline(docs: list[dict]) -> list[str]:
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
     docs = _load(results_dir)
-    docs.sort(key=lambda d: (BENCHMARKS.index(d["name"]) if d["name"] in BENCHMARKS else 99,
-                             d["device"], SIZE_ORDER.get(d["size"], 9)))
-    out = [INTRO, "## How to run", "", HOW_TO_RUN.format(names=", ".join(BENCHMARKS), schema=SCHEMA),
-           "## Method", "", METHOD]
+    docs.sort(
+        key=lambda d: (
+            BENCHMARKS.index(d["name"]) if d["name"] in BENCHMARKS else 99,
+            d["device"],
+            SIZE_ORDER.get(d["size"], 9),
+        )
+    )
+    out = [
+        INTRO,
+        "## How to run",
+        "",
+        HOW_TO_RUN.format(names=", ".join(BENCHMARKS), schema=SCHEMA),
+        "## Method",
+        "",
+        METHOD,
+    ]
     out += _headline(docs)
     out.append(FINDINGS)
     out += ["## Results", ""]

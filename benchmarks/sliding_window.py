@@ -68,8 +68,9 @@ def build_case(spec: dict, device: str) -> Case:
         from medhpm.segment.predict import Predictor
 
         cfg = load_config("demo", [f"data.roi=[{roi},{roi},{roi}]", "model.patch_size=16"])
-        predictor = Predictor(model, cfg, device=device, overlap=OVERLAP, blend=BLEND, sw_batch_size=SW_BATCH,
-                              output_on_cpu=True)
+        predictor = Predictor(
+            model, cfg, device=device, overlap=OVERLAP, blend=BLEND, sw_batch_size=SW_BATCH, output_on_cpu=True
+        )
 
         def step():
             return predictor._infer(image)
@@ -82,8 +83,16 @@ def build_case(spec: dict, device: str) -> Case:
         def step():
             x = image[None].to(dev)
             with amp_context(dev):
-                logits = sliding_window_inference(x, (roi,) * 3, SW_BATCH, model, overlap=OVERLAP, mode=BLEND,
-                                                  sw_device=dev, device=torch.device("cpu"))
+                logits = sliding_window_inference(
+                    x,
+                    (roi,) * 3,
+                    SW_BATCH,
+                    model,
+                    overlap=OVERLAP,
+                    mode=BLEND,
+                    sw_device=dev,
+                    device=torch.device("cpu"),
+                )
             return torch.softmax(logits.float(), dim=1)[0]
 
     return Case(step=step, info={"params": sum(p.numel() for p in model.parameters())})
@@ -100,23 +109,45 @@ def run(ctx: Context) -> dict:
     ctx.log(f"{NAME}: {s['preset']}, volume {s['volume']}, ROI {s['roi']}^3, {windows} windows, {repeats} repeats")
     cases = {impl: build_case(spec, ctx.device) for impl, spec in specs.items()}
     timings = time_interleaved(cases, repeats, warmup, ctx.device, log=ctx.log)
-    results = {impl: {"model": s["preset"], "variant": impl, "spec": specs[impl], **timings[impl],
-                      "params": cases[impl].info["params"],
-                      "windows_per_s": windows / timings[impl]["wall_s"]["median"]} for impl in IMPLS}
+    results = {
+        impl: {
+            "model": s["preset"],
+            "variant": impl,
+            "spec": specs[impl],
+            **timings[impl],
+            "params": cases[impl].info["params"],
+            "windows_per_s": windows / timings[impl]["wall_s"]["median"],
+        }
+        for impl in IMPLS
+    }
     del cases
     for impl in IMPLS:
         ctx.log(f"  memory probe {impl}")
         results[impl]["memory"] = measure_memory(ctx, MODULE, specs[impl], steps=1)
-    e = ratio_entry("ours / monai", "ours", "monai", results, target=None,
-                    what="Predictor sliding window (our UNETR) / plain MONAI sliding_window_inference (MONAI UNETR)")
+    e = ratio_entry(
+        "ours / monai",
+        "ours",
+        "monai",
+        results,
+        target=None,
+        what="Predictor sliding window (our UNETR) / plain MONAI sliding_window_inference (MONAI UNETR)",
+    )
     payload = {
         "title": TITLE,
         "measures": __doc__.strip().split("\n\n", 1)[1],
-        "settings": {**{k: s[k] for k in keys}, "windows": windows, "overlap": OVERLAP, "sw_batch_size": SW_BATCH,
-                     "blend": BLEND, "output_device": "cpu", "repeats": repeats, "warmup": warmup,
-                     "precision": amp_name(ctx.device),
-                     "paper_volume": list(SIZES["paper"]["volume"]),
-                     "reduced_volume": list(s["volume"]) != list(SIZES["paper"]["volume"])},
+        "settings": {
+            **{k: s[k] for k in keys},
+            "windows": windows,
+            "overlap": OVERLAP,
+            "sw_batch_size": SW_BATCH,
+            "blend": BLEND,
+            "output_device": "cpu",
+            "repeats": repeats,
+            "warmup": warmup,
+            "precision": amp_name(ctx.device),
+            "paper_volume": list(SIZES["paper"]["volume"]),
+            "reduced_volume": list(s["volume"]) != list(SIZES["paper"]["volume"]),
+        },
         "results": results,
         "ratios": [e],
     }

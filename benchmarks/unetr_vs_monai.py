@@ -56,15 +56,31 @@ def build_model(spec: dict, device: str) -> torch.nn.Module:
     if spec["impl"] == "ours":
         from medhpm.models.unetr import build_unetr
 
-        model = build_unetr(dict(img_size=[roi] * 3, patch_size=16, in_chans=1, **enc), out_channels=spec["classes"],
-                            feature_size=spec["feature_size"], drop_path=0.0, norm_name="instance")
+        model = build_unetr(
+            dict(img_size=[roi] * 3, patch_size=16, in_chans=1, **enc),
+            out_channels=spec["classes"],
+            feature_size=spec["feature_size"],
+            drop_path=0.0,
+            norm_name="instance",
+        )
     else:
         from monai.networks.nets import UNETR
 
-        model = UNETR(in_channels=1, out_channels=spec["classes"], img_size=(roi,) * 3,
-                      feature_size=spec["feature_size"], hidden_size=enc["embed_dim"], mlp_dim=4 * enc["embed_dim"],
-                      num_heads=enc["num_heads"], proj_type="conv", norm_name="instance", conv_block=True,
-                      res_block=True, dropout_rate=0.0, qkv_bias=True)
+        model = UNETR(
+            in_channels=1,
+            out_channels=spec["classes"],
+            img_size=(roi,) * 3,
+            feature_size=spec["feature_size"],
+            hidden_size=enc["embed_dim"],
+            mlp_dim=4 * enc["embed_dim"],
+            num_heads=enc["num_heads"],
+            proj_type="conv",
+            norm_name="instance",
+            conv_block=True,
+            res_block=True,
+            dropout_rate=0.0,
+            qkv_bias=True,
+        )
         if enc["depth"] != model.num_layers:
             raise ValueError(f"MONAI's UNETR has {model.num_layers} blocks; preset {spec['preset']} has {enc['depth']}")
     return model.to(device)
@@ -108,24 +124,46 @@ def run(ctx: Context) -> dict:
     cases = {impl: build_case(spec, ctx.device) for impl, spec in specs.items()}
     count_case_flops(ctx, cases)
     timings = time_interleaved(cases, repeats, warmup, ctx.device, log=ctx.log)
-    results = {impl: {"model": s["preset"], "variant": impl, "spec": specs[impl], **timings[impl],
-                      "params": cases[impl].info["params"]} for impl in IMPLS}
+    results = {
+        impl: {
+            "model": s["preset"],
+            "variant": impl,
+            "spec": specs[impl],
+            **timings[impl],
+            "params": cases[impl].info["params"],
+        }
+        for impl in IMPLS
+    }
     add_flops(ctx, cases, timings, results)
     del cases
     for impl in IMPLS:
         ctx.log(f"  memory probe {impl}")
         results[impl]["memory"] = measure_memory(ctx, MODULE, specs[impl])
-    e = ratio_entry("ours / monai", "ours", "monai", results, target=1.0,
-                    what="our UNETR training step / MONAI UNETR training step (target <= 1.0)")
+    e = ratio_entry(
+        "ours / monai",
+        "ours",
+        "monai",
+        results,
+        target=1.0,
+        what="our UNETR training step / MONAI UNETR training step (target <= 1.0)",
+    )
     fa, fb = results["ours"].get("flops_per_step"), results["monai"].get("flops_per_step")
     e["flop_ratio"] = fa / fb if fa and fb else None
     payload = {
         "title": TITLE,
         "measures": __doc__.strip().split("\n\n", 1)[1],
-        "settings": {**{k: s[k] for k in keys}, "repeats": repeats, "warmup": warmup,
-                     "precision": amp_name(ctx.device), "loss": "DiceCELoss(to_onehot_y=True, softmax=True)",
-                     "optimizer": f"AdamW lr {LR}, betas {BETAS}, wd {WD}", "clip_grad": CLIP,
-                     "norm": "instance", "qkv_bias": True, "drop_path": 0.0},
+        "settings": {
+            **{k: s[k] for k in keys},
+            "repeats": repeats,
+            "warmup": warmup,
+            "precision": amp_name(ctx.device),
+            "loss": "DiceCELoss(to_onehot_y=True, softmax=True)",
+            "optimizer": f"AdamW lr {LR}, betas {BETAS}, wd {WD}",
+            "clip_grad": CLIP,
+            "norm": "instance",
+            "qkv_bias": True,
+            "drop_path": 0.0,
+        },
         "results": results,
         "ratios": [e],
     }

@@ -62,8 +62,15 @@ def dicom_series_writer():
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    def write(folder, volume, spacing=(0.8, 0.8, 2.5), origin=(-20.0, -30.0, 100.0), series_uid=None,
-              instance_numbers=None, suffix=""):
+    def write(
+        folder,
+        volume,
+        spacing=(0.8, 0.8, 2.5),
+        origin=(-20.0, -30.0, 100.0),
+        series_uid=None,
+        instance_numbers=None,
+        suffix="",
+    ):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         volume = np.asarray(volume)

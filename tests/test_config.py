@@ -66,13 +66,19 @@ def test_packaged_configs_resolve():
 def test_teacher_views_without_masked_views_is_refused():
     with pytest.raises(ConfigError, match="'pretrain.teacher_views'.*only used with pretrain.teacher_view=masked"):
         load_config("btcv_paper", ["pretrain.teacher_views=4"])
-    assert load_config("btcv_paper", ["pretrain.teacher_view=masked", "pretrain.teacher_views=4"]).pretrain.teacher_views == 4
+    assert (
+        load_config("btcv_paper", ["pretrain.teacher_view=masked", "pretrain.teacher_views=4"]).pretrain.teacher_views
+        == 4
+    )
 
 
-@pytest.mark.parametrize("override,key,hint", [
-    ("pretrain.lamda_pred=2", "pretrain.lamda_pred", "pretrain.lambda_pred"),
-    ("data.spaceing=[1,1,1]", "data.spaceing", "data.spacing"),
-])
+@pytest.mark.parametrize(
+    "override,key,hint",
+    [
+        ("pretrain.lamda_pred=2", "pretrain.lamda_pred", "pretrain.lambda_pred"),
+        ("data.spaceing=[1,1,1]", "data.spaceing", "data.spacing"),
+    ],
+)
 def test_unknown_key_names_it_and_suggests(override, key, hint):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
@@ -93,14 +99,17 @@ def test_wrong_type_names_the_key():
     assert "pretrain.epochs" in str(e.value)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("data.roi=[60,64,64]", "data.roi"),
-    ("pretrain.mask_ratio=1.0", "pretrain.mask_ratio"),
-    ("pretrain.mask_ratio=0", "pretrain.mask_ratio"),
-    ("model.decoder_heads=5", "model.decoder_heads"),
-    ("model.preset=huge", "model.preset"),
-    ("pretrain.method=simmim", "pretrain.method"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.roi=[60,64,64]", "data.roi"),
+        ("pretrain.mask_ratio=1.0", "pretrain.mask_ratio"),
+        ("pretrain.mask_ratio=0", "pretrain.mask_ratio"),
+        ("model.decoder_heads=5", "model.decoder_heads"),
+        ("model.preset=huge", "model.preset"),
+        ("pretrain.method=simmim", "pretrain.method"),
+    ],
+)
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
@@ -116,8 +125,22 @@ def test_round_trip_and_saved_config(tmp_path):
 
 
 def test_cli_reports_unknown_key_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "pretrain", "--config", "demo", "pretrain.lamda_pred=2",
-                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "pretrain",
+            "--config",
+            "demo",
+            "pretrain.lamda_pred=2",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert "pretrain.lambda_pred" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x" / "last.pt").exists()
@@ -147,14 +170,17 @@ def test_both_stages_share_the_training_fields_with_their_own_defaults():
         load_config("demo", ["finetune.nonfinite=ignore"])
 
 
-@pytest.mark.parametrize("override,says", [
-    ("evaluate.overlap=0.25", "'inference.overlap'"),
-    ("evaluate.sw_batch_size=2", "'inference.sw_batch_size'"),
-    ("evaluate.output_on_cpu=false", "--gpu-output"),
-    ("evaluate.save_probabilities=true", "--probabilities"),
-    ("pretrain.pred_loss=absolute", "'pretrain.prediction_loss'"),
-    ("pretrain.prediction_loss=relative", "'ranking'"),
-])
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("evaluate.overlap=0.25", "'inference.overlap'"),
+        ("evaluate.sw_batch_size=2", "'inference.sw_batch_size'"),
+        ("evaluate.output_on_cpu=false", "--gpu-output"),
+        ("evaluate.save_probabilities=true", "--probabilities"),
+        ("pretrain.pred_loss=absolute", "'pretrain.prediction_loss'"),
+        ("pretrain.prediction_loss=relative", "'ranking'"),
+    ],
+)
 def test_keys_of_earlier_versions_say_the_new_name(override, says):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
@@ -167,8 +193,9 @@ def test_an_old_section_in_a_yaml_file_says_the_new_name(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
     assert "'evaluate.blend' is now called 'inference.blend'" in str(e.value) and "old.yaml" in str(e.value)
-    cfg = load_config("demo", ["inference.overlap=0.25", "inference.blend=constant",
-                               "pretrain.prediction_loss=absolute"])
+    cfg = load_config(
+        "demo", ["inference.overlap=0.25", "inference.blend=constant", "pretrain.prediction_loss=absolute"]
+    )
     assert (cfg.inference.overlap, cfg.inference.blend, cfg.pretrain.prediction_loss) == (0.25, "constant", "absolute")
 
 
@@ -217,4 +244,3 @@ def test_experiment_specs_are_found_like_configs():
     assert load_experiment("demo_experiment")["base"] == "demo"
     with pytest.raises(ConfigError, match="Did you mean 'demo_experiment'"):
         load_experiment("demo_experimnt")
-

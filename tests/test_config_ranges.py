@@ -54,21 +54,25 @@ BAD: dict[str, list[str]] = {
     "model.feature_size": ["0"],
     "model.skip_blocks": ["[0,6,9]", "[3,6,13]", "[6,3,9]", "[3,6]"],
     "model.norm_name": ["banana"],
-    **{f"{stage}.{k}": v for stage in ("pretrain", "finetune") for k, v in {
-        "epochs": ["0"],
-        "steps_per_epoch": ["-3"],
-        "batch_size": ["0"],
-        "accum_steps": ["0"],
-        "lr": ["0", "-1e-4"],
-        "lr_ref_batch": ["0"],
-        "min_lr": ["-1e-6", "1.0"],  # above lr
-        "warmup_epochs": ["-1"],
-        "weight_decay": ["-0.1"],
-        "betas": ["[0.9,1.0]", "[-0.1,0.9]", "[0.9]", "[0.9,0.95,0.99]"],
-        "clip_grad": ["-1"],
-        "nonfinite": ["ignore"],
-        "checkpoint_every": ["0"],
-    }.items()},
+    **{
+        f"{stage}.{k}": v
+        for stage in ("pretrain", "finetune")
+        for k, v in {
+            "epochs": ["0"],
+            "steps_per_epoch": ["-3"],
+            "batch_size": ["0"],
+            "accum_steps": ["0"],
+            "lr": ["0", "-1e-4"],
+            "lr_ref_batch": ["0"],
+            "min_lr": ["-1e-6", "1.0"],  # above lr
+            "warmup_epochs": ["-1"],
+            "weight_decay": ["-0.1"],
+            "betas": ["[0.9,1.0]", "[-0.1,0.9]", "[0.9]", "[0.9,0.95,0.99]"],
+            "clip_grad": ["-1"],
+            "nonfinite": ["ignore"],
+            "checkpoint_every": ["0"],
+        }.items()
+    },
     "pretrain.method": ["simmim"],
     "pretrain.mask_ratio": ["0", "1.0"],
     "pretrain.alpha_0": ["-0.1"],
@@ -179,10 +183,26 @@ def test_a_tuple_of_the_wrong_length_in_a_yaml_file_names_the_key(tmp_path):
 
 def test_negative_steps_per_epoch_stops_before_anything_runs(tmp_path):
     out = tmp_path / "X"
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "pretrain", "--config", "demo",
-                        "pretrain.steps_per_epoch=-3", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "pretrain",
+            "--config",
+            "demo",
+            "pretrain.steps_per_epoch=-3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert lines == ["error: config key 'pretrain.steps_per_epoch': -3 is out of range: must be at least 0 "
-                     "(0: one pass over the training volumes)"], r.stderr
+    assert lines == [
+        "error: config key 'pretrain.steps_per_epoch': -3 is out of range: must be at least 0 "
+        "(0: one pass over the training volumes)"
+    ], r.stderr
     assert not out.exists()

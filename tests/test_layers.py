@@ -66,8 +66,9 @@ def medhpm_imports(path: Path, module: str | None = None) -> list[tuple[str, int
             if module.split(".")[0] != "medhpm":
                 continue
             if module == "medhpm":  # from medhpm import config, __version__
-                found += [(f"medhpm.{a.name}" if layer_of(f"medhpm.{a.name}") else "medhpm", node.lineno)
-                          for a in node.names]
+                found += [
+                    (f"medhpm.{a.name}" if layer_of(f"medhpm.{a.name}") else "medhpm", node.lineno) for a in node.names
+                ]
             else:
                 found.append((module, node.lineno))
     return sorted(found, key=lambda item: item[1])
@@ -105,9 +106,16 @@ def test_imports_point_to_the_same_or_a_lower_layer():
 
 def test_the_checker_sees_in_function_relative_and_package_imports(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\n\ndef f():\n    from medhpm.segment.predict import Predictor\n\n"
-                     "from ..data import io\nfrom medhpm import __version__, viz\nimport medhpm.cli\n")
+    probe.write_text(
+        "import os\n\ndef f():\n    from medhpm.segment.predict import Predictor\n\n"
+        "from ..data import io\nfrom medhpm import __version__, viz\nimport medhpm.cli\n"
+    )
     found = medhpm_imports(probe, module="medhpm.models.probe")
-    assert found == [("medhpm.segment.predict", 4), ("medhpm.data", 6), ("medhpm", 7), ("medhpm.viz", 7),
-                     ("medhpm.cli", 8)]
+    assert found == [
+        ("medhpm.segment.predict", 4),
+        ("medhpm.data", 6),
+        ("medhpm", 7),
+        ("medhpm.viz", 7),
+        ("medhpm.cli", 8),
+    ]
     assert [layer_of(m) for m, _ in found] == [7, 4, None, 8, 10]

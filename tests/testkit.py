@@ -20,8 +20,14 @@ LIVER_AND_SPLEEN = (  # BTCV label values
 )
 
 
-def synthetic_ct(shape=(40, 40, 24), seed: int = 0, blobs=ORGAN_AND_BONE, body_hu: float = 40.0,
-                 noise_hu: float = 10.0, jitter: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_ct(
+    shape=(40, 40, 24),
+    seed: int = 0,
+    blobs=ORGAN_AND_BONE,
+    body_hu: float = 40.0,
+    noise_hu: float = 10.0,
+    jitter: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
     """Tiny CT-like volume in HU: air outside an elliptic body of ``body_hu``, ``blobs`` painted in order,
     Gaussian noise of ``noise_hu``; the blob centres move by up to ``jitter`` (drawn from ``seed``; 0: no
     draw). Returns (int16 image, uint8 label map)."""

@@ -27,6 +27,7 @@ viz_app = typer.Typer(no_args_is_help=True, help="Figures: reconstructions, diff
 app.add_typer(data_app, name="data")
 app.add_typer(viz_app, name="visualize")
 
+
 def _version_text() -> str:
     import platform
 
@@ -56,8 +57,13 @@ def _version_callback(value: bool):
 
 @app.callback()
 def main_callback(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
-                                 help="Print medhpm, Python, torch, MONAI and CUDA versions and the device."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print medhpm, Python, torch, MONAI and CUDA versions and the device.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors (or MEDHPM_DEBUG=1)."),
 ):
     del debug  # read by main(), which reports the errors; declared here so that typer accepts it
@@ -71,10 +77,17 @@ def phantom(
     seed: int = typer.Option(0, help="Random seed (the same seed gives the same data)."),
     size: Optional[str] = typer.Option(None, help="Voxels per case as X,Y,Z (default: about 128x128x70)."),
     spacing: Optional[str] = typer.Option(None, help="Voxel spacing in mm as X,Y,Z (default: varied per case)."),
-    variability: str = typer.Option("standard", help="standard (portal-venous, full abdomen) or wide (every "
-                                    "contrast phase, scanner, build, lesions, partial fields of view; docs/phantoms.md)."),
-    dicom: bool = typer.Option(False, "--dicom", help="Also write each CT as a DICOM series (dicom/CASE/) with "
-                               "the UIDs a DICOM-SEG references: try predict --output-type both on it."),
+    variability: str = typer.Option(
+        "standard",
+        help="standard (portal-venous, full abdomen) or wide (every "
+        "contrast phase, scanner, build, lesions, partial fields of view; docs/phantoms.md).",
+    ),
+    dicom: bool = typer.Option(
+        False,
+        "--dicom",
+        help="Also write each CT as a DICOM series (dicom/CASE/) with "
+        "the UIDs a DICOM-SEG references: try predict --output-type both on it.",
+    ),
 ):
     """Write synthetic abdominal CT phantoms (NIfTI, BTCV labels) with an MSD-style dataset.json."""
     from medhpm.data.phantom import write_phantom_dataset
@@ -82,10 +95,19 @@ def phantom(
 
     if variability not in VARIABILITY:
         raise typer.BadParameter(f"--variability must be standard or wide, not {variability!r}")
-    path = write_phantom_dataset(out, cases=cases, seed=seed, size=_triple(size, int, "--size"),
-                                 spacing=_triple(spacing, float, "--spacing"), progress=True,
-                                 variability=variability, dicom=dicom)
-    typer.echo(f"wrote {cases} phantom cases and {path}" + (f"; DICOM series in {Path(out) / 'dicom'}" if dicom else ""))
+    path = write_phantom_dataset(
+        out,
+        cases=cases,
+        seed=seed,
+        size=_triple(size, int, "--size"),
+        spacing=_triple(spacing, float, "--spacing"),
+        progress=True,
+        variability=variability,
+        dicom=dicom,
+    )
+    typer.echo(
+        f"wrote {cases} phantom cases and {path}" + (f"; DICOM series in {Path(out) / 'dicom'}" if dicom else "")
+    )
 
 
 @data_app.command("datalist")
@@ -101,8 +123,17 @@ def data_datalist(
 
     refuse_overwriting_inputs([out], [source], hint="choose another -o")  # before the source is read
     dl = load_datalist(source, format=format, split=split)
-    refuse_overwriting_inputs([out], [e[k] for s in ("training", "validation", "test") for e in dl.get(s, [])
-                                      for k in ("image", "label") if e.get(k)], hint="choose another -o")
+    refuse_overwriting_inputs(
+        [out],
+        [
+            e[k]
+            for s in ("training", "validation", "test")
+            for e in dl.get(s, [])
+            for k in ("image", "label")
+            if e.get(k)
+        ],
+        hint="choose another -o",
+    )
     write_datalist(dl, out)
     counts = ", ".join(f"{len(dl.get(k, []))} {k}" for k in ("training", "validation", "test"))
     typer.echo(f"{dl['format']} data set at {source}: {counts}; wrote {out}")
@@ -112,7 +143,9 @@ def data_datalist(
 def data_check(
     dataset: Path = typer.Argument(..., help="A datalist JSON or any folder layout medhpm reads."),
     format: str = typer.Option("auto", help="auto | msd | nnunet | btcv | folder"),
-    num_classes: Optional[int] = typer.Option(None, help="Classes including background (default: the datalist's labels)."),
+    num_classes: Optional[int] = typer.Option(
+        None, help="Classes including background (default: the datalist's labels)."
+    ),
     roi: str = typer.Option("96,96,96", help="Training ROI in voxels at --spacing; smaller scans are padded."),
     spacing: str = typer.Option("1.5,1.5,2.0", help="Target spacing in mm used for the ROI check."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
@@ -123,8 +156,13 @@ def data_check(
     from medhpm.data.check import check_dataset
     from medhpm.runtime.files import atomic_write_text
 
-    report = check_dataset(dataset, num_classes=num_classes, roi=_triple(roi, int, "--roi"),
-                           spacing=_triple(spacing, float, "--spacing"), format=format)
+    report = check_dataset(
+        dataset,
+        num_classes=num_classes,
+        roi=_triple(roi, int, "--roi"),
+        spacing=_triple(spacing, float, "--spacing"),
+        format=format,
+    )
     typer.echo(report.format())
     if json_out:
         atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2))
@@ -148,7 +186,9 @@ def pretrain(
     config: str = typer.Option("demo", "--config", "-c", help=_CONFIG_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/pretrain-NAME-TIME)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic kernels and seeds (CPU: identical losses)."),
+    deterministic: bool = typer.Option(
+        False, "--deterministic", help="Deterministic kernels and seeds (CPU: identical losses)."
+    ),
 ):
     """Self-pre-train a 3D ViT as a masked autoencoder (method=hpm|mae|no_lpred|no_learn_to_mask).
 
@@ -213,7 +253,11 @@ def export_encoder_cmd(
 def finetune(
     overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
     config: str = typer.Option("demo", "--config", "-c", help=_CONFIG_HELP),
-    init: str = typer.Option("none", "--init", help="Pre-training checkpoint, encoder.safetensors, MONAI UNETR / SelfMedMAE / 2D ViT checkpoint, or none."),
+    init: str = typer.Option(
+        "none",
+        "--init",
+        help="Pre-training checkpoint, encoder.safetensors, MONAI UNETR / SelfMedMAE / 2D ViT checkpoint, or none.",
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/finetune-NAME-TIME)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
     teacher: bool = typer.Option(False, "--teacher", help="Initialise from the EMA teacher's encoder."),
@@ -238,33 +282,67 @@ def finetune(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder (its best.pt, else final.pt, else last.pt)."),
-    input: Path = typer.Option(..., "-i", "--input", help="A NIfTI file, a folder of them, a DICOM series folder, or a datalist JSON."),
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder (its best.pt, else final.pt, else last.pt).",
+    ),
+    input: Path = typer.Option(
+        ..., "-i", "--input", help="A NIfTI file, a folder of them, a DICOM series folder, or a datalist JSON."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for the label maps (NAME.nii.gz)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the checkpoint's config)."),
     blend: Optional[str] = typer.Option(None, help="gaussian | constant"),
     sw_batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
-    probabilities: bool = typer.Option(False, "--probabilities", help="Also write class probabilities (NAME_probs.nii.gz)."),
-    gpu_output: bool = typer.Option(False, "--gpu-output", help="Keep the stitched output on the GPU (faster, more memory)."),
+    probabilities: bool = typer.Option(
+        False, "--probabilities", help="Also write class probabilities (NAME_probs.nii.gz)."
+    ),
+    gpu_output: bool = typer.Option(
+        False, "--gpu-output", help="Keep the stitched output on the GPU (faster, more memory)."
+    ),
     split: str = typer.Option("test", help="Datalist split to predict when --input is a datalist."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    statistics: bool = typer.Option(False, "--statistics", help="Also write statistics.json/.csv: organ volumes (mL), HU mean/std."),
-    output_type: str = typer.Option("nifti", "--output-type", help="nifti | dicom-seg | both (DICOM-SEG: DICOM series input only)."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time flips: mean softmax over the 8 flips of the axes (8x slower)."),
-    largest_component: bool = typer.Option(False, "--largest-component", help="Keep each organ's largest connected component."),
+    statistics: bool = typer.Option(
+        False, "--statistics", help="Also write statistics.json/.csv: organ volumes (mL), HU mean/std."
+    ),
+    output_type: str = typer.Option(
+        "nifti", "--output-type", help="nifti | dicom-seg | both (DICOM-SEG: DICOM series input only)."
+    ),
+    tta: bool = typer.Option(
+        False, "--tta", help="Test-time flips: mean softmax over the 8 flips of the axes (8x slower)."
+    ),
+    largest_component: bool = typer.Option(
+        False, "--largest-component", help="Keep each organ's largest connected component."
+    ),
 ):
     """Segment new scans; writes label maps in each scan's own shape, affine and orientation."""
     from medhpm.segment.predict import Predictor, plan_predictions
 
     # outputs onto inputs, two scans with one output name: refused before the checkpoint or a scan is read
-    plan_predictions(input, out, split=split, save_probabilities=probabilities, model=model, statistics=statistics,
-                     output_type=output_type)
+    plan_predictions(
+        input,
+        out,
+        split=split,
+        save_probabilities=probabilities,
+        model=model,
+        statistics=statistics,
+        output_type=output_type,
+    )
     from medhpm.runtime.checkpoint import MODEL_ORDER, resolve_checkpoint
 
     if model.is_dir():  # say which of the run's checkpoints is used
         typer.echo(f"model: {resolve_checkpoint(model, MODEL_ORDER)}")
-    pr = Predictor.from_checkpoint(model, device=device, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
-                                   output_on_cpu=not gpu_output, tta=tta, largest_component=largest_component)
+    pr = Predictor.from_checkpoint(
+        model,
+        device=device,
+        overlap=overlap,
+        blend=blend,
+        sw_batch_size=sw_batch_size,
+        output_on_cpu=not gpu_output,
+        tta=tta,
+        largest_component=largest_component,
+    )
     from medhpm.runtime.device import configure_cpu_memory, configure_threads
 
     # the checkpoint's runtime.cpu_memory (auto: reuse on a CPU): each scan's full-size maps reuse the last
@@ -277,8 +355,9 @@ def predict(
 
         n = torch.get_num_threads()
         typer.echo(f"prediction on {n} CPU thread{'' if n == 1 else 's'}: {capped}")
-    results = pr.predict_path(input, out, save_probabilities=probabilities, split=split, statistics=statistics,
-                              output_type=output_type)
+    results = pr.predict_path(
+        input, out, save_probabilities=probabilities, split=split, statistics=statistics, output_type=output_type
+    )
     failed = [r for r in results if not r["ok"]]
     for r in results:
         status = "ok" if r["ok"] else f"FAILED: {r['error']}"
@@ -289,7 +368,10 @@ def predict(
 
 @app.command("export-model")
 def export_model_cmd(
-    ckpt: Path = typer.Argument(..., help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder (its best.pt, else final.pt, else last.pt)."),
+    ckpt: Path = typer.Argument(
+        ...,
+        help="A fine-tuning checkpoint (best.pt / final.pt) or its run folder (its best.pt, else final.pt, else last.pt).",
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Folder to write (new or empty; see --force)."),
     fmt: str = typer.Option("bundle", "--format", "-f", help="bundle | onnx | torchscript"),
     force: bool = typer.Option(False, "--force", help="Replace an output folder that is not empty."),
@@ -316,13 +398,27 @@ def export_model_cmd(
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Predicted label map, folder of them, or a datalist."),
     label: Path = typer.Option(..., "--label", help="Ground-truth label map, folder of them, or a datalist."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="btcv8 | btcv13 | NAME=VALUE,... (default: the "
-                                          "datalist's labels, else the checkpoint's from predict, else by value)."),
+    classes: Optional[str] = typer.Option(
+        None,
+        "--classes",
+        help="btcv8 | btcv13 | NAME=VALUE,... (default: the "
+        "datalist's labels, else the checkpoint's from predict, else by value).",
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for metrics.json, metrics.csv and table.md."),
     method: str = typer.Option("model", help="Row name in the Table-1-style table."),
-    surface_tolerance: Optional[float] = typer.Option(None, "--surface-tolerance", help="Normalised surface Dice tolerance in mm (default: finetune.surface_tolerance_mm, 1)."),
-    only_predicted: bool = typer.Option(False, "--only-predicted", help="Evaluate the ground-truth cases that have a prediction, skip the rest (default: every one must have one)."),
-    split: str = typer.Option("test", "--split", help="Which list of a datalist --label (or --pred) is read: test, validation or training."),
+    surface_tolerance: Optional[float] = typer.Option(
+        None,
+        "--surface-tolerance",
+        help="Normalised surface Dice tolerance in mm (default: finetune.surface_tolerance_mm, 1).",
+    ),
+    only_predicted: bool = typer.Option(
+        False,
+        "--only-predicted",
+        help="Evaluate the ground-truth cases that have a prediction, skip the rest (default: every one must have one).",
+    ),
+    split: str = typer.Option(
+        "test", "--split", help="Which list of a datalist --label (or --pred) is read: test, validation or training."
+    ),
 ):
     """Per-case, per-organ Dice, HD95, surface Dice and ASSD (mm); a Table-1-style Markdown table."""
     from medhpm.evaluate.run import evaluate_predictions
@@ -333,8 +429,10 @@ def evaluate(
     skipped = res["not_evaluated"]
     if skipped:
         typer.echo(f"{len(skipped)} ground-truth case(s) without a prediction not evaluated: {', '.join(skipped)}")
-    typer.echo(f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
-               f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md")
+    typer.echo(
+        f"{len(res['cases'])} cases: mean Dice {_fmt(mean.get('dice_mean'))}, "
+        f"mean HD95 {_fmt(mean.get('hd95_mean'))} mm; wrote {out}/metrics.json, metrics.csv, table.md"
+    )
     table = Path(out) / "table.md"
     if table.exists():
         typer.echo(table.read_text())
@@ -350,8 +448,11 @@ def visualize_pretrain(
     image: Path = typer.Option(..., "--image", help="A CT scan (NIfTI file or DICOM folder)."),
     out: Path = typer.Option(..., "-o", "--out", help="PNG to write."),
     seed: int = typer.Option(0, help="Seed of the masks and of the check's crops."),
-    label: Optional[Path] = typer.Option(None, "--label", help="The scan's label map: adds the organ share of "
-                                         "the patches the teacher ranks hardest (the lift)."),
+    label: Optional[Path] = typer.Option(
+        None,
+        "--label",
+        help="The scan's label map: adds the organ share of the patches the teacher ranks hardest (the lift).",
+    ),
     crops: int = typer.Option(16, "--crops", help="Random crops of the scan for the teacher check."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the teacher check's figures here."),
 ):
@@ -359,19 +460,29 @@ def visualize_pretrain(
     for an hpm checkpoint also how well its teacher ranks the student's losses on random crops of the scan."""
     from medhpm.viz.reconstruction import visualize_pretrain_checkpoint
 
-    path, check = visualize_pretrain_checkpoint(ckpt, image, out, seed=seed, label=label, crops=crops,
-                                                json_out=json_out)
+    path, check = visualize_pretrain_checkpoint(
+        ckpt, image, out, seed=seed, label=label, crops=crops, json_out=json_out
+    )
     typer.echo(f"wrote {path}")
     if check is not None:
-        student = (f"; the student's own predicted losses {check['student_spearman']:.2f} / "
-                   f"{check['student_pair_accuracy']:.3f}" if "student_spearman" in check else "")
-        position = (f"; position alone {check['position_spearman']:.2f}" if "position_spearman" in check else "")
-        lift = (f"; organ share of the top-scored half {check['organ_share_top']:.2f} vs "
-                f"{check['organ_share_all']:.2f} of all patches (lift {check['organ_lift']:.2f})"
-                if "organ_lift" in check else "")
-        typer.echo(f"teacher ({check['teacher_view']} view) on {check['crops']} random crops: Spearman "
-                   f"{check['teacher_spearman']:.2f}, pair accuracy {check['teacher_pair_accuracy']:.3f} against "
-                   f"the student's measured losses{student}{position}{lift}" + (f"; wrote {json_out}" if json_out else ""))
+        student = (
+            f"; the student's own predicted losses {check['student_spearman']:.2f} / "
+            f"{check['student_pair_accuracy']:.3f}"
+            if "student_spearman" in check
+            else ""
+        )
+        position = f"; position alone {check['position_spearman']:.2f}" if "position_spearman" in check else ""
+        lift = (
+            f"; organ share of the top-scored half {check['organ_share_top']:.2f} vs "
+            f"{check['organ_share_all']:.2f} of all patches (lift {check['organ_lift']:.2f})"
+            if "organ_lift" in check
+            else ""
+        )
+        typer.echo(
+            f"teacher ({check['teacher_view']} view) on {check['crops']} random crops: Spearman "
+            f"{check['teacher_spearman']:.2f}, pair accuracy {check['teacher_pair_accuracy']:.3f} against "
+            f"the student's measured losses{student}{position}{lift}" + (f"; wrote {json_out}" if json_out else "")
+        )
 
 
 @viz_app.command("segmentation")
@@ -392,7 +503,9 @@ def visualize_segmentation(
 # ---------------------------------------------------------------------------------------------- main job
 @app.command()
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="A smoke run (fewer phantoms and epochs): 30 s to 3 min on 2 CPU cores."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A smoke run (fewer phantoms and epochs): 30 s to 3 min on 2 CPU cores."
+    ),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
     overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
 ):
@@ -405,7 +518,12 @@ def demo(
 
 @app.command()
 def experiment(
-    config: str = typer.Option("demo_experiment", "--config", "-c", help="demo_experiment | label_efficiency | btcv_paper | smwb_paper | a YAML path."),
+    config: str = typer.Option(
+        "demo_experiment",
+        "--config",
+        "-c",
+        help="demo_experiment | label_efficiency | btcv_paper | smwb_paper | a YAML path.",
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Experiment folder (default runs/experiment-NAME)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of the base config, key=value."),
 ):

@@ -78,8 +78,12 @@ class Stages:
         if isinstance(took, (int, float)):
             self.times[name] = took
         self.kept.append(name)
-        print(f"\n=== [{self.n}/{self.total}] {name}: done before"
-              + (f" (in {took:.1f} s)" if isinstance(took, (int, float)) else "") + ", kept ===", flush=True)
+        print(
+            f"\n=== [{self.n}/{self.total}] {name}: done before"
+            + (f" (in {took:.1f} s)" if isinstance(took, (int, float)) else "")
+            + ", kept ===",
+            flush=True,
+        )
         self.write()
 
 
@@ -98,8 +102,16 @@ def pretrain_stage(cfg: Config, pt: Path, stages: Stages) -> Path:
     return enc
 
 
-def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | None = None, init: str | None = None,
-               name: str | None = None, stages: Stages | None = None, pretrain_dir: str | Path | None = None) -> dict:
+def run_stages(
+    cfg: Config,
+    out: Path,
+    dataset: Path,
+    pretrain_method: str | None = None,
+    init: str | None = None,
+    name: str | None = None,
+    stages: Stages | None = None,
+    pretrain_dir: str | Path | None = None,
+) -> dict:
     """Pre-train (when ``pretrain_method`` is given), fine-tune, predict the test split, evaluate; resumable.
 
     ``pretrain_method``: one of ``config.METHODS``; fine-tuning then starts from its encoder. Without it,
@@ -115,8 +127,9 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
     depends on (``config.check_resume``).
     """
     if pretrain_method is not None and init is not None:
-        raise ValueError(f"run_stages: fine-tuning starts from the {pretrain_method} pre-training or from "
-                         f"init={init!r}, not both")
+        raise ValueError(
+            f"run_stages: fine-tuning starts from the {pretrain_method} pre-training or from init={init!r}, not both"
+        )
     if pretrain_dir is not None and pretrain_method is None:
         raise ValueError(f"run_stages: pretrain_dir={str(pretrain_dir)!r} needs a pretrain_method")
     if pretrain_method is not None and pretrain_method not in METHODS:
@@ -151,9 +164,16 @@ def run_stages(cfg: Config, out: Path, dataset: Path, pretrain_method: str | Non
 
     if not (out / "evaluation" / "metrics.json").exists():
         stages.run(PREDICT_STAGE, _predict)
-        metrics = stages.run(EVALUATE_STAGE, evaluate_predictions, pred_dir, dataset,
-                             cfg.finetune.reported, out / "evaluation", method=name,
-                             surface_tolerance_mm=cfg.finetune.surface_tolerance_mm)
+        metrics = stages.run(
+            EVALUATE_STAGE,
+            evaluate_predictions,
+            pred_dir,
+            dataset,
+            cfg.finetune.reported,
+            out / "evaluation",
+            method=name,
+            surface_tolerance_mm=cfg.finetune.surface_tolerance_mm,
+        )
     else:
         stages.skip(PREDICT_STAGE)
         stages.skip(EVALUATE_STAGE)
@@ -190,10 +210,13 @@ def _run_demo(out: Path, quick: bool, ov: list[str], cfg: Config) -> Path:
     stages.times["total"] = round(total, 1)
     stages.write()
     mean = res["summary"]["mean"]
-    took = f"{wall / 60:.1f} min" + (f" ({len(stages.kept)} stages done before; {total / 60:.1f} min in all)"
-                                     if stages.kept else "")
-    print(f"\nmedhpm demo finished in {took}: mean Dice over the reported organs "
-          f"{mean.get('dice_mean', float('nan')):.3f}, mean HD95 {mean.get('hd95_mean') or float('nan'):.1f} mm")
+    took = f"{wall / 60:.1f} min" + (
+        f" ({len(stages.kept)} stages done before; {total / 60:.1f} min in all)" if stages.kept else ""
+    )
+    print(
+        f"\nmedhpm demo finished in {took}: mean Dice over the reported organs "
+        f"{mean.get('dice_mean', float('nan')):.3f}, mean HD95 {mean.get('hd95_mean') or float('nan'):.1f} mm"
+    )
     print(_layout(out))
     return out / "report.html"
 
@@ -212,10 +235,12 @@ def _claim_demo_folder(out: Path, quick: bool, ov: list[str]) -> None:
             raise ValueError(
                 f"{out} holds a demo run made with other settings ({mark}: {have}); this call asks for {want}. "
                 f"Its finished stages would be reused and reported as this run: use --out for a new folder "
-                f"or delete {out}.")
+                f"or delete {out}."
+            )
     elif out.exists() and any((out / d).exists() for d in ("pretrain", "finetune", "evaluation")):
-        raise ValueError(f"{out} already holds training results without a {mark.name}; use --out for a new "
-                         f"folder or delete it.")
+        raise ValueError(
+            f"{out} already holds training results without a {mark.name}; use --out for a new folder or delete it."
+        )
     else:
         atomic_write_text(mark, json.dumps(want, indent=2))
 
@@ -257,31 +282,57 @@ def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: boo
         case = e["case"]  # the datalist names every case (medhpm.data.scans.case_name), as prediction does
         pred = out / "predictions" / f"{case}.nii.gz"
         if pred.exists():
-            png = segmentation_figure_from_files(e["image"], e.get("label"), pred, figs / f"overlay_{case}.png",
-                                                 classes="btcv13", title=f"{case}: ground truth vs prediction")
+            png = segmentation_figure_from_files(
+                e["image"],
+                e.get("label"),
+                pred,
+                figs / f"overlay_{case}.png",
+                classes="btcv13",
+                title=f"{case}: ground truth vs prediction",
+            )
             overlays.append((png, f"{case}: ground truth (left) and UNETR+HPM prediction (right)"))
-    curves = curves_figure({"pre-training": out / "pretrain", "fine-tuning": out / "finetune"},
-                           figs / "curves.png", title="training curves")
+    curves = curves_figure(
+        {"pre-training": out / "pretrain", "fine-tuning": out / "finetune"},
+        figs / "curves.png",
+        title="training curves",
+    )
     recon = out / "pretrain" / "figures" / "reconstruction_latest.png"
     table = (out / "evaluation" / "table.md").read_text()
-    stage_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}" + (" (an earlier call)" if k in kept else "")]
-                                           for k, v in times.items()]
+    stage_rows = [["stage", "seconds"]] + [
+        [k, f"{v:.1f}" + (" (an earlier call)" if k in kept else "")] for k, v in times.items()
+    ]
     m = res["summary"]["mean"]
     sections = [
-        {"title": "Summary", "text": (
-            f"{'Quick' if quick else 'Default'} demo on synthetic abdominal CT phantoms: selfMedHPM self-pre-training "
-            f"of a {cfg.model.preset} 3D ViT ({cfg.pretrain.epochs} epochs), UNETR fine-tuning "
-            f"({cfg.finetune.epochs} epochs), prediction of the held-out test phantoms in their own geometry. "
-            f"Mean Dice over the reported organs: {m.get('dice_mean', float('nan')):.3f}; "
-            f"mean HD95: {(m.get('hd95_mean') or float('nan')):.1f} mm.")},
-        {"title": "Segmentation of the test phantoms (paper Table 1 layout)", "table_md": table,
-         "note": "DSC in percent, HD95 in mm in each scan's own voxel spacing; conventions in evaluation/metrics.json."},
-        {"title": "Pre-training: reconstruction, predicted difficulty and HPM's mask", "images": [
-            (recon, "original, masked input, reconstruction, reconstruction with visible patches, the EMA teacher's "
-                    "predicted difficulty, and the mask (grey: random, red: mined hard patches)")]},
+        {
+            "title": "Summary",
+            "text": (
+                f"{'Quick' if quick else 'Default'} demo on synthetic abdominal CT phantoms: selfMedHPM self-pre-training "
+                f"of a {cfg.model.preset} 3D ViT ({cfg.pretrain.epochs} epochs), UNETR fine-tuning "
+                f"({cfg.finetune.epochs} epochs), prediction of the held-out test phantoms in their own geometry. "
+                f"Mean Dice over the reported organs: {m.get('dice_mean', float('nan')):.3f}; "
+                f"mean HD95: {(m.get('hd95_mean') or float('nan')):.1f} mm."
+            ),
+        },
+        {
+            "title": "Segmentation of the test phantoms (paper Table 1 layout)",
+            "table_md": table,
+            "note": "DSC in percent, HD95 in mm in each scan's own voxel spacing; conventions in evaluation/metrics.json.",
+        },
+        {
+            "title": "Pre-training: reconstruction, predicted difficulty and HPM's mask",
+            "images": [
+                (
+                    recon,
+                    "original, masked input, reconstruction, reconstruction with visible patches, the EMA teacher's "
+                    "predicted difficulty, and the mask (grey: random, red: mined hard patches)",
+                )
+            ],
+        },
         {"title": "Segmentation overlays", "images": overlays},
-        {"title": "Training curves", "images": [(curves, "losses per epoch; validation Dice on the validation "
-                                                         "subset of the training phantoms")]},
+        {
+            "title": "Training curves",
+            "images": [(curves, "losses per epoch; validation Dice on the validation subset of the training phantoms")],
+        },
         {"title": "Run times", "table": stage_rows},
         {"title": "Resolved configuration", "pre": json.dumps(to_dict(cfg), indent=2)},
     ]
@@ -292,20 +343,30 @@ def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: boo
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m medhpm.pipeline``: one run of :func:`run_stages` in its own process (the experiment
     runner starts one per method and seed, so that each run's peak memory is its own)."""
-    ap = argparse.ArgumentParser(prog="python -m medhpm.pipeline",
-                                 description="One pipeline run: [pre-training,] fine-tuning, prediction, evaluation.")
+    ap = argparse.ArgumentParser(
+        prog="python -m medhpm.pipeline",
+        description="One pipeline run: [pre-training,] fine-tuning, prediction, evaluation.",
+    )
     ap.add_argument("--config", required=True, help="the run's resolved config (a YAML file)")
     ap.add_argument("--dataset", required=True, type=Path, help="the data set (datalist or folder)")
     ap.add_argument("--out", required=True, type=Path, help="the run folder")
     start = ap.add_mutually_exclusive_group()
     start.add_argument("--pretrain", choices=METHODS, help="pre-train with this method, then fine-tune from it")
     start.add_argument("--init", help="fine-tune from these weights instead (no pre-training)")
-    ap.add_argument("--pretrain-dir", type=Path, help="with --pretrain: the pre-training folder (default "
-                    "OUT/pretrain); a finished one is reused, an interrupted one resumed")
+    ap.add_argument(
+        "--pretrain-dir",
+        type=Path,
+        help="with --pretrain: the pre-training folder (default "
+        "OUT/pretrain); a finished one is reused, an interrupted one resumed",
+    )
     ap.add_argument("--name", help="row name in the evaluation table")
-    ap.add_argument("--pretrain-only", action="store_true", help="with --pretrain: pre-train (into OUT/pretrain, "
-                    "or --pretrain-dir) and export the encoder, nothing else (the experiment runner's one "
-                    "pre-training per method and pre-training seed)")
+    ap.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="with --pretrain: pre-train (into OUT/pretrain, "
+        "or --pretrain-dir) and export the encoder, nothing else (the experiment runner's one "
+        "pre-training per method and pre-training seed)",
+    )
     args = ap.parse_args(argv)
     if args.pretrain_dir is not None and args.pretrain is None:
         ap.error("--pretrain-dir needs --pretrain METHOD")
@@ -314,15 +375,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.pretrain_only:
         with run_folder_lock(args.out, what="pipeline run"):
             cfg = load_config(args.config)
-            cfg = replace(cfg, data=replace(cfg.data, dataset=str(args.dataset)),
-                          pretrain=replace(cfg.pretrain, method=args.pretrain))
+            cfg = replace(
+                cfg,
+                data=replace(cfg.data, dataset=str(args.dataset)),
+                pretrain=replace(cfg.pretrain, method=args.pretrain),
+            )
             pretrain_stage(cfg, args.pretrain_dir or args.out / "pretrain", Stages(1, record=args.out / "timings.json"))
         return
     with run_folder_lock(args.out, what="pipeline run"):
         # each run records its stage times (the experiment's budget table reads them)
         stages = Stages(4 if args.pretrain else 3, record=args.out / "timings.json")
-        run_stages(load_config(args.config), args.out, args.dataset, pretrain_method=args.pretrain, init=args.init,
-                   name=args.name, stages=stages, pretrain_dir=args.pretrain_dir)
+        run_stages(
+            load_config(args.config),
+            args.out,
+            args.dataset,
+            pretrain_method=args.pretrain,
+            init=args.init,
+            name=args.name,
+            stages=stages,
+            pretrain_dir=args.pretrain_dir,
+        )
 
 
 if __name__ == "__main__":

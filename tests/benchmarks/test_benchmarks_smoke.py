@@ -19,8 +19,20 @@ if str(ROOT) not in sys.path:
 from benchmarks import BENCHMARKS  # noqa: E402
 from benchmarks.common import SCHEMA  # noqa: E402
 
-TOP_KEYS = {"schema", "name", "device", "size", "created", "duration_s", "machine", "title", "measures",
-            "settings", "results", "ratios"}
+TOP_KEYS = {
+    "schema",
+    "name",
+    "device",
+    "size",
+    "created",
+    "duration_s",
+    "machine",
+    "title",
+    "measures",
+    "settings",
+    "results",
+    "ratios",
+}
 MACHINE_KEYS = {"cpu", "logical_cores", "usable_cores", "torch", "monai", "threads", "device", "python"}
 
 
@@ -33,8 +45,23 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # one thread: a busy shared machine would otherwise make the tiny steps crawl (OpenMP barriers)
-    cmd = [sys.executable, "-m", "benchmarks", "--size", "smoke", "--threads", "1", "--repeats", "1", "--no-memory",
-           "--quiet", "--results-dir", str(out), "--docs", str(out / "PERFORMANCE.md")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--size",
+        "smoke",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--quiet",
+        "--results-dir",
+        str(out),
+        "--docs",
+        str(out / "PERFORMANCE.md"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -79,9 +106,15 @@ def test_step_benchmarks_report_flops_and_phases(smoke_run):
     # counted, not timed: the masked view runs the predictor over all N positions of each of its V views
     assert res["micro/teacher_masked"]["flops_per_step"] > res["micro/teacher_full"]["flops_per_step"]
     names = {r["name"]: r for r in pre["ratios"]}
-    for name in ("micro: hpm_a0.5 / mae", "micro: hpm_a0 / mae", "micro: hpm_a0.5_masked / mae",
-                 "micro: hpm_a0.5_masked / hpm_a0.5", "micro: teacher_masked / teacher_full",
-                 "micro: teacher_pass of hpm_a0.5_masked / hpm_a0.5", "micro: hpm_a0.5_fused / hpm_a0.5"):
+    for name in (
+        "micro: hpm_a0.5 / mae",
+        "micro: hpm_a0 / mae",
+        "micro: hpm_a0.5_masked / mae",
+        "micro: hpm_a0.5_masked / hpm_a0.5",
+        "micro: teacher_masked / teacher_full",
+        "micro: teacher_pass of hpm_a0.5_masked / hpm_a0.5",
+        "micro: hpm_a0.5_fused / hpm_a0.5",
+    ):
         assert name in names, (name, sorted(names))
     assert names["micro: teacher_pass of hpm_a0.5_masked / hpm_a0.5"]["phase"] == "teacher_pass"
 

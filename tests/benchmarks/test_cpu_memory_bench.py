@@ -15,15 +15,21 @@ from benchmarks import cpu_memory  # noqa: E402
 
 
 def _child(policy, seconds, faults, rss):
-    return {"policy": policy, "configured": {}, "peak_rss_mib": rss,
-            "steps": {"finetune/fp32": [{"s": s, "minor_faults": f, "sys_s": 0.01} for s, f in zip(seconds, faults)]}}
+    return {
+        "policy": policy,
+        "configured": {},
+        "peak_rss_mib": rss,
+        "steps": {"finetune/fp32": [{"s": s, "minor_faults": f, "sys_s": 0.01} for s, f in zip(seconds, faults)]},
+    }
 
 
 def test_summary_pools_the_rounds_and_divides_reuse_by_release():
-    children = [_child("release", [0.60, 0.64], [40000, 44000], 1200.0),
-                _child("reuse", [0.50, 0.56], [0, 10], 1300.0),
-                _child("release", [0.62, 0.70], [42000, 50000], 1250.0),
-                _child("reuse", [0.52, 0.54], [0, 0], 1280.0)]
+    children = [
+        _child("release", [0.60, 0.64], [40000, 44000], 1200.0),
+        _child("reuse", [0.50, 0.56], [0, 10], 1300.0),
+        _child("release", [0.62, 0.70], [42000, 50000], 1250.0),
+        _child("reuse", [0.52, 0.54], [0, 0], 1280.0),
+    ]
     out = cpu_memory.summarise(children)
     r = out["results"]["finetune/fp32"]
     # pooled steps: release 0.60 0.62 0.64 0.70 -> upper median 0.64; reuse 0.50 0.52 0.54 0.56 -> 0.54

@@ -32,10 +32,12 @@ def test_the_cgroup_holds_the_quota_asked_for():
 
 
 def test_summary_pools_the_rounds_and_divides_capped_by_torch():
-    children = [{"mode": "torch", "steps": {"finetune/fp32": [1.0, 1.4]}},
-                {"mode": "capped", "steps": {"finetune/fp32": [0.7, 0.9]}},
-                {"mode": "capped", "steps": {"finetune/fp32": [0.8, 0.6]}},
-                {"mode": "torch", "steps": {"finetune/fp32": [1.2, 1.1]}}]
+    children = [
+        {"mode": "torch", "steps": {"finetune/fp32": [1.0, 1.4]}},
+        {"mode": "capped", "steps": {"finetune/fp32": [0.7, 0.9]}},
+        {"mode": "capped", "steps": {"finetune/fp32": [0.8, 0.6]}},
+        {"mode": "torch", "steps": {"finetune/fp32": [1.2, 1.1]}},
+    ]
     r = cpu_quota.summarise(children)["finetune/fp32"]
     # torch 1.0 1.1 1.2 1.4 -> upper median 1.2; capped 0.6 0.7 0.8 0.9 -> 0.8
     assert r["torch"]["median_s"] == 1.2 and r["capped"]["median_s"] == 0.8

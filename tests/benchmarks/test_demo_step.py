@@ -75,8 +75,10 @@ def test_group_norm_swap_keeps_the_function_and_the_channels_last_layout():
 def test_cpu_details_reads_the_first_processor_block():
     from benchmarks.common import cpu_details
 
-    text = ("processor\t: 0\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\n"
-            "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    text = (
+        "processor\t: 0\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\n"
+        "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n"
+    )
     assert cpu_details(text) == {"cpu_family": "23", "cpu_model_number": "1", "simd": ["avx2"]}
     zen4 = text.split("\n\n")[1]
     assert cpu_details(zen4)["simd"] == ["avx2", "avx512f", "avx512_bf16"]

@@ -18,8 +18,13 @@ SCRIPT = ROOT / "benchmarks" / "device" / "run.sh"
 
 
 def _run(tmp_path, **env):
-    e = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
-         "OUT": str(tmp_path / "out"), "WHEELS": str(tmp_path / "no_wheels"), **env}
+    e = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+        "OUT": str(tmp_path / "out"),
+        "WHEELS": str(tmp_path / "no_wheels"),
+        **env,
+    }
     return subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
 
 

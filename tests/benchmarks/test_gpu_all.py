@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_gpu_all_tiny_writes_every_measurement(tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "src") + ":" + str(REPO)}
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_all.py"), "--tiny", "--device", "cpu",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_all.py"), "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_all_tiny.json").read_text())
     assert data["errors"] == {}, data["errors"]
@@ -46,24 +51,43 @@ def test_step_jobs_put_the_issue_figures_first():
 
     jobs = step_jobs(["mae", "hpm", "finetune"], ["none", "default", "reduce-overhead", "max-autotune"])
     # hpm then fine-tuning then mae, each eager vs CUDA graphs at the base and the largest batch
-    assert jobs[:6] == [(t, w, ["none", "reduce-overhead"]) for t in ("hpm", "finetune", "mae")
-                        for w in ("base", "largest")]
+    assert jobs[:6] == [
+        (t, w, ["none", "reduce-overhead"]) for t in ("hpm", "finetune", "mae") for w in ("base", "largest")
+    ]
     # then the other modes at the base batch, max-autotune (the longest compile) last
-    assert jobs[6:] == [(t, "base", ["none", m]) for m in ("default", "max-autotune")
-                        for t in ("hpm", "finetune", "mae")]
+    assert jobs[6:] == [
+        (t, "base", ["none", m]) for m in ("default", "max-autotune") for t in ("hpm", "finetune", "mae")
+    ]
     # without reduce-overhead the first compiled mode stands in; eager alone gives eager jobs only
-    assert step_jobs(["hpm"], ["none", "default"]) == [("hpm", "base", ["none", "default"]),
-                                                       ("hpm", "largest", ["none", "default"])]
+    assert step_jobs(["hpm"], ["none", "default"]) == [
+        ("hpm", "base", ["none", "default"]),
+        ("hpm", "largest", ["none", "default"]),
+    ]
     assert step_jobs(["hpm"], ["none"]) == [("hpm", "base", ["none"]), ("hpm", "largest", ["none"])]
 
 
 def test_gpu_all_with_no_budget_left_writes_what_it_skipped(tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "src") + ":" + str(REPO)}
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_all.py"), "--tiny", "--device", "cpu",
-                        "--budget-s", "0", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                       env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_all.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--budget-s",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_all_tiny.json").read_text())
     assert data["errors"] == {} and data["steps"] == {}
-    assert data["skipped"] == [f"steps {t}/{w} none+default" for t in ("hpm", "finetune", "mae")
-                               for w in ("base", "largest")] + ["loader"]
+    assert data["skipped"] == [
+        f"steps {t}/{w} none+default" for t in ("hpm", "finetune", "mae") for w in ("base", "largest")
+    ] + ["loader"]

@@ -22,11 +22,15 @@ def clean_dataset(tmp_path, ct_case_writer):
     for i, name in enumerate(("a", "b", "c", "t")):
         ct_case_writer(root / "imagesTr" / f"{name}.nii.gz", root / "labelsTr" / f"{name}.nii.gz", SHAPE, seed=i)
     js = root / "dataset.json"
-    js.write_text(json.dumps({
-        "labels": {"0": "background", "1": "organ", "2": "bone"},
-        "training": [{"image": f"imagesTr/{n}.nii.gz", "label": f"labelsTr/{n}.nii.gz"} for n in "abc"],
-        "test": [{"image": "imagesTr/t.nii.gz", "label": "labelsTr/t.nii.gz"}],
-    }))
+    js.write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "organ", "2": "bone"},
+                "training": [{"image": f"imagesTr/{n}.nii.gz", "label": f"labelsTr/{n}.nii.gz"} for n in "abc"],
+                "test": [{"image": "imagesTr/t.nii.gz", "label": "labelsTr/t.nii.gz"}],
+            }
+        )
+    )
     return js
 
 
@@ -172,8 +176,11 @@ def test_smaller_than_roi_is_only_a_warning(clean_dataset):
 
 
 def test_2d_image_is_an_error(clean_dataset, nifti_writer):
-    nifti_writer(clean_dataset.parent / "imagesTr" / "a.nii.gz", np.zeros((40, 40), np.int16) - 1000,
-                 affine=np.diag([1.5, 1.5, 1.0, 1.0]))
+    nifti_writer(
+        clean_dataset.parent / "imagesTr" / "a.nii.gz",
+        np.zeros((40, 40), np.int16) - 1000,
+        affine=np.diag([1.5, 1.5, 1.0, 1.0]),
+    )
     rep = check_dataset(clean_dataset, roi=ROI)
     assert "2D" in " ".join(f.problem for f in findings_for(rep, "a.nii.gz"))
     assert not rep.ok

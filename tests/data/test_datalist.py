@@ -135,12 +135,16 @@ def make_nnunet(root: Path, channels=None, num=None) -> Path:
         touch(root / "imagesTr" / f"{c}_0000.nii.gz")
         touch(root / "labelsTr" / f"{c}.nii.gz")
     touch(root / "imagesTs" / "case_101_0000.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "channel_names": channels or {"0": "CT"},
-        "labels": {"background": 0, "liver": 1, "tumour": 2},
-        "numTraining": 2 if num is None else num,
-        "file_ending": ".nii.gz",
-    }))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": channels or {"0": "CT"},
+                "labels": {"background": 0, "liver": 1, "tumour": 2},
+                "numTraining": 2 if num is None else num,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     return root
 
 
@@ -232,8 +236,9 @@ def test_read_folder_finds_nifti_and_dicom_series(tmp_path, dicom_series_writer,
     dl = read_folder(tmp_path)
     assert dl["format"] == "folder" and dl["labels"] == {}
     imgs = sorted(paths(dl["training"]))
-    assert imgs == sorted([str(tmp_path / "a.nii.gz"), str(tmp_path / "sub" / "b.nii"),
-                           str(tmp_path / "patient1" / "series")])
+    assert imgs == sorted(
+        [str(tmp_path / "a.nii.gz"), str(tmp_path / "sub" / "b.nii"), str(tmp_path / "patient1" / "series")]
+    )
     assert all("label" not in e for e in dl["training"])
     assert dl["validation"] == [] and dl["test"] == []
     assert load_datalist(tmp_path)["format"] == "folder"

@@ -18,8 +18,9 @@ from medhpm.data.transforms import train_transforms, val_transforms
 def entries(tmp_path, ct_case_writer):
     out = []
     for i in range(3):
-        img, lab = ct_case_writer(tmp_path / "data" / f"img{i}.nii.gz", tmp_path / "data" / f"lab{i}.nii.gz",
-                                  (40, 40, 24), seed=i)
+        img, lab = ct_case_writer(
+            tmp_path / "data" / f"img{i}.nii.gz", tmp_path / "data" / f"lab{i}.nii.gz", (40, 40, 24), seed=i
+        )
         out.append({"image": str(img), "label": str(lab), "case": f"img{i}"})
     return out
 

@@ -35,12 +35,21 @@ def entries(tmp_path_factory):
     js = write_phantom_dataset(tmp_path_factory.mktemp("ph"), cases=2, seed=0, size=(48, 48, 32))
     meta = json.loads(Path(js).read_text())
     root = Path(js).parent
-    return [{k: str(root / v) for k, v in e.items()} for s in ("training", "validation", "test") for e in meta.get(s, [])]
+    return [
+        {k: str(root / v) for k, v in e.items()} for s in ("training", "validation", "test") for e in meta.get(s, [])
+    ]
 
 
 def cfg_with(**kw) -> DataConfig:
-    base = dict(spacing=(4.0, 4.0, 4.0), roi=(16, 16, 16), num_samples=8, flip_prob=0.0, rot90_prob=0.0,
-                intensity_scale_prob=0.0, intensity_shift_prob=0.0)
+    base = dict(
+        spacing=(4.0, 4.0, 4.0),
+        roi=(16, 16, 16),
+        num_samples=8,
+        flip_prob=0.0,
+        rot90_prob=0.0,
+        intensity_scale_prob=0.0,
+        intensity_shift_prob=0.0,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -63,7 +72,7 @@ def heads(transform, entries) -> list[dict]:
 def monai_crops(transform, pre: dict, calls: int, seed: int, crop_only: bool = False) -> list[dict]:
     """``calls * num_samples`` crops of one preprocessed item by the chain's own random tail (``crop_only``:
     its crop transform alone, for a chain whose other random transforms have probability 0)."""
-    tail = flat_transforms(transform)[len(deterministic_head(transform)):]
+    tail = flat_transforms(transform)[len(deterministic_head(transform)) :]
     tail = Compose(tail[:1] if crop_only else tail)
     tail.set_random_state(seed)
     out = []
@@ -80,8 +89,11 @@ def monai_info(crop: dict) -> dict:
         if name in ("RandCropByPosNegLabel", "RandCropByLabelClasses", "RandSpatialCrop"):
             info["start"] = extra["extra_info"]["cropped"][0::2]
         elif name == "RandSpatialCropSamples":
-            info["start"] = extra["extra_info"]["extra_info"]["cropped"][0::2] if "extra_info" in extra.get(
-                "extra_info", {}) else extra["extra_info"]["cropped"][0::2]
+            info["start"] = (
+                extra["extra_info"]["extra_info"]["cropped"][0::2]
+                if "extra_info" in extra.get("extra_info", {})
+                else extra["extra_info"]["cropped"][0::2]
+            )
         elif name == "RandFlipd":
             info["flips"].append(bool(op["do_transforms"]))
         elif name == "RandRotate90d":
@@ -128,8 +140,11 @@ def test_crop_starts_and_class_mix_match_the_monai_chain(entries, crop, extra):
         if crop != "random":
             # the class at the crop's middle voxel (the centre as moved inside the volume)
             r = cfg.roi[0] // 2
-            same_distribution([int(c["label"][0, r, r, r]) for c in ref], ours["label"][:, 0, r, r, r].numpy(),
-                              f"{crop}: class at the crop middle, volume {v}")
+            same_distribution(
+                [int(c["label"][0, r, r, r]) for c in ref],
+                ours["label"][:, 0, r, r, r].numpy(),
+                f"{crop}: class at the crop middle, volume {v}",
+            )
 
 
 def test_pos_neg_and_class_centres_follow_the_configured_odds(entries):
@@ -173,8 +188,12 @@ def test_centres_near_the_border_are_moved_inside_as_monai_does(tmp_path, nifti_
     lo, hi = body.min(0), body.max(0)
     for p in ((20, 20, 12), tuple(lo + [2, 20 - lo[1], 1]), tuple(hi - [1, 20 - (40 - hi[1]), 0])):
         lab[p] = 1
-    e = [{"image": str(nifti_writer(tmp_path / "i.nii.gz", img, (4.0, 4.0, 4.0))),
-          "label": str(nifti_writer(tmp_path / "l.nii.gz", lab, (4.0, 4.0, 4.0)))}]
+    e = [
+        {
+            "image": str(nifti_writer(tmp_path / "i.nii.gz", img, (4.0, 4.0, 4.0))),
+            "label": str(nifti_writer(tmp_path / "l.nii.gz", lab, (4.0, 4.0, 4.0))),
+        }
+    ]
     cfg = cfg_with(crop="label", pos=1.0, neg=0.0, roi=(16, 16, 8))
     t = chain(cfg)
     pre = heads(t, e)[0]
@@ -223,8 +242,9 @@ def _fit(crop: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def test_intensity_jitter_and_crop_statistics_match_the_monai_chain(entries):
-    cfg = cfg_with(crop="label", intensity_scale_prob=0.5, intensity_shift_prob=0.5, intensity_scale=0.2,
-                   intensity_shift=0.1)
+    cfg = cfg_with(
+        crop="label", intensity_scale_prob=0.5, intensity_shift_prob=0.5, intensity_scale=0.2, intensity_shift=0.1
+    )
     t = chain(cfg)
     pre = heads(t, entries)
     s = DeviceCropSampler(entries, t, batch_size=cfg.num_samples, seed=6)
@@ -234,11 +254,13 @@ def test_intensity_jitter_and_crop_statistics_match_the_monai_chain(entries):
     means, stds = {}, {}
     ref = monai_crops(t, pre[0], calls=60, seed=7)
     ours = device_crops(s, 0, 60 * cfg.num_samples)
-    for name, crops, starts in (("monai", [c["image"][0] for c in ref], [monai_info(c)["start"] for c in ref]),
-                                ("device", list(ours["image"][:, 0]), ours["details"]["start"].tolist())):
+    for name, crops, starts in (
+        ("monai", [c["image"][0] for c in ref], [monai_info(c)["start"] for c in ref]),
+        ("device", list(ours["image"][:, 0]), ours["details"]["start"].tolist()),
+    ):
         f = []
         for crop, (a, b, c) in zip(crops, starts):
-            block = img[a:a + R[0], b:b + R[1], c:c + R[2]]
+            block = img[a : a + R[0], b : b + R[1], c : c + R[2]]
             f.append(_fit(torch.as_tensor(crop), block) if float(block.std()) > 1e-3 else (np.nan, np.nan))
         fits[name] = np.array(f)
         means[name] = np.array([float(torch.as_tensor(c).mean()) for c in crops])
@@ -262,7 +284,7 @@ def test_intensity_jitter_and_crop_statistics_match_the_monai_chain(entries):
 # ------------------------------------------------------------------ exact content, a plain reference
 def _reference_crop(vol: torch.Tensor, start, roi, ops, i: int) -> torch.Tensor:
     a, b, c = start
-    x = vol[a:a + roi[0], b:b + roi[1], c:c + roi[2]].clone()
+    x = vol[a : a + roi[0], b : b + roi[1], c : c + roi[2]].clone()
     for op, value in ops:
         val = value[i].item()
         if op["op"] == "flip" and val:
@@ -274,8 +296,15 @@ def _reference_crop(vol: torch.Tensor, start, roi, ops, i: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("roi", [(16, 16, 16), (24, 24, 64)])  # 64: larger than the volume, padded
 def test_crops_are_the_preprocessed_sub_block_at_the_drawn_start(entries, roi):
-    cfg = cfg_with(crop="label", roi=roi, num_samples=4, flip_prob=0.5, rot90_prob=0.5, intensity_scale_prob=0.5,
-                   intensity_shift_prob=0.5)
+    cfg = cfg_with(
+        crop="label",
+        roi=roi,
+        num_samples=4,
+        flip_prob=0.5,
+        rot90_prob=0.5,
+        intensity_scale_prob=0.5,
+        intensity_shift_prob=0.5,
+    )
     t = chain(cfg)
     pre = heads(t, entries)
     s = DeviceCropSampler(entries, t, batch_size=8, seed=8)
@@ -338,8 +367,9 @@ def test_seeded_and_reseeded_per_epoch_by_the_training_loop(entries):
     # Trainer._seed_epoch (runtime/loop.py) re-seeds the generator and tells the sampler the epoch: an
     # epoch is then a function of (seed, epoch), whatever ran before it (a resumed run repeats it)
     def epoch(sampler, e):
-        Trainer._seed_epoch(types.SimpleNamespace(cfg=types.SimpleNamespace(seed=0), dist=DistInfo(),
-                                                  loader=sampler), e)
+        Trainer._seed_epoch(
+            types.SimpleNamespace(cfg=types.SimpleNamespace(seed=0), dist=DistInfo(), loader=sampler), e
+        )
         return [x["image"].clone() for x in sampler]
 
     e1 = epoch(a, 1)
@@ -360,7 +390,7 @@ def test_ranks_draw_disjoint_shares_of_the_one_process_batch(entries):
         part = next(iter(s))
         # global position p = t * world_size + rank holds the same volume and the same random numbers
         for key in ("image", "label"):
-            assert torch.equal(part[key], full[key][r * 2:(r + 1) * 2]), (r, key)
+            assert torch.equal(part[key], full[key][r * 2 : (r + 1) * 2]), (r, key)
 
 
 # ------------------------------------------------------------------ refusals

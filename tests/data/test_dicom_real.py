@@ -80,8 +80,13 @@ def test_real_label_round_trip_at_the_protocol_spacing(real_abdomen_dicom):
     from medhpm.data.ct_reader import LoadCTd
 
     _, labels = real_abdomen_dicom
-    chain = Compose([LoadCTd("label"), Orientationd("label", axcodes="RAS", labels=None),
-                     Spacingd("label", pixdim=(1.5, 1.5, 2.0), mode="nearest")])
+    chain = Compose(
+        [
+            LoadCTd("label"),
+            Orientationd("label", axcodes="RAS", labels=None),
+            Spacingd("label", pixdim=(1.5, 1.5, 2.0), mode="nearest"),
+        ]
+    )
     d = chain({"label": str(labels)})
     d["pred"] = d["label"].clone()
     back = np.asarray(Invertd("pred", transform=chain, orig_keys="label", nearest_interp=True)(d)["pred"][0])
@@ -150,8 +155,9 @@ def test_single_slice_series_is_2d_error(tmp_path, dicom_series_writer, syntheti
         read_volume(folder)
 
 
-def test_written_series_passes_the_check_in_a_folder_with_nifti(tmp_path, dicom_series_writer, synthetic_ct,
-                                                                 nifti_writer):
+def test_written_series_passes_the_check_in_a_folder_with_nifti(
+    tmp_path, dicom_series_writer, synthetic_ct, nifti_writer
+):
     vol, _ = synthetic_ct((24, 24, 10), seed=1)
     dicom_series_writer(tmp_path / "scans" / "series1", vol)
     nifti_writer(tmp_path / "scans" / "vol.nii.gz", vol)

@@ -14,8 +14,16 @@ from medhpm.data import phantom
 from medhpm.data.phantom import BTCV_LABELS, case_seed, generate_case, write_phantom_dataset
 
 SMALL = (64, 64, 32)
-PROTOCOL = {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 6: "liver", 7: "stomach",
-            8: "aorta", 11: "pancreas"}
+PROTOCOL = {
+    1: "spleen",
+    2: "right kidney",
+    3: "left kidney",
+    4: "gallbladder",
+    6: "liver",
+    7: "stomach",
+    8: "aorta",
+    11: "pancreas",
+}
 
 # Median HU inside each organ for portal-venous contrast CT (issue's ranges; kidney: cortex 120-200
 # with a darker medulla, so the whole organ's median may sit a little under the cortex range).
@@ -144,7 +152,7 @@ def test_lungs_at_the_top_and_not_at_the_bottom(default_dataset):
     for entry in _entries(meta):
         img = np.asarray(nib.as_closest_canonical(nib.load(str(path.parent / entry["image"]))).dataobj)
         nx, ny, nz = img.shape
-        inner = img[nx // 4: 3 * nx // 4, ny // 4: 3 * ny // 4]
+        inner = img[nx // 4 : 3 * nx // 4, ny // 4 : 3 * ny // 4]
         lung_top = float((inner[..., -3:] < -600).mean())
         lung_bottom = float((inner[..., :3] < -600).mean())
         assert lung_top > 0.05, "no lung bases in the top slices"
@@ -235,10 +243,18 @@ def test_size_and_spacing_overrides():
 
 
 def test_bad_arguments_raise_value_error(tmp_path):
-    for kwargs in ({"cases": 0}, {"cases": -2}, {"size": (64, 0, 32)}, {"size": (64, -1, 32)},
-                   {"spacing": (1.0, 0.0, 2.0)}, {"spacing": (1.0, -1.0, 2.0)},
-                   {"spacing": (1.0, float("nan"), 2.0)}, {"size": (64, 64)}, {"seed": -1},
-                   {"split": (0.5, -0.1, 0.6)}):
+    for kwargs in (
+        {"cases": 0},
+        {"cases": -2},
+        {"size": (64, 0, 32)},
+        {"size": (64, -1, 32)},
+        {"spacing": (1.0, 0.0, 2.0)},
+        {"spacing": (1.0, -1.0, 2.0)},
+        {"spacing": (1.0, float("nan"), 2.0)},
+        {"size": (64, 64)},
+        {"seed": -1},
+        {"split": (0.5, -0.1, 0.6)},
+    ):
         with pytest.raises(ValueError):
             write_phantom_dataset(tmp_path / "bad", **kwargs)
     with pytest.raises(ValueError):

@@ -67,23 +67,41 @@ def test_same_seed_same_uids_and_a_rewrite_leaves_no_old_slice(dicom_phantoms, t
     # the folder rewritten with a shorter series: the 10-slice series' last files are gone
     write_phantom_dataset(tmp_path, cases=1, seed=4, size=(40, 36, 6), dicom=True)
     assert sorted(p.name for p in (tmp_path / "dicom" / "phantom_000").iterdir()) == [
-        f"IM{k:04d}.dcm" for k in range(1, 7)]
+        f"IM{k:04d}.dcm" for k in range(1, 7)
+    ]
     assert [p.name for p in (tmp_path / "dicom").iterdir()] == ["phantom_000"]  # no temporary folder left
 
 
 def test_a_mirrored_affine_is_refused():
     with pytest.raises(ValueError, match="mirrors"):
-        write_ct_series(np.zeros((4, 4, 3), np.int16), np.diag([-1.0, 1.0, 1.0, 1.0]), "/nonexistent/x",
-                        case="x", seed=0)
+        write_ct_series(
+            np.zeros((4, 4, 3), np.int16), np.diag([-1.0, 1.0, 1.0, 1.0]), "/nonexistent/x", case="x", seed=0
+        )
 
 
 def test_the_command_writes_the_series_beside_the_nifti(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "phantom", str(tmp_path / "d"), "--cases", "1",
-                        "--size", "24,24,6", "--spacing", "4,4,5", "--dicom"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "phantom",
+            str(tmp_path / "d"),
+            "--cases",
+            "1",
+            "--size",
+            "24,24,6",
+            "--spacing",
+            "4,4,5",
+            "--dicom",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"DICOM series in {tmp_path / 'd' / 'dicom'}" in r.stdout
     assert len(list((tmp_path / "d" / "dicom" / "phantom_000").glob("IM*.dcm"))) == 6

@@ -113,6 +113,7 @@ def test_wide_images_stay_in_ct_ranges_with_the_phase_of_their_draw(seed):
 def test_a_planted_liver_cyst_is_dark_and_keeps_the_liver_label():
     """Seed 2 (wide) draws a 15 mm cyst in the liver: a dark blob inside the liver's label; the standard
     case of the same seed has none."""
+
     def dark_blob(c):
         img = ndimage.median_filter(c.image.astype(np.float32), size=3)
         liver = ndimage.binary_erosion(c.label == 6, iterations=2)
@@ -120,11 +121,13 @@ def test_a_planted_liver_cyst_is_dark_and_keeps_the_liver_label():
         sizes = ndimage.sum(np.ones_like(dark), dark, range(1, n + 1)) if n else [0]
         return float(np.max(sizes)) * float(np.prod(c.spacing))  # mm^3
 
-    assert any(les["kind"] == "cyst" and les["organ"] == "liver" and les["radius_mm"] > 14
-               for les in _wide_params(2)["lesions"])
+    assert any(
+        les["kind"] == "cyst" and les["organ"] == "liver" and les["radius_mm"] > 14
+        for les in _wide_params(2)["lesions"]
+    )
     wide = dark_blob(generate_case(2, variability="wide"))
     std = dark_blob(generate_case(2))
-    assert wide > 0.25 * 4 / 3 * np.pi * 15 ** 3, wide
+    assert wide > 0.25 * 4 / 3 * np.pi * 15**3, wide
     assert std < 200, std
 
 
@@ -149,7 +152,11 @@ def test_phantom_command_takes_the_variability(tmp_path):
     r = subprocess.run(cmd + ["--variability", "wide"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "w" / "dataset.json").read_text())["variability"] == "wide"
-    r = subprocess.run(cmd[:4] + [str(tmp_path / "bad")] + cmd[5:] + ["--variability", "huge"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd[:4] + [str(tmp_path / "bad")] + cmd[5:] + ["--variability", "huge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "--variability must be standard or wide, not 'huge'" in r.stderr
     assert not (tmp_path / "bad").exists()

@@ -108,8 +108,9 @@ def test_label_read_as_integer_values(tmp_path, nifti_writer, synthetic_ct):
     noisy = lab.astype(np.float32) - 1e-4 * (lab > 0)  # e.g. a float label with a rounding error
     nifti_writer(tmp_path / "i.nii.gz", img)
     nifti_writer(tmp_path / "l.nii.gz", noisy)
-    v = val_transforms(small_cfg(crop_foreground=False))({"image": str(tmp_path / "i.nii.gz"),
-                                                          "label": str(tmp_path / "l.nii.gz")})
+    v = val_transforms(small_cfg(crop_foreground=False))(
+        {"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")}
+    )
     assert set(torch.unique(v["label"]).tolist()) == {0.0, 1.0, 2.0}
     assert int((v["label"] == 1).sum()) == int((lab == 1).sum())
 
@@ -174,7 +175,7 @@ def _is_window_of(crop: np.ndarray, volume: np.ndarray) -> bool:
     for i in range(volume.shape[0] - a + 1):
         for j in range(volume.shape[1] - b + 1):
             for k in range(volume.shape[2] - c + 1):
-                if np.array_equal(volume[i:i + a, j:j + b, k:k + c], crop):
+                if np.array_equal(volume[i : i + a, j : j + b, k : k + c], crop):
                     return True
     return False
 
@@ -182,8 +183,15 @@ def _is_window_of(crop: np.ndarray, volume: np.ndarray) -> bool:
 def test_pretraining_augments_with_crops_and_flips_only(case):
     """As the paper and SelfMedMAE: even with rotations and intensity changes switched on for every crop,
     a pre-training crop is an unchanged window of the preprocessed volume; a fine-tuning crop is not."""
-    cfg = small_cfg(crop="random", roi=(12, 12, 12), num_samples=4, flip_prob=0.0, rot90_prob=1.0,
-                    intensity_scale_prob=1.0, intensity_shift_prob=1.0)
+    cfg = small_cfg(
+        crop="random",
+        roi=(12, 12, 12),
+        num_samples=4,
+        flip_prob=0.0,
+        rot90_prob=1.0,
+        intensity_scale_prob=1.0,
+        intensity_shift_prob=1.0,
+    )
     volume = predict_transforms(cfg)({"image": case["image"]})["image"][0].numpy()
     t = pretrain_transforms(cfg, labelled=False)
     t.set_random_state(0)

@@ -22,7 +22,7 @@ AFFINE = np.diag([0.9, 1.1, 2.5, 1.0])
 
 def _maps(shift: int = 0, second: bool = True) -> np.ndarray:
     lab = np.zeros((24, 20, 10), np.uint8)
-    lab[3 + shift:11 + shift, 3:11, 2:7] = 1
+    lab[3 + shift : 11 + shift, 3:11, 2:7] = 1
     if second:
         lab[15:20, 12:18, 3:8] = 2
     return lab
@@ -40,15 +40,18 @@ def two_label_set(tmp_path):
     for c in ("a", "b"):
         _save(_maps(), root / "labelsTr" / f"{c}.nii.gz")
         _save(_maps(shift=1, second=c == "a"), tmp_path / "pred" / f"{c}.nii.gz")
-    dl = {"labels": {"0": "background", "1": "tumour", "2": "renal cyst"},
-          "test": [{"image": f"imagesTr/{c}.nii.gz", "label": f"labelsTr/{c}.nii.gz"} for c in ("a", "b")]}
+    dl = {
+        "labels": {"0": "background", "1": "tumour", "2": "renal cyst"},
+        "test": [{"image": f"imagesTr/{c}.nii.gz", "label": f"labelsTr/{c}.nii.gz"} for c in ("a", "b")],
+    }
     (root / "dataset.json").write_text(json.dumps(dl))
     return tmp_path / "pred", root
 
 
 def _evaluate(*args):
-    return subprocess.run([sys.executable, "-m", "medhpm.cli", "evaluate", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "medhpm.cli", "evaluate", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_evaluate_names_a_two_label_data_set_from_its_datalist(two_label_set, tmp_path):
@@ -108,7 +111,13 @@ def test_classes_naming_values_found_nowhere_are_refused(two_label_set, tmp_path
 
 def test_classes_from_labels_keeps_btcv_names_only_at_btcv_values():
     assert classes_from_labels({0: "background", 2: "right kidney", 10: "portal and splenic vein"}) == {
-        2: "right_kidney", 10: "portal_splenic_vein"}
+        2: "right_kidney",
+        10: "portal_splenic_vein",
+    }
     assert classes_from_labels({1: "right kidney"}) == {1: "right_kidney"}  # a name, not the BTCV table
     assert classes_from_labels({1: "liver", 2: "3D mass", 3: "liver", 4: "Lesion (solid)"}) == {
-        1: "liver", 2: "class_2", 3: "class_3", 4: "Lesion_solid"}
+        1: "liver",
+        2: "class_2",
+        3: "class_3",
+        4: "Lesion_solid",
+    }

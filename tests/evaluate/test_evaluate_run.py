@@ -29,7 +29,7 @@ def _hd95(p, g, spacing):  # independent reference: boundary voxels + EDT, 95th 
 
 def _label(shift: int = 0) -> np.ndarray:
     lab = np.zeros(SHAPE, np.uint8)
-    lab[4 + shift:14 + shift, 4:14, 2:7] = 6  # liver: a box moved along x by `shift`
+    lab[4 + shift : 14 + shift, 4:14, 2:7] = 6  # liver: a box moved along x by `shift`
     lab[20:26, 6:12, 3:8] = 1  # spleen
     return lab  # pancreas (11) is absent everywhere
 
@@ -62,8 +62,15 @@ def test_folders_metrics_files(btcv_folders, tmp_path):
     text = (out / "metrics.json").read_text()
     on_disk = json.loads(text, parse_constant=lambda c: pytest.fail(f"JSON contains {c}"))
     assert on_disk == m
-    assert set(m) == {"classes", "classes_source", "surface_tolerance_mm", "cases", "not_evaluated",
-                      "summary", "conventions"}
+    assert set(m) == {
+        "classes",
+        "classes_source",
+        "surface_tolerance_mm",
+        "cases",
+        "not_evaluated",
+        "summary",
+        "conventions",
+    }
     assert m["classes"] == {"1": "spleen", "6": "liver", "11": "pancreas"}
     assert set(m["cases"]) == {"0001", "0002"}
     assert set(m["summary"]) == {"1", "6", "11", "mean"}
@@ -78,8 +85,13 @@ def test_folders_metrics_files(btcv_folders, tmp_path):
     g = _label() == 6
     assert c1["6"]["hd95"] == pytest.approx(_hd95(_label(2) == 6, g, SPACING), abs=1e-3)
     assert c1["6"]["hd95"] > 0
-    assert c1["1"] == {"dice": pytest.approx(1.0), "hd95": pytest.approx(0.0), "status": "ok",
-                       "surface_dice": pytest.approx(1.0), "assd": pytest.approx(0.0)}
+    assert c1["1"] == {
+        "dice": pytest.approx(1.0),
+        "hd95": pytest.approx(0.0),
+        "status": "ok",
+        "surface_dice": pytest.approx(1.0),
+        "assd": pytest.approx(0.0),
+    }
     assert c2["1"] == {"dice": 0.0, "hd95": None, "status": "missed", "surface_dice": 0.0, "assd": None}
     assert c1["11"] == {"dice": None, "hd95": None, "status": "absent", "surface_dice": None, "assd": None}
     assert c2["11"] == {"dice": 0.0, "hd95": None, "status": "false_positive", "surface_dice": 0.0, "assd": None}
@@ -108,8 +120,10 @@ def test_folders_metrics_files(btcv_folders, tmp_path):
             per_organ_hd.append(np.mean(h))
     table = (out / "table.md").read_text().splitlines()
     # the paper's columns, then the surface metrics' extra column set
-    assert table[0] == ("| Method | Avg DSC / HD95 | Spleen | Liver | Pancreas | Avg NSD@1 mm / ASSD | Spleen NSD "
-                        "| Liver NSD | Pancreas NSD |")
+    assert table[0] == (
+        "| Method | Avg DSC / HD95 | Spleen | Liver | Pancreas | Avg NSD@1 mm / ASSD | Spleen NSD "
+        "| Liver NSD | Pancreas NSD |"
+    )
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[0] == "preds"
     assert cells[1] == f"{np.mean(per_organ_dice) * 100:.2f} / {np.mean(per_organ_hd):.2f}"
@@ -137,8 +151,9 @@ def test_datalist_labels_match_predictions_named_after_images(tmp_path):
     assert m["cases"]["case_a"]["6"]["dice"] == pytest.approx(1.0)
     assert m["cases"]["case_b"]["6"]["dice"] == pytest.approx(0.8, abs=1e-6)
     with pytest.raises(ValueError, match="'validation'"):
-        evaluate_predictions(tmp_path / "pred", root / "dataset.json", "btcv8", tmp_path / "o",
-                             datalist_key="validation")
+        evaluate_predictions(
+            tmp_path / "pred", root / "dataset.json", "btcv8", tmp_path / "o", datalist_key="validation"
+        )
 
 
 def test_split_chooses_the_list_of_a_datalist_on_the_command_line(tmp_path):
@@ -150,23 +165,36 @@ def test_split_chooses_the_list_of_a_datalist_on_the_command_line(tmp_path):
     root = tmp_path / "ds"
     for c in ("v1", "t1"):
         _save(_label(), root / "labelsTr" / f"{c}.nii.gz")
-    dl = {"training": [], "labels": {"0": "background", "6": "liver"},
-          "validation": [{"image": "imagesTr/v1.nii.gz", "label": "labelsTr/v1.nii.gz"}],
-          "test": [{"image": "imagesTr/t1.nii.gz", "label": "labelsTr/t1.nii.gz"}]}
+    dl = {
+        "training": [],
+        "labels": {"0": "background", "6": "liver"},
+        "validation": [{"image": "imagesTr/v1.nii.gz", "label": "labelsTr/v1.nii.gz"}],
+        "test": [{"image": "imagesTr/t1.nii.gz", "label": "labelsTr/t1.nii.gz"}],
+    }
     (root / "dataset.json").write_text(json.dumps(dl))
     _save(_label(shift=2), tmp_path / "pred" / "v1.nii.gz")
-    cmd = [sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(tmp_path / "pred"), "--label",
-           str(root / "dataset.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medhpm.cli",
+        "evaluate",
+        "--pred",
+        str(tmp_path / "pred"),
+        "--label",
+        str(root / "dataset.json"),
+    ]
     r = subprocess.run(cmd + ["-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and f"in the 'test' list of {root / 'dataset.json'}: v1.nii.gz" in r.stderr, r.stderr
     assert "--split test|validation|training" in r.stderr and not (tmp_path / "o").exists()
-    r = subprocess.run(cmd + ["--split", "validation", "-o", str(tmp_path / "o")], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        cmd + ["--split", "validation", "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert list(m["cases"]) == ["v1"] and m["cases"]["v1"]["6"]["dice"] == pytest.approx(0.8)
-    r = subprocess.run(cmd + ["--split", "valid", "-o", str(tmp_path / "o2")], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        cmd + ["--split", "valid", "-o", str(tmp_path / "o2")], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and "has no 'valid' list (its lists: test, training, validation)" in r.stderr, r.stderr
 
 
@@ -223,9 +251,26 @@ def test_only_predicted_evaluates_the_predicted_subset(tmp_path):
         evaluate_predictions(tmp_path / "preds", tmp_path / "labels", CLASSES, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(tmp_path / "preds"),
-                        "--label", str(tmp_path / "labels"), "--classes", "spleen=1,liver=6",
-                        "--only-predicted", "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "evaluate",
+            "--pred",
+            str(tmp_path / "preds"),
+            "--label",
+            str(tmp_path / "labels"),
+            "--classes",
+            "spleen=1,liver=6",
+            "--only-predicted",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 ground-truth case(s) without a prediction not evaluated: 0003" in r.stdout
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -234,12 +279,14 @@ def test_only_predicted_evaluates_the_predicted_subset(tmp_path):
     assert m["cases"]["0001"]["6"]["dice"] == pytest.approx(0.8)
     assert m["cases"]["0002"]["6"]["dice"] == pytest.approx(1.0)
     assert m["summary"]["6"]["dice_mean"] == pytest.approx(0.9)
-    assert "2 case(s) (1 ground-truth case(s) without a prediction not evaluated" in (tmp_path / "o" / "table.md").read_text()
+    assert (
+        "2 case(s) (1 ground-truth case(s) without a prediction not evaluated"
+        in (tmp_path / "o" / "table.md").read_text()
+    )
 
     _save(_label(), tmp_path / "preds" / "img0009.nii.gz")
     with pytest.raises(ValueError, match="img0009.nii.gz"):
-        evaluate_predictions(tmp_path / "preds", tmp_path / "labels", CLASSES, tmp_path / "o2",
-                             only_predicted=True)
+        evaluate_predictions(tmp_path / "preds", tmp_path / "labels", CLASSES, tmp_path / "o2", only_predicted=True)
 
 
 def test_probability_map_rejected_with_file_name(tmp_path):
@@ -255,8 +302,9 @@ def test_all_absent_class_writes_null_not_nan(tmp_path):
     _save(_label(), tmp_path / "p" / "x.nii.gz")
     # the data set names pancreas, which no case holds: reported as absent (an explicit --classes naming a
     # value found nowhere is refused instead, see tests/evaluate/test_evaluate_classes.py)
-    (tmp_path / "l" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "6": "liver",
-                                                                        "11": "pancreas"}}))
+    (tmp_path / "l" / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "6": "liver", "11": "pancreas"}})
+    )
     m = evaluate_predictions(tmp_path / "p", tmp_path / "l", None, tmp_path / "o")
     assert m["classes"] == {"6": "liver", "11": "pancreas"}
     assert m["summary"]["11"]["dice_mean"] is None
@@ -274,11 +322,13 @@ def test_datalist_case_names_duplicate_images_and_probability_maps(tmp_path):
     for sub in ("a", "b"):
         _save(_label(), root / sub / "seg.nii.gz")
     _save(_label(), root / "lab7.nii.gz")
-    dl = {"test": [
-        {"image": "a/ct.nii.gz", "label": "a/seg.nii.gz"},
-        {"image": "b/ct.nii.gz", "label": "b/seg.nii.gz"},
-        {"image": "scan.nii.gz", "label": "lab7.nii.gz", "case": "patient7"},
-    ]}
+    dl = {
+        "test": [
+            {"image": "a/ct.nii.gz", "label": "a/seg.nii.gz"},
+            {"image": "b/ct.nii.gz", "label": "b/seg.nii.gz"},
+            {"image": "scan.nii.gz", "label": "lab7.nii.gz", "case": "patient7"},
+        ]
+    }
     (root / "dl.json").write_text(json.dumps(dl))
     preds = tmp_path / "preds"
     _save(_label(), preds / "a_ct.nii.gz")

@@ -43,10 +43,7 @@ def box(shape, lo, hi) -> np.ndarray:
 
 SHAPE = (48, 40, 16)
 CASES = {
-    "spheres_offset": (
-        ellipsoid(SHAPE, (18, 24, 22), (9, 9, 12)),
-        ellipsoid(SHAPE, (21, 22, 25), (8, 10, 10)),
-    ),
+    "spheres_offset": (ellipsoid(SHAPE, (18, 24, 22), (9, 9, 12)), ellipsoid(SHAPE, (21, 22, 25), (8, 10, 10))),
     "cubes_shifted": (box(SHAPE, (10, 8, 3), (22, 20, 9)), box(SHAPE, (12, 8, 4), (24, 19, 10))),
     "touching_border": (box(SHAPE, (0, 0, 0), (15, 12, 6)), box(SHAPE, (2, 0, 0), (18, 10, 5))),
     "far_outlier": (  # prediction with a distant speck: HD95 is pulled by the far voxels
@@ -138,8 +135,10 @@ def test_summarize_means_stds_and_counts():
     cases = {
         "a": {1: {"dice": 0.9, "hd95": 2.0, "status": "ok"}, 2: {"dice": nan, "hd95": nan, "status": "absent"}},
         "b": {1: {"dice": 0.7, "hd95": 6.0, "status": "ok"}, 2: {"dice": 0.0, "hd95": nan, "status": "missed"}},
-        "c": {1: {"dice": 0.0, "hd95": None, "status": "false_positive"},
-              2: {"dice": 0.5, "hd95": 4.0, "status": "ok"}},
+        "c": {
+            1: {"dice": 0.0, "hd95": None, "status": "false_positive"},
+            2: {"dice": 0.5, "hd95": 4.0, "status": "ok"},
+        },
     }
     s = summarize(cases, {1: "x", 2: "y"})
     assert s["1"]["dice_mean"] == pytest.approx((0.9 + 0.7 + 0.0) / 3)
@@ -158,8 +157,16 @@ def test_summarize_means_stds_and_counts():
 
 # ---------------------------------------------------------------- classes
 def test_parse_classes_presets_and_lists():
-    assert parse_classes("BTCV8") == {1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder",
-                                      6: "liver", 7: "stomach", 8: "aorta", 11: "pancreas"}
+    assert parse_classes("BTCV8") == {
+        1: "spleen",
+        2: "right_kidney",
+        3: "left_kidney",
+        4: "gallbladder",
+        6: "liver",
+        7: "stomach",
+        8: "aorta",
+        11: "pancreas",
+    }
     assert list(parse_classes("btcv13")) == list(range(1, 14))
     assert parse_classes("btcv13")[10] == "portal_splenic_vein"
     assert parse_classes(" liver=6, spleen=1 ,") == {1: "spleen", 6: "liver"}
@@ -225,8 +232,10 @@ def test_paper_table_subset_and_nulls():
 def test_aggregate_seeds_mean_std_and_table():
     rng = np.random.default_rng(1)
     labels = (1, 2, 6)
-    seeds = [_summary({k: float(rng.uniform(0.6, 0.9)) for k in labels}, {k: float(rng.uniform(1, 9)) for k in labels})
-             for _ in range(3)]
+    seeds = [
+        _summary({k: float(rng.uniform(0.6, 0.9)) for k in labels}, {k: float(rng.uniform(1, 9)) for k in labels})
+        for _ in range(3)
+    ]
     agg = aggregate_seeds(seeds)
     d1 = [s["1"]["dice_mean"] for s in seeds]
     assert agg["1"]["dice_mean"] == pytest.approx(np.mean(d1))
@@ -238,8 +247,10 @@ def test_aggregate_seeds_mean_std_and_table():
     per_seed_hd = [np.mean([s["1"]["hd95_mean"], s["6"]["hd95_mean"]]) for s in seeds]
     row = paper_table({"HPM": agg}, sub).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == (f"{np.mean(per_seed_avg):.2f} ± {np.std(per_seed_avg, ddof=1):.2f} / "
-                        f"{np.mean(per_seed_hd):.2f} ± {np.std(per_seed_hd, ddof=1):.2f}")
+    assert cells[1] == (
+        f"{np.mean(per_seed_avg):.2f} ± {np.std(per_seed_avg, ddof=1):.2f} / "
+        f"{np.mean(per_seed_hd):.2f} ± {np.std(per_seed_hd, ddof=1):.2f}"
+    )
     assert cells[2] == f"{np.mean(d1) * 100:.2f} ± {np.std(d1, ddof=1) * 100:.2f}"
     with pytest.raises(ValueError, match="same classes"):
         aggregate_seeds([seeds[0], _summary({1: 0.5}, {1: 1.0})])

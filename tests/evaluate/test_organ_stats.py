@@ -16,8 +16,7 @@ from medhpm.evaluate.organ_stats import organ_statistics, statistics_csv
 
 def _slow(image, label, spacing_mm, value):
     """Voxel by voxel: count, sum, then the squared deviations; volume = count x product of spacings."""
-    hits = [float(image[i, j, k]) for i, j, k in itertools.product(*map(range, label.shape))
-            if label[i, j, k] == value]
+    hits = [float(image[i, j, k]) for i, j, k in itertools.product(*map(range, label.shape)) if label[i, j, k] == value]
     n = len(hits)
     if not n:
         return 0, 0.0, None, None

@@ -37,8 +37,8 @@ def _reference(p, g, spacing, tol):
 
 def _masks():
     x, y, z = np.meshgrid(*[np.arange(n) for n in (30, 24, 10)], indexing="ij")
-    g = ((x - 14) * 0.8) ** 2 + ((y - 11) * 1.2) ** 2 + ((z - 5) * 3.0) ** 2 <= 9.0 ** 2  # a sphere in mm
-    p = ((x - 16) * 0.8) ** 2 / 1.2 + ((y - 11) * 1.2) ** 2 + ((z - 4.6) * 3.0) ** 2 <= 8.5 ** 2  # moved, squashed
+    g = ((x - 14) * 0.8) ** 2 + ((y - 11) * 1.2) ** 2 + ((z - 5) * 3.0) ** 2 <= 9.0**2  # a sphere in mm
+    p = ((x - 16) * 0.8) ** 2 / 1.2 + ((y - 11) * 1.2) ** 2 + ((z - 4.6) * 3.0) ** 2 <= 8.5**2  # moved, squashed
     return p, g
 
 
@@ -76,9 +76,27 @@ def test_surface_metrics_in_every_result_file(tmp_path):
         for folder, arr in (("pred", pred), ("gt", gt)):
             (tmp_path / folder).mkdir(exist_ok=True)
             nib.save(nib.Nifti1Image(arr.astype(np.uint8) * 2, affine), str(tmp_path / folder / f"{name}.nii.gz"))
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(tmp_path / "pred"), "--label",
-                        str(tmp_path / "gt"), "--classes", "right_kidney=2", "--surface-tolerance", "2.5",
-                        "-o", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--label",
+            str(tmp_path / "gt"),
+            "--classes",
+            "right_kidney=2",
+            "--surface-tolerance",
+            "2.5",
+            "-o",
+            str(tmp_path / "ev"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     nsd, assd = _reference(p, g, SPACING, 2.5)
@@ -89,7 +107,9 @@ def test_surface_metrics_in_every_result_file(tmp_path):
     assert a["surface_dice"] == pytest.approx(nsd, abs=1e-6) and a["assd"] == pytest.approx(assd, rel=1e-5)
     assert b["surface_dice"] == 0.0 and b["assd"] is None
     s = m["summary"]["2"]
-    assert s["surface_dice_mean"] == pytest.approx(nsd / 2, abs=1e-6) and s["assd_mean"] == pytest.approx(assd, rel=1e-5)
+    assert s["surface_dice_mean"] == pytest.approx(nsd / 2, abs=1e-6) and s["assd_mean"] == pytest.approx(
+        assd, rel=1e-5
+    )
     assert s["n_assd"] == 1 and m["summary"]["mean"]["surface_dice_mean"] == pytest.approx(nsd / 2, abs=1e-6)
     rows = list(csv.DictReader((tmp_path / "ev" / "metrics.csv").open()))
     assert rows[0]["surface_dice"] and float(rows[0]["assd"]) == pytest.approx(assd, rel=1e-5)

@@ -11,9 +11,20 @@ import statistics
 import pytest
 import torch
 
-from medhpm.evaluate.token_probes import (CV_TOLERANCE, DEFAULT_K, DEFAULT_STRENGTH, balanced_accuracy, case_folds,
-                                   cv_knn_probe, cv_linear_probe, fit_knn_probe, fit_linear_probe, noise_floor,
-                                   patch_majority_labels, probe_tokens)
+from medhpm.evaluate.token_probes import (
+    CV_TOLERANCE,
+    DEFAULT_K,
+    DEFAULT_STRENGTH,
+    balanced_accuracy,
+    case_folds,
+    cv_knn_probe,
+    cv_linear_probe,
+    fit_knn_probe,
+    fit_linear_probe,
+    noise_floor,
+    patch_majority_labels,
+    probe_tokens,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +43,7 @@ def test_patch_majority_labels_against_a_loop():
     out = patch_majority_labels(label, 4)
     assert out.shape == (2, 4)  # grid (2, 2, 1)
     for b, (ih, iw, idd) in itertools.product(range(2), itertools.product(range(2), range(2), range(1))):
-        block = label[b, 0, ih * 4:(ih + 1) * 4, iw * 4:(iw + 1) * 4, idd * 4:(idd + 1) * 4].flatten().tolist()
+        block = label[b, 0, ih * 4 : (ih + 1) * 4, iw * 4 : (iw + 1) * 4, idd * 4 : (idd + 1) * 4].flatten().tolist()
         best = max(range(4), key=lambda c: (block.count(c), -c))  # most frequent, ties to the smaller
         assert out[b, (ih * 2 + iw) * 1 + idd] == best  # token (ih*Gw + iw)*Gd + id
     assert out[0, 0] == 3
@@ -264,8 +275,18 @@ def test_a_planted_class_feature_ranks_above_the_noise_floor_of_random_encoders(
         return torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 + seed))
 
     def probe(feats):
-        return probe_tokens(feats[train], y[train], groups[train], feats[test], y[test], 4,
-                            strengths=(1e-3, 0.1, 10.0), ks=(5, 20), folds=3, steps=50)
+        return probe_tokens(
+            feats[train],
+            y[train],
+            groups[train],
+            feats[test],
+            y[test],
+            4,
+            strengths=(1e-3, 0.1, 10.0),
+            ks=(5, 20),
+            folds=3,
+            steps=50,
+        )
 
     seeds = [0, 1, 2, 3, 4]
     floor = noise_floor(random_encoder, seeds, probe)

@@ -87,13 +87,22 @@ def test_safetensors_without_sidecar_loads_with_a_note(tmp_path):
 def pretrain_checkpoint(path, student, teacher):
     def hpm_state(enc):  # what HPMPretrainModel.state_dict() looks like: encoder.* plus decoder parts
         state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
-        state |= {"mask_token": torch.zeros(1, 1, 12), "decoder_embed.weight": torch.randn(12, 24),
-                  "reconstructor.blocks.0.norm1.weight": torch.ones(12)}
+        state |= {
+            "mask_token": torch.zeros(1, 1, 12),
+            "decoder_embed.weight": torch.randn(12, 24),
+            "reconstructor.blocks.0.norm1.weight": torch.ones(12),
+        }
         return state
 
     torch.save(
-        {"model": hpm_state(student), "teacher": None if teacher is None else hpm_state(teacher),
-         "model_args": {"encoder": student.config()}, "config": {}, "transforms": {}, "epoch": 3},
+        {
+            "model": hpm_state(student),
+            "teacher": None if teacher is None else hpm_state(teacher),
+            "model_args": {"encoder": student.config()},
+            "config": {},
+            "transforms": {},
+            "epoch": 3,
+        },
         path,
     )
     return path
@@ -120,8 +129,10 @@ def test_real_hpm_model_state_dict_loads_with_its_decoders_ignored(tmp_path, x):
 
     enc = make_encoder()
     hpm = HPMPretrainModel(enc, decoder_dim=12, decoder_depth=1, decoder_heads=2)
-    torch.save({"model": hpm.state_dict(), "teacher": hpm.state_dict(),
-                "model_args": {"encoder": enc.config()}, "config": {}}, tmp_path / "last.pt")
+    torch.save(
+        {"model": hpm.state_dict(), "teacher": hpm.state_dict(), "model_args": {"encoder": enc.config()}, "config": {}},
+        tmp_path / "last.pt",
+    )
     model = make_unetr(enc.config())
     report = load_encoder_weights(model, tmp_path / "last.pt", use_teacher=True)
     assert report.missing == [] and report.unexpected == []
@@ -223,8 +234,17 @@ def monai_unetr(monkeypatch, qkv_bias=True):
     from monai.networks.nets import UNETR as MonaiUNETR
 
     torch.manual_seed(7)
-    net = MonaiUNETR(in_channels=1, out_channels=2, img_size=ROI, feature_size=4, hidden_size=48, mlp_dim=96,
-                     num_heads=4, proj_type="conv", qkv_bias=qkv_bias)
+    net = MonaiUNETR(
+        in_channels=1,
+        out_channels=2,
+        img_size=ROI,
+        feature_size=4,
+        hidden_size=48,
+        mlp_dim=96,
+        num_heads=4,
+        proj_type="conv",
+        qkv_bias=qkv_bias,
+    )
     with torch.no_grad():
         for p in net.vit.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -263,12 +283,18 @@ def test_monai_perceptron_patch_embedding_is_converted_to_a_conv(x):
     p = 16
     w = enc.patch_embed.proj.weight.detach()  # (D, 1, P, P, P)
     linear = w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], p**3)  # MONAI perceptron: (p1 p2 p3 c) order
-    state = {"vit.patch_embedding.patch_embeddings.1.weight": linear,
-             "vit.patch_embedding.patch_embeddings.1.bias": enc.patch_embed.proj.bias.detach(),
-             "vit.patch_embedding.position_embeddings": enc.pos_embed.detach()}
+    state = {
+        "vit.patch_embedding.patch_embeddings.1.weight": linear,
+        "vit.patch_embedding.patch_embeddings.1.bias": enc.patch_embed.proj.bias.detach(),
+        "vit.patch_embedding.position_embeddings": enc.pos_embed.detach(),
+    }
     for k, v in enc.state_dict().items():
         if k.startswith(("blocks.", "norm.")):
-            for ours, theirs in (("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.linear1"), ("mlp.fc2", "mlp.linear2")):
+            for ours, theirs in (
+                ("attn.proj", "attn.out_proj"),
+                ("mlp.fc1", "mlp.linear1"),
+                ("mlp.fc2", "mlp.linear2"),
+            ):
                 k = k.replace(ours, theirs)
             state["vit." + k] = v
     target = make_encoder(seed=9)
@@ -283,9 +309,14 @@ def test_monai_perceptron_patch_embedding_is_converted_to_a_conv(x):
 def test_selfmedmae_pretraining_checkpoint(tmp_path, x):
     enc = make_encoder()
     state = {f"module.encoder.{k}": v for k, v in enc.state_dict().items() if k != "pos_embed"}
-    state |= {"module.encoder.cls_token": torch.randn(1, 1, 24), "module.encoder_pos_embed": enc.pos_embed.detach(),
-              "module.decoder_pos_embed": torch.randn(1, 8, 12), "module.mask_token": torch.randn(1, 1, 12),
-              "module.encoder_to_decoder.weight": torch.randn(12, 24), "module.decoder.norm.weight": torch.ones(12)}
+    state |= {
+        "module.encoder.cls_token": torch.randn(1, 1, 24),
+        "module.encoder_pos_embed": enc.pos_embed.detach(),
+        "module.decoder_pos_embed": torch.randn(1, 8, 12),
+        "module.mask_token": torch.randn(1, 1, 12),
+        "module.encoder_to_decoder.weight": torch.randn(12, 24),
+        "module.decoder.norm.weight": torch.ones(12),
+    }
     torch.save({"state_dict": state, "epoch": 10, "optimizer": {}}, tmp_path / "checkpoint_0009.pth.tar")
     target = make_unetr(enc.config())
     report = load_encoder_weights(target, tmp_path / "checkpoint_0009.pth.tar")
@@ -312,12 +343,23 @@ def test_selfmedmae_unetr3d_pos_embed_with_class_slot(x):
 # ---------------------------------------------------------------------------------------------------
 def timm_2d_state(width=24, depth=3, grid=14, mae=False):
     torch.manual_seed(11)
-    state = {"cls_token": torch.randn(1, 1, width), "pos_embed": torch.randn(1, 1 + grid * grid, width),
-             "patch_embed.proj.weight": torch.randn(width, 3, 16, 16), "patch_embed.proj.bias": torch.randn(width),
-             "norm.weight": torch.rand(width), "norm.bias": torch.randn(width)}
+    state = {
+        "cls_token": torch.randn(1, 1, width),
+        "pos_embed": torch.randn(1, 1 + grid * grid, width),
+        "patch_embed.proj.weight": torch.randn(width, 3, 16, 16),
+        "patch_embed.proj.bias": torch.randn(width),
+        "norm.weight": torch.rand(width),
+        "norm.bias": torch.randn(width),
+    }
     for i in range(depth):
-        for name, shape in [("norm1", (width,)), ("attn.qkv", (3 * width, width)), ("attn.proj", (width, width)),
-                            ("norm2", (width,)), ("mlp.fc1", (2 * width, width)), ("mlp.fc2", (width, 2 * width))]:
+        for name, shape in [
+            ("norm1", (width,)),
+            ("attn.qkv", (3 * width, width)),
+            ("attn.proj", (width, width)),
+            ("norm2", (width,)),
+            ("mlp.fc1", (2 * width, width)),
+            ("mlp.fc2", (width, 2 * width)),
+        ]:
             state[f"blocks.{i}.{name}.weight"] = torch.randn(shape)
             state[f"blocks.{i}.{name}.bias"] = torch.randn(shape[0])
     if mae:

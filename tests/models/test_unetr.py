@@ -11,10 +11,7 @@ def micro_encoder(roi=32, patch=16, depth=3, **kw):
     return ViTEncoder(img_size=roi, patch_size=patch, embed_dim=24, depth=depth, num_heads=2, mlp_ratio=2.0, **kw)
 
 
-@pytest.mark.parametrize(
-    "patch, roi, skips",
-    [(16, (32, 32, 48), (1, 2, 3)), (8, (16, 16, 24), (2, 3))],
-)
+@pytest.mark.parametrize("patch, roi, skips", [(16, (32, 32, 48), (1, 2, 3)), (8, (16, 16, 24), (2, 3))])
 def test_forward_shapes_and_every_parameter_gets_a_gradient(patch, roi, skips):
     torch.manual_seed(0)
     model = UNETR(micro_encoder(roi, patch), out_channels=3, feature_size=4, skip_blocks=skips)
@@ -39,8 +36,18 @@ def test_pos_embed_becomes_learnable_from_its_sincos_values():
 def test_patch16_decoder_uses_monai_layout_names():
     model = UNETR(micro_encoder(), out_channels=2, feature_size=4, skip_blocks=(1, 2, 3))
     top = {k.split(".")[0] for k in model.state_dict()}
-    assert top == {"encoder", "encoder1", "encoder2", "encoder3", "encoder4",
-                   "decoder5", "decoder4", "decoder3", "decoder2", "out"}
+    assert top == {
+        "encoder",
+        "encoder1",
+        "encoder2",
+        "encoder3",
+        "encoder4",
+        "decoder5",
+        "decoder4",
+        "decoder3",
+        "decoder2",
+        "out",
+    }
     assert set(model.encoder_state_dict()) == set(model.encoder.state_dict())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def tiny_phantoms(tmp_path_factory):
     """Six small phantoms (4 training, 1 validation, 1 test) written once per test session."""

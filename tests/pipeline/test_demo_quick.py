@@ -15,12 +15,22 @@ import pytest
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1500)
+    r = subprocess.run(
+        [sys.executable, "-m", "medhpm.cli", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # every stage reports its time, and the run folder layout is printed at the end
-    for stage in ("phantom CT data", "self-pre-training (hpm)", "UNETR fine-tuning", "prediction of the test scans",
-                  "evaluation (Dice, HD95)", "figures and report"):
+    for stage in (
+        "phantom CT data",
+        "self-pre-training (hpm)",
+        "UNETR fine-tuning",
+        "prediction of the test scans",
+        "evaluation (Dice, HD95)",
+        "figures and report",
+    ):
         assert re.search(rf"=== {re.escape(stage)}: done in [0-9.]+ s ===", r.stdout), stage
     assert "report.html" in r.stdout and "run folder" in r.stdout
     timings = json.loads((out / "timings.json").read_text())
@@ -47,11 +57,20 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "pretrain" / "encoder.safetensors").exists() and (out / "finetune" / "best.pt").exists()
 
     # the same demo again: every finished stage is kept with the time it took, and timings.json keeps them
-    r1 = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--quick", "--out", str(out)],
-                        capture_output=True, text=True, timeout=600)
+    r1 = subprocess.run(
+        [sys.executable, "-m", "medhpm.cli", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
-    kept = ("phantom CT data", "self-pre-training (hpm)", "UNETR fine-tuning", "prediction of the test scans",
-            "evaluation (Dice, HD95)")
+    kept = (
+        "phantom CT data",
+        "self-pre-training (hpm)",
+        "UNETR fine-tuning",
+        "prediction of the test scans",
+        "evaluation (Dice, HD95)",
+    )
     for n, stage in enumerate(kept, start=1):
         assert f"=== [{n}/6] {stage}: done before (in {timings[stage]:.1f} s), kept ===" in r1.stdout, stage
     assert "=== [6/6] figures and report ===" in r1.stdout and "5 stages done before" in r1.stdout
@@ -61,8 +80,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert json.loads((out / "evaluation" / "metrics.json").read_text()) == metrics
 
     # the folder is resumable, so a default demo into it must refuse rather than report the quick results
-    r2 = subprocess.run([sys.executable, "-m", "medhpm.cli", "demo", "--out", str(out)],
-                        capture_output=True, text=True, timeout=300)
+    r2 = subprocess.run(
+        [sys.executable, "-m", "medhpm.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert r2.returncode != 0
     msg = r2.stdout + r2.stderr
     assert "demo_settings.json" in msg and "'quick': True" in msg and "--out" in msg

@@ -29,8 +29,10 @@ def test_a_tiny_run_trains_from_the_device_sampler(tiny_phantoms, tmp_path, stag
         cfg = load_config("demo", common + ["pretrain.method=hpm", "pretrain.epochs=2", "pretrain.steps_per_epoch=3"])
         run = pretrain(cfg, tmp_path / "pt")
     else:
-        cfg = load_config("demo", common + ["finetune.epochs=2", "finetune.steps_per_epoch=3", "finetune.val_every=2",
-                                            "data.crop=classes"])
+        cfg = load_config(
+            "demo",
+            common + ["finetune.epochs=2", "finetune.steps_per_epoch=3", "finetune.val_every=2", "data.crop=classes"],
+        )
         run = finetune(cfg, tmp_path / "ft", init="none")
     losses = _losses(run)
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses

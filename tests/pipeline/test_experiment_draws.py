@@ -16,8 +16,15 @@ import yaml
 from medhpm.config import ConfigError
 from medhpm.data.datalist import finetune_cases
 from medhpm.evaluate import evaluate_predictions
-from medhpm.experiment import (label_draws, load_experiment, pairs_of, planned_pretrainings, planned_runs,
-                               run_command, run_experiment)
+from medhpm.experiment import (
+    label_draws,
+    load_experiment,
+    pairs_of,
+    planned_pretrainings,
+    planned_runs,
+    run_command,
+    run_experiment,
+)
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 SHAPE = (30, 30, 12)
@@ -27,11 +34,18 @@ T_975_2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom (
 
 
 def _spec(tmp_path, **more):
-    body = {"name": "len", "base": "demo", "methods": ["scratch", "mae", "hpm_full"], "seeds": DRAWS,
-            "pretrain_seeds": [7], "finetune_from": ["last", 300], "probe": False,
-            "grid": {"key": "finetune.labelled_cases", "values": KS},
-            "variants": {"hpm_full": {"method": "hpm", "overrides": ["pretrain.teacher_view=full"]}},
-            "overrides": ["pretrain.epochs=50", "pretrain.snapshot_steps=[300,1000]"]}
+    body = {
+        "name": "len",
+        "base": "demo",
+        "methods": ["scratch", "mae", "hpm_full"],
+        "seeds": DRAWS,
+        "pretrain_seeds": [7],
+        "finetune_from": ["last", 300],
+        "probe": False,
+        "grid": {"key": "finetune.labelled_cases", "values": KS},
+        "variants": {"hpm_full": {"method": "hpm", "overrides": ["pretrain.teacher_view=full"]}},
+        "overrides": ["pretrain.epochs=50", "pretrain.snapshot_steps=[300,1000]"],
+    }
     body.update(more)
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(body))
@@ -54,7 +68,10 @@ def test_each_method_and_pretraining_seed_is_pretrained_once(tmp_path):
     jobs = planned_pretrainings(spec, tmp_path / "exp")
     assert [(j["method"], j["seed"]) for j in jobs] == [("mae", 7), ("hpm_full", 7), ("mae", 8), ("hpm_full", 8)]
     for j in jobs:
-        assert j["cfg"].seed == j["seed"] and j["pt"] == tmp_path / "exp" / "pretrain" / j["method"] / f"seed{j['seed']}" / "pretrain"
+        assert (
+            j["cfg"].seed == j["seed"]
+            and j["pt"] == tmp_path / "exp" / "pretrain" / j["method"] / f"seed{j['seed']}" / "pretrain"
+        )
         assert j["cfg"].pretrain.snapshot_steps == (300, 1000)
         assert j["cfg"].pretrain.teacher_view == ("full" if j["method"] == "hpm_full" else "masked")
 
@@ -95,16 +112,22 @@ def test_label_draws_are_the_same_cases_for_every_method():
     assert len({tuple(p) for p in picks.values()}) > 1
 
 
-@pytest.mark.parametrize("more, message", [
-    ({"finetune_from": ["last", 500]}, "'finetune_from' steps [500] are not in mae's pretrain.snapshot_steps"),
-    ({"finetune_from": [300]}, "must include 'last'"),
-    ({"finetune_from": ["last", "end"]}, "'finetune_from' must list 'last' and/or snapshot steps"),
-    ({"pretrain_seeds": []}, "'pretrain_seeds' must be a non-empty list of distinct integers"),
-    ({"pretrain_seeds": [1, 1]}, "'pretrain_seeds' must be a non-empty list of distinct integers"),
-    ({"pretrain_seeds": None}, "'finetune_from' needs 'pretrain_seeds'"),
-    ({"grid": {"key": "pretrain.epochs", "values": [50, 60]}}, "the grid key must be one pre-training does not read"),
-    ({"methods": ["scratch", "unet"], "finetune_from": None}, "no method in 'methods' pre-trains"),
-])
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        ({"finetune_from": ["last", 500]}, "'finetune_from' steps [500] are not in mae's pretrain.snapshot_steps"),
+        ({"finetune_from": [300]}, "must include 'last'"),
+        ({"finetune_from": ["last", "end"]}, "'finetune_from' must list 'last' and/or snapshot steps"),
+        ({"pretrain_seeds": []}, "'pretrain_seeds' must be a non-empty list of distinct integers"),
+        ({"pretrain_seeds": [1, 1]}, "'pretrain_seeds' must be a non-empty list of distinct integers"),
+        ({"pretrain_seeds": None}, "'finetune_from' needs 'pretrain_seeds'"),
+        (
+            {"grid": {"key": "pretrain.epochs", "values": [50, 60]}},
+            "the grid key must be one pre-training does not read",
+        ),
+        ({"methods": ["scratch", "unet"], "finetune_from": None}, "no method in 'methods' pre-trains"),
+    ],
+)
 def test_bad_draw_settings_are_refused_naming_the_file(tmp_path, more, message):
     path = _spec(tmp_path, **more)
     with pytest.raises(ConfigError) as e:
@@ -114,9 +137,10 @@ def test_bad_draw_settings_are_refused_naming_the_file(tmp_path, more, message):
 
 # ---- results over planted runs ----------------------------------------------------------------------------
 
+
 def _label(shift: int = 0) -> np.ndarray:
     lab = np.zeros(SHAPE, np.uint8)
-    lab[4 + shift:16 + shift, 4:14, 2:9] = 6  # liver, moved along x by `shift`
+    lab[4 + shift : 16 + shift, 4:14, 2:9] = 6  # liver, moved along x by `shift`
     lab[20:27, 8:16, 3:9] = 1  # spleen
     return lab
 
@@ -131,8 +155,15 @@ def _datalist(tmp_path):
     _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
     _save(_label(), data / "lab" / "case0.nii.gz")
     path = data / "dataset.json"
-    path.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"}, "training": [],
-                                "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz", "case": "case0"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "spleen", "6": "liver"},
+                "training": [],
+                "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz", "case": "case0"}],
+            }
+        )
+    )
     return path
 
 
@@ -144,23 +175,36 @@ def _plant_pretraining(job, steps: int, losses):
     for name in ("final.pt", "encoder.safetensors"):
         (pt / name).write_bytes(b"planted")
     (pt / "summary.json").write_text(json.dumps({"steps": steps}))
-    (pt / "metrics.jsonl").write_text("".join(json.dumps({"kind": "epoch", "epoch": i, "steps": steps // len(losses),
-                                                          "loss_rec": v}) + "\n" for i, v in enumerate(losses)))
+    (pt / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"kind": "epoch", "epoch": i, "steps": steps // len(losses), "loss_rec": v}) + "\n"
+            for i, v in enumerate(losses)
+        )
+    )
     (job / "timings.json").write_text(json.dumps({"self-pre-training (mae)": 60.0, "self-pre-training (hpm)": 90.0}))
 
 
 def test_results_pair_over_label_draws_and_scratch_runs_once_per_draw(tmp_path, capsys):
     datalist = _datalist(tmp_path)
     out = tmp_path / "exp"
-    path = _spec(tmp_path, overrides=["pretrain.epochs=50", "pretrain.snapshot_steps=[300,1000]",
-                                      f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"])
+    path = _spec(
+        tmp_path,
+        overrides=[
+            "pretrain.epochs=50",
+            "pretrain.snapshot_steps=[300,1000]",
+            f"data.dataset={datalist}",
+            "finetune.reported=spleen=1,liver=6",
+        ],
+    )
     spec = load_experiment(str(path))
     for m in ("mae", "hpm_full"):
         _plant_pretraining(out / "pretrain" / m / "seed7", 1000, [1.0, 0.8])
     shift = {"scratch": 4, "mae": 2, "mae@300": 3, "hpm_full": 1, "hpm_full@300": 3}
     for r in planned_runs(spec, out):
         run = r["dir"]
-        _save(_label(shift[r["method"]] + (r["run_seed"] == 1) - (r["value"] == 3)), run / "predictions" / "case0.nii.gz")
+        _save(
+            _label(shift[r["method"]] + (r["run_seed"] == 1) - (r["value"] == 3)), run / "predictions" / "case0.nii.gz"
+        )
         evaluate_predictions(run / "predictions", datalist, "spleen=1,liver=6", run / "evaluation", method=r["method"])
         (run / "timings.json").write_text(json.dumps({"UNETR fine-tuning": 10.0}))
     run_experiment(str(path), out)
@@ -172,7 +216,9 @@ def test_results_pair_over_label_draws_and_scratch_runs_once_per_draw(tmp_path, 
         per = {m: {int(s): v for s, v in cell["methods"][m]["dice"]["seeds"].items()} for m in shift}
         for m in shift:
             for d in DRAWS:
-                mj = json.loads((out / "runs" / cell["name"] / m / f"seed{d}" / "evaluation" / "metrics.json").read_text())
+                mj = json.loads(
+                    (out / "runs" / cell["name"] / m / f"seed{d}" / "evaluation" / "metrics.json").read_text()
+                )
                 c = mj["cases"]["case0"]
                 assert per[m][d] == pytest.approx((c["1"]["dice"] + c["6"]["dice"]) / 2, abs=1e-12)
         for pair in ("mae-scratch", "mae@300-mae", "mae@300-scratch", "hpm_full@300-hpm_full", "hpm_full-mae"):
@@ -194,8 +240,16 @@ def test_results_pair_over_label_draws_and_scratch_runs_once_per_draw(tmp_path, 
 
 def _plant_probe(path, fixed, cv, knn):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"balanced_accuracy": fixed, "linear_cv": {"balanced_accuracy": cv},
-                                "knn": {"balanced_accuracy": knn}, "seconds": 1.0}))
+    path.write_text(
+        json.dumps(
+            {
+                "balanced_accuracy": fixed,
+                "linear_cv": {"balanced_accuracy": cv},
+                "knn": {"balanced_accuracy": knn},
+                "seconds": 1.0,
+            }
+        )
+    )
 
 
 def test_the_probe_curve_reads_every_snapshot_and_the_noise_floor(tmp_path):
@@ -217,12 +271,31 @@ def test_the_probe_curve_reads_every_snapshot_and_the_noise_floor(tmp_path):
         for step, v in at.items():
             _plant_probe(out / "probe" / m / "seed7" / f"step{step:07d}.json", v - 0.1, v, v - 0.2)
     floor_vals = [0.52, 0.56, 0.54]
-    summ = {k: {"values": [v + off for v in floor_vals], "mean": 0.54 + off, "std": 0.02, "min": 0.52 + off,
-                "max": 0.56 + off, "n": 3} for k, off in (("linear_fixed", -0.1), ("linear_cv", 0.0), ("knn", -0.2))}
+    summ = {
+        k: {
+            "values": [v + off for v in floor_vals],
+            "mean": 0.54 + off,
+            "std": 0.02,
+            "min": 0.52 + off,
+            "max": 0.56 + off,
+            "n": 3,
+        }
+        for k, off in (("linear_fixed", -0.1), ("linear_cv", 0.0), ("knn", -0.2))
+    }
     (out / "probe").mkdir(parents=True, exist_ok=True)
-    (out / "probe" / "noise_floor.json").write_text(json.dumps({
-        "summary": summ, "seeds": DRAWS, "labelled_cases": 0, "cases_seed": DRAWS[0], "seconds": 3.0,
-        "training_cases": ["a", "b"], "test_cases": ["c"]}))
+    (out / "probe" / "noise_floor.json").write_text(
+        json.dumps(
+            {
+                "summary": summ,
+                "seeds": DRAWS,
+                "labelled_cases": 0,
+                "cases_seed": DRAWS[0],
+                "seconds": 3.0,
+                "training_cases": ["a", "b"],
+                "test_cases": ["c"],
+            }
+        )
+    )
     curve = _run_probe_curve(spec, grid_cells(spec, None), jobs, "unused", out)
     for m, at in values.items():
         e = curve["methods"][m][7]
@@ -251,13 +324,30 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
     from pipeline_settings import TINY
 
     spec = tmp_path / "length.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "length", "base": "demo", "methods": ["scratch", "mae"], "seeds": [0, 1], "pretrain_seeds": [5],
-        "finetune_from": ["last", 2], "grid": {"key": "finetune.labelled_cases", "values": [1]},
-        "overrides": TINY + [f"data.dataset={tiny_phantoms}", "pretrain.epochs=2", "pretrain.steps_per_epoch=2",
-                             "pretrain.snapshot_steps=[2,4]", "pretrain.snapshot_student=true",
-                             "finetune.epochs=1", "finetune.steps_per_epoch=2",
-                             "finetune.val_every=1"]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "length",
+                "base": "demo",
+                "methods": ["scratch", "mae"],
+                "seeds": [0, 1],
+                "pretrain_seeds": [5],
+                "finetune_from": ["last", 2],
+                "grid": {"key": "finetune.labelled_cases", "values": [1]},
+                "overrides": TINY
+                + [
+                    f"data.dataset={tiny_phantoms}",
+                    "pretrain.epochs=2",
+                    "pretrain.steps_per_epoch=2",
+                    "pretrain.snapshot_steps=[2,4]",
+                    "pretrain.snapshot_student=true",
+                    "finetune.epochs=1",
+                    "finetune.steps_per_epoch=2",
+                    "finetune.val_every=1",
+                ],
+            }
+        )
+    )
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "medhpm.cli", "experiment", "--config", str(spec), "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -267,13 +357,20 @@ def test_a_tiny_pretraining_length_study_end_to_end(tiny_phantoms, tmp_path):
     assert yaml.safe_load((out / "pretrain" / "mae" / "seed5" / "config.yaml").read_text())["seed"] == 5
     assert (pt / "final.pt").exists() and json.loads((pt / "summary.json").read_text())["steps"] == 4
     assert sorted(p.name for p in (pt / "snapshots").glob("*.safetensors")) == [
-        "encoder_step0000002.safetensors", "encoder_step0000004.safetensors",
-        "student_step0000002.safetensors", "student_step0000004.safetensors"]
+        "encoder_step0000002.safetensors",
+        "encoder_step0000004.safetensors",
+        "student_step0000002.safetensors",
+        "student_step0000004.safetensors",
+    ]
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("pretrain/*/*/pretrain/final.pt")) == [
-        "pretrain/mae/seed5/pretrain/final.pt"]  # once, for every draw and snapshot
+        "pretrain/mae/seed5/pretrain/final.pt"
+    ]  # once, for every draw and snapshot
     cases = {}
-    for m, init in (("scratch", "none"), ("mae", str(pt / "encoder.safetensors")),
-                    ("mae@2", str(pt / "snapshots" / "encoder_step0000002.safetensors"))):
+    for m, init in (
+        ("scratch", "none"),
+        ("mae", str(pt / "encoder.safetensors")),
+        ("mae@2", str(pt / "snapshots" / "encoder_step0000002.safetensors")),
+    ):
         for d in (0, 1):
             run = out / "runs" / "finetune.labelled_cases=1" / m / f"seed{d}"
             ft = json.loads((run / "finetune" / "summary.json").read_text())

@@ -25,7 +25,7 @@ T_975_2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom (
 
 def _label(shift: int = 0) -> np.ndarray:
     lab = np.zeros(SHAPE, np.uint8)
-    lab[4 + shift:16 + shift, 4:14, 2:9] = 6  # liver, moved along x by `shift`
+    lab[4 + shift : 16 + shift, 4:14, 2:9] = 6  # liver, moved along x by `shift`
     lab[20:27, 8:16, 3:9] = 1  # spleen
     return lab
 
@@ -49,19 +49,34 @@ def _one_case_datalist(tmp_path):
     _save(np.full(SHAPE, 40, np.int16), data / "img" / "case0.nii.gz")
     _save(_label(), data / "lab" / "case0.nii.gz")
     datalist = data / "dataset.json"
-    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "spleen", "6": "liver"},
-                                    "training": [], "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz",
-                                                              "case": "case0"}]}))
+    datalist.write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "spleen", "6": "liver"},
+                "training": [],
+                "test": [{"image": "img/case0.nii.gz", "label": "lab/case0.nii.gz", "case": "case0"}],
+            }
+        )
+    )
     return datalist
 
 
 def _run_grid_experiment(tmp_path, datalist, out, probe: bool) -> None:
     """The runner over the finished runs under ``out``: METHODS x SEEDS x the labelled-cases grid KS."""
     spec = tmp_path / "exp.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "sim", "base": "demo", "methods": METHODS, "seeds": SEEDS, "probe": probe,
-        "grid": {"key": "finetune.labelled_cases", "values": KS},
-        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "sim",
+                "base": "demo",
+                "methods": METHODS,
+                "seeds": SEEDS,
+                "probe": probe,
+                "grid": {"key": "finetune.labelled_cases", "values": KS},
+                "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"],
+            }
+        )
+    )
     run_experiment(str(spec), out)
 
 
@@ -80,8 +95,11 @@ def test_grid_results_over_finished_runs(tmp_path, capsys):
     for k in KS:
         for m in METHODS:
             for s in SEEDS:
-                _finished_run(out / "runs" / f"finetune.labelled_cases={k}" / m / f"seed{s}", datalist,
-                              shift[m] + (s == 2) - (k == 3))
+                _finished_run(
+                    out / "runs" / f"finetune.labelled_cases={k}" / m / f"seed{s}",
+                    datalist,
+                    shift[m] + (s == 2) - (k == 3),
+                )
     _run_grid_experiment(tmp_path, datalist, out, probe=False)
     assert capsys.readouterr().out.count("done, skipped") == len(KS) * len(METHODS) * len(SEEDS)
     assert not (out / "pretrain").exists()  # nothing ran
@@ -92,7 +110,9 @@ def test_grid_results_over_finished_runs(tmp_path, capsys):
         dice, hd = {}, {}
         for m in METHODS:
             for s in SEEDS:
-                m_json = json.loads((out / "runs" / cell["name"] / m / f"seed{s}" / "evaluation" / "metrics.json").read_text())
+                m_json = json.loads(
+                    (out / "runs" / cell["name"] / m / f"seed{s}" / "evaluation" / "metrics.json").read_text()
+                )
                 per_case = m_json["cases"]["case0"]
                 dice.setdefault(m, {})[s] = (per_case["1"]["dice"] + per_case["6"]["dice"]) / 2
                 hd.setdefault(m, {})[s] = (per_case["1"]["hd95"] + per_case["6"]["hd95"]) / 2
@@ -136,8 +156,17 @@ def test_probe_summary_over_finished_probes(tmp_path):
             bal.setdefault(m, {})[s] = acc[m] + 0.01 * s * (m == "hpm")
             p = out / "probe" / m / f"seed{s}" / "probe.json"
             p.parent.mkdir(parents=True)
-            p.write_text(json.dumps({"balanced_accuracy": bal[m][s], "chance": 0.25, "labelled_cases": 1,
-                                     "metric": "balanced accuracy (planted)", "seconds": 2.0}))
+            p.write_text(
+                json.dumps(
+                    {
+                        "balanced_accuracy": bal[m][s],
+                        "chance": 0.25,
+                        "labelled_cases": 1,
+                        "metric": "balanced accuracy (planted)",
+                        "seconds": 2.0,
+                    }
+                )
+            )
     _run_grid_experiment(tmp_path, datalist, out, probe=True)
     probe = json.loads((out / "results.json").read_text())["probe"]
     cell = probe["cells"]["all"]
@@ -177,8 +206,11 @@ def test_budget_and_wall_time_from_the_runs_records(tmp_path):
                 (run / "finetune" / "summary.json").write_text(json.dumps({"steps": 400}))
                 if (m, s, k) == ("hpm", 2, 3):
                     continue  # made before runs recorded their times
-                times = {"UNETR fine-tuning": 100.0 + 10 * s + k, "prediction of the test scans": 2.0,
-                         "evaluation (Dice, HD95)": 1.0}
+                times = {
+                    "UNETR fine-tuning": 100.0 + 10 * s + k,
+                    "prediction of the test scans": 2.0,
+                    "evaluation (Dice, HD95)": 1.0,
+                }
                 if m != "scratch" and k == KS[0]:  # the first grid value made the shared pre-training
                     times = {f"self-pre-training ({m})": 60.0 * (1 + s) + (m == "hpm") * 30, **times}
                 (run / "timings.json").write_text(json.dumps(times))
@@ -214,15 +246,31 @@ def test_variant_results_pair_the_variant_with_its_method(tmp_path):
             per_case = json.loads((run / "evaluation" / "metrics.json").read_text())["cases"]["case0"]
             dice.setdefault(m, {})[s] = (per_case["1"]["dice"] + per_case["6"]["dice"]) / 2
     spec = tmp_path / "exp.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "variants", "base": "demo", "methods": methods, "seeds": SEEDS, "probe": False,
-        "variants": {"hpm_full": {"method": "hpm", "overrides": ["pretrain.teacher_view=full"],
-                                  "label": "UNETR+HPM (full view)"}},
-        "pairs": [["hpm", "hpm_full"]],
-        "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "variants",
+                "base": "demo",
+                "methods": methods,
+                "seeds": SEEDS,
+                "probe": False,
+                "variants": {
+                    "hpm_full": {
+                        "method": "hpm",
+                        "overrides": ["pretrain.teacher_view=full"],
+                        "label": "UNETR+HPM (full view)",
+                    }
+                },
+                "pairs": [["hpm", "hpm_full"]],
+                "overrides": [f"data.dataset={datalist}", "finetune.reported=spleen=1,liver=6"],
+            }
+        )
+    )
     run_experiment(str(spec), out)
     cell = json.loads((out / "results.json").read_text())["cells"][0]
-    assert {"hpm_full-hpm", "hpm_full-scratch", "hpm_full-mae", "hpm-hpm_full", "hpm-mae"} <= set(cell["paired"]["dice"])
+    assert {"hpm_full-hpm", "hpm_full-scratch", "hpm_full-mae", "hpm-hpm_full", "hpm-mae"} <= set(
+        cell["paired"]["dice"]
+    )
     for pair in ("hpm_full-hpm", "hpm-hpm_full", "hpm_full-scratch"):
         a, b = pair.split("-")
         want = _reference(dice[a], dice[b])

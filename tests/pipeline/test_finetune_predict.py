@@ -24,10 +24,20 @@ REAL = Path(__file__).resolve().parents[1] / "data" / "real_ct" / "abdomen_dicom
 
 @pytest.fixture(scope="module")
 def ft_run(tiny_phantoms, tmp_path_factory):
-    cfg = load_config("demo", TINY + [
-        f"data.dataset={tiny_phantoms}", "finetune.epochs=6", "finetune.steps_per_epoch=8", "finetune.val_every=1",
-        "finetune.lr=6e-3", "finetune.layer_decay=0.9", "finetune.reported=btcv8", "data.crop=classes",
-    ])
+    cfg = load_config(
+        "demo",
+        TINY
+        + [
+            f"data.dataset={tiny_phantoms}",
+            "finetune.epochs=6",
+            "finetune.steps_per_epoch=8",
+            "finetune.val_every=1",
+            "finetune.lr=6e-3",
+            "finetune.layer_decay=0.9",
+            "finetune.reported=btcv8",
+            "data.crop=classes",
+        ],
+    )
     return finetune(cfg, tmp_path_factory.mktemp("ft"), init="none")
 
 
@@ -47,9 +57,24 @@ def test_finetune_lowers_loss_and_raises_validation_dice(ft_run):
 
 def test_predict_phantom_keeps_geometry_and_evaluates(ft_run, tiny_phantoms, tmp_path):
     pred_dir = tmp_path / "pred"
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(ft_run / "best.pt"),
-                        "-i", str(tiny_phantoms), "-o", str(pred_dir), "--probabilities"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(ft_run / "best.pt"),
+            "-i",
+            str(tiny_phantoms),
+            "-o",
+            str(pred_dir),
+            "--probabilities",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     dl = json.loads(Path(tiny_phantoms).read_text())
     for e in dl["test"]:
@@ -63,9 +88,25 @@ def test_predict_phantom_keeps_geometry_and_evaluates(ft_run, tiny_phantoms, tmp
         probs = nib.load(str(pred_dir / (Path(e["image"]).name.split(".")[0] + "_probs.nii.gz")))
         assert probs.shape == (*src.shape, 14)
         np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=1e-3)
-    ev = subprocess.run([sys.executable, "-m", "medhpm.cli", "evaluate", "--pred", str(pred_dir), "--label",
-                         str(tiny_phantoms), "--classes", "btcv8", "-o", str(tmp_path / "eval")],
-                        capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "evaluate",
+            "--pred",
+            str(pred_dir),
+            "--label",
+            str(tiny_phantoms),
+            "--classes",
+            "btcv8",
+            "-o",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0, ev.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["classes"]) == {"1", "2", "3", "4", "6", "7", "8", "11"}
@@ -90,8 +131,23 @@ def test_predict_reports_a_bad_file_and_goes_on(ft_run, tiny_phantoms, tmp_path)
     good = Path(tiny_phantoms).parent / dl["test"][0]["image"]
     (folder / "good.nii.gz").write_bytes(good.read_bytes())
     (folder / "broken.nii.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(ft_run / "best.pt"),
-                        "-i", str(folder), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(ft_run / "best.pt"),
+            "-i",
+            str(folder),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1
     assert "broken.nii.gz" in r.stdout and "FAILED" in r.stdout
     assert (tmp_path / "out" / "good.nii.gz").exists() and not (tmp_path / "out" / "broken.nii.gz").exists()
@@ -107,8 +163,7 @@ def test_labelled_cases_limit_what_finetuning_learns_from(tiny_phantoms, tmp_pat
     test_cases = {Path(e["image"]).name for e in dl["test"]}
     seen = {}
     for seed in (0, 1):
-        cfg = load_config("demo", TINY + [f"data.dataset={tiny_phantoms}", "finetune.labelled_cases=2",
-                                          f"seed={seed}"])
+        cfg = load_config("demo", TINY + [f"data.dataset={tiny_phantoms}", "finetune.labelled_cases=2", f"seed={seed}"])
         trainer = FinetuneTrainer(cfg, tmp_path / f"run{seed}", init=None)
         trainer.dist = DistInfo()
         trainer.build_data()
@@ -131,9 +186,13 @@ def test_finetuning_names_its_validation_cases(tiny_phantoms, tmp_path, capsys):
     dl = json.loads(src.read_text())
     given = [Path(e["image"]).name.split(".")[0] for e in dl["validation"]]
     # the same cases without the validation split (paths made absolute, the JSON written elsewhere)
-    merged = {"labels": dl["labels"], "training": [
-        {k: str(src.parent / v) for k, v in e.items() if k in ("image", "label")}
-        for e in dl["training"] + dl["validation"]]}
+    merged = {
+        "labels": dl["labels"],
+        "training": [
+            {k: str(src.parent / v) for k, v in e.items() if k in ("image", "label")}
+            for e in dl["training"] + dl["validation"]
+        ],
+    }
     (tmp_path / "no_val.json").write_text(json.dumps(merged))
     for dataset, val_cases in ((src, 2), (tmp_path / "no_val.json", 2), (tmp_path / "no_val.json", 0)):
         cfg = load_config("demo", TINY + [f"data.dataset={dataset}", f"data.val_cases={val_cases}"])

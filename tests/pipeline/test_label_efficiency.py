@@ -34,12 +34,26 @@ def _paired_reference(a: dict, b: dict) -> dict:
 @pytest.mark.slow
 def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
     spec = tmp_path / "label_efficiency.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "label_efficiency", "base": "demo", "methods": METHODS, "seeds": SEEDS,
-        "grid": {"key": "finetune.labelled_cases", "values": KS},
-        "overrides": TINY + [f"data.dataset={tiny_phantoms}", "pretrain.epochs=1", "pretrain.steps_per_epoch=2",
-                             "finetune.epochs=1", "finetune.steps_per_epoch=2", "finetune.val_every=1"],
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "label_efficiency",
+                "base": "demo",
+                "methods": METHODS,
+                "seeds": SEEDS,
+                "grid": {"key": "finetune.labelled_cases", "values": KS},
+                "overrides": TINY
+                + [
+                    f"data.dataset={tiny_phantoms}",
+                    "pretrain.epochs=1",
+                    "pretrain.steps_per_epoch=2",
+                    "finetune.epochs=1",
+                    "finetune.steps_per_epoch=2",
+                    "finetune.val_every=1",
+                ],
+            }
+        )
+    )
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "medhpm.cli", "experiment", "--config", str(spec), "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -59,12 +73,14 @@ def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
                 else:
                     assert ft["init"] == "none"
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("pretrain/*/*/final.pt")) == [
-        f"pretrain/{m}/seed{s}/final.pt" for m in ("hpm", "mae") for s in SEEDS]
+        f"pretrain/{m}/seed{s}/final.pt" for m in ("hpm", "mae") for s in SEEDS
+    ]
     # pre-trained once per (method, seed), not once per k (each pre-training prints one "done in" line; the
     # other k find it done and say "done before, kept")
     assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done in", r.stdout)) == len(SEEDS) * 2
-    assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done before, kept", r.stdout)) == \
-        len(SEEDS) * 2 * (len(KS) - 1)
+    assert len(re.findall(r"self-pre-training \((?:mae|hpm)\): done before, kept", r.stdout)) == len(SEEDS) * 2 * (
+        len(KS) - 1
+    )
 
     # results.json: per grid value, per method, and paired differences equal to a slow recomputation
     res = json.loads((out / "results.json").read_text())
@@ -101,8 +117,9 @@ def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
         for s in SEEDS:
             p = json.loads((out / "probe" / m / f"seed{s}" / "probe.json").read_text())
             assert 0.0 <= p["balanced_accuracy"] <= 1.0 and 0.0 <= p["train_balanced_accuracy"] <= 1.0
-            ft = json.loads((out / "runs" / "finetune.labelled_cases=1" / m / f"seed{s}" / "finetune" /
-                             "summary.json").read_text())
+            ft = json.loads(
+                (out / "runs" / "finetune.labelled_cases=1" / m / f"seed{s}" / "finetune" / "summary.json").read_text()
+            )
             assert p["training_cases"] == ft["training_cases"] and p["labelled_cases"] == 1
             assert len(p["test_cases"]) == 1
             assert res["probe"]["cells"]["all"]["methods"][m]["seeds"][str(s)] == p["balanced_accuracy"]
@@ -134,4 +151,6 @@ def test_label_efficiency_grid_end_to_end(tiny_phantoms, tmp_path):
     assert third.stdout.count("done, skipped") == len(METHODS) * len(SEEDS) * len(KS) - 1
     assert not started.search(third.stdout)  # only prediction and evaluation of the unfinished run
     assert third.stdout.count("[probe]") == 1
-    assert json.loads(probe_file.read_text())["balanced_accuracy"] == pytest.approx(before["balanced_accuracy"], abs=1e-6)
+    assert json.loads(probe_file.read_text())["balanced_accuracy"] == pytest.approx(
+        before["balanced_accuracy"], abs=1e-6
+    )

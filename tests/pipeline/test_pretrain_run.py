@@ -31,12 +31,22 @@ def _epoch_means(run, key):
 def runs(tiny_phantoms, tmp_path_factory):
     out = {}
     for method in ("mae", "hpm"):
-        cfg = load_config("demo", TINY + [
-            f"data.dataset={tiny_phantoms}", f"pretrain.method={method}", "pretrain.epochs=4",
-            "pretrain.steps_per_epoch=6", "pretrain.lr=1e-3", "pretrain.alpha_0=0.3", "pretrain.alpha_T=0.5",
-            # 24 steps in all: horizons of 2.4 -> 12 steps (m 0.58 -> 0.92), so the EMA is not a plain copy
-            "pretrain.ema_horizon_start=0.1", "pretrain.ema_horizon_end=0.5",
-        ])
+        cfg = load_config(
+            "demo",
+            TINY
+            + [
+                f"data.dataset={tiny_phantoms}",
+                f"pretrain.method={method}",
+                "pretrain.epochs=4",
+                "pretrain.steps_per_epoch=6",
+                "pretrain.lr=1e-3",
+                "pretrain.alpha_0=0.3",
+                "pretrain.alpha_T=0.5",
+                # 24 steps in all: horizons of 2.4 -> 12 steps (m 0.58 -> 0.92), so the EMA is not a plain copy
+                "pretrain.ema_horizon_start=0.1",
+                "pretrain.ema_horizon_end=0.5",
+            ],
+        )
         out[method] = pretrain(cfg, tmp_path_factory.mktemp(f"pt_{method}"))
     return out
 
@@ -104,7 +114,7 @@ def test_exported_encoder_loads_by_name(runs, tmp_path):
     enc = ViTEncoder(**side["encoder_args"])
     missing, unexpected = enc.load_state_dict(load_file(str(path)), strict=True)
     assert not missing and not unexpected
-    student = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    student = {k[len("encoder.") :]: v for k, v in state["model"].items() if k.startswith("encoder.")}
     for k, v in enc.state_dict().items():
         torch.testing.assert_close(v, student[k], rtol=0, atol=0)
 
@@ -169,8 +179,10 @@ def test_pretraining_reads_only_the_training_scans_and_says_so(tiny_phantoms, tm
     assert len(read) == len(dl["training"]) + 2 and not read & held
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[pretrain]"))
     n_val, n_test = len(dl["validation"]), len(dl["test"])
-    assert line == (f"[pretrain] {len(dl['training'])} training scans of {src} and 2 label-free scans "
-                    f"(data.extra_unlabelled); its {n_val} validation and {n_test} test cases are not read"), line
+    assert line == (
+        f"[pretrain] {len(dl['training'])} training scans of {src} and 2 label-free scans "
+        f"(data.extra_unlabelled); its {n_val} validation and {n_test} test cases are not read"
+    ), line
 
 
 # ------------------------------------------------------------------ the teacher check of `visualize pretrain`
@@ -194,8 +206,21 @@ def test_visualize_pretrain_json_for_an_hpm_checkpoint(runs, tiny_phantoms, tmp_
     a JSON that names the run's own teacher view and holds every measure in its range."""
     scan, label = _scan_and_label(tiny_phantoms)
     out = tmp_path / "check.json"
-    p = _medhpm("visualize", "pretrain", str(runs["hpm"] / "final.pt"), "--image", str(scan), "--label", str(label),
-                "--crops", "6", "--json", str(out), "-o", str(tmp_path / "fig.png"))
+    p = _medhpm(
+        "visualize",
+        "pretrain",
+        str(runs["hpm"] / "final.pt"),
+        "--image",
+        str(scan),
+        "--label",
+        str(label),
+        "--crops",
+        "6",
+        "--json",
+        str(out),
+        "-o",
+        str(tmp_path / "fig.png"),
+    )
     assert (tmp_path / "fig.png").is_file()
     res = json.loads(out.read_text())
     assert res["teacher_view"] == "masked" and res["teacher_views"] == 4 and res["crops"] == 6
@@ -215,15 +240,37 @@ def test_visualize_pretrain_refuses_a_teacher_check_it_cannot_make(runs, tiny_ph
 
     scan, label = _scan_and_label(tiny_phantoms)
     out, png = tmp_path / "check.json", tmp_path / "fig.png"
-    p = _medhpm("visualize", "pretrain", str(runs["mae"] / "final.pt"), "--image", str(scan), "--json", str(out),
-                "-o", str(png), check=False)
+    p = _medhpm(
+        "visualize",
+        "pretrain",
+        str(runs["mae"] / "final.pt"),
+        "--image",
+        str(scan),
+        "--json",
+        str(out),
+        "-o",
+        str(png),
+        check=False,
+    )
     assert p.returncode != 0 and "holds no EMA teacher (method mae)" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not out.exists() and not png.exists()
     img = nib.load(str(label))
     small = tmp_path / "label_small.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-4], img.affine), str(small))
-    p = _medhpm("visualize", "pretrain", str(runs["hpm"] / "final.pt"), "--image", str(scan), "--label", str(small),
-                "--json", str(out), "-o", str(png), check=False)
+    p = _medhpm(
+        "visualize",
+        "pretrain",
+        str(runs["hpm"] / "final.pt"),
+        "--image",
+        str(scan),
+        "--label",
+        str(small),
+        "--json",
+        str(out),
+        "-o",
+        str(png),
+        check=False,
+    )
     assert p.returncode != 0 and str(small) in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not out.exists() and not png.exists()
 
@@ -241,6 +288,7 @@ class _PlantedTeacher:
 def _np_spearman(a, b):
     def ranks(v):
         return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2.0 for x in v])
+
     ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
@@ -255,8 +303,12 @@ def test_teacher_check_measures_against_numpy_on_planted_scores():
     from medhpm.viz.reconstruction import teacher_ranking_check
 
     torch.manual_seed(0)
-    student = HPMPretrainModel(ViTEncoder(img_size=(32, 32, 32), patch_size=8, embed_dim=48, depth=2, num_heads=4),
-                               decoder_dim=36, decoder_depth=1, decoder_heads=3)
+    student = HPMPretrainModel(
+        ViTEncoder(img_size=(32, 32, 32), patch_size=8, embed_dim=48, depth=2, num_heads=4),
+        decoder_dim=36,
+        decoder_depth=1,
+        decoder_heads=3,
+    )
     n, n_tok, seed = 3, 64, 5
     x = torch.rand(n, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
     # the check masks at random from its seed, first draw; the student's measured losses are the truth

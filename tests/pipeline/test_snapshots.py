@@ -26,13 +26,22 @@ from pipeline_settings import TINY
 
 
 def _cfg(dataset, *more):
-    return load_config("demo", TINY + [
-        f"data.dataset={dataset}", "pretrain.method=hpm", "pretrain.warmup_epochs=10", "pretrain.lr=1e-3",
-        "pretrain.alpha_0=0.5", "pretrain.alpha_T=0.5",
-        "pretrain.ema_horizon_start=0.01", "pretrain.ema_horizon_end=0.01",
-        "runtime.device=cpu",  # bit-for-bit comparisons: CUDA's backward may sum in another order each run
-        *more,
-    ])
+    return load_config(
+        "demo",
+        TINY
+        + [
+            f"data.dataset={dataset}",
+            "pretrain.method=hpm",
+            "pretrain.warmup_epochs=10",
+            "pretrain.lr=1e-3",
+            "pretrain.alpha_0=0.5",
+            "pretrain.alpha_T=0.5",
+            "pretrain.ema_horizon_start=0.01",
+            "pretrain.ema_horizon_end=0.01",
+            "runtime.device=cpu",  # bit-for-bit comparisons: CUDA's backward may sum in another order each run
+            *more,
+        ],
+    )
 
 
 def _snapshots(run):
@@ -41,7 +50,7 @@ def _snapshots(run):
 
 
 def _encoder(path):
-    return {k[len("encoder."):]: v for k, v in load_checkpoint(path)["model"].items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v for k, v in load_checkpoint(path)["model"].items() if k.startswith("encoder.")}
 
 
 def _same(a: dict, b: dict, what: str):
@@ -64,8 +73,12 @@ def length_runs(tiny_phantoms, tmp_path_factory):
 
 def test_snapshots_are_the_encoder_at_exactly_the_listed_steps(length_runs):
     run = length_runs["long"]
-    assert _snapshots(run) == ["encoder_step0000002.json", "encoder_step0000002.safetensors",
-                               "encoder_step0000005.json", "encoder_step0000005.safetensors"]
+    assert _snapshots(run) == [
+        "encoder_step0000002.json",
+        "encoder_step0000002.safetensors",
+        "encoder_step0000005.json",
+        "encoder_step0000005.safetensors",
+    ]
     for step in (2, 5):
         snap = load_file(str(run / "snapshots" / f"encoder_step{step:07d}.safetensors"))
         _same(snap, _encoder(length_runs[step] / "final.pt"), f"snapshot of step {step}")
@@ -74,8 +87,10 @@ def test_snapshots_are_the_encoder_at_exactly_the_listed_steps(length_runs):
         assert side["weights"] == "student" and side["method"] == "hpm" and side["preset"] == "micro"
     assert not _snapshots(length_runs[2])  # none listed, none written
     # the snapshot's steps went on: the run's final encoder is not the one of step 5
-    assert not torch.equal(_encoder(run / "final.pt")["patch_embed.proj.weight"],
-                           _encoder(length_runs[5] / "final.pt")["patch_embed.proj.weight"])
+    assert not torch.equal(
+        _encoder(run / "final.pt")["patch_embed.proj.weight"],
+        _encoder(length_runs[5] / "final.pt")["patch_embed.proj.weight"],
+    )
 
 
 def test_a_snapshot_loads_like_an_exported_encoder(length_runs):
@@ -102,8 +117,11 @@ def test_a_resumed_run_writes_the_snapshots_of_an_uninterrupted_one(tiny_phantom
     assert _snapshots(half) == _snapshots(full) and len(_snapshots(full)) == 6
     for step in (1, 3, 5):
         name = f"encoder_step{step:07d}"
-        _same(load_file(str(full / "snapshots" / f"{name}.safetensors")),
-              load_file(str(half / "snapshots" / f"{name}.safetensors")), f"snapshot of step {step}")
+        _same(
+            load_file(str(full / "snapshots" / f"{name}.safetensors")),
+            load_file(str(half / "snapshots" / f"{name}.safetensors")),
+            f"snapshot of step {step}",
+        )
         sides = [json.loads((r / "snapshots" / f"{name}.json").read_text()) for r in (full, half)]
         assert sides[0]["sha256"] == sides[1]["sha256"] and sides[0]["step"] == step
     _same(_encoder(full / "final.pt"), _encoder(half / "final.pt"), "final encoder")
@@ -115,15 +133,24 @@ def test_an_existing_snapshot_is_kept_and_another_file_is_not_replaced(tiny_phan
     step's stops the resumed run before it trains. Steps per epoch are counted from the data (4 here), so a
     listed step beyond the run is named at the start, not by the config."""
     run = tmp_path / "k"
-    pretrain(_cfg(tiny_phantoms, "pretrain.method=mae", "pretrain.steps_per_epoch=0", "pretrain.epochs=1",
-             "pretrain.snapshot_steps=[2,9]"), run)
+    pretrain(
+        _cfg(
+            tiny_phantoms,
+            "pretrain.method=mae",
+            "pretrain.steps_per_epoch=0",
+            "pretrain.epochs=1",
+            "pretrain.snapshot_steps=[2,9]",
+        ),
+        run,
+    )
     assert "pretrain.snapshot_steps [9] lie beyond this run's 4 optimizer steps" in capsys.readouterr().out
     assert _snapshots(run) == ["encoder_step0000002.json", "encoder_step0000002.safetensors"]
     shutil.copyfile(run / "last.pt", tmp_path / "last_epoch1.pt")
 
     def resume():
-        return pretrain(resume_config(run, "pretrain", ["pretrain.epochs=2", "pretrain.snapshot_steps=[2,6]"]), run,
-                        resume=True)
+        return pretrain(
+            resume_config(run, "pretrain", ["pretrain.epochs=2", "pretrain.snapshot_steps=[2,6]"]), run, resume=True
+        )
 
     resume()
     snap = run / "snapshots" / "encoder_step0000006.safetensors"
@@ -156,22 +183,41 @@ def test_a_skipped_step_is_not_counted(tiny_phantoms, tmp_path, monkeypatch):
         return (loss * float("nan") if len(calls) == 2 else loss), logs
 
     monkeypatch.setattr(PretrainTrainer, "train_step", nan_on_the_second)
-    run = pretrain(_cfg(tiny_phantoms, "pretrain.method=mae", "pretrain.nonfinite=skip", "runtime.log_every=4",
-                        "pretrain.epochs=1", "pretrain.steps_per_epoch=4", "pretrain.snapshot_steps=[3]"), tmp_path / "s")
+    run = pretrain(
+        _cfg(
+            tiny_phantoms,
+            "pretrain.method=mae",
+            "pretrain.nonfinite=skip",
+            "runtime.log_every=4",
+            "pretrain.epochs=1",
+            "pretrain.steps_per_epoch=4",
+            "pretrain.snapshot_steps=[3]",
+        ),
+        tmp_path / "s",
+    )
     assert len(calls) == 4 and load_checkpoint(run / "final.pt")["step"] == 3
     assert _snapshots(run) == ["encoder_step0000003.json", "encoder_step0000003.safetensors"]
-    _same(load_file(str(run / "snapshots" / "encoder_step0000003.safetensors")), _encoder(run / "final.pt"),
-          "snapshot of step 3")
+    _same(
+        load_file(str(run / "snapshots" / "encoder_step0000003.safetensors")),
+        _encoder(run / "final.pt"),
+        "snapshot of step 3",
+    )
 
 
-@pytest.mark.parametrize("value,says", [
-    ("[0]", "0 is out of range"), ("[5,3]", "strictly increasing"), ("[3,3]", "strictly increasing"),
-    ("[2,7]", "step 7 is beyond the run: it has 6 optimizer steps"),
-])
+@pytest.mark.parametrize(
+    "value,says",
+    [
+        ("[0]", "0 is out of range"),
+        ("[5,3]", "strictly increasing"),
+        ("[3,3]", "strictly increasing"),
+        ("[2,7]", "step 7 is beyond the run: it has 6 optimizer steps"),
+    ],
+)
 def test_bad_snapshot_steps_are_refused_with_the_key_named(value, says):
     with pytest.raises(ConfigError) as e:
-        load_config("demo", TINY + ["pretrain.epochs=3", "pretrain.steps_per_epoch=2",
-                                    f"pretrain.snapshot_steps={value}"])
+        load_config(
+            "demo", TINY + ["pretrain.epochs=3", "pretrain.steps_per_epoch=2", f"pretrain.snapshot_steps={value}"]
+        )
     assert "config key 'pretrain.snapshot_steps'" in str(e.value) and says in str(e.value), str(e.value)
 
 
@@ -190,10 +236,10 @@ def _slow_reconstruction_loss(model, x, mask, p: int) -> float:
     n, g = x.shape[0], x.shape[-1] // p
     errors = []
     for b in range(n):
-        masked = [t for t in range(g ** 3) if bool(mask[b, t])]
+        masked = [t for t in range(g**3) if bool(mask[b, t])]
         for j, t in enumerate(masked):
             ih, iw, idd = t // (g * g), (t // g) % g, t % g
-            patch = x[b, 0, ih * p:(ih + 1) * p, iw * p:(iw + 1) * p, idd * p:(idd + 1) * p].reshape(-1).double()
+            patch = x[b, 0, ih * p : (ih + 1) * p, iw * p : (iw + 1) * p, idd * p : (idd + 1) * p].reshape(-1).double()
             target = (patch - patch.mean()) / torch.sqrt(patch.var(unbiased=True) + 1e-6)
             errors.append(float(((out["pred"][b, j].double() - target) ** 2).mean()))
     return sum(errors) / len(errors)
@@ -208,15 +254,28 @@ def test_student_snapshots_hold_the_whole_student_and_score_held_out_scans(lengt
     from medhpm.pretrain.heldout import heldout_reconstruction, load_student, random_crops, run_heldout
     from medhpm.pretrain.masking import random_mask
 
-    cfg = _cfg(tiny_phantoms, "pretrain.steps_per_epoch=1", "pretrain.epochs=6", "pretrain.snapshot_steps=[2,5]",
-               "pretrain.snapshot_student=true")
+    cfg = _cfg(
+        tiny_phantoms,
+        "pretrain.steps_per_epoch=1",
+        "pretrain.epochs=6",
+        "pretrain.snapshot_steps=[2,5]",
+        "pretrain.snapshot_student=true",
+    )
     run = pretrain(cfg, tmp_path / "students")
-    assert _snapshots(run) == ["encoder_step0000002.json", "encoder_step0000002.safetensors",
-                               "encoder_step0000005.json", "encoder_step0000005.safetensors",
-                               "student_step0000002.safetensors", "student_step0000005.safetensors"]
+    assert _snapshots(run) == [
+        "encoder_step0000002.json",
+        "encoder_step0000002.safetensors",
+        "encoder_step0000005.json",
+        "encoder_step0000005.safetensors",
+        "student_step0000002.safetensors",
+        "student_step0000005.safetensors",
+    ]
     for step in (2, 5):
-        _same(load_file(str(run / "snapshots" / f"student_step{step:07d}.safetensors")),
-              dict(load_checkpoint(length_runs[step] / "final.pt")["model"]), f"student of step {step}")
+        _same(
+            load_file(str(run / "snapshots" / f"student_step{step:07d}.safetensors")),
+            dict(load_checkpoint(length_runs[step] / "final.pt")["model"]),
+            f"student of step {step}",
+        )
     assert not (length_runs["long"] / "snapshots" / "student_step0000002.safetensors").exists()  # off by default
 
     test = [e["image"] for e in load_datalist(tiny_phantoms)["test"]]
@@ -226,10 +285,13 @@ def test_student_snapshots_hold_the_whole_student_and_score_held_out_scans(lengt
     assert a == heldout_reconstruction(early, cfg, test, crops=2, seed=3)  # the same crops and masks
     assert a["loss_rec"] != heldout_reconstruction(late, cfg, test, crops=2, seed=3)["loss_rec"]
     x, _ = random_crops(cfg.data, test[0], None, 2, 3)
-    mask = random_mask(2, early.encoder.num_patches, cfg.pretrain.mask_ratio, generator=torch.Generator().manual_seed(3))
+    mask = random_mask(
+        2, early.encoder.num_patches, cfg.pretrain.mask_ratio, generator=torch.Generator().manual_seed(3)
+    )
     with torch.no_grad():
         want = _slow_reconstruction_loss(early, x, mask, cfg.model.patch_size)
     assert a["per_scan"][0] == pytest.approx(want, rel=1e-5)
-    res = run_heldout(cfg, tiny_phantoms, run / "snapshots" / "student_step0000002.safetensors", tmp_path / "h.json",
-                      crops=2, seed=3)
+    res = run_heldout(
+        cfg, tiny_phantoms, run / "snapshots" / "student_step0000002.safetensors", tmp_path / "h.json", crops=2, seed=3
+    )
     assert res["loss_rec"] == pytest.approx(a["loss_rec"]) and res["cases"] and res["split"] == "test"

@@ -49,7 +49,7 @@ def test_organ_shares_against_a_slow_reference_on_a_planted_mask():
     ref = torch.zeros(2, 24, dtype=torch.bool)
     for b in range(2):
         for ih, iw, idd in itertools.product(range(4), range(3), range(2)):
-            block = label[b, 0, ih * p:(ih + 1) * p, iw * p:(iw + 1) * p, idd * p:(idd + 1) * p]
+            block = label[b, 0, ih * p : (ih + 1) * p, iw * p : (iw + 1) * p, idd * p : (idd + 1) * p]
             ref[b, (ih * grid[1] + iw) * grid[2] + idd] = bool((block > 0).any())
     assert torch.equal(has, ref)
     assert int(has.sum()) == 4
@@ -66,9 +66,11 @@ def test_organ_shares_against_a_slow_reference_on_a_planted_mask():
 
 def _spearman_numpy(a, b):
     """Plain reference: average ranks by counting, then the Pearson correlation of the ranks."""
+
     def avg_ranks(v):
         v = np.asarray(v, dtype=float)
         return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2.0 for x in v])
+
     ra, rb = avg_ranks(a), avg_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
@@ -91,7 +93,8 @@ def test_rank_correlation_against_a_plain_numpy_spearman():
     flat = torch.tensor(planted).clone()
     flat[0] = 1.0
     assert rank_correlation(flat, torch.tensor(truth)) == pytest.approx(
-        np.mean([_spearman_numpy(planted[i], truth[i]) for i in (1, 2)]), abs=1e-12)
+        np.mean([_spearman_numpy(planted[i], truth[i]) for i in (1, 2)]), abs=1e-12
+    )
     assert np.isnan(rank_correlation(torch.ones(2, 5), torch.rand(2, 5)))
 
 

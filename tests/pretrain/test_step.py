@@ -8,8 +8,14 @@ import torch
 from medhpm.models import ViTEncoder
 from medhpm.pretrain import EMATeacher, hard_patch_mask, num_masked
 from medhpm.pretrain.model import HPMPretrainModel
-from medhpm.pretrain.step import default_teacher_views, pretrain_iteration, step_core, teacher_scores, \
-    teacher_views_used, view_partition
+from medhpm.pretrain.step import (
+    default_teacher_views,
+    pretrain_iteration,
+    step_core,
+    teacher_scores,
+    teacher_views_used,
+    view_partition,
+)
 
 IMG, P = (32, 32, 16), 8  # grid (4, 4, 2): N = 32
 N = 32
@@ -71,7 +77,7 @@ def _slow_view_scores(model, x, ids):
         total, count = torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
         for g in range(v):
             keep = ids[i, g][None]  # (1, K)
-            latent = model.forward_encoder(x[i:i + 1], keep)
+            latent = model.forward_encoder(x[i : i + 1], keep)
             lp = model.forward_predictor(model.decoder_input(latent, keep), None)[0].double()  # (N,)
             masked = torch.ones(N, dtype=torch.bool)
             masked[keep[0]] = False
@@ -131,8 +137,19 @@ def test_full_view_step_is_the_previous_step_bit_for_bit():
 def test_masked_view_step_mines_the_teachers_highest_masked_view_scores():
     student, teacher = tiny_model(), EMATeacher(tiny_model(seed=1))
     x, noise, vnoise = batch(), ranks(seed=3), ranks(seed=4)
-    loss, logs = pretrain_iteration(student, teacher, x, alpha=0.5, mask_ratio=0.75, lambda_pred=1.0,
-                                    use_pred=True, noise=noise, view="masked", views=4, view_noise=vnoise)
+    loss, logs = pretrain_iteration(
+        student,
+        teacher,
+        x,
+        alpha=0.5,
+        mask_ratio=0.75,
+        lambda_pred=1.0,
+        use_pred=True,
+        noise=noise,
+        view="masked",
+        views=4,
+        view_noise=vnoise,
+    )
     assert logs["n_hard"] == 12 and torch.isfinite(loss)
     scores = teacher_scores(teacher, x, "masked", 4, vnoise)
     assert torch.equal(logs["_scores"], scores)

@@ -34,16 +34,30 @@ def child_env(**extra: str) -> dict:
 
 def medhpm(*args: str | os.PathLike, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     """Run ``medhpm ARGS`` and return the finished process (text stdout/stderr)."""
-    return subprocess.run(medhpm_exe() + [str(a) for a in args], cwd=cwd, env=child_env(**env),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    return subprocess.run(
+        medhpm_exe() + [str(a) for a in args],
+        cwd=cwd,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
 
 
 def tiny(dataset: str | os.PathLike, *more: str) -> list[str]:
     """``key=value`` overrides for seconds-long CPU runs on ``dataset`` (the shared tiny settings, one epoch of
     batch 1, 3 classes); ``more`` replace or add."""
-    return tiny_settings(dataset, *more, **{"pretrain.batch_size": "1", "finetune.batch_size": "1",
-                                            "pretrain.epochs": "1", "finetune.epochs": "1",
-                                            "finetune.num_classes": "3"})
+    return tiny_settings(
+        dataset,
+        *more,
+        **{
+            "pretrain.batch_size": "1",
+            "finetune.batch_size": "1",
+            "pretrain.epochs": "1",
+            "finetune.epochs": "1",
+            "finetune.num_classes": "3",
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -51,7 +65,7 @@ def error_line(res: subprocess.CompletedProcess) -> str:
     """The ``error: ...`` text of a failed command (all of it: a message may span several lines)."""
     err = res.stderr
     assert "error: " in err, f"no 'error:' line (rc {res.returncode}):\nSTDOUT:\n{res.stdout}\nSTDERR:\n{err}"
-    return err[err.index("error: "):]
+    return err[err.index("error: ") :]
 
 
 def assert_clean_error(res: subprocess.CompletedProcess, *fragments: str | os.PathLike, rc: int = 2) -> str:
@@ -103,8 +117,12 @@ def write_nifti(path: Path, array, spacing=SPACING, origin=(0.0, 0.0, 0.0)) -> P
 def write_datalist(root: Path, training: list[dict], name: str = "dataset.json", **extra) -> Path:
     """An MSD datalist in ``root`` (paths as given: relative to ``root`` or absolute)."""
     root.mkdir(parents=True, exist_ok=True)
-    meta = {"name": "reliability", "labels": {"0": "background", "1": "organ", "2": "bone"},
-            "training": training, **extra}
+    meta = {
+        "name": "reliability",
+        "labels": {"0": "background", "1": "organ", "2": "bone"},
+        "training": training,
+        **extra,
+    }
     path = root / name
     path.write_text(json.dumps(meta, indent=1))
     return path
@@ -124,8 +142,7 @@ def write_cases(root: Path, n: int = 3, shape=SHAPE, labels: bool = True) -> lis
     return entries
 
 
-def dataset_with(root: Path, bad_image=None, bad_label=None, n: int = 3, shape=SHAPE, case: str = "c1",
-                 **kw) -> Path:
+def dataset_with(root: Path, bad_image=None, bad_label=None, n: int = 3, shape=SHAPE, case: str = "c1", **kw) -> Path:
     """``n`` good labelled cases in ``root``; then ``case``'s image and/or label array replaced by
     ``bad_image`` / ``bad_label`` (``kw`` go to :func:`write_nifti` for them). Returns the datalist.
 

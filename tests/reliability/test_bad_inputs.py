@@ -71,8 +71,14 @@ def test_dicom_folder_with_two_series(tmp_path, dicom_series_writer):
     dicom_series_writer(folder, vol, series_uid="1.2.826.0.1.3680043.8.498.1")
     dicom_series_writer(folder, vol, series_uid="1.2.826.0.1.3680043.8.498.2")
     res = _pretrain(folder, tmp_path / "run", "data.format=folder")
-    assert_clean_error(res, f"DICOM folder {folder}", "holds 2 series", "1.2.826.0.1.3680043.8.498.1",
-                       "1.2.826.0.1.3680043.8.498.2", "its own folder")
+    assert_clean_error(
+        res,
+        f"DICOM folder {folder}",
+        "holds 2 series",
+        "1.2.826.0.1.3680043.8.498.1",
+        "1.2.826.0.1.3680043.8.498.2",
+        "its own folder",
+    )
     assert_nothing_complete(tmp_path / "run")
 
 
@@ -80,8 +86,13 @@ def test_label_of_another_shape_is_caught_before_training(tmp_path):
     dl = dataset_with(tmp_path / "data", bad_label=ct_volume((48, 48, 40))[1])
     res = _finetune(dl, tmp_path / "run")
     lab = tmp_path / "data" / "labelsTr" / "c1.nii.gz"
-    assert_clean_error(res, lab, "label shape (48, 48, 40) differs from the image's (48, 48, 48)",
-                       tmp_path / "data" / "imagesTr" / "c1.nii.gz", "nothing was trained")
+    assert_clean_error(
+        res,
+        lab,
+        "label shape (48, 48, 40) differs from the image's (48, 48, 48)",
+        tmp_path / "data" / "imagesTr" / "c1.nii.gz",
+        "nothing was trained",
+    )
     assert "epoch" not in res.stdout
     assert_nothing_complete(tmp_path / "run")
 
@@ -89,8 +100,9 @@ def test_label_of_another_shape_is_caught_before_training(tmp_path):
 def test_label_with_the_same_shape_but_other_geometry(tmp_path):
     dl = dataset_with(tmp_path / "data", bad_label=ct_volume()[1], origin=(0.0, 0.0, 30.0))
     res = _finetune(dl, tmp_path / "run")
-    assert_clean_error(res, tmp_path / "data" / "labelsTr" / "c1.nii.gz", "label geometry differs",
-                       "30 mm", "voxel grid")
+    assert_clean_error(
+        res, tmp_path / "data" / "labelsTr" / "c1.nii.gz", "label geometry differs", "30 mm", "voxel grid"
+    )
     assert "epoch" not in res.stdout
     assert_nothing_complete(tmp_path / "run")
 
@@ -109,8 +121,7 @@ def test_label_values_above_the_configured_classes(tmp_path):
     lab[lab == 2] = 7
     dl = dataset_with(tmp_path / "data", bad_label=lab, case="c2")  # the validation case: found after epoch 1
     res = _finetune(dl, tmp_path / "run")  # finetune.num_classes=3
-    assert_clean_error(res, tmp_path / "data" / "labelsTr" / "c2.nii.gz", "label values 7",
-                       "finetune.num_classes=3")
+    assert_clean_error(res, tmp_path / "data" / "labelsTr" / "c2.nii.gz", "label values 7", "finetune.num_classes=3")
     assert_nothing_complete(tmp_path / "run")  # the epoch trained before the validation is not saved
 
 
@@ -149,8 +160,13 @@ def test_scan_smaller_than_the_roi_in_one_axis_is_padded_and_trains(pretrain_run
 def test_2d_image_is_caught_before_training(tmp_path):
     dl = dataset_with(tmp_path / "data", bad_image=ct_volume()[0][:, :, 20])
     res = _pretrain(dl, tmp_path / "run")
-    assert_clean_error(res, tmp_path / "data" / "imagesTr" / "c1.nii.gz", "2D image (48, 48)",
-                       "needs a 3D CT volume", "nothing was trained")
+    assert_clean_error(
+        res,
+        tmp_path / "data" / "imagesTr" / "c1.nii.gz",
+        "2D image (48, 48)",
+        "needs a 3D CT volume",
+        "nothing was trained",
+    )
     assert "epoch" not in res.stdout
     assert_nothing_complete(tmp_path / "run")
 
@@ -159,8 +175,13 @@ def test_4d_image_is_caught_before_training(tmp_path):
     img = ct_volume()[0]
     dl = dataset_with(tmp_path / "data", bad_image=np.stack([img, img], axis=-1))
     res = _pretrain(dl, tmp_path / "run")
-    assert_clean_error(res, tmp_path / "data" / "imagesTr" / "c1.nii.gz", "4D image (48, 48, 48, 2)",
-                       "2 volumes", "nothing was trained")
+    assert_clean_error(
+        res,
+        tmp_path / "data" / "imagesTr" / "c1.nii.gz",
+        "4D image (48, 48, 48, 2)",
+        "2 volumes",
+        "nothing was trained",
+    )
     assert "epoch" not in res.stdout
     assert_nothing_complete(tmp_path / "run")
 
@@ -174,11 +195,13 @@ def test_empty_datalist(tmp_path):
 
 def test_datalist_paths_that_escape_its_folder(tmp_path):
     write_cases(tmp_path / "outside", 1)
-    dl = write_datalist(tmp_path / "data", [{"image": "../outside/imagesTr/c0.nii.gz",
-                                              "label": "../outside/labelsTr/c0.nii.gz"}])
+    dl = write_datalist(
+        tmp_path / "data", [{"image": "../outside/imagesTr/c0.nii.gz", "label": "../outside/labelsTr/c0.nii.gz"}]
+    )
     res = _pretrain(dl, tmp_path / "run")
-    assert_clean_error(res, dl, "lead out of the datalist's folder", "training[0].image",
-                       "'../outside/imagesTr/c0.nii.gz'")
+    assert_clean_error(
+        res, dl, "lead out of the datalist's folder", "training[0].image", "'../outside/imagesTr/c0.nii.gz'"
+    )
     assert_nothing_complete(tmp_path / "run")
 
 
@@ -231,8 +254,9 @@ def zoo_check(tmp_path_factory):
     multi = write_nifti(root / "imagesTr" / "multi.nii.gz", np.stack([img, img], axis=-1))
     entries.append({"image": str(multi.relative_to(root)), "case": "multi"})
     dl = write_datalist(root, entries, labels={"0": "background", "1": "organ", "2": "bone", "7": "extra"})
-    res = medhpm("data", "check", dl, "--num-classes", "3", "--roi", "32", "--spacing", "4",
-                 "--json", root / "report.json")
+    res = medhpm(
+        "data", "check", dl, "--num-classes", "3", "--roi", "32", "--spacing", "4", "--json", root / "report.json"
+    )
     return root, res
 
 

@@ -29,10 +29,23 @@ def pretrain_ckpt(pretrain_run) -> Path:
 
 # ================================================================================ finetune --init
 def test_finetune_init_from_an_encoder_of_another_preset_and_patch_size(pretrain_ckpt, good_data, tmp_path):
-    res = medhpm("finetune", *tiny(good_data, "model.preset=tiny", "model.patch_size=8"), "--init", pretrain_ckpt,
-                 "--out", tmp_path / "run")
-    assert_clean_error(res, pretrain_ckpt, "another encoder configuration", "patch_size: file 16, model 8",
-                       "embed_dim: file 96, model 192", "ViT-micro/16", "the config asks for ViT-tiny/8")
+    res = medhpm(
+        "finetune",
+        *tiny(good_data, "model.preset=tiny", "model.patch_size=8"),
+        "--init",
+        pretrain_ckpt,
+        "--out",
+        tmp_path / "run",
+    )
+    assert_clean_error(
+        res,
+        pretrain_ckpt,
+        "another encoder configuration",
+        "patch_size: file 16, model 8",
+        "embed_dim: file 96, model 192",
+        "ViT-micro/16",
+        "the config asks for ViT-tiny/8",
+    )
     assert_nothing_complete(tmp_path / "run")
 
 
@@ -44,8 +57,7 @@ def test_finetune_init_from_a_tampered_encoder_export(pretrain_ckpt, good_data, 
     data[-100] ^= 0xFF  # one byte of the weights changed after the export
     enc.write_bytes(bytes(data))
     res = medhpm("finetune", *tiny(good_data), "--init", enc, "--out", tmp_path / "run")
-    assert_clean_error(res, enc, "does not match its sidecar encoder.json", "sha256 is",
-                       "The weights file was changed")
+    assert_clean_error(res, enc, "does not match its sidecar encoder.json", "sha256 is", "The weights file was changed")
     assert_nothing_complete(tmp_path / "run")
 
 
@@ -65,7 +77,7 @@ def test_export_encoder_over_an_earlier_export_is_refused(pretrain_ckpt, tmp_pat
     res = medhpm("export-encoder", pretrain_ckpt, "--teacher", "-o", out, "--force")
     assert res.returncode == 0, res.stdout + res.stderr
     state = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)
-    teacher = {k[len("encoder."):]: v for k, v in state["teacher"].items() if k.startswith("encoder.")}
+    teacher = {k[len("encoder.") :]: v for k, v in state["teacher"].items() if k.startswith("encoder.")}
     written = load_file(str(out))
     assert set(written) == set(teacher)
     for k, v in teacher.items():
@@ -83,25 +95,29 @@ def test_finetune_init_from_a_truncated_checkpoint(pretrain_ckpt, good_data, tmp
 def test_finetune_resume_with_a_changed_config(finetune_run, tmp_path):
     run_dir, _ = finetune_run
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    res = medhpm("finetune", "--resume", run_dir, "model.preset=tiny", "finetune.num_classes=5",
-                 "finetune.epochs=2")
-    assert_clean_error(res, f"cannot resume {run_dir}", "model.preset 'micro' -> 'tiny'",
-                       "finetune.num_classes 3 -> 5", "config_finetune.yaml")
+    res = medhpm("finetune", "--resume", run_dir, "model.preset=tiny", "finetune.num_classes=5", "finetune.epochs=2")
+    assert_clean_error(
+        res,
+        f"cannot resume {run_dir}",
+        "model.preset 'micro' -> 'tiny'",
+        "finetune.num_classes 3 -> 5",
+        "config_finetune.yaml",
+    )
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # the run is untouched
 
 
 # ================================================================================ predict
 def test_predict_with_a_pretraining_checkpoint(pretrain_ckpt, good_data, tmp_path):
-    res = medhpm("predict", "--model", pretrain_ckpt, "-i", good_data.parent / "imagesTr" / "c1.nii.gz",
-                 "-o", tmp_path / "pred")
+    res = medhpm(
+        "predict", "--model", pretrain_ckpt, "-i", good_data.parent / "imagesTr" / "c1.nii.gz", "-o", tmp_path / "pred"
+    )
     assert_clean_error(res, pretrain_ckpt, "is a 'pretrain' checkpoint", "needs a fine-tuning checkpoint")
     assert not list(tmp_path.glob("pred/*.nii.gz"))
 
 
 def test_predict_with_a_truncated_checkpoint(finetune_run, good_data, tmp_path):
     cut = truncate(Path(shutil.copy(finetune_run[0] / "final.pt", tmp_path / "final.pt")), keep=0.7)
-    res = medhpm("predict", "--model", cut, "-i", good_data.parent / "imagesTr" / "c1.nii.gz",
-                 "-o", tmp_path / "pred")
+    res = medhpm("predict", "--model", cut, "-i", good_data.parent / "imagesTr" / "c1.nii.gz", "-o", tmp_path / "pred")
     assert_clean_error(res, cut, "unreadable or truncated")
     assert not list(tmp_path.glob("pred/*.nii.gz"))
 
@@ -120,8 +136,7 @@ def test_predict_refuses_a_checkpoint_that_runs_code_when_unpickled(tmp_path, go
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"format": "medhpm-checkpoint", "stage": "finetune", "model": _Payload(marker)}, evil)
-    res = medhpm("predict", "--model", evil, "-i", good_data.parent / "imagesTr" / "c1.nii.gz",
-                 "-o", tmp_path / "pred")
+    res = medhpm("predict", "--model", evil, "-i", good_data.parent / "imagesTr" / "c1.nii.gz", "-o", tmp_path / "pred")
     assert_clean_error(res, evil, "cannot be loaded safely (weights_only=True)")
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is real: an unsafe load runs it
@@ -155,15 +170,28 @@ def test_checkpoint_metadata_is_compared_with_the_config(finetune_run):
     ckpt = finetune_run[0] / "final.pt"
     ok = load_config("demo", tiny("phantom"))
     Predictor.from_checkpoint(ckpt, device="cpu", expect=ok)  # the config it was trained with fits
-    other = load_config("demo", tiny("phantom", "model.preset=tiny", "model.patch_size=8", "data.spacing=[2,2,2]",
-                                     "data.a_max=400", "finetune.num_classes=14"))
+    other = load_config(
+        "demo",
+        tiny(
+            "phantom",
+            "model.preset=tiny",
+            "model.patch_size=8",
+            "data.spacing=[2,2,2]",
+            "data.a_max=400",
+            "finetune.num_classes=14",
+        ),
+    )
     with pytest.raises(CheckpointError) as err:
         Predictor.from_checkpoint(ckpt, device="cpu", expect=other)
     msg = str(err.value)
-    for frag in (str(ckpt), "model.preset: checkpoint 'micro', config 'tiny'",
-                 "model.patch_size: checkpoint 16, config 8",
-                 "data.spacing: checkpoint (4.0, 4.0, 4.0), config (2.0, 2.0, 2.0)",
-                 "data.a_max: checkpoint 250.0, config 400.0", "finetune.num_classes: checkpoint 3, config 14"):
+    for frag in (
+        str(ckpt),
+        "model.preset: checkpoint 'micro', config 'tiny'",
+        "model.patch_size: checkpoint 16, config 8",
+        "data.spacing: checkpoint (4.0, 4.0, 4.0), config (2.0, 2.0, 2.0)",
+        "data.a_max: checkpoint 250.0, config 400.0",
+        "finetune.num_classes: checkpoint 3, config 14",
+    ):
         assert frag in msg, msg
 
 
@@ -175,16 +203,18 @@ def label_map(tmp_path) -> Path:
 
 def test_evaluate_with_a_truncated_prediction(label_map, tmp_path):
     pred = truncate(write_nifti(tmp_path / "pred" / "case.nii.gz", ct_volume((24, 24, 16))[1]))
-    res = medhpm("evaluate", "--pred", pred, "--label", label_map, "--classes", "organ=1,bone=2",
-                 "-o", tmp_path / "eval")
+    res = medhpm(
+        "evaluate", "--pred", pred, "--label", label_map, "--classes", "organ=1,bone=2", "-o", tmp_path / "eval"
+    )
     assert_clean_error(res, pred, "unreadable")
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
 def test_evaluate_prediction_and_label_of_different_shapes(label_map, tmp_path):
     pred = write_nifti(tmp_path / "pred" / "case.nii.gz", ct_volume((24, 24, 12))[1])
-    res = medhpm("evaluate", "--pred", pred, "--label", label_map, "--classes", "organ=1,bone=2",
-                 "-o", tmp_path / "eval")
+    res = medhpm(
+        "evaluate", "--pred", pred, "--label", label_map, "--classes", "organ=1,bone=2", "-o", tmp_path / "eval"
+    )
     assert_clean_error(res, pred, label_map, "shape (24, 24, 12)", "shape (24, 24, 16)", "original geometry")
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
@@ -206,8 +236,7 @@ def test_every_torch_load_uses_weights_only():
                 calls.append((name, node.lineno, safe))
             elif owner in ("pickle", "dill", "joblib") and node.func.attr in ("load", "loads"):
                 unpickling.append((name, node.lineno))
-            elif (owner, node.func.attr) == ("np", "load") and any(
-                    k.arg == "allow_pickle" for k in node.keywords):
+            elif (owner, node.func.attr) == ("np", "load") and any(k.arg == "allow_pickle" for k in node.keywords):
                 unpickling.append((name, node.lineno))
     assert calls, "no torch.load found: the scan is broken"
     unsafe = [(f, line) for f, line, safe in calls if not safe]

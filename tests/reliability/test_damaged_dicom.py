@@ -27,8 +27,9 @@ def _damaged_real_series(tmp_path: Path, which: str) -> tuple[Path, Path]:
     if not REAL_SERIES.is_dir():
         pytest.skip("tests/data/real_ct/abdomen_dicom is missing")
     folder = Path(shutil.copytree(REAL_SERIES, tmp_path / "series"))
-    files = sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
-                                                          .ImagePositionPatient[2]))
+    files = sorted(
+        folder.iterdir(), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+    )
     assert len(files) == 20
     bad = files[0] if which == "edge" else files[10]
     data = bad.read_bytes()

@@ -22,8 +22,9 @@ def test_predict_into_the_folder_of_its_input_scan_is_refused(finetune_run, good
     scan = Path(shutil.copy(good_data.parent / "imagesTr" / "c1.nii.gz", scans / "scan.nii.gz"))
     before = scan.read_bytes()
     res = medhpm("predict", "--model", _model(finetune_run), "-i", scan, "-o", scans)
-    msg = assert_clean_error(res, f"refusing to write {scans / 'scan.nii.gz'}", f"the input {scan}",
-                             "nothing was read or written")
+    msg = assert_clean_error(
+        res, f"refusing to write {scans / 'scan.nii.gz'}", f"the input {scan}", "nothing was read or written"
+    )
     assert " ok" not in res.stdout and "segmented" not in res.stdout, res.stdout
     assert scan.read_bytes() == before, "the CT was overwritten"
     assert sorted(p.name for p in scans.iterdir()) == ["scan.nii.gz"], msg  # no temporary file either
@@ -64,8 +65,9 @@ def test_data_datalist_onto_its_source_is_refused(tmp_path):
     root = tmp_path / "data"
     write_nifti(root / "imagesTr" / "c0.nii.gz", ct_volume((24, 24, 16))[0])
     source = root / "dataset.json"
-    source.write_text(json.dumps({"name": "mine", "labels": {"0": "background"},
-                                  "training": [{"image": "imagesTr/c0.nii.gz"}]}))
+    source.write_text(
+        json.dumps({"name": "mine", "labels": {"0": "background"}, "training": [{"image": "imagesTr/c0.nii.gz"}]})
+    )
     before = source.read_bytes()
     res = medhpm("data", "datalist", root, "-o", source)  # the folder's own dataset.json is what it reads
     assert_clean_error(res, f"refusing to write {source}", f"the input {source}")
@@ -90,8 +92,9 @@ def test_predict_refuses_nii_and_nii_gz_of_one_name(finetune_run, good_data, tmp
     write_nifti(scans / "case.nii", img)
     write_nifti(scans / "case.nii.gz", img)
     res = medhpm("predict", "--model", _model(finetune_run), "-i", scans, "-o", out)
-    assert_clean_error(res, "case name(s) are given to more than one scan", str(scans / "case.nii"),
-                       str(scans / "case.nii.gz"))
+    assert_clean_error(
+        res, "case name(s) are given to more than one scan", str(scans / "case.nii"), str(scans / "case.nii.gz")
+    )
     assert "segmented" not in res.stdout
     assert not out.exists() or not any(out.iterdir())
 

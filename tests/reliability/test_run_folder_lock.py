@@ -19,8 +19,13 @@ from rel_helpers import assert_clean_error, child_env, medhpm, medhpm_exe, tiny
 
 # ================================================================================ one run per folder
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(medhpm_exe() + [str(a) for a in args], env=child_env(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        medhpm_exe() + [str(a) for a in args],
+        env=child_env(),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _holder(lock: Path) -> dict:
@@ -43,15 +48,21 @@ def test_two_runs_into_one_folder(good_data, tmp_path):
     out = tmp_path / "run"
     lock = out / ".medhpm.lock"
     # a first run that would take long (an epoch of 10^5 steps): it holds the folder until it is killed
-    first = _start(["pretrain", *tiny(good_data, "pretrain.steps_per_epoch=100000"), "--out", out],
-                   tmp_path / "first.log")
+    first = _start(
+        ["pretrain", *tiny(good_data, "pretrain.steps_per_epoch=100000"), "--out", out], tmp_path / "first.log"
+    )
     try:
         _wait_for_lock(lock, first, tmp_path / "first.log", "run")
         started = _holder(lock)["started"]
         t0 = time.time()
         second = medhpm("pretrain", *tiny(good_data), "--out", out)
-        assert_clean_error(second, f"{out} is in use by another pretrain run", f"pid {first.pid}",
-                           f"started {started}", "choose another --out")
+        assert_clean_error(
+            second,
+            f"{out} is in use by another pretrain run",
+            f"pid {first.pid}",
+            f"started {started}",
+            "choose another --out",
+        )
         assert time.time() - t0 < 120  # refused at once (the import of the training stack aside)
         assert first.poll() is None, "the refused run disturbed the first one"
         assert not (out / "last.pt").exists()
@@ -88,10 +99,13 @@ def test_a_run_folder_lock_is_taken_over_only_when_its_holder_is_gone(tmp_path):
     """The lock itself, between two real processes: held while its holder lives, free once it is killed."""
     from medhpm.runtime.files import RunFolderLocked, run_folder_lock
 
-    code = ("import sys, time; from medhpm.runtime.files import run_folder_lock\n"
-            "with run_folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=child_env(),
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from medhpm.runtime.files import run_folder_lock\n"
+        "with run_folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunFolderLocked, match=f"pid {holder.pid} on .*, started "):
@@ -107,11 +121,14 @@ def test_a_run_folder_lock_is_taken_over_only_when_its_holder_is_gone(tmp_path):
 def test_an_experiment_folder_is_locked(tmp_path):
     """``medhpm experiment`` into a folder held by another process is refused naming the holder (the bad
     override would fail right after the lock, so a missing lock shows as another error, not a long run)."""
-    code = ("import sys, time; from medhpm.runtime.files import run_folder_lock\n"
-            "with run_folder_lock(sys.argv[1], what='experiment'):\n    print('held', flush=True); time.sleep(600)\n")
+    code = (
+        "import sys, time; from medhpm.runtime.files import run_folder_lock\n"
+        "with run_folder_lock(sys.argv[1], what='experiment'):\n    print('held', flush=True); time.sleep(600)\n"
+    )
     out = tmp_path / "exp"
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], env=child_env(), stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         res = medhpm("experiment", "--out", out, "pretrain.epochs=banana")

@@ -10,8 +10,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from rel_helpers import (assert_clean_error, assert_nothing_complete, ct_volume, medhpm, tiny, write_cases,
-                         write_datalist)
+from rel_helpers import (
+    assert_clean_error,
+    assert_nothing_complete,
+    ct_volume,
+    medhpm,
+    tiny,
+    write_cases,
+    write_datalist,
+)
 
 
 def _write_zero_spacing(path: Path, array) -> Path:
@@ -53,7 +60,9 @@ def test_data_check_with_a_zero_target_spacing_says_which_option(good_data):
     res = medhpm("data", "check", good_data, "--spacing", "0,0,0")  # was: OverflowError
     both = res.stdout + res.stderr
     assert res.returncode == 2 and "Traceback" not in both and "OverflowError" not in both, both
-    assert "--spacing must be three positive numbers like 1.5,1.5,2.0, not '0,0,0'" in " ".join(both.replace("│", " ").split())
+    assert "--spacing must be three positive numbers like 1.5,1.5,2.0, not '0,0,0'" in " ".join(
+        both.replace("│", " ").split()
+    )
 
 
 def test_resuming_a_run_whose_last_pt_comes_from_another_method(good_data, pretrain_run, tmp_path):
@@ -65,8 +74,13 @@ def test_resuming_a_run_whose_last_pt_comes_from_another_method(good_data, pretr
     before = [(mae_dir / n).read_bytes() for n in ("metrics.jsonl", "final.pt")]
     shutil.copy(hpm_dir / "last.pt", mae_dir / "last.pt")  # another method's checkpoint in the mae run folder
     res = medhpm("pretrain", "pretrain.epochs=2", "--resume", mae_dir)  # was: a load_state_dict RuntimeError
-    msg = assert_clean_error(res, f"cannot resume from {mae_dir / 'last.pt'}", "do not fit the model of this run",
-                             "pretrain.method 'hpm' -> 'mae'", str(mae_dir / "config_pretrain.yaml"))
+    msg = assert_clean_error(
+        res,
+        f"cannot resume from {mae_dir / 'last.pt'}",
+        "do not fit the model of this run",
+        "pretrain.method 'hpm' -> 'mae'",
+        str(mae_dir / "config_pretrain.yaml"),
+    )
     assert "Missing key(s)" not in msg and "load_state_dict" not in msg
     assert [(mae_dir / n).read_bytes() for n in ("metrics.jsonl", "final.pt")] == before  # the run is untouched
 
@@ -75,8 +89,9 @@ def test_a_file_of_random_bytes_as_init_is_called_damaged_not_unsafe(good_data, 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(64 * 1024))
     res = medhpm("finetune", *tiny(good_data), "--init", junk, "--out", tmp_path / "run")
-    msg = assert_clean_error(res, f"checkpoint {junk} is not a readable checkpoint: it is damaged or not a "
-                                  "PyTorch file (")
+    msg = assert_clean_error(
+        res, f"checkpoint {junk} is not a readable checkpoint: it is damaged or not a PyTorch file ("
+    )
     assert "safely" not in msg and "weights_only" not in msg
     assert_nothing_complete(tmp_path / "run")
 
@@ -90,12 +105,19 @@ def test_a_checkpoint_lacking_entries_is_named(pretrain_run, good_data, tmp_path
     broken = tmp_path / "broken.pt"
     torch.save(state, broken)
     res = medhpm("export-encoder", broken, "-o", tmp_path / "enc" / "encoder.safetensors")
-    assert_clean_error(res, f"pre-training checkpoint {broken} lacks config.model, model_args.encoder",
-                       "damaged")
+    assert_clean_error(res, f"pre-training checkpoint {broken} lacks config.model, model_args.encoder", "damaged")
     assert not (tmp_path / "enc").exists() or not any((tmp_path / "enc").iterdir())
     for name in ("model", "epoch"):
         state = torch.load(run_dir / "final.pt", weights_only=True)
         del state[name]
         torch.save(state, broken)
-        res = medhpm("visualize", "pretrain", broken, "--image", good_data.parent / "imagesTr" / "c1.nii.gz", "-o", tmp_path / "x.png")
+        res = medhpm(
+            "visualize",
+            "pretrain",
+            broken,
+            "--image",
+            good_data.parent / "imagesTr" / "c1.nii.gz",
+            "-o",
+            tmp_path / "x.png",
+        )
         assert_clean_error(res, f"pre-training checkpoint {broken} lacks {name}")

@@ -29,11 +29,16 @@ def tiny_dataset(tmp_path_factory) -> Path:
         nib.save(nib.Nifti1Image(img, affine), str(root / "imagesTr" / name))
         nib.save(nib.Nifti1Image(lab, affine), str(root / "labelsTr" / name))
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    meta = {"name": "tiny", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen", "6": "liver"},
-            "numTraining": len(training), "training": training, "test": []}
+    meta = {
+        "name": "tiny",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "spleen", "6": "liver"},
+        "numTraining": len(training),
+        "training": training,
+        "test": [],
+    }
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root / "dataset.json"
-
 
 
 @pytest.fixture(scope="session")

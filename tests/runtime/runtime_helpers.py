@@ -29,29 +29,33 @@ def tiny_overrides(dataset: Path, *more: str) -> list[str]:
     and alpha_0 == alpha_T, so the schedules do not depend on the number of epochs: a 2-epoch run
     extended to 3 with ``--resume`` must equal a 3-epoch run. alpha > 0 from the start, so the EMA teacher
     mines hard patches at every step."""
-    return tiny_settings(dataset, *more, **{
-        "data.crop": "random",
-        "data.flip_prob": 0.0,
-        "data.rot90_prob": 0.0,
-        "data.intensity_scale_prob": 0.0,
-        "data.intensity_shift_prob": 0.0,
-        "pretrain.method": "hpm",
-        "pretrain.epochs": 2,
-        "pretrain.batch_size": 2,
-        "pretrain.lr": 1e-2,
-        "pretrain.warmup_epochs": 10,
-        "pretrain.alpha_0": 0.5,
-        "pretrain.alpha_T": 0.5,
-        "pretrain.ema_horizon_start": 0.5,  # a few steps in all: horizons of 0.5 and 1 run, m well above 0
-        "pretrain.ema_horizon_end": 1.0,
-        "pretrain.ema_ramp": 1.0,
-        "finetune.epochs": 2,
-        "finetune.batch_size": 2,
-        "finetune.lr": 1e-2,
-        "finetune.warmup_epochs": 10,
-        "finetune.num_classes": 7,
-        "finetune.drop_path": 0.0,
-    })
+    return tiny_settings(
+        dataset,
+        *more,
+        **{
+            "data.crop": "random",
+            "data.flip_prob": 0.0,
+            "data.rot90_prob": 0.0,
+            "data.intensity_scale_prob": 0.0,
+            "data.intensity_shift_prob": 0.0,
+            "pretrain.method": "hpm",
+            "pretrain.epochs": 2,
+            "pretrain.batch_size": 2,
+            "pretrain.lr": 1e-2,
+            "pretrain.warmup_epochs": 10,
+            "pretrain.alpha_0": 0.5,
+            "pretrain.alpha_T": 0.5,
+            "pretrain.ema_horizon_start": 0.5,  # a few steps in all: horizons of 0.5 and 1 run, m well above 0
+            "pretrain.ema_horizon_end": 1.0,
+            "pretrain.ema_ramp": 1.0,
+            "finetune.epochs": 2,
+            "finetune.batch_size": 2,
+            "finetune.lr": 1e-2,
+            "finetune.warmup_epochs": 10,
+            "finetune.num_classes": 7,
+            "finetune.drop_path": 0.0,
+        },
+    )
 
 
 def child_env() -> dict:
@@ -71,30 +75,49 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     with socket.socket() as s:  # a free port (a --standalone rendezvous also works, this is simpler to debug)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "medhpm.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "medhpm.cli",
+        *args,
+    ]
 
 
 def run(cmd: list[str], cwd: Path | None = None, check: bool = True, timeout: float = RUN_TIMEOUT):
     p = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"command failed ({p.returncode}): {' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}"
-                             f"\n--- stderr\n{p.stderr[-4000:]}")
+        raise AssertionError(
+            f"command failed ({p.returncode}): {' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}"
+            f"\n--- stderr\n{p.stderr[-4000:]}"
+        )
     return p
 
 
 def run_parallel(cmds: list[list[str]], check: bool = True, timeout: float = RUN_TIMEOUT):
     """Run independent commands at the same time (their start-up, mostly imports, overlaps)."""
-    procs = [subprocess.Popen(c, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
+    procs = [
+        subprocess.Popen(c, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds
+    ]
     out = []
     try:
         for c, p in zip(cmds, procs):
             stdout, stderr = p.communicate(timeout=timeout)
             res = subprocess.CompletedProcess(c, p.returncode, stdout, stderr)
             if check and p.returncode != 0:
-                raise AssertionError(f"command failed ({p.returncode}): {' '.join(c)}\n--- stdout\n"
-                                     f"{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}")
+                raise AssertionError(
+                    f"command failed ({p.returncode}): {' '.join(c)}\n--- stdout\n"
+                    f"{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}"
+                )
             out.append(res)
     finally:
         for p in procs:
@@ -137,8 +160,9 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0, rtol: float = 0.0, 
     return worst
 
 
-def assert_same_updates(ref: dict, other: dict, init: dict, what: str, atol=2e-5, rtol=1e-4,
-                        max_rel=1e-2, max_outside=1e-5):
+def assert_same_updates(
+    ref: dict, other: dict, init: dict, what: str, atol=2e-5, rtol=1e-4, max_rel=1e-2, max_outside=1e-5
+):
     """Run ``other`` moved the weights (state dicts) as run ``ref`` did, both from ``init``, up to float
     rounding amplified by AdamW.
 
@@ -170,8 +194,10 @@ def assert_same_updates(ref: dict, other: dict, init: dict, what: str, atol=2e-5
     rel = (diff2 / moved2) ** 0.5
     assert rel <= max_rel, f"{what}: the runs differ by {rel:.3g} of the update (largest at {worst[1]}: {worst[0]:g})"
     allowed = max(1, int(max_outside * total))
-    assert outside <= allowed, (f"{what}: {outside} of {total} elements differ by more than atol {atol:g} / rtol "
-                                f"{rtol:g} (allowed {allowed}; largest at {worst[1]}: {worst[0]:g})")
+    assert outside <= allowed, (
+        f"{what}: {outside} of {total} elements differ by more than atol {atol:g} / rtol "
+        f"{rtol:g} (allowed {allowed}; largest at {worst[1]}: {worst[0]:g})"
+    )
     return rel
 
 

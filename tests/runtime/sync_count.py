@@ -34,9 +34,11 @@ class SyncCounter(TorchFunctionMode):
             hit, name = True, "bool-index"
         if hit:
             caller = sys._getframe(1)
-            if (caller.f_code.co_filename.endswith(tuple(f for f, _, _ in HOST_ONLY))
-                    and (caller.f_code.co_filename.rsplit("site-packages/", 1)[-1], caller.f_code.co_name, name)
-                    in HOST_ONLY):
+            if (
+                caller.f_code.co_filename.endswith(tuple(f for f, _, _ in HOST_ONLY))
+                and (caller.f_code.co_filename.rsplit("site-packages/", 1)[-1], caller.f_code.co_name, name)
+                in HOST_ONLY
+            ):
                 return func(*args, **(kwargs or {}))
             where = self._where()
             if where:
@@ -77,8 +79,12 @@ if __name__ == "__main__":  # python sync_count.py DATASET_JSON OUT_DIR [stage]
 
     ds, out = sys.argv[1], sys.argv[2]
     stage = sys.argv[3] if len(sys.argv) > 3 else "pretrain"
-    cfg = load_config("demo", tiny_overrides(ds, f"{stage}.epochs=1", f"{stage}.steps_per_epoch=6",
-                                             f"{stage}.batch_size=1", "runtime.log_every=3"))
+    cfg = load_config(
+        "demo",
+        tiny_overrides(
+            ds, f"{stage}.epochs=1", f"{stage}.steps_per_epoch=6", f"{stage}.batch_size=1", "runtime.log_every=3"
+        ),
+    )
     if stage == "pretrain":
         from medhpm.pretrain.trainer import PretrainTrainer as T
     else:

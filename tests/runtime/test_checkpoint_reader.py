@@ -11,8 +11,14 @@ from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint, save_che
 
 
 def _ckpt(tmp_path, name="final.pt", **entries):
-    state = {"format": "medhpm-checkpoint", "stage": "pretrain", "model": {"w": torch.ones(2)}, "epoch": 0,
-             "config": {}, "model_args": {}}
+    state = {
+        "format": "medhpm-checkpoint",
+        "stage": "pretrain",
+        "model": {"w": torch.ones(2)},
+        "epoch": 0,
+        "config": {},
+        "model_args": {},
+    }
     state.update(entries)
     return save_checkpoint(state, tmp_path / name)
 

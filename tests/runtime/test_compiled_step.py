@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow
 def _run(stage: str, dataset, out, *more: str):
     from medhpm.config import load_config
 
-    cfg = load_config("demo", tiny_overrides(dataset, f"{stage}.epochs=1", f"{stage}.steps_per_epoch=2",
-                                             f"{stage}.batch_size=1", *more))
+    cfg = load_config(
+        "demo",
+        tiny_overrides(dataset, f"{stage}.epochs=1", f"{stage}.steps_per_epoch=2", f"{stage}.batch_size=1", *more),
+    )
     torch.set_num_threads(1)
     if stage == "pretrain":
         from medhpm.pretrain.trainer import PretrainTrainer

@@ -15,8 +15,9 @@ import pytest
 
 from medhpm.config import load_config
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"
+)
 
 # A step's large temporaries in miniature: a 40 MiB and a 12 MiB tensor made, used and freed, 16 times. 40 MiB
 # is above the largest mmap threshold glibc adapts to by default (32 MiB on 64-bit, mallopt(3)), so under its
@@ -48,8 +49,13 @@ print(json.dumps({"done": done, "faults": faults}))
 def _run(policy: str, device: str = "cpu") -> tuple[dict | None, list[int]]:
     """What configure_cpu_memory returned in a fresh interpreter, and the page faults of its counted steps."""
     src = str(Path(__file__).resolve().parents[2] / "src")
-    out = subprocess.run([sys.executable, "-c", CHILD, policy, device, str(STEPS)], capture_output=True, text=True,
-                         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, policy, device, str(STEPS)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     return got["done"], got["faults"][WARM:]

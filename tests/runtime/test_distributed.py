@@ -14,13 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime_helpers import (assert_same_tensors, assert_same_updates, init_weights, load_state, medhpm_cmd, records,
-                             run, run_parallel, tiny_overrides, torchrun_cmd)
+from runtime_helpers import (
+    assert_same_tensors,
+    assert_same_updates,
+    init_weights,
+    load_state,
+    medhpm_cmd,
+    records,
+    run,
+    run_parallel,
+    tiny_overrides,
+    torchrun_cmd,
+)
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                       reason="torch.distributed with gloo is needed"),
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="torch.distributed with gloo is needed",
+    ),
 ]
 
 ATOL = 1e-5  # the gradient all-reduce sums in another order than one process does
@@ -32,8 +44,9 @@ def _assert_same_pretraining(a: dict, b: dict, init: dict) -> None:
     teacher starts as a copy of the student and keeps a subset of its keys)."""
     assert_same_updates(a["model"], b["model"], init, "student", atol=ATOL, rtol=0.0)
     assert b["teacher"] is not None
-    assert_same_updates(a["teacher"], b["teacher"], {k: init[k] for k in a["teacher"]}, "EMA teacher",
-                        atol=ATOL, rtol=0.0)
+    assert_same_updates(
+        a["teacher"], b["teacher"], {k: init[k] for k in a["teacher"]}, "EMA teacher", atol=ATOL, rtol=0.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +54,21 @@ def runs(even_dataset, tmp_path_factory):
     """(1-process run folder, 2-process run folder): 2 epochs of hpm pre-training, global batch 2."""
     base = tmp_path_factory.mktemp("ddp")
     one, two = base / "one", base / "two"
-    _, p = run_parallel([
-        medhpm_cmd("pretrain", "--out", str(one), "--deterministic", *tiny_overrides(even_dataset, "pretrain.batch_size=2")),
-        torchrun_cmd(2, "pretrain", "--out", str(two), "--deterministic", *tiny_overrides(even_dataset, "pretrain.batch_size=1")),
-    ])
+    _, p = run_parallel(
+        [
+            medhpm_cmd(
+                "pretrain", "--out", str(one), "--deterministic", *tiny_overrides(even_dataset, "pretrain.batch_size=2")
+            ),
+            torchrun_cmd(
+                2,
+                "pretrain",
+                "--out",
+                str(two),
+                "--deterministic",
+                *tiny_overrides(even_dataset, "pretrain.batch_size=1"),
+            ),
+        ]
+    )
     assert "world size 2" in p.stdout
     # the visible-patch embedding's weight gradient has the weight's strides, so DDP neither copies nor warns
     assert "Grad strides do not match bucket view strides" not in p.stderr, p.stderr[-2000:]
@@ -97,10 +121,12 @@ def test_resume_across_a_change_of_world_size(runs, even_dataset, tmp_path):
     one_to_two, two_to_one = tmp_path / "one_to_two", tmp_path / "two_to_one"
     shutil.copytree(one, one_to_two)
     shutil.copytree(two, two_to_one)
-    p1, p2 = run_parallel([
-        medhpm_cmd("pretrain", "--resume", str(two_to_one), "pretrain.epochs=3", "pretrain.batch_size=2"),
-        torchrun_cmd(2, "pretrain", "--resume", str(one_to_two), "pretrain.epochs=3", "pretrain.batch_size=1"),
-    ])
+    p1, p2 = run_parallel(
+        [
+            medhpm_cmd("pretrain", "--resume", str(two_to_one), "pretrain.epochs=3", "pretrain.batch_size=2"),
+            torchrun_cmd(2, "pretrain", "--resume", str(one_to_two), "pretrain.epochs=3", "pretrain.batch_size=1"),
+        ]
+    )
     assert "resumed from" in p1.stdout and "world size 1" in p1.stdout
     assert "resumed from" in p2.stdout and "world size 2" in p2.stdout
     a, b = load_state(two_to_one / "final.pt"), load_state(one_to_two / "final.pt")
@@ -119,15 +145,24 @@ def test_compiled_step_under_torchrun_equals_the_eager_one_process_run(runs, eve
     eager 1-process run does (weights to rounding amplified by AdamW, losses to 1e-5)."""
     one, _ = runs
     compiled = tmp_path / "two_compiled"
-    p = run(torchrun_cmd(2, "pretrain", "--out", str(compiled), "--deterministic",
-                         *tiny_overrides(even_dataset, "pretrain.batch_size=1", "runtime.compile=default")))
+    p = run(
+        torchrun_cmd(
+            2,
+            "pretrain",
+            "--out",
+            str(compiled),
+            "--deterministic",
+            *tiny_overrides(even_dataset, "pretrain.batch_size=1", "runtime.compile=default"),
+        )
+    )
     assert "world size 2" in p.stdout and "step compiled (default)" in p.stdout
     a, b = load_state(one / "final.pt"), load_state(compiled / "final.pt")
     assert b["world_size"] == 2 and a["step"] == b["step"] == 4
     init = init_weights("pretrain", even_dataset, "pretrain.batch_size=2")
     assert_same_updates(a["model"], b["model"], init, "student", atol=2e-5, rtol=1e-4)
-    assert_same_updates(a["teacher"], b["teacher"], {k: init[k] for k in a["teacher"]}, "EMA teacher",
-                        atol=2e-5, rtol=1e-4)
+    assert_same_updates(
+        a["teacher"], b["teacher"], {k: init[k] for k in a["teacher"]}, "EMA teacher", atol=2e-5, rtol=1e-4
+    )
     assert _step_losses(one) == pytest.approx(_step_losses(compiled), rel=1e-5, abs=1e-6)
 
 
@@ -138,12 +173,25 @@ def test_finetune_two_processes_equal_one_process_with_accumulation(tiny_dataset
     batched convolutions sum in another order and the tiny gradients of convolutions before an instance
     norm amplify that; the losses agree to 1e-6.)"""
     one, two = tmp_path / "one", tmp_path / "two"
-    run_parallel([
-        medhpm_cmd("finetune", "--out", str(one), "--deterministic",
-                   *tiny_overrides(tiny_dataset, "finetune.batch_size=1", "finetune.accum_steps=2")),
-        torchrun_cmd(2, "finetune", "--out", str(two), "--deterministic",
-                     *tiny_overrides(tiny_dataset, "finetune.batch_size=1")),
-    ])
+    run_parallel(
+        [
+            medhpm_cmd(
+                "finetune",
+                "--out",
+                str(one),
+                "--deterministic",
+                *tiny_overrides(tiny_dataset, "finetune.batch_size=1", "finetune.accum_steps=2"),
+            ),
+            torchrun_cmd(
+                2,
+                "finetune",
+                "--out",
+                str(two),
+                "--deterministic",
+                *tiny_overrides(tiny_dataset, "finetune.batch_size=1"),
+            ),
+        ]
+    )
     a, b = load_state(one / "final.pt"), load_state(two / "final.pt")
     assert a["step"] == b["step"] == 4
     assert_same_tensors(a["model"], b["model"], atol=1e-6, what="UNETR")

@@ -29,8 +29,9 @@ def _assert_clean_error(p, *needles: str) -> None:
 def test_nonfinite_loss_stops_with_a_checkpoint_and_names_the_step(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     p = run(medhpm_cmd("pretrain", "--out", str(out), *tiny_overrides(tiny_dataset, *EXPLODE)), check=False)
-    _assert_clean_error(p, "non-finite loss", "epoch 1", "optimizer step 2", str(out / "nonfinite.pt"),
-                        "pretrain.nonfinite=skip")
+    _assert_clean_error(
+        p, "non-finite loss", "epoch 1", "optimizer step 2", str(out / "nonfinite.pt"), "pretrain.nonfinite=skip"
+    )
     state = load_state(out / "nonfinite.pt")
     assert state["stage"] == "pretrain" and state["step"] == 1  # the weights before the failing step 2
     assert [r["step"] for r in records(out, "step")] == [1]
@@ -39,8 +40,10 @@ def test_nonfinite_loss_stops_with_a_checkpoint_and_names_the_step(tiny_dataset,
 
 def test_nonfinite_loss_with_skip_goes_on_and_counts(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    p = run(medhpm_cmd("pretrain", "--out", str(out), *tiny_overrides(tiny_dataset, *EXPLODE, "pretrain.nonfinite=skip")),
-            check=False)
+    p = run(
+        medhpm_cmd("pretrain", "--out", str(out), *tiny_overrides(tiny_dataset, *EXPLODE, "pretrain.nonfinite=skip")),
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     skips = records(out, "skip")
     epochs = records(out, "epoch")
@@ -69,8 +72,11 @@ def test_output_folder_that_cannot_be_created(tiny_dataset, tmp_path):
 @contextlib.contextmanager
 def _tmpfs(where: Path, options: str):
     where.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, f"medhpm-test-{uuid.uuid4().hex[:8]}", str(where)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, f"medhpm-test-{uuid.uuid4().hex[:8]}", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {p.stderr.strip()[:200]}")
     try:
@@ -122,8 +128,10 @@ def test_the_free_disk_estimate_counts_what_the_run_will_write():
     assert FinetuneTrainer.checkpoint_names == ("last", "best", "final")
     need, why = disk_needed(100 * mib, FinetuneTrainer.checkpoint_names)
     assert need == 4 * 100 * mib + OUTPUT_MARGIN  # was 2 checkpoints' worth
-    assert why == ("3 new checkpoint(s) of 100.0 MiB (last.pt, best.pt, final.pt) + 1 temporary copy of 100.0 MiB "
-                   "while one is written + 50 MiB for figures and logs")
+    assert why == (
+        "3 new checkpoint(s) of 100.0 MiB (last.pt, best.pt, final.pt) + 1 temporary copy of 100.0 MiB "
+        "while one is written + 50 MiB for figures and logs"
+    )
     need, why = disk_needed(100 * mib, PretrainTrainer.checkpoint_names)
     assert need == 3 * 100 * mib + OUTPUT_MARGIN and "(last.pt, final.pt)" in why
     need, why = disk_needed(100 * mib, FinetuneTrainer.checkpoint_names, existing=["last", "best"])

@@ -23,8 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from runtime_helpers import (RUN_TIMEOUT, assert_same_tensors, child_env, load_state, medhpm_cmd, records, run,
-                             tiny_overrides)
+from runtime_helpers import (
+    RUN_TIMEOUT,
+    assert_same_tensors,
+    child_env,
+    load_state,
+    medhpm_cmd,
+    records,
+    run,
+    tiny_overrides,
+)
 
 
 def _kill_in_epoch(cmd: list[str], run_dir: Path, epoch: int) -> int:
@@ -55,8 +63,9 @@ def _kill_in_epoch(cmd: list[str], run_dir: Path, epoch: int) -> int:
 
 
 def _steps(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("time", "data_time", "compute_time")}
-            for r in records(run_dir, "step")]
+    return [
+        {k: v for k, v in r.items() if k not in ("time", "data_time", "compute_time")} for r in records(run_dir, "step")
+    ]
 
 
 STEPS = {"pretrain": 8, "finetune": 4}  # per epoch (the loader cycles); 3 epochs
@@ -103,8 +112,7 @@ def _assert_same_run(stage: str, ref: Path, victim: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run_pretrain(pretrain_reference, tiny_dataset,
-                                                                             tmp_path):
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run_pretrain(pretrain_reference, tiny_dataset, tmp_path):
     victim = tmp_path / "victim"
     cmd = medhpm_cmd("pretrain", "--out", str(victim), "--deterministic", *_overrides("pretrain", tiny_dataset))
     # killed in its first epoch, before any checkpoint: --resume says to start again, and a new start in
@@ -122,16 +130,21 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run_pretrain(pret
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run_finetune(pretrain_reference, tiny_dataset,
-                                                                             tmp_path):
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run_finetune(pretrain_reference, tiny_dataset, tmp_path):
     init = str(pretrain_reference / "final.pt")
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     ov = _overrides("finetune", tiny_dataset)
-    reference = subprocess.Popen(medhpm_cmd("finetune", "--init", init, "--out", str(ref), "--deterministic", *ov),
-                                 env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        medhpm_cmd("finetune", "--init", init, "--out", str(ref), "--deterministic", *ov),
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        _kill_and_resume("finetune", medhpm_cmd("finetune", "--init", init, "--out", str(victim), "--deterministic",
-                                                *ov), victim)
+        _kill_and_resume(
+            "finetune", medhpm_cmd("finetune", "--init", init, "--out", str(victim), "--deterministic", *ov), victim
+        )
         _, err = reference.communicate(timeout=RUN_TIMEOUT)
         assert reference.returncode == 0, err[-3000:]
     finally:
@@ -199,8 +212,9 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
     kills = 0
     for i in range(6):
         before = {p.name for p in tmp_path.iterdir()}
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(version)], env=child_env(),
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(version)], env=child_env(), stdout=subprocess.PIPE, text=True
+        )
         first = proc.stdout.readline()  # the writer is running and has written one version
         assert first.strip(), "the writer died"
         written.add(int(first))

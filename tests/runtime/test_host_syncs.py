@@ -16,8 +16,17 @@ STEPS, LOG_EVERY = 6, 3
 def _trainer(stage, dataset, out, *more):
     from medhpm.config import load_config
 
-    cfg = load_config("demo", tiny_overrides(dataset, f"{stage}.epochs=1", f"{stage}.steps_per_epoch={STEPS}",
-                                             f"{stage}.batch_size=1", f"runtime.log_every={LOG_EVERY}", *more))
+    cfg = load_config(
+        "demo",
+        tiny_overrides(
+            dataset,
+            f"{stage}.epochs=1",
+            f"{stage}.steps_per_epoch={STEPS}",
+            f"{stage}.batch_size=1",
+            f"runtime.log_every={LOG_EVERY}",
+            *more,
+        ),
+    )
     if stage == "pretrain":
         from medhpm.pretrain.trainer import PretrainTrainer
 

@@ -20,9 +20,18 @@ def _setup(dataset, out, batch, num_samples, capsys):
     from medhpm.config import load_config
     from medhpm.pretrain.trainer import PretrainTrainer
 
-    cfg = load_config("demo", tiny_overrides(dataset, f"pretrain.batch_size={batch}", f"data.num_samples={num_samples}",
-                                             f"pretrain.lr={LR}", f"pretrain.lr_ref_batch={REF}",
-                                             f"pretrain.warmup_epochs={WARMUP}", "pretrain.epochs=100"))
+    cfg = load_config(
+        "demo",
+        tiny_overrides(
+            dataset,
+            f"pretrain.batch_size={batch}",
+            f"data.num_samples={num_samples}",
+            f"pretrain.lr={LR}",
+            f"pretrain.lr_ref_batch={REF}",
+            f"pretrain.warmup_epochs={WARMUP}",
+            "pretrain.epochs=100",
+        ),
+    )
     t = PretrainTrainer(cfg, out)
     t.setup()
     t.logger.close()
@@ -39,8 +48,11 @@ def test_lr_and_warmup_steps_at_a_large_batch(batch, num_samples, tiny_dataset, 
     steps = -(-VOLUMES // volumes_per_step)  # the last, partial batch is a step too
     warm = WARMUP * steps
     assert t.base_lr == pytest.approx(lr) and t.steps_per_epoch == steps
-    line = re.search(r"lr ([\d.e-]+) x (\d+)/(\d+) = ([\d.e-]+); (\d+) optimizer steps per epoch.*warm-up 10 epochs = "
-                     r"(\d+) optimizer steps", out)
+    line = re.search(
+        r"lr ([\d.e-]+) x (\d+)/(\d+) = ([\d.e-]+); (\d+) optimizer steps per epoch.*warm-up 10 epochs = "
+        r"(\d+) optimizer steps",
+        out,
+    )
     assert line, out
     assert (float(line[1]), int(line[2]), int(line[3])) == (LR, batch, REF)
     assert float(line[4]) == pytest.approx(lr, rel=1e-2) and int(line[5]) == steps and int(line[6]) == warm

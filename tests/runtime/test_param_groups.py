@@ -43,10 +43,19 @@ def test_every_parameter_once_with_the_formula_scale(model):
     assert seen["encoder.norm.weight"]["lr_scale"] == 1.0
     assert seen["out.conv.conv.weight"]["lr_scale"] == 1.0
     # weight-decay exclusions: biases, 1-D parameters, position embedding
-    for name in ("encoder.pos_embed", "encoder.norm.weight", "encoder.blocks.3.attn.qkv.bias",
-                 "encoder.patch_embed.proj.bias", "out.conv.conv.bias"):
+    for name in (
+        "encoder.pos_embed",
+        "encoder.norm.weight",
+        "encoder.blocks.3.attn.qkv.bias",
+        "encoder.patch_embed.proj.bias",
+        "out.conv.conv.bias",
+    ):
         assert seen[name]["weight_decay"] == 0.0, name
-    decayed = ("encoder.patch_embed.proj.weight", "encoder.blocks.3.attn.qkv.weight", "decoder5.transp_conv.conv.weight")
+    decayed = (
+        "encoder.patch_embed.proj.weight",
+        "encoder.blocks.3.attn.qkv.weight",
+        "decoder5.transp_conv.conv.weight",
+    )
     for name in decayed:
         assert seen[name]["weight_decay"] == 0.05, name
     # groups keyed by (layer id, decay): at most two per id

@@ -15,7 +15,9 @@ SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16 amx_int8\n"
 NO_FLAGS = "processor\t: 0\nmodel name\t: something avx512_bf16 in a name\n"  # only the flags line counts
 
 
-@pytest.mark.parametrize("text, native", [(ZEN4, True), (SKYLAKE, False), (SAPPHIRE, True), (NO_FLAGS, False), ("", False)])
+@pytest.mark.parametrize(
+    "text, native", [(ZEN4, True), (SKYLAKE, False), (SAPPHIRE, True), (NO_FLAGS, False), ("", False)]
+)
 def test_native_bf16_read_from_the_flags_line(text, native):
     assert dev.cpu_has_native_bf16(text) is native
 

@@ -27,10 +27,16 @@ def _steps(run_dir: Path, epoch: int | None = None) -> list[dict]:
 def _continue(stage: str, dataset: Path, tmp: Path, extra: tuple[str, ...] = ()) -> tuple[Path, Path, str]:
     """(uninterrupted 3-epoch run, 2-epoch run resumed to 3 epochs, stdout of the resume)."""
     a, b = tmp / "a", tmp / "b"
-    run_parallel([
-        medhpm_cmd(stage, "--out", str(a), "--deterministic", *tiny_overrides(dataset, f"{stage}.epochs=3", *extra)),
-        medhpm_cmd(stage, "--out", str(b), "--deterministic", *tiny_overrides(dataset, f"{stage}.epochs=2", *extra)),
-    ])
+    run_parallel(
+        [
+            medhpm_cmd(
+                stage, "--out", str(a), "--deterministic", *tiny_overrides(dataset, f"{stage}.epochs=3", *extra)
+            ),
+            medhpm_cmd(
+                stage, "--out", str(b), "--deterministic", *tiny_overrides(dataset, f"{stage}.epochs=2", *extra)
+            ),
+        ]
+    )
     p = run(medhpm_cmd(stage, "--resume", str(b), "--deterministic", f"{stage}.epochs=3"))
     return a, b, p.stdout
 
@@ -39,8 +45,12 @@ def _continue(stage: str, dataset: Path, tmp: Path, extra: tuple[str, ...] = ())
 def pretrain_runs(tiny_dataset, tmp_path_factory):
     # the EMA schedule is a share of the run, so extending a run from 2 to 3 epochs changes it from then on
     # (as the cosine lr after warm-up): horizons under one step keep m = 0 for both runs, whatever their length
-    return _continue("pretrain", tiny_dataset, tmp_path_factory.mktemp("resume"),
-                     extra=("pretrain.ema_horizon_start=0.01", "pretrain.ema_horizon_end=0.01"))
+    return _continue(
+        "pretrain",
+        tiny_dataset,
+        tmp_path_factory.mktemp("resume"),
+        extra=("pretrain.ema_horizon_start=0.01", "pretrain.ema_horizon_end=0.01"),
+    )
 
 
 def test_pretrain_resume_gives_the_losses_of_an_uninterrupted_run(pretrain_runs):

@@ -86,8 +86,11 @@ def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path):
     assert cpu_quota(*_v2(tmp_path / "a", **{"": "200000 100000"})) == 2.0  # docker --cpus 2
     assert cpu_quota(*_v2(tmp_path / "b", **{"": "max 100000"})) is None
     # nested: the smallest limit on the way up from the process's own cgroup counts
-    root, proc = _v2(tmp_path / "c", own="/kubepods/pod1", **{"": "max 100000", "kubepods": "400000 100000",
-                                                              "kubepods__pod1": "150000 100000"})
+    root, proc = _v2(
+        tmp_path / "c",
+        own="/kubepods/pod1",
+        **{"": "max 100000", "kubepods": "400000 100000", "kubepods__pod1": "150000 100000"},
+    )
     assert cpu_quota(root, proc) == 1.5
     assert cpu_quota(*_v1(tmp_path / "d", {"": -1})) is None
     assert cpu_quota(*_v1(tmp_path / "e", {"": -1, "job/7": 50000}, own="/job/7")) == 0.5
@@ -120,13 +123,16 @@ def test_the_trainer_says_when_the_quota_capped_its_threads(tiny_dataset, tmp_pa
 
     _no_thread_env(monkeypatch)
     root, proc = _v2(tmp_path, **{"": "100000 100000"})  # 1 CPU
-    monkeypatch.setattr(loop, "configure_threads",
-                        functools.partial(configure_threads, cgroup_root=root, proc_cgroup=proc))
+    monkeypatch.setattr(
+        loop, "configure_threads", functools.partial(configure_threads, cgroup_root=root, proc_cgroup=proc)
+    )
     torch.set_num_threads(2)
     _trainer_set_up(tiny_dataset, tmp_path / "run", 0)
     assert torch.get_num_threads() == 1
-    assert ("[pretrain] device cpu (1 thread: the cgroup CPU quota of 1 CPU (torch would use 2)), precision"
-            in capsys.readouterr().out)
+    assert (
+        "[pretrain] device cpu (1 thread: the cgroup CPU quota of 1 CPU (torch would use 2)), precision"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_real_cgroup_quota_caps_a_process_placed_in_it(tmp_path):

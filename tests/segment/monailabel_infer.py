@@ -25,6 +25,7 @@ class _NoMedhpm(importlib.abc.MetaPathFinder):
 def _torchvision_stand_in() -> None:
     try:
         import torchvision.utils  # noqa: F401
+
         return
     except Exception:  # not installed, or built for another torch
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
@@ -32,8 +33,10 @@ def _torchvision_stand_in() -> None:
     root = Path(tempfile.mkdtemp(prefix="tv_stand_in_")) / "torchvision"
     root.mkdir()
     (root / "__init__.py").write_text('"""stand-in: see monailabel_infer.py"""\n')
-    (root / "utils.py").write_text("def make_grid(*a, **k):\n    raise NotImplementedError('torchvision stand-in')\n\n\n"
-                                   "def save_image(*a, **k):\n    raise NotImplementedError('torchvision stand-in')\n")
+    (root / "utils.py").write_text(
+        "def make_grid(*a, **k):\n    raise NotImplementedError('torchvision stand-in')\n\n\n"
+        "def save_image(*a, **k):\n    raise NotImplementedError('torchvision stand-in')\n"
+    )
     sys.path.insert(0, str(root.parent))
 
 

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.skipif(not RUN, reason="set MEDHPM_DEMO_RUN to a finish
 
 
 def _cli(*args, timeout=1800):
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "medhpm.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     return r
 
@@ -66,7 +67,7 @@ def test_a_test_phantom_as_a_dicom_series_gives_a_seg_equal_to_the_nifti_predict
     from test_dicom_seg import SPACING, assert_seg_equals_prediction, write_series
 
     ckpt, _, meta = demo
-    index = int(Path(meta["test"][0]["image"]).name[len("phantom_"):len("phantom_") + 3])
+    index = int(Path(meta["test"][0]["image"]).name[len("phantom_") : len("phantom_") + 3])
     # the demo's first test phantom (same seed: same anatomy) on the series' grid
     case = generate_case(case_seed(0, index), spacing=SPACING, orientation="RAS")
     folder = tmp_path / "series"

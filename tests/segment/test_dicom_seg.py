@@ -40,8 +40,20 @@ def write_series(folder: Path, volume: np.ndarray) -> list[str]:
         ds = FileDataset(str(folder / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "CT", "ph1", "Phantom^One", "", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+        ds.Modality, ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
+            "CT",
+            "ph1",
+            "Phantom^One",
+            "",
+            "O",
+        )
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
+            "20260101",
+            "120000",
+            "1",
+            "",
+            "",
+        )
         ds.SeriesNumber, ds.InstanceNumber = 1, volume.shape[2] - k  # instance numbers run the other way
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], ORIGIN[2] + k * SPACING[2]]
@@ -68,8 +80,11 @@ def phantom_series(tmp_path_factory):
 
 def _on_reader_grid(arr: np.ndarray, read: np.ndarray, target: np.ndarray) -> np.ndarray:
     """``target`` laid out as medhpm's reader lays out ``arr`` (found among axis flips, checked unique)."""
-    fits = [f for f in itertools.product([False, True], repeat=3)
-            if np.array_equal(np.flip(arr, [a for a in range(3) if f[a]]), read)]
+    fits = [
+        f
+        for f in itertools.product([False, True], repeat=3)
+        if np.array_equal(np.flip(arr, [a for a in range(3) if f[a]]), read)
+    ]
     assert len(fits) == 1, fits
     return np.flip(target, [a for a in range(3) if fits[0][a]])
 
@@ -136,7 +151,10 @@ def test_seg_reads_back_as_the_label_map_with_each_frame_on_its_source_slice(pha
         assert np.allclose(rgb, label_rgb(v), atol=1)
         code = d.SegmentedPropertyTypeCodeSequence[0]
         if v == 2:  # right kidney: Kidney + Right
-            assert code.CodeValue == "64033007" and code.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+            assert (
+                code.CodeValue == "64033007"
+                and code.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+            )
         if v == 6:
             assert code.CodeValue == "10200004" and code.CodeMeaning == "Liver"
 
@@ -149,18 +167,40 @@ def test_a_label_map_off_the_series_grid_is_refused(phantom_series, tmp_path):
     with pytest.raises(Exception, match="does not lie on the prediction's voxel grid"):
         write_dicom_seg(np.ones(vol.shape[1:], np.uint8), aff, folder, BTCV13, tmp_path / "s.dcm")
     with pytest.raises(Exception, match="no organ"):
-        write_dicom_seg(np.zeros(vol.shape[1:], np.uint8), np.asarray(vol.meta["original_affine"]), folder,
-                        BTCV13, tmp_path / "s.dcm")
+        write_dicom_seg(
+            np.zeros(vol.shape[1:], np.uint8),
+            np.asarray(vol.meta["original_affine"]),
+            folder,
+            BTCV13,
+            tmp_path / "s.dcm",
+        )
     assert not (tmp_path / "s.dcm").exists()
 
 
-def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phantom_series, tiny_checkpoint,
-                                                                              tmp_path):
+def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phantom_series, tiny_checkpoint, tmp_path):
     folder, uids, image, _ = phantom_series
     out = tmp_path / "pred"
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint), "-i", str(folder),
-                        "-o", str(out), "--output-type", "both", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tiny_checkpoint),
+            "-i",
+            str(folder),
+            "-o",
+            str(out),
+            "--output-type",
+            "both",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert {"series.nii.gz", "series_seg.dcm", "series.ctbl"} <= {p.name for p in out.iterdir()}
     pred = np.asarray(nib.load(str(out / "series.nii.gz")).dataobj)
@@ -171,9 +211,25 @@ def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phan
 def test_nifti_input_asking_for_dicom_seg_is_refused_with_a_sentence(tmp_path):
     scan = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), str(scan))
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tmp_path / "none.pt"),
-                        "-i", str(scan), "-o", str(tmp_path / "out"), "--output-type", "dicom-seg"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tmp_path / "none.pt"),
+            "-i",
+            str(scan),
+            "-o",
+            str(tmp_path / "out"),
+            "--output-type",
+            "dicom-seg",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0
     assert "is not a DICOM series; nothing was predicted. Use --output-type nifti" in r.stderr
     assert str(scan) in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "out").exists()
@@ -184,9 +240,25 @@ def test_a_series_without_uids_is_refused_for_dicom_seg_before_any_work(real_abd
     `--output-type both` must say so, naming the series, before the checkpoint or any pixel is read (the
     model path here does not exist), and write nothing; NIfTI output of the same series stays possible."""
     folder, _ = real_abdomen_dicom
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tmp_path / "none.pt"),
-                        "-i", str(folder), "-o", str(tmp_path / "out"), "--output-type", "both"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tmp_path / "none.pt"),
+            "-i",
+            str(folder),
+            "-o",
+            str(tmp_path / "out"),
+            "--output-type",
+            "both",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0
     assert f"{folder}: the series has no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID" in r.stderr
     assert "nothing was predicted. Use --output-type nifti" in r.stderr
@@ -202,16 +274,35 @@ def test_phantom_dicom_predicts_into_a_seg_that_references_it(tiny_checkpoint, t
     data = tmp_path / "phd"
     write_phantom_dataset(data, cases=2, seed=4, size=(40, 36, 10), spacing=(4.0, 4.0, 5.0), dicom=True)
     series = data / "dicom" / "phantom_001"  # an LPS case
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint),
-                        "-i", str(series), "-o", str(tmp_path / "out"), "--output-type", "both", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tiny_checkpoint),
+            "-i",
+            str(series),
+            "-o",
+            str(tmp_path / "out"),
+            "--output-type",
+            "both",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     seg = hd.seg.segread(str(tmp_path / "out" / "phantom_001_seg.dcm"))
     src = [pydicom.dcmread(str(f)) for f in sorted(series.glob("*.dcm"))]
     assert seg.StudyInstanceUID == src[0].StudyInstanceUID
     assert seg.FrameOfReferenceUID == src[0].FrameOfReferenceUID
-    referenced = {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
-                  for i in s.ReferencedInstanceSequence}
+    referenced = {
+        str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+    }
     assert referenced == {str(d.SOPInstanceUID) for d in src}
     # the NIfTI prediction lies on the phantom's own grid, so it is evaluated against its label map as is
     pred = nib.load(str(tmp_path / "out" / "phantom_001.nii.gz"))

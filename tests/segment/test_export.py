@@ -85,11 +85,18 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     data = write_phantom_dataset(root / "phantoms", cases=5, seed=3, size=(48, 48, 32))
-    pt = pretrain(load_config("demo", SETTINGS + [f"data.dataset={data}", "pretrain.epochs=1",
-                                                  "pretrain.steps_per_epoch=1"]), root / "pt")
-    ft = finetune(load_config("demo", SETTINGS + [f"data.dataset={data}", "finetune.epochs=2",
-                                                  "finetune.steps_per_epoch=3", "finetune.lr=3e-3"]),
-                  root / "ft", init=str(pt / "final.pt"))
+    pt = pretrain(
+        load_config("demo", SETTINGS + [f"data.dataset={data}", "pretrain.epochs=1", "pretrain.steps_per_epoch=1"]),
+        root / "pt",
+    )
+    ft = finetune(
+        load_config(
+            "demo",
+            SETTINGS + [f"data.dataset={data}", "finetune.epochs=2", "finetune.steps_per_epoch=3", "finetune.lr=3e-3"],
+        ),
+        root / "ft",
+        init=str(pt / "final.pt"),
+    )
     return data, pt, ft / "best.pt"
 
 
@@ -111,8 +118,25 @@ def predicted(runs, phantom_scan, tmp_path_factory):
     """`medhpm predict`'s label maps of the phantom and the real DICOM series (the command itself)."""
     out = tmp_path_factory.mktemp("predict")
     for src in (phantom_scan, REAL_DICOM):
-        r = subprocess.run([sys.executable, "-m", "medhpm", "predict", "--model", str(runs[2]), "-i", str(src),
-                            "-o", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medhpm",
+                "predict",
+                "--model",
+                str(runs[2]),
+                "-i",
+                str(src),
+                "-o",
+                str(out),
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr
     return {"phantom": out / phantom_scan.name, "dicom": out / "dicom.nii.gz"}
 
@@ -121,8 +145,12 @@ def predicted(runs, phantom_scan, tmp_path_factory):
 def test_bundle_layout_metadata_and_provenance(exports, runs):
     b = exports["bundle"]
     assert {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()} == {
-        "configs/metadata.json", "configs/inference.json", "models/model.ts", "docs/README.md",
-        "docs/metadata_schema.json"}
+        "configs/metadata.json",
+        "configs/inference.json",
+        "models/model.ts",
+        "docs/README.md",
+        "docs/metadata_schema.json",
+    }
     meta = json.loads((b / "configs" / "metadata.json").read_text())
     ckpt_cfg = torch.load(runs[2], weights_only=True)["config"]
     assert meta["medhpm"]["checkpoint_sha256"] == sha256_file(runs[2])
@@ -143,12 +171,30 @@ def test_bundle_verification_commands_pass_without_medhpm(exports, tmp_path):
     shutil.copytree(exports["bundle"], bundle)
     # verify_metadata downloads the schema its metadata names unless --filepath exists: offline, the
     # bundle's transcription of the specification's mandatory keys (docs/export.md)
-    r = run_without_medhpm("monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-                           "--filepath", "docs/metadata_schema.json", cwd=bundle)
+    r = run_without_medhpm(
+        "monai.bundle",
+        "verify_metadata",
+        "--meta_file",
+        "configs/metadata.json",
+        "--filepath",
+        "docs/metadata_schema.json",
+        cwd=bundle,
+    )
     assert "metadata is verified with no error" in r.stdout + r.stderr
-    r = run_without_medhpm("monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-                           "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root",
-                           str(bundle), "--device", "cpu", cwd=bundle)
+    r = run_without_medhpm(
+        "monai.bundle",
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        str(bundle),
+        "--device",
+        "cpu",
+        cwd=bundle,
+    )
     assert "data shape of network is verified with no error" in r.stdout + r.stderr
 
 
@@ -159,10 +205,12 @@ def test_the_offline_schema_refuses_metadata_without_a_mandatory_key(exports):
     jsonschema.validate(meta, schema)
     # MONAI's own schema (meta_schema_20240725.json) requires required_packages_version and takes authors
     # as a string: the transcription refuses what that schema refuses
-    for broken in ({k: v for k, v in meta.items() if k != "network_data_format"},
-                   {k: v for k, v in meta.items() if k != "required_packages_version"},
-                   {**meta, "authors": ["a", "b"]},
-                   {**meta, "network_data_format": {"inputs": {"image": {"type": "image"}}, "outputs": {}}}):
+    for broken in (
+        {k: v for k, v in meta.items() if k != "network_data_format"},
+        {k: v for k, v in meta.items() if k != "required_packages_version"},
+        {**meta, "authors": ["a", "b"]},
+        {**meta, "network_data_format": {"inputs": {"image": {"type": "image"}}, "outputs": {}}},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, schema)
 
@@ -172,8 +220,10 @@ def test_the_offline_schema_refuses_metadata_without_a_mandatory_key(exports):
 MONAI_META_SCHEMA = os.environ.get("MEDHPM_MONAI_META_SCHEMA", "")
 
 
-@pytest.mark.skipif(not os.path.isfile(MONAI_META_SCHEMA),
-                    reason="MONAI's meta_schema_20240725.json is not here: set MEDHPM_MONAI_META_SCHEMA to its path")
+@pytest.mark.skipif(
+    not os.path.isfile(MONAI_META_SCHEMA),
+    reason="MONAI's meta_schema_20240725.json is not here: set MEDHPM_MONAI_META_SCHEMA to its path",
+)
 def test_metadata_passes_monais_own_schema(exports, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(Path(MONAI_META_SCHEMA).read_text())
@@ -185,8 +235,15 @@ def test_metadata_passes_monais_own_schema(exports, tmp_path):
     # and MONAI's own command, given that file, in a Python without medhpm
     bundle = tmp_path / "bundle"
     shutil.copytree(exports["bundle"], bundle)
-    r = run_without_medhpm("monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-                           "--filepath", str(Path(MONAI_META_SCHEMA).resolve()), cwd=bundle)
+    r = run_without_medhpm(
+        "monai.bundle",
+        "verify_metadata",
+        "--meta_file",
+        "configs/metadata.json",
+        "--filepath",
+        str(Path(MONAI_META_SCHEMA).resolve()),
+        cwd=bundle,
+    )
     assert "metadata is verified with no error" in r.stdout + r.stderr
 
 
@@ -195,15 +252,22 @@ def test_metadata_passes_monais_own_schema(exports, tmp_path):
 MONAILABEL_PYTHON = os.environ.get("MEDHPM_MONAILABEL_PYTHON", "")
 
 
-@pytest.mark.skipif(not os.path.isfile(MONAILABEL_PYTHON),
-                    reason="no MONAI Label here: set MEDHPM_MONAILABEL_PYTHON to a Python with monailabel")
+@pytest.mark.skipif(
+    not os.path.isfile(MONAILABEL_PYTHON),
+    reason="no MONAI Label here: set MEDHPM_MONAILABEL_PYTHON to a Python with monailabel",
+)
 def test_monai_label_bundle_infer_task_equals_predict(exports, phantom_scan, predicted, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(exports["bundle"], bundle)
     out = tmp_path / "monailabel.nii.gz"
     script = Path(__file__).with_name("monailabel_infer.py")
-    r = subprocess.run([MONAILABEL_PYTHON, "-I", str(script), str(bundle), str(phantom_scan), str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    r = subprocess.run(
+        [MONAILABEL_PYTHON, "-I", str(script), str(bundle), str(phantom_scan), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     labels = json.loads(r.stdout.strip().splitlines()[-1])
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
@@ -223,8 +287,19 @@ def test_bundle_run_by_monai_without_medhpm_equals_predict(exports, phantom_scan
     bundle = tmp_path / "bundle"
     shutil.copytree(exports["bundle"], bundle)
     out = tmp_path / "labels"
-    run_without_medhpm("monai.bundle", "run", "--config_file", "configs/inference.json", "--bundle_root", str(bundle),
-                       "--datalist", repr([str(phantom_scan), str(REAL_DICOM)]), "--output_dir", str(out), cwd=bundle)
+    run_without_medhpm(
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        str(bundle),
+        "--datalist",
+        repr([str(phantom_scan), str(REAL_DICOM)]),
+        "--output_dir",
+        str(out),
+        cwd=bundle,
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted([phantom_scan.name, "dicom.nii.gz"])
     # a NIfTI comes back on its own grid exactly
     assert_same_label_map(predicted["phantom"], out / phantom_scan.name)
@@ -264,10 +339,12 @@ def test_onnx_passes_the_checker_and_onnxruntime_matches_pytorch_on_one_roi(expo
 def test_torchscript_loads_with_torch_alone_and_matches_pytorch_on_one_roi(exports, runs, phantom_scan, tmp_path):
     x, ref = _one_roi(runs, phantom_scan)
     torch.save({"x": x}, tmp_path / "x.pt")
-    script = ("import json, torch; files = {'export.json': ''}; "
-              f"m = torch.jit.load({str(exports['torchscript'] / 'model.ts')!r}, _extra_files=files); "
-              f"y = m(torch.load({str(tmp_path / 'x.pt')!r})['x']); torch.save({{'y': y}}, 'y.pt'); "
-              "print(json.loads(files['export.json'])['checkpoint_sha256'])")
+    script = (
+        "import json, torch; files = {'export.json': ''}; "
+        f"m = torch.jit.load({str(exports['torchscript'] / 'model.ts')!r}, _extra_files=files); "
+        f"y = m(torch.load({str(tmp_path / 'x.pt')!r})['x']); torch.save({{'y': y}}, 'y.pt'); "
+        "print(json.loads(files['export.json'])['checkpoint_sha256'])"
+    )
     r = run_without_medhpm("-c", script, cwd=tmp_path)
     assert r.stdout.strip().splitlines()[-1] == sha256_file(runs[2])
     got = torch.load(tmp_path / "y.pt", weights_only=True)["y"]
@@ -275,8 +352,9 @@ def test_torchscript_loads_with_torch_alone_and_matches_pytorch_on_one_roi(expor
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exported_networks_through_medhpms_sliding_window_equal_predict(fmt, exports, runs, phantom_scan, predicted,
-                                                                        tmp_path):
+def test_exported_networks_through_medhpms_sliding_window_equal_predict(
+    fmt, exports, runs, phantom_scan, predicted, tmp_path
+):
     p = exported_predictor(exports[fmt])
     # TorchScript runs PyTorch's own kernels: the same label maps. onnxruntime's kernels round differently
     # (logits within 1e-5 here), so a voxel whose two best classes PyTorch itself separates by less than
@@ -285,8 +363,7 @@ def test_exported_networks_through_medhpms_sliding_window_equal_predict(fmt, exp
     # every disagreement on the preprocessed grid is such a near tie of PyTorch's logits.
     min_voxels = 1000 if fmt == "onnx" else 0
     assert_same_label_map(predicted["phantom"], p.predict_file(phantom_scan, tmp_path), min_voxels=min_voxels)
-    assert_same_label_map(predicted["dicom"], p.predict_file(REAL_DICOM, tmp_path, name="dicom"),
-                          min_voxels=min_voxels)
+    assert_same_label_map(predicted["dicom"], p.predict_file(REAL_DICOM, tmp_path, name="dicom"), min_voxels=min_voxels)
     ref = Predictor.from_checkpoint(runs[2], device="cpu")
     img = ref.transform({"image": str(phantom_scan)})["image"]
     want, got = ref._infer(img, probabilities=False), p._infer(img, probabilities=False)
@@ -304,12 +381,12 @@ def test_export_json_records_version_checksum_config_and_the_settings(exports, r
         assert meta["medhpm_version"] == __import__("medhpm").__version__
         assert meta["checkpoint_sha256"] == sha256_file(runs[2])
         assert meta["config"]["data"]["roi"] == [32, 32, 32] and meta["config"]["model"] == json.loads(
-            json.dumps(to_dict(cfg)["model"]))
+            json.dumps(to_dict(cfg)["model"])
+        )
         s = meta["settings"]
         assert s["preprocessing"]["spacing_mm"] == [4.0, 4.0, 4.0]
         assert s["preprocessing"]["hu_window"] == [-175.0, 250.0]
-        assert s["sliding_window"] == {**s["sliding_window"], "roi": [32, 32, 32], "overlap": 0.5,
-                                       "blend": "gaussian"}
+        assert s["sliding_window"] == {**s["sliding_window"], "roi": [32, 32, 32], "overlap": 0.5, "blend": "gaussian"}
         assert meta["check"]["max_abs_logit_difference"] <= 1e-4
 
 
@@ -325,8 +402,9 @@ def test_dynunet_traces_and_exports_to_onnx_within_the_tolerance(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad input
 def _medhpm(*args):
-    return subprocess.run([sys.executable, "-m", "medhpm", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "medhpm", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_a_pretraining_checkpoint_and_an_encoder_file_are_refused_naming_the_file(runs, tmp_path):

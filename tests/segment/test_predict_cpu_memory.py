@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"
+)
 
 SHAPE = (96, 96, 64)  # at the tiny model's 6 mm spacing: 14 classes x 590 k voxels = 33 MB a float32 map
 
@@ -36,8 +37,25 @@ def _scans(folder: Path, n: int) -> Path:
 
 def _faults(checkpoint: Path, scans: Path, out: Path) -> int:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
-    r = subprocess.run([sys.executable, "-m", "medhpm", "predict", "--model", str(checkpoint), "-i", str(scans),
-                        "-o", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm",
+            "predict",
+            "--model",
+            str(checkpoint),
+            "-i",
+            str(scans),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - before
 

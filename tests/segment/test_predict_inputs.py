@@ -28,7 +28,8 @@ def _folder_with_every_kind_of_scan(root: Path, ct_case_writer, dicom_series_wri
 
 
 def test_a_folder_data_check_accepts_is_one_predict_finds_with_the_same_case_names(
-        tmp_path, ct_case_writer, dicom_series_writer, synthetic_ct):
+    tmp_path, ct_case_writer, dicom_series_writer, synthetic_ct
+):
     series = _folder_with_every_kind_of_scan(tmp_path, ct_case_writer, dicom_series_writer, synthetic_ct)
     assert len(list(series.iterdir())) > 20 and is_dicom_series(series)
 
@@ -38,8 +39,10 @@ def test_a_folder_data_check_accepts_is_one_predict_finds_with_the_same_case_nam
     predicted = [(str(p), name) for p, name in _list_inputs(tmp_path, split="test")]
     assert predicted == checked
     assert dict((name, p) for p, name in predicted) == {
-        "a": str(tmp_path / "a.nii.gz"), "sub_b": str(tmp_path / "sub" / "b.nii"),
-        "patient1_series": str(series)}
+        "a": str(tmp_path / "a.nii.gz"),
+        "sub_b": str(tmp_path / "sub" / "b.nii"),
+        "patient1_series": str(series),
+    }
     assert find_scans(tmp_path) == checked
 
     # the series folder on its own, and a single file, keep their own names
@@ -51,8 +54,11 @@ def test_a_datalist_gives_predict_the_case_names_the_data_check_reports(tmp_path
     for d in ("p1", "p2"):  # two images with one file name: named by their path below the datalist
         ct_case_writer(tmp_path / d / "ct.nii.gz", shape=(20, 20, 12))
     js = tmp_path / "dataset.json"
-    js.write_text(json.dumps({"training": [{"image": "p1/ct.nii.gz"}], "test": [{"image": "p2/ct.nii.gz"},
-                                                                                 {"image": "p1/ct.nii.gz"}]}))
+    js.write_text(
+        json.dumps(
+            {"training": [{"image": "p1/ct.nii.gz"}], "test": [{"image": "p2/ct.nii.gz"}, {"image": "p1/ct.nii.gz"}]}
+        )
+    )
     # p1 is listed twice (training and test): the data check must refuse that, and so must predict
     assert not check_dataset(js).ok
     with pytest.raises(DataError, match="more than once"):
@@ -61,8 +67,11 @@ def test_a_datalist_gives_predict_the_case_names_the_data_check_reports(tmp_path
     report = check_dataset(js, roi=(8, 8, 4))
     assert report.ok, report.format()
     test_cases = [(c["image"], c["case"]) for c in report.cases if c["split"] == "test"]
-    assert [(str(p), n) for p, n in _list_inputs(js, split="test")] == test_cases == [
-        (str(tmp_path / "p2" / "ct.nii.gz"), "p2_ct")]
+    assert (
+        [(str(p), n) for p, n in _list_inputs(js, split="test")]
+        == test_cases
+        == [(str(tmp_path / "p2" / "ct.nii.gz"), "p2_ct")]
+    )
 
 
 def test_case_name_rule():

@@ -96,12 +96,32 @@ def test_sliding_window_settings_out_of_range_are_refused_by_the_cli(tiny_checkp
     import sys
 
     scan = _scans(seg_phantoms)[0]
-    for option, value, said in (("--sw-batch-size", "0", "sw_batch_size (windows per forward pass) must be at "
-                                 "least 1, got 0"), ("--overlap", "1.5", "overlap must lie in [0, 1), got 1.5"),
-                                ("--blend", "median", "blend must be gaussian or constant, got 'median'")):
+    for option, value, said in (
+        ("--sw-batch-size", "0", "sw_batch_size (windows per forward pass) must be at least 1, got 0"),
+        ("--overlap", "1.5", "overlap must lie in [0, 1), got 1.5"),
+        ("--blend", "median", "blend must be gaussian or constant, got 'median'"),
+    ):
         out = tmp_path / option.strip("-")
-        r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "-m", str(tiny_checkpoint), "-i",
-                            str(scan), "-o", str(out), "--device", "cpu", option, value],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medhpm.cli",
+                "predict",
+                "-m",
+                str(tiny_checkpoint),
+                "-i",
+                str(scan),
+                "-o",
+                str(out),
+                "--device",
+                "cpu",
+                option,
+                value,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode != 0 and f"error: {said}" in r.stderr, r.stdout + r.stderr
         assert "Traceback" not in r.stderr and not any(out.glob("*.nii.gz"))

@@ -33,13 +33,32 @@ def _nnunet_folder(seg_phantoms, folder: Path) -> list[str]:
 def test_predict_names_nnunet_inputs_and_writes_both_colour_tables(tiny_checkpoint, seg_phantoms, tmp_path):
     cases = _nnunet_folder(seg_phantoms, tmp_path / "imagesTs")
     out = tmp_path / "pred"
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint),
-                        "-i", str(tmp_path / "imagesTs"), "-o", str(out), "--device", "cpu"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tiny_checkpoint),
+            "-i",
+            str(tmp_path / "imagesTs"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{c}{ext}" for c in cases for ext in (".nii.gz", ".ctbl", ".itksnap.txt"))
-    classes = {int(k): v for k, v in load_checkpoint(tiny_checkpoint, stage="finetune")["model_args"]["classes"].items()}
+        f"{c}{ext}" for c in cases for ext in (".nii.gz", ".ctbl", ".itksnap.txt")
+    )
+    classes = {
+        int(k): v for k, v in load_checkpoint(tiny_checkpoint, stage="finetune")["model_args"]["classes"].items()
+    }
     assert len(classes) == 13  # the phantoms' BTCV labels
     for c in cases:
         lab = np.asarray(nib.load(str(out / f"{c}.nii.gz")).dataobj)
@@ -58,9 +77,25 @@ def test_predict_names_nnunet_inputs_and_writes_both_colour_tables(tiny_checkpoi
 def test_an_nnunet_image_and_a_case_of_that_name_cannot_share_an_output(tiny_checkpoint, seg_phantoms, tmp_path):
     cases = _nnunet_folder(seg_phantoms, tmp_path / "in")
     shutil.copy(tmp_path / "in" / f"{cases[0]}_0000.nii.gz", tmp_path / "in" / f"{cases[0]}.nii.gz")
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint),
-                        "-i", str(tmp_path / "in"), "-o", str(tmp_path / "pred"), "--device", "cpu"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tiny_checkpoint),
+            "-i",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "pred"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode != 0
     assert "more than one" in r.stderr and f"{cases[0]}.nii.gz" in r.stderr and f"{cases[0]}_0000.nii.gz" in r.stderr
     assert not (tmp_path / "pred").exists()
@@ -78,14 +113,16 @@ def test_colour_table_texts_follow_the_viewers_formats():
     ctbl = slicer_ctbl_text(classes).splitlines()
     assert ctbl[0].startswith("# Color table file") and ctbl[1] == "# 3 values"
     r, g, b = label_rgb(2)
-    assert ctbl[2:] == ["0 Background 0 0 0 0", f"1 spleen {' '.join(map(str, label_rgb(1)))} 255",
-                        f"2 right_kidney {r} {g} {b} 255"]
+    assert ctbl[2:] == [
+        "0 Background 0 0 0 0",
+        f"1 spleen {' '.join(map(str, label_rgb(1)))} 255",
+        f"2 right_kidney {r} {g} {b} 255",
+    ]
     rows = [ln.split(maxsplit=7) for ln in itksnap_text(classes).splitlines() if not ln.startswith("#")]
     assert rows[2] == ["2", str(r), str(g), str(b), "1", "1", "1", '"right kidney"']
 
 
-def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(tiny_checkpoint, seg_phantoms,
-                                                                              tmp_path):
+def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(tiny_checkpoint, seg_phantoms, tmp_path):
     from medhpm.evaluate.organ_stats import organ_statistics
     from medhpm.segment.predict import Predictor
 
@@ -95,9 +132,26 @@ def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(ti
     (tmp_path / "in").mkdir()
     shutil.copy(scan, tmp_path / "in" / "ct.nii.gz")
     out = tmp_path / "pred"
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint),
-                        "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu", "--statistics"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tiny_checkpoint),
+            "-i",
+            str(tmp_path / "in"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--statistics",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     doc = json.loads((out / "statistics.json").read_text())
     assert set(doc["conventions"]) == {"volume_ml", "hu_mean", "hu_std"}
@@ -105,7 +159,9 @@ def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(ti
     img = nib.load(str(scan))
     label = np.asarray(nib.load(str(out / "ct.nii.gz")).dataobj)
     hu = img.get_fdata()
-    classes = {int(k): v for k, v in load_checkpoint(tiny_checkpoint, stage="finetune")["model_args"]["classes"].items()}
+    classes = {
+        int(k): v for k, v in load_checkpoint(tiny_checkpoint, stage="finetune")["model_args"]["classes"].items()
+    }
     expected = organ_statistics(hu, label, img.affine, classes)
     got = doc["cases"]["ct"]["organs"]
     assert set(got) == {str(v) for v in classes}
@@ -121,7 +177,8 @@ def test_predict_statistics_are_the_scans_own_hu_inside_the_written_label_map(ti
     assert rows[0] == "case,label,name,voxels,volume_ml,hu_mean,hu_std" and len(rows) == 1 + len(classes)
     # in memory, from the array: the same numbers
     mem = Predictor.from_checkpoint(tiny_checkpoint, device="cpu").predict(
-        np.asanyarray(img.dataobj), affine=img.affine, statistics=True)
+        np.asanyarray(img.dataobj), affine=img.affine, statistics=True
+    )
     for v in got:
         assert mem.statistics[v]["voxels"] == got[v]["voxels"]
         assert mem.statistics[v]["volume_ml"] == pytest.approx(got[v]["volume_ml"], rel=1e-9)

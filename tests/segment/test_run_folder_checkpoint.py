@@ -64,8 +64,25 @@ def test_predict_and_export_of_a_run_folder_use_its_best_checkpoint(tiny_checkpo
     assert set(np.unique(last)) == {0, 1} and (last == 1).mean() > 0.3 and not np.array_equal(best, last)
     np.testing.assert_array_equal(Predictor.from_checkpoint(run, device="cpu").predict(scan).label, best)
 
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "-m", str(run), "-i", str(scan),
-                        "-o", str(tmp_path / "pred"), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "-m",
+            str(run),
+            "-i",
+            str(scan),
+            "-o",
+            str(tmp_path / "pred"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert f"model: {run / 'best.pt'}" in r.stdout
 
@@ -98,4 +115,8 @@ def test_finetune_init_from_a_fine_tuning_folder_takes_its_best_encoder(tiny_che
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
     with pytest.raises(ValueError) as e:
         load_encoder_weights(model, run, use_teacher=True)
-    assert str(run / "best.pt") in str(e.value) and "fine-tuning checkpoint" in str(e.value) and "--teacher" in str(e.value)
+    assert (
+        str(run / "best.pt") in str(e.value)
+        and "fine-tuning checkpoint" in str(e.value)
+        and "--teacher" in str(e.value)
+    )

@@ -20,8 +20,10 @@ from medhpm.segment.predict import Predictor, keep_largest_components
 
 @pytest.fixture(scope="module")
 def predictors(tiny_checkpoint):
-    return (Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
-            Predictor.from_checkpoint(tiny_checkpoint, device="cpu", tta=True))
+    return (
+        Predictor.from_checkpoint(tiny_checkpoint, device="cpu"),
+        Predictor.from_checkpoint(tiny_checkpoint, device="cpu", tta=True),
+    )
 
 
 def test_tta_is_the_mean_softmax_over_the_eight_flips(predictors):
@@ -72,9 +74,26 @@ def test_predict_with_largest_component_writes_single_component_organs(tiny_chec
     # --tta through the command line costs 8 sliding windows per scan; the flips are checked in process above
     dl = json.loads(Path(seg_phantoms).read_text())
     scan = Path(seg_phantoms).parent / dl["test"][0]["image"]
-    r = subprocess.run([sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint), "-i", str(scan),
-                        "-o", str(tmp_path / "out"), "--device", "cpu", "--largest-component"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.cli",
+            "predict",
+            "--model",
+            str(tiny_checkpoint),
+            "-i",
+            str(scan),
+            "-o",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--largest-component",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     lab = np.asarray(nib.load(str(tmp_path / "out" / scan.name)).dataobj)
     assert lab.shape == nib.load(str(scan)).shape
@@ -83,15 +102,25 @@ def test_predict_with_largest_component_writes_single_component_organs(tiny_chec
             assert ndimage.label(lab == v, structure=np.ones((3, 3, 3)))[1] == 1
 
 
-
 def test_the_command_line_shows_medhpms_warning_as_one_line(tiny_checkpoint, seg_phantoms, tmp_path):
     """--tta on a model trained without flips warns (the tiny model: data.flip_prob 0); the command line says
     it as `warning: ...`, like its errors, not as Python's `predict.py:108: UserWarning:` with a source line.
     --debug keeps Python's form."""
     dl = json.loads(Path(seg_phantoms).read_text())
     scan = Path(seg_phantoms).parent / dl["test"][0]["image"]
-    cmd = [sys.executable, "-m", "medhpm.cli", "predict", "--model", str(tiny_checkpoint), "-i", str(scan),
-           "--device", "cpu", "--tta"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medhpm.cli",
+        "predict",
+        "--model",
+        str(tiny_checkpoint),
+        "-i",
+        str(scan),
+        "--device",
+        "cpu",
+        "--tta",
+    ]
     r = subprocess.run(cmd + ["-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
     assert (tmp_path / "out" / scan.name).exists()
@@ -111,8 +140,22 @@ def test_the_postprocessing_benchmark_writes_its_json(tiny_checkpoint, seg_phant
     (run / "finetune").mkdir()
     shutil.copy(tiny_checkpoint, run / "finetune" / "best.pt")
     root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-m", "benchmarks.postprocessing", str(run), "-o", str(tmp_path / "pp.json"),
-                        "--device", "cpu"], capture_output=True, text=True, timeout=900, cwd=root)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.postprocessing",
+            str(run),
+            "-o",
+            str(tmp_path / "pp.json"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     doc = json.loads((tmp_path / "pp.json").read_text())
     assert set(doc["variants"]) == {"plain", "tta", "largest_component", "tta+largest_component"}

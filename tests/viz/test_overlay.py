@@ -47,8 +47,9 @@ def test_png_written_with_label_colours(tmp_path):
 
 def test_radiological_orientation_and_aspect(tmp_path):
     img, lab = _phantom()
-    out = segmentation_figure(img, lab, None, (1.0, 1.0, 3.0), tmp_path / "ax.png", slices=[5], coronal=False,
-                              alpha=1.0)
+    out = segmentation_figure(
+        img, lab, None, (1.0, 1.0, 3.0), tmp_path / "ax.png", slices=[5], coronal=False, alpha=1.0
+    )
     top = 0.7  # the legend (same colours) sits at the bottom: look above it
     liver = _pixels(out, label_color(6), top_fraction=top)
     spleen = _pixels(out, label_color(1), top_fraction=top)
@@ -61,8 +62,9 @@ def test_radiological_orientation_and_aspect(tmp_path):
     # a 10 x 10 voxel square drawn with spacing 1 x 2 mm must come out twice as tall as wide
     sq = np.zeros((30, 30, 3), np.uint8)
     sq[10:20, 10:20, 1] = 2
-    out2 = segmentation_figure(np.zeros(sq.shape), sq, None, (1.0, 2.0, 1.0), tmp_path / "sq.png", slices=[1],
-                               coronal=False, alpha=1.0)
+    out2 = segmentation_figure(
+        np.zeros(sq.shape), sq, None, (1.0, 2.0, 1.0), tmp_path / "sq.png", slices=[1], coronal=False, alpha=1.0
+    )
     px = _pixels(out2, label_color(2), top_fraction=0.75)
     height = np.ptp(px[:, 0]) + 1
     width = np.ptp(px[:, 1]) + 1
@@ -88,11 +90,20 @@ def test_from_files_reorients_lps_to_the_same_figure(tmp_path):
     lps = np.diag([-1.0, -1.0, 3.0, 1.0])
     lps[:2, 3] = [SHAPE[0] - 1, SHAPE[1] - 1]
     kw = dict(slices=[5], coronal=True, alpha=0.6)
-    a = segmentation_figure_from_files(_save(img, tmp_path / "i_ras.nii.gz", ras),
-                                       _save(lab, tmp_path / "l_ras.nii.gz", ras), None, tmp_path / "ras.png", **kw)
-    b = segmentation_figure_from_files(_save(img[::-1, ::-1].copy(), tmp_path / "i_lps.nii.gz", lps),
-                                       _save(lab[::-1, ::-1].copy(), tmp_path / "l_lps.nii.gz", lps), None,
-                                       tmp_path / "lps.png", **kw)
+    a = segmentation_figure_from_files(
+        _save(img, tmp_path / "i_ras.nii.gz", ras),
+        _save(lab, tmp_path / "l_ras.nii.gz", ras),
+        None,
+        tmp_path / "ras.png",
+        **kw,
+    )
+    b = segmentation_figure_from_files(
+        _save(img[::-1, ::-1].copy(), tmp_path / "i_lps.nii.gz", lps),
+        _save(lab[::-1, ::-1].copy(), tmp_path / "l_lps.nii.gz", lps),
+        None,
+        tmp_path / "lps.png",
+        **kw,
+    )
     assert np.array_equal(mpimg.imread(str(a)), mpimg.imread(str(b)))
 
 

@@ -15,8 +15,13 @@ def _run(folder, with_mining: bool):
     for e in range(3):
         rec = {"kind": "epoch", "epoch": e, "loss_rec": 1.0 - 0.1 * e, "loss_pred": 0.69 - 0.01 * e}
         if with_mining:
-            rec.update(teacher_init_share=0.5 ** (e + 1), teacher_rank_acc=0.5 + 0.05 * e,
-                       student_rank_acc=0.55 + 0.05 * e, organ_share_hard=0.6, organ_share_random=0.45)
+            rec.update(
+                teacher_init_share=0.5 ** (e + 1),
+                teacher_rank_acc=0.5 + 0.05 * e,
+                student_rank_acc=0.55 + 0.05 * e,
+                organ_share_hard=0.6,
+                organ_share_random=0.45,
+            )
         lines.append(json.dumps(rec))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder

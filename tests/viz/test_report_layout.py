@@ -28,8 +28,20 @@ def _layout(html_path, width: int) -> dict:
 
     probe = html_path.with_name("probe.html")
     probe.write_text(html_path.read_text().replace("</body>", MEASURE))
-    p = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},900",
-                        "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            BROWSER,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--window-size={width},900",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     m = re.search(r"<title>(.*?)</title>", p.stdout, re.S)
     assert m and m.group(1).startswith("{"), f"no layout read back: {p.stdout[-500:]} {p.stderr[-500:]}"
     return json.loads(m.group(1).replace("&quot;", '"'))
@@ -40,10 +52,11 @@ def test_wide_tables_scroll_in_their_box_not_the_page(tmp_path):
     header = ["Method", "Avg DSC / HD95", *organs, "Avg NSD@1 mm / ASSD", *(f"{o} NSD" for o in organs)]
     row = ["hpm", "86.57 / 5.56", *["88.89"] * 8, "71.20 / 1.31", *["70.01"] * 8]
     md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(row) + " |"])
-    out = write_report(tmp_path / "report.html", "layout", [
-        {"title": "Table 1", "table_md": md},
-        {"title": "rows", "table": [header, row]},
-    ])
+    out = write_report(
+        tmp_path / "report.html",
+        "layout",
+        [{"title": "Table 1", "table_md": md}, {"title": "rows", "table": [header, row]}],
+    )
     for width in (1280, 800):
         lay = _layout(out, width)
         assert len(lay["boxes"]) == 2

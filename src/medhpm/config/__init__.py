@@ -13,11 +13,42 @@ versions). Everything is imported from ``medhpm.config``.
 
 from __future__ import annotations
 
-from medhpm.config.schema import CPU_MEMORY, Config, ConfigError, DataConfig, FinetuneConfig, InferenceConfig, ModelConfig, PretrainConfig, RuntimeConfig, TrainingConfig
+from medhpm.config.schema import (
+    CPU_MEMORY,
+    Config,
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    InferenceConfig,
+    ModelConfig,
+    PretrainConfig,
+    RuntimeConfig,
+    TrainingConfig,
+)
 from medhpm.config.upgrade import REMOVED_KEYS, RENAMED_KEYS
 from medhpm.config.load import from_dict, load_config, packaged_configs, read_yaml, to_dict
-from medhpm.config.resume import CHECKPOINT_KEYS, STAGE_ONLY_KEYS, check_resume, checkpoint_keys, differences, get_key, resume_config, stored_config
-from medhpm.config.validate import CLASS_PRESETS, COMPILE_MODES, ENCODER_PRESETS, METHODS, check_class_name, check_label_value, class_table, compile_mode, parse_class_list, validate
+from medhpm.config.resume import (
+    CHECKPOINT_KEYS,
+    STAGE_ONLY_KEYS,
+    check_resume,
+    checkpoint_keys,
+    differences,
+    get_key,
+    resume_config,
+    stored_config,
+)
+from medhpm.config.validate import (
+    CLASS_PRESETS,
+    COMPILE_MODES,
+    ENCODER_PRESETS,
+    METHODS,
+    check_class_name,
+    check_label_value,
+    class_table,
+    compile_mode,
+    parse_class_list,
+    validate,
+)
 
 __all__ = [
     "CHECKPOINT_KEYS",

@@ -150,7 +150,7 @@ def _resolve(data: dict, where: str, overrides: Optional[Sequence[str]]) -> Conf
             key = item.split("=", 1)[0]
             # Short forms that users type most: method=hpm -> pretrain.method=hpm
             if key in _SHORTCUTS:
-                item = _SHORTCUTS[key] + item[len(key):]
+                item = _SHORTCUTS[key] + item[len(key) :]
             _reject_old_keys([item.split("=", 1)[0]], f"command-line override {item!r}")
             cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command-line override {item!r}")
     obj = OmegaConf.to_object(cfg)

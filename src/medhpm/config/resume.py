@@ -15,10 +15,27 @@ from medhpm.config.upgrade import _upgrade
 # What a checkpoint's weights and preprocessing depend on: a run resumed (or a checkpoint used) with other
 # values of these keys would load mismatched tensors or see differently prepared data.
 CHECKPOINT_KEYS = (
-    "model.preset", "model.patch_size", "model.in_chans", "model.pos_embed", "model.decoder_dim",
-    "model.decoder_depth", "model.decoder_heads", "model.feature_size", "model.skip_blocks", "model.norm_name",
-    "data.roi", "data.spacing", "data.orientation", "data.a_min", "data.a_max", "data.b_min", "data.b_max",
-    "pretrain.method", "pretrain.teacher_view", "pretrain.teacher_views", "finetune.architecture",
+    "model.preset",
+    "model.patch_size",
+    "model.in_chans",
+    "model.pos_embed",
+    "model.decoder_dim",
+    "model.decoder_depth",
+    "model.decoder_heads",
+    "model.feature_size",
+    "model.skip_blocks",
+    "model.norm_name",
+    "data.roi",
+    "data.spacing",
+    "data.orientation",
+    "data.a_min",
+    "data.a_max",
+    "data.b_min",
+    "data.b_max",
+    "pretrain.method",
+    "pretrain.teacher_view",
+    "pretrain.teacher_views",
+    "finetune.architecture",
     "finetune.num_classes",
 )
 
@@ -42,8 +59,10 @@ def differences(old: Config, new: Config, keys: Sequence[str] = CHECKPOINT_KEYS)
 
 
 # Config keys that only one stage's checkpoints depend on: resuming the other stage may change them.
-STAGE_ONLY_KEYS = {"pretrain": ("model.decoder_", "pretrain."),
-                   "finetune": ("model.feature_size", "model.skip_blocks", "model.norm_name", "finetune.")}
+STAGE_ONLY_KEYS = {
+    "pretrain": ("model.decoder_", "pretrain."),
+    "finetune": ("model.feature_size", "model.skip_blocks", "model.norm_name", "finetune."),
+}
 
 
 def checkpoint_keys(stage: str) -> tuple[str, ...]:

@@ -9,7 +9,6 @@ from typing import Optional
 from omegaconf import MISSING
 
 
-
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
 
@@ -167,7 +166,9 @@ CPU_MEMORY = ("auto", "reuse", "release")  # runtime.cpu_memory (medhpm.runtime.
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-native (bf16 where native, runtime/device.py)
+    precision: str = (
+        "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-native (bf16 where native, runtime/device.py)
+    )
     # none | default | reduce-overhead (CUDA graphs on CUDA) | max-autotune: torch.compile of the training
     # step's forward and losses (docs/PERFORMANCE.md); the old switch true/false reads as default/none
     compile: str = "none"

@@ -19,12 +19,14 @@ _RENAMED_NOTES = {"pretrain.pred_loss": " (values: ranking | absolute; 'relative
 
 REMOVED_KEYS = {  # keys nothing read
     "evaluate.output_on_cpu": "`medhpm predict --gpu-output` (Predictor(output_on_cpu=False)) keeps the output "
-                              "on the GPU",
+    "on the GPU",
     "evaluate.save_probabilities": "`medhpm predict --probabilities` (predict_path(save_probabilities=True)) "
-                                   "writes the class probabilities",
-    **{f"pretrain.{k}": "the EMA schedule is now a share of the run's optimizer steps: pretrain.ema_horizon_start, "
-                        "pretrain.ema_horizon_end and pretrain.ema_ramp (docs/method.md)"
-       for k in ("ema_m_start", "ema_m_end", "ema_ramp_epochs")},
+    "writes the class probabilities",
+    **{
+        f"pretrain.{k}": "the EMA schedule is now a share of the run's optimizer steps: pretrain.ema_horizon_start, "
+        "pretrain.ema_horizon_end and pretrain.ema_ramp (docs/method.md)"
+        for k in ("ema_m_start", "ema_m_end", "ema_ramp_epochs")
+    },
 }
 
 
@@ -34,7 +36,7 @@ def _old_key(key: str) -> Optional[str]:
         return f"config key {key!r} was removed: {REMOVED_KEYS[key]}"
     for old, new in RENAMED_KEYS.items():
         if key == old or key.startswith(old + "."):
-            return f"config key {key!r} is now called {new + key[len(old):]!r}{_RENAMED_NOTES.get(old, '')}"
+            return f"config key {key!r} is now called {new + key[len(old) :]!r}{_RENAMED_NOTES.get(old, '')}"
     return None
 
 

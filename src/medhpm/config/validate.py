@@ -59,9 +59,7 @@ def check_label_value(value: object, where: str) -> int:
     except ValueError:
         raise ValueError(f"Invalid label value {value!r} in {where}: expected a positive integer.") from None
     if as_int <= 0:
-        raise ValueError(
-            f"Invalid label value {value!r} in {where}: label values must be >= 1 (0 is the background)."
-        )
+        raise ValueError(f"Invalid label value {value!r} in {where}: label values must be >= 1 (0 is the background).")
     return as_int
 
 
@@ -73,9 +71,7 @@ def class_table(pairs: list[tuple[int, str]], where: str) -> dict[int, str]:
     seen_names: dict[str, int] = {}
     for value, name in pairs:
         if value in seen_values:
-            raise ValueError(
-                f"Label value {value} is given twice in {where} ({seen_values[value]!r} and {name!r})."
-            )
+            raise ValueError(f"Label value {value} is given twice in {where} ({seen_values[value]!r} and {name!r}).")
         if name in seen_names:
             raise ValueError(f"Class name {name!r} is given twice in {where} (values {seen_names[name]} and {value}).")
         seen_values[value] = name
@@ -115,8 +111,11 @@ _AXIS_PAIRS = ("LR", "AP", "SI")
 
 
 def _orientation_ok(code: str) -> bool:
-    return (len(code) == 3 and all(c in "LRAPSI" for c in code)
-            and sorted("".join(p for p in _AXIS_PAIRS if c in p) for c in code) == sorted(_AXIS_PAIRS))
+    return (
+        len(code) == 3
+        and all(c in "LRAPSI" for c in code)
+        and sorted("".join(p for p in _AXIS_PAIRS if c in p) for c in code) == sorted(_AXIS_PAIRS)
+    )
 
 
 def _count(value, key: str, low: int, what: str = "") -> None:
@@ -133,15 +132,21 @@ def _check_snapshot_steps(p: PretrainConfig) -> None:
     warns at the start about listed steps beyond the run)."""
     key, steps = "pretrain.snapshot_steps", tuple(p.snapshot_steps)
     for s in steps:
-        _check(isinstance(s, int) and not isinstance(s, bool) and s >= 1, key,
-               f"{s!r} is out of range: each entry must be an optimizer step, an integer of at least 1")
+        _check(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1,
+            key,
+            f"{s!r} is out of range: each entry must be an optimizer step, an integer of at least 1",
+        )
     for a, b in zip(steps, steps[1:]):
         _check(b > a, key, f"{list(steps)} must be strictly increasing ({b} follows {a})")
     if steps and p.steps_per_epoch > 0:
         total = p.epochs * p.steps_per_epoch
-        _check(steps[-1] <= total, key,
-               f"step {steps[-1]} is beyond the run: it has {total} optimizer steps (pretrain.epochs {p.epochs} x "
-               f"pretrain.steps_per_epoch {p.steps_per_epoch})")
+        _check(
+            steps[-1] <= total,
+            key,
+            f"step {steps[-1]} is beyond the run: it has {total} optimizer steps (pretrain.epochs {p.epochs} x "
+            f"pretrain.steps_per_epoch {p.steps_per_epoch})",
+        )
 
 
 def validate(cfg: Config) -> Config:
@@ -150,20 +155,31 @@ def validate(cfg: Config) -> Config:
     d, m, p, f = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
     _count(cfg.seed, "seed", 0)
     # data
-    _check(d.format in ("auto", "msd", "nnunet", "btcv", "folder"), "data.format",
-           "must be auto, msd, nnunet, btcv or folder")
+    _check(
+        d.format in ("auto", "msd", "nnunet", "btcv", "folder"),
+        "data.format",
+        "must be auto, msd, nnunet, btcv or folder",
+    )
     _check(d.split in ("transunet", "monai"), "data.split", f"{d.split!r} is not transunet or monai")
     _count(d.phantom_cases, "data.phantom_cases", 1)
     _count(d.phantom_seed, "data.phantom_seed", 0)
-    _check(d.phantom_variability in ("standard", "wide"), "data.phantom_variability",
-           f"{d.phantom_variability!r} is not standard or wide")
-    _check(_orientation_ok(d.orientation), "data.orientation",
-           f"{d.orientation!r} must be three letters, one of each pair L/R, A/P, S/I (e.g. RAS or LPS)")
-    _check(len(d.spacing) == 3 and all(s > 0 for s in d.spacing), "data.spacing",
-           f"{tuple(d.spacing)} must be three positive voxel sizes (mm)")
+    _check(
+        d.phantom_variability in ("standard", "wide"),
+        "data.phantom_variability",
+        f"{d.phantom_variability!r} is not standard or wide",
+    )
+    _check(
+        _orientation_ok(d.orientation),
+        "data.orientation",
+        f"{d.orientation!r} must be three letters, one of each pair L/R, A/P, S/I (e.g. RAS or LPS)",
+    )
+    _check(
+        len(d.spacing) == 3 and all(s > 0 for s in d.spacing),
+        "data.spacing",
+        f"{tuple(d.spacing)} must be three positive voxel sizes (mm)",
+    )
     _check(d.a_max > d.a_min, "data.a_max", f"HU window [data.a_min, data.a_max] = [{d.a_min}, {d.a_max}] is empty")
-    _check(d.b_max > d.b_min, "data.b_max",
-           f"output range [data.b_min, data.b_max] = [{d.b_min}, {d.b_max}] is empty")
+    _check(d.b_max > d.b_min, "data.b_max", f"output range [data.b_min, data.b_max] = [{d.b_min}, {d.b_max}] is empty")
     _check(d.crop in ("label", "classes", "random"), "data.crop", "must be 'label', 'classes' or 'random'")
     _count(d.num_samples, "data.num_samples", 1)
     for k in ("pos", "neg"):
@@ -171,8 +187,11 @@ def validate(cfg: Config) -> Config:
     _check(d.pos + d.neg > 0, "data.pos", "data.pos and data.neg are both 0: no crop centre could be drawn")
     for k in ("flip_prob", "rot90_prob", "intensity_scale_prob", "intensity_shift_prob"):
         _unit(getattr(d, k), f"data.{k}")
-    _check(0.0 <= d.intensity_scale < 1.0, "data.intensity_scale",
-           f"{d.intensity_scale} is out of range: must lie in [0, 1) (intensities are scaled by 1 + U(-s, s))")
+    _check(
+        0.0 <= d.intensity_scale < 1.0,
+        "data.intensity_scale",
+        f"{d.intensity_scale} is out of range: must lie in [0, 1) (intensities are scaled by 1 + U(-s, s))",
+    )
     _check(d.intensity_shift >= 0, "data.intensity_shift", f"{d.intensity_shift} is out of range: must be 0 or more")
     _count(d.val_cases, "data.val_cases", 0)
     _check(d.cache in ("none", "memory", "disk", "device"), "data.cache", "must be none, memory, disk or device")
@@ -193,16 +212,25 @@ def validate(cfg: Config) -> Config:
     _check(m.pos_embed in ("sincos", "learnable"), "model.pos_embed", f"{m.pos_embed!r} is not sincos or learnable")
     for k in ("decoder_dim", "decoder_depth", "decoder_heads", "feature_size"):
         _count(getattr(m, k), f"model.{k}", 1)
-    _check(m.decoder_dim % m.decoder_heads == 0, "model.decoder_heads",
-           f"decoder width {m.decoder_dim} is not divisible by {m.decoder_heads} heads")
+    _check(
+        m.decoder_dim % m.decoder_heads == 0,
+        "model.decoder_heads",
+        f"decoder width {m.decoder_dim} is not divisible by {m.decoder_heads} heads",
+    )
     if m.skip_blocks is not None:
         depth, blocks = ENCODER_PRESETS[m.preset]["depth"], tuple(m.skip_blocks)
-        _check(all(1 <= b <= depth for b in blocks) and list(blocks) == sorted(set(blocks)), "model.skip_blocks",
-               f"{blocks} must be distinct increasing block numbers within the encoder depth 1..{depth}")
+        _check(
+            all(1 <= b <= depth for b in blocks) and list(blocks) == sorted(set(blocks)),
+            "model.skip_blocks",
+            f"{blocks} must be distinct increasing block numbers within the encoder depth 1..{depth}",
+        )
         if m.patch_size & (m.patch_size - 1) == 0 and m.patch_size > 1:
             n = m.patch_size.bit_length() - 2  # log2(patch) - 1 intermediate resolutions
-            _check(len(blocks) == n, "model.skip_blocks",
-                   f"{blocks} has {len(blocks)} block(s); with patch {m.patch_size} UNETR needs {n}")
+            _check(
+                len(blocks) == n,
+                "model.skip_blocks",
+                f"{blocks} has {len(blocks)} block(s); with patch {m.patch_size} UNETR needs {n}",
+            )
     _check(m.norm_name in ("instance", "batch"), "model.norm_name", f"{m.norm_name!r} is not instance or batch")
     # both training stages
     for sec, name in ((p, "pretrain"), (f, "finetune")):
@@ -212,12 +240,20 @@ def validate(cfg: Config) -> Config:
         _count(sec.accum_steps, f"{name}.accum_steps", 1)
         _check(sec.lr > 0, f"{name}.lr", f"{sec.lr} is out of range: must be positive")
         _count(sec.lr_ref_batch, f"{name}.lr_ref_batch", 1, " (the lr is scaled by effective batch / lr_ref_batch)")
-        _check(0 <= sec.min_lr <= sec.lr, f"{name}.min_lr",
-               f"{sec.min_lr} is out of range: must lie in [0, {name}.lr] = [0, {sec.lr}]")
-        _check(sec.warmup_epochs >= 0, f"{name}.warmup_epochs", f"{sec.warmup_epochs} is out of range: must be 0 or more")
+        _check(
+            0 <= sec.min_lr <= sec.lr,
+            f"{name}.min_lr",
+            f"{sec.min_lr} is out of range: must lie in [0, {name}.lr] = [0, {sec.lr}]",
+        )
+        _check(
+            sec.warmup_epochs >= 0, f"{name}.warmup_epochs", f"{sec.warmup_epochs} is out of range: must be 0 or more"
+        )
         _check(sec.weight_decay >= 0, f"{name}.weight_decay", f"{sec.weight_decay} is out of range: must be 0 or more")
-        _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas",
-               f"{tuple(sec.betas)} must be two values in [0, 1)")
+        _check(
+            len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas),
+            f"{name}.betas",
+            f"{tuple(sec.betas)} must be two values in [0, 1)",
+        )
         _check(sec.clip_grad >= 0, f"{name}.clip_grad", "must be 0 (no clipping) or a positive gradient norm")
         _check(sec.nonfinite in ("stop", "skip"), f"{name}.nonfinite", "must be stop or skip")
         _count(sec.checkpoint_every, f"{name}.checkpoint_every", 1)
@@ -227,20 +263,30 @@ def validate(cfg: Config) -> Config:
     for k in ("alpha_0", "alpha_T"):
         _check(0.0 <= getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in [0, 1]")
     _check(p.lambda_pred >= 0, "pretrain.lambda_pred", f"{p.lambda_pred} is out of range: must be 0 or more")
-    _check(p.prediction_loss in ("ranking", "absolute"), "pretrain.prediction_loss",
-           "must be ranking or absolute" + (" ('relative' is now called 'ranking')" if p.prediction_loss == "relative" else ""))
+    _check(
+        p.prediction_loss in ("ranking", "absolute"),
+        "pretrain.prediction_loss",
+        "must be ranking or absolute"
+        + (" ('relative' is now called 'ranking')" if p.prediction_loss == "relative" else ""),
+    )
     for k in ("ema_horizon_start", "ema_horizon_end"):
         _check(0.0 < getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in (0, 1]: a share of the run's optimizer steps")
     _check(0.0 <= p.ema_ramp <= 1.0, "pretrain.ema_ramp", "must lie in [0, 1]: a share of the run's optimizer steps")
     _count(p.figure_every, "pretrain.figure_every", 0, " (0: first and last epoch only)")
     _check(p.teacher_view in ("full", "masked"), "pretrain.teacher_view", f"{p.teacher_view!r} is not full or masked")
     n_tokens = math.prod(int(r) // m.patch_size for r in d.roi)  # roi and patch size were checked above
-    _check(p.teacher_views == 0 or 2 <= p.teacher_views <= n_tokens, "pretrain.teacher_views",
-           f"{p.teacher_views} is out of range: must be 0 (one view per visible share 1 - mask_ratio) or 2 to "
-           f"{n_tokens} (the tokens of a data.roi crop)")
-    _check(p.teacher_views == 0 or p.teacher_view == "masked", "pretrain.teacher_views",
-           f"{p.teacher_views} views are only used with pretrain.teacher_view=masked (it is {p.teacher_view!r}): "
-           "set pretrain.teacher_view=masked, or leave teacher_views at 0")
+    _check(
+        p.teacher_views == 0 or 2 <= p.teacher_views <= n_tokens,
+        "pretrain.teacher_views",
+        f"{p.teacher_views} is out of range: must be 0 (one view per visible share 1 - mask_ratio) or 2 to "
+        f"{n_tokens} (the tokens of a data.roi crop)",
+    )
+    _check(
+        p.teacher_views == 0 or p.teacher_view == "masked",
+        "pretrain.teacher_views",
+        f"{p.teacher_views} views are only used with pretrain.teacher_view=masked (it is {p.teacher_view!r}): "
+        "set pretrain.teacher_view=masked, or leave teacher_views at 0",
+    )
     _check_snapshot_steps(p)
     # fine-tuning
     _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
@@ -255,24 +301,39 @@ def validate(cfg: Config) -> Config:
     except ValueError as e:
         raise ConfigError(f"config key 'finetune.reported': {e}") from None
     if isinstance(reported, dict):  # a preset always holds label 1, below any num_classes >= 2
-        _check(min(reported) < f.num_classes, "finetune.reported",
-               f"none of its label values {sorted(reported)} is below finetune.num_classes={f.num_classes}: "
-               "nothing would be reported")
-    _check(math.isfinite(f.surface_tolerance_mm) and f.surface_tolerance_mm >= 0, "finetune.surface_tolerance_mm",
-           f"{f.surface_tolerance_mm} is out of range: must be 0 or more millimetres")
+        _check(
+            min(reported) < f.num_classes,
+            "finetune.reported",
+            f"none of its label values {sorted(reported)} is below finetune.num_classes={f.num_classes}: "
+            "nothing would be reported",
+        )
+    _check(
+        math.isfinite(f.surface_tolerance_mm) and f.surface_tolerance_mm >= 0,
+        "finetune.surface_tolerance_mm",
+        f"{f.surface_tolerance_mm} is out of range: must be 0 or more millimetres",
+    )
     _count(f.val_every, "finetune.val_every", 1)
     _check(0.0 <= f.val_overlap < 1.0, "finetune.val_overlap", f"{f.val_overlap} is out of range: must lie in [0, 1)")
     # inference
     _check(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must lie in [0, 1)")
-    _check(cfg.inference.blend in ("gaussian", "constant"), "inference.blend",
-           f"{cfg.inference.blend!r} is not gaussian or constant")
+    _check(
+        cfg.inference.blend in ("gaussian", "constant"),
+        "inference.blend",
+        f"{cfg.inference.blend!r} is not gaussian or constant",
+    )
     _count(cfg.inference.sw_batch_size, "inference.sw_batch_size", 1)
     # runtime
     r = cfg.runtime
-    _check(r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None, "runtime.device",
-           f"{r.device!r} is not a device: use auto, cpu, cuda or cuda:N")
-    _check(r.precision in ("auto", "fp32", "bf16", "bf16-native"), "runtime.precision",
-           f"{r.precision!r} is not auto, fp32, bf16 or bf16-native")
+    _check(
+        r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None,
+        "runtime.device",
+        f"{r.device!r} is not a device: use auto, cpu, cuda or cuda:N",
+    )
+    _check(
+        r.precision in ("auto", "fp32", "bf16", "bf16-native"),
+        "runtime.precision",
+        f"{r.precision!r} is not auto, fp32, bf16 or bf16-native",
+    )
     _count(r.threads, "runtime.threads", 0, " (0: the library default)")
     _check(r.cpu_memory in CPU_MEMORY, "runtime.cpu_memory", f"{r.cpu_memory!r} is not {', '.join(CPU_MEMORY)}")
     _count(r.log_every, "runtime.log_every", 1)
@@ -292,6 +353,8 @@ def compile_mode(value: Any) -> str:
     old = {"true": "default", "false": "none", "yes": "default", "no": "none", "on": "default", "off": "none"}
     text = old.get(text, text)
     if text not in COMPILE_MODES:
-        raise ConfigError(f"config key 'runtime.compile': {value!r} is not one of {', '.join(COMPILE_MODES)} "
-                          "(or the old switch true/false)")
+        raise ConfigError(
+            f"config key 'runtime.compile': {value!r} is not one of {', '.join(COMPILE_MODES)} "
+            "(or the old switch true/false)"
+        )
     return text

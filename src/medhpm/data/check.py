@@ -33,7 +33,6 @@ from medhpm.data.volume_checks import (
 __all__ = ["Finding", "CheckReport", "check_dataset", "HU_LIMITS", "SPACING_LIMITS"]
 
 
-
 @dataclass
 class Finding:
     severity: str  # "error" (case unusable) | "warning"
@@ -105,15 +104,19 @@ class CheckReport:
             lines.append("cases: " + ", ".join(f"{k} {counts.get(k, 0)} ({lab.get(k, 0)} labelled)" for k in SPLITS))
             if s.get("spacing_mm"):
                 lo, hi = s["spacing_mm"]["min"], s["spacing_mm"]["max"]
-                lines.append("spacing (mm, RAS axes): " + ", ".join(
-                    f"{ax} {a:.3g}-{b:.3g}" for ax, a, b in zip("xyz", lo, hi)))
+                lines.append(
+                    "spacing (mm, RAS axes): " + ", ".join(f"{ax} {a:.3g}-{b:.3g}" for ax, a, b in zip("xyz", lo, hi))
+                )
             if s.get("shape"):
                 lo, hi = s["shape"]["min"], s["shape"]["max"]
                 lines.append("size (voxels): " + ", ".join(f"{ax} {a}-{b}" for ax, a, b in zip("xyz", lo, hi)))
             if s.get("shape_at_target"):
                 lo, hi = s["shape_at_target"]["min"], s["shape_at_target"]["max"]
-                lines.append(f"size at {tuple(s['target_spacing'])} mm: " + ", ".join(
-                    f"{ax} {a}-{b}" for ax, a, b in zip("xyz", lo, hi)) + f" (ROI {tuple(s['roi'])})")
+                lines.append(
+                    f"size at {tuple(s['target_spacing'])} mm: "
+                    + ", ".join(f"{ax} {a}-{b}" for ax, a, b in zip("xyz", lo, hi))
+                    + f" (ROI {tuple(s['roi'])})"
+                )
             if s.get("intensity"):
                 lines.append(f"intensity: {s['intensity']['min']:.1f} to {s['intensity']['max']:.1f}")
             if s.get("labels"):
@@ -129,8 +132,10 @@ class CheckReport:
         else:
             bad = len(self.unusable)
             extra = "" if bad else " (the data set itself has errors)"
-            lines.append(f"NOT OK: {bad} of {n} cases unusable, {len(self.errors)} error(s), "
-                         f"{len(self.warnings)} warning(s){extra}")
+            lines.append(
+                f"NOT OK: {bad} of {n} cases unusable, {len(self.errors)} error(s), "
+                f"{len(self.warnings)} warning(s){extra}"
+            )
         return "\n".join(lines)
 
 
@@ -141,8 +146,9 @@ def _read(path: str):
     return load_image(path, orientation="RAS")
 
 
-def _check_image(rep: CheckReport, split: str, case: str, path: str, arr: np.ndarray, affine: np.ndarray,
-                 info: dict) -> None:
+def _check_image(
+    rep: CheckReport, split: str, case: str, path: str, arr: np.ndarray, affine: np.ndarray, info: dict
+) -> None:
     for problem in image_problems(arr, affine, reject_constant=True):
         rep.add(problem.severity, split, case, path, problem.message)
     info["shape"] = [int(s) for s in arr.shape]
@@ -155,9 +161,20 @@ def _check_image(rep: CheckReport, split: str, case: str, path: str, arr: np.nda
         info["min"], info["max"] = float(vals.min()), float(vals.max())
 
 
-def _check_label(rep: CheckReport, split: str, case: str, path: str, lab: np.ndarray, laff: np.ndarray,
-                 img_shape: Optional[tuple], img_aff: Optional[np.ndarray], declared: dict, num_classes: Optional[int],
-                 tol: float, info: dict) -> None:
+def _check_label(
+    rep: CheckReport,
+    split: str,
+    case: str,
+    path: str,
+    lab: np.ndarray,
+    laff: np.ndarray,
+    img_shape: Optional[tuple],
+    img_aff: Optional[np.ndarray],
+    declared: dict,
+    num_classes: Optional[int],
+    tol: float,
+    info: dict,
+) -> None:
     err = lambda msg: rep.add("error", split, case, path, msg)  # noqa: E731
     if img_shape is not None and img_aff is not None:
         problem = grid_problem(img_shape, img_aff, lab.shape, laff, tol)
@@ -234,11 +251,13 @@ def check_dataset(
                 small = [f"{ax} {int(n)} < {r}" for ax, n, r in zip("xyz", size, roi) if n < r]
                 if small:
                     at = f"at {target} mm" if target else "at its own spacing"
-                    rep.add("warning", s, case, path, f"smaller than the ROI {at} ({', '.join(small)}): "
-                            "it will be padded")
+                    rep.add(
+                        "warning", s, case, path, f"smaller than the ROI {at} ({', '.join(small)}): it will be padded"
+                    )
             else:
-                _check_label(rep, s, case, path, arr, aff, img_shape, img_aff, declared, num_classes,
-                             geometry_tol, info)
+                _check_label(
+                    rep, s, case, path, arr, aff, img_shape, img_aff, declared, num_classes, geometry_tol, info
+                )
             del arr
         info["usable"] = not any(f.severity == "error" and f.case == case and f.split == s for f in rep.findings)
     rep.summary = _summary(dl, rep, declared, roi, target)

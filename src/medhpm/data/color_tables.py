@@ -25,8 +25,14 @@ from medhpm.data.labels import label_rgb
 from medhpm.data.scans import strip_nifti_ext
 from medhpm.runtime.files import atomic_write_text
 
-__all__ = ["color_table_paths", "slicer_ctbl_text", "itksnap_text", "write_color_tables", "read_slicer_ctbl",
-           "read_itksnap"]
+__all__ = [
+    "color_table_paths",
+    "slicer_ctbl_text",
+    "itksnap_text",
+    "write_color_tables",
+    "read_slicer_ctbl",
+    "read_itksnap",
+]
 
 
 def color_table_paths(label_map: str | Path) -> tuple[Path, Path]:
@@ -54,13 +60,15 @@ def slicer_ctbl_text(classes: Mapping[int, str]) -> str:
 
 def itksnap_text(classes: Mapping[int, str]) -> str:
     """ITK-SNAP label description text of ``{label value: name}``."""
-    head = ["# ITK-SNAP label description file written by medhpm",
-            "# columns: IDX R G B (0-255) A (opacity 0-1) VIS (visible 0/1) MSH (in 3D mesh 0/1) \"LABEL\"",
-            '    0     0    0    0        0  0  0    "Clear Label"']
+    head = [
+        "# ITK-SNAP label description file written by medhpm",
+        '# columns: IDX R G B (0-255) A (opacity 0-1) VIS (visible 0/1) MSH (in 3D mesh 0/1) "LABEL"',
+        '    0     0    0    0        0  0  0    "Clear Label"',
+    ]
     rows = []
     for v, n in _entries(classes):
         r, g, b = label_rgb(v)
-        rows.append(f"{v:5d} {r:5d} {g:4d} {b:4d}        1  1  1    \"{str(n).replace(chr(34), '')}\"")
+        rows.append(f'{v:5d} {r:5d} {g:4d} {b:4d}        1  1  1    "{str(n).replace(chr(34), "")}"')
     return "\n".join(head + rows) + "\n"
 
 

@@ -37,8 +37,16 @@ from medhpm.data.headers import check_headers, grid_problem  # noqa: F401  (re-e
 from medhpm.data.scans import dicom_files_in, is_dicom_file, is_nifti
 from medhpm.data.volume_checks import grid_problem_of_affine, image_problems, label_problems
 
-__all__ = ["DicomSeriesReader", "CTReader", "LoadCTd", "read_volume", "load_image", "is_image_path", "check_headers",
-           "grid_problem"]
+__all__ = [
+    "DicomSeriesReader",
+    "CTReader",
+    "LoadCTd",
+    "read_volume",
+    "load_image",
+    "is_image_path",
+    "check_headers",
+    "grid_problem",
+]
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -74,8 +82,10 @@ class DicomSeriesReader(PydicomReader):
         if not path.is_dir():
             ds = _dcmread(path, kw)
             if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-                raise DataError(f"{path}: multi-frame DICOM is not supported (no per-slice geometry is read); "
-                                "convert it to NIfTI, e.g. with dcm2niix")
+                raise DataError(
+                    f"{path}: multi-frame DICOM is not supported (no per-slice geometry is read); "
+                    "convert it to NIfTI, e.g. with dcm2niix"
+                )
             self.filenames = [str(path)]
             return ds
         files = dicom_files_in(path)
@@ -98,7 +108,8 @@ class DicomSeriesReader(PydicomReader):
             raise DataError(
                 f"{path}: {len(damaged)} file(s) of this DICOM series folder claim to be CT images of the series "
                 f"but hold no readable pixel data (truncated or damaged?): {listing}{more}. The series would "
-                "lose these slices; copy the files again (or remove those that do not belong to the series)")
+                "lose these slices; copy the files again (or remove those that do not belong to the series)"
+            )
         if not slices:
             raise DataError(f"{path}: none of its {len(files)} DICOM files holds pixel data")
         by_uid: dict[str, int] = {}
@@ -124,9 +135,11 @@ class DicomSeriesReader(PydicomReader):
 
 
 # CT Image Storage, Enhanced CT Image Storage, Legacy Converted Enhanced CT Image Storage
-_CT_IMAGE_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-                         "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-                         "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage"}
+_CT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
 
 
 def _claims_ct_image(ds, series_uids: set[str]) -> str:
@@ -162,18 +175,24 @@ def _spatial_order(folder: Path, slices: list) -> list:
     for ds, f in slices:
         lacking = [t for t in need if t not in ds]
         if lacking:
-            raise DataError(f"DICOM folder {folder}: {Path(f).name} lacks {', '.join(lacking)}; "
-                            "the slice geometry cannot be derived")
+            raise DataError(
+                f"DICOM folder {folder}: {Path(f).name} lacks {', '.join(lacking)}; "
+                "the slice geometry cannot be derived"
+            )
     iop = np.asarray(first.ImageOrientationPatient, dtype=float)
     shape = (int(first.Rows), int(first.Columns))
     psp = np.asarray(getattr(first, "PixelSpacing", (1.0, 1.0)), dtype=float)
     for ds, f in slices[1:]:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
-            raise DataError(f"DICOM folder {folder}: slices with different ImageOrientationPatient "
-                            f"({Path(f).name}); a series must have one orientation")
+            raise DataError(
+                f"DICOM folder {folder}: slices with different ImageOrientationPatient "
+                f"({Path(f).name}); a series must have one orientation"
+            )
         if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DataError(f"DICOM folder {folder}: slices of different sizes ({shape} and "
-                            f"{(int(ds.Rows), int(ds.Columns))} in {Path(f).name})")
+            raise DataError(
+                f"DICOM folder {folder}: slices of different sizes ({shape} and "
+                f"{(int(ds.Rows), int(ds.Columns))} in {Path(f).name})"
+            )
         if not np.allclose(np.asarray(getattr(ds, "PixelSpacing", (1.0, 1.0)), dtype=float), psp, atol=1e-4):
             raise DataError(f"DICOM folder {folder}: slices with different PixelSpacing ({Path(f).name})")
     normal = np.cross(iop[:3], iop[3:])
@@ -344,9 +363,15 @@ class LoadCTd(MapTransform):
     with ``reject_constant`` an image whose voxels all have one value.
     """
 
-    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = ("label",),
-                 allow_missing_keys: bool = False, num_classes: int | None = None,
-                 classes_key: str = "finetune.num_classes", reject_constant: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_keys: KeysCollection = ("label",),
+        allow_missing_keys: bool = False,
+        num_classes: int | None = None,
+        classes_key: str = "finetune.num_classes",
+        reject_constant: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = tuple(ensure_tuple(label_keys))
         self.num_classes = None if num_classes is None else int(num_classes)
@@ -377,8 +402,9 @@ class LoadCTd(MapTransform):
         images = [k for k in paths if k not in self.label_keys]
         for lk in (k for k in paths if k in self.label_keys):
             for ik in images[:1]:
-                msg = grid_problem(paths[ik], d[ik].shape[1:], _affine(d[ik]), paths[lk], d[lk].shape[1:],
-                                   _affine(d[lk]))
+                msg = grid_problem(
+                    paths[ik], d[ik].shape[1:], _affine(d[ik]), paths[lk], d[lk].shape[1:], _affine(d[lk])
+                )
                 if msg:
                     raise DataError(msg)
         return d

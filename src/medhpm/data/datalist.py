@@ -57,8 +57,12 @@ class DataError(ValueError):
 def root_cause(e: BaseException) -> BaseException:
     """The exception under MONAI's ``RuntimeError("applying transform ...")`` wrappers."""
     seen = set()
-    while (isinstance(e, RuntimeError) and str(e).startswith("applying transform") and e.__cause__ is not None
-           and id(e) not in seen):
+    while (
+        isinstance(e, RuntimeError)
+        and str(e).startswith("applying transform")
+        and e.__cause__ is not None
+        and id(e) not in seen
+    ):
         seen.add(id(e))
         e = e.__cause__
     return e
@@ -90,11 +94,7 @@ BTCV_SPLITS: dict[str, dict[str, tuple[int, ...]]] = {
         "validation": (),
         "test": (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38),
     },
-    "monai": {
-        "training": tuple(range(1, 11)) + tuple(range(21, 35)),
-        "validation": tuple(range(35, 41)),
-        "test": (),
-    },
+    "monai": {"training": tuple(range(1, 11)) + tuple(range(21, 35)), "validation": tuple(range(35, 41)), "test": ()},
 }
 
 
@@ -154,8 +154,10 @@ def _unique_case_names(datalist: dict) -> None:
     twice = {p: u for p, u in uses.items() if len(u) > 1}
     if twice:
         listing = "\n  ".join(f"{p}: {', '.join(u)}" for p, u in list(twice.items())[:20])
-        raise DataError(f"{datalist['source']}: {len(twice)} image(s) listed more than once (in two splits "
-                        f"this leaks evaluation data into training):\n  {listing}")
+        raise DataError(
+            f"{datalist['source']}: {len(twice)} image(s) listed more than once (in two splits "
+            f"this leaks evaluation data into training):\n  {listing}"
+        )
     seen: dict[str, int] = {}
     for e in entries:
         seen[e["case"]] = seen.get(e["case"], 0) + 1
@@ -168,8 +170,10 @@ def _unique_case_names(datalist: dict) -> None:
     dup = {n: imgs for n, imgs in sorted(by_name.items()) if len(imgs) > 1}
     if dup:  # e.g. case.nii and case.nii.gz: one prediction file, one log row for two scans
         listing = "\n  ".join(f"{n}: {' and '.join(imgs)}" for n, imgs in list(dup.items())[:10])
-        raise DataError(f"{datalist['source']}: {len(dup)} case name(s) are given to more than one scan (their "
-                        f"predictions would overwrite each other); rename or move one of each:\n  {listing}")
+        raise DataError(
+            f"{datalist['source']}: {len(dup)} case name(s) are given to more than one scan (their "
+            f"predictions would overwrite each other); rename or move one of each:\n  {listing}"
+        )
 
 
 def _check_paths_exist(datalist: dict, where: str) -> None:
@@ -230,13 +234,16 @@ def read_msd(json_path: str | os.PathLike, check_paths: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: must hold a JSON object with 'training' (and optionally 'validation', "
-                        f"'test', 'labels'), not a {type(obj).__name__}")
+        raise DataError(
+            f"{where}: must hold a JSON object with 'training' (and optionally 'validation', "
+            f"'test', 'labels'), not a {type(obj).__name__}"
+        )
     for key in ("modality", "channel_names"):
         chans = obj.get(key)
         if isinstance(chans, dict) and len(chans) > 1:
-            raise DataError(f"{where}: {len(chans)} input channels ({key} {chans}); medhpm supports "
-                            "single-channel CT only")
+            raise DataError(
+                f"{where}: {len(chans)} input channels ({key} {chans}); medhpm supports single-channel CT only"
+            )
     root = Path(_norm(path.parent))
     labels = _parse_labels(obj.get("labels"), where)
     # a datalist written by write_datalist keeps the BTCV split it was made from
@@ -246,8 +253,9 @@ def read_msd(json_path: str | os.PathLike, check_paths: bool = True) -> dict:
 
     def resolve(p: Any, at: str) -> str:
         if isinstance(p, (list, tuple)):
-            raise DataError(f"{where}: {at} lists {len(p)} files (several channels); medhpm supports "
-                            "single-channel CT only")
+            raise DataError(
+                f"{where}: {at} lists {len(p)} files (several channels); medhpm supports single-channel CT only"
+            )
         if not isinstance(p, str) or not p.strip():
             raise DataError(f"{where}: {at} must be a path string, got {p!r}")
         q = Path(p).expanduser()
@@ -333,8 +341,10 @@ def read_nnunet(folder: str | os.PathLike, check_paths: bool = True) -> dict:
     tr = cases_in(img_tr)
     multi = [c for c, ch in tr.items() if ch != ["0000"]]
     if multi:
-        raise DataError(f"{where}: cases with channels other than _0000 ({', '.join(multi[:5])}); medhpm "
-                        "supports single-channel CT only")
+        raise DataError(
+            f"{where}: cases with channels other than _0000 ({', '.join(multi[:5])}); medhpm "
+            "supports single-channel CT only"
+        )
     label_cases = sorted(case_name(p) for p in lab_tr.glob("*" + fe)) if lab_tr.is_dir() else []
     no_image = [c for c in label_cases if c not in tr]
     if no_image:
@@ -385,8 +395,11 @@ def read_btcv(folder: str | os.PathLike, split: str = "transunet", check_paths: 
         raise DataError(f"BTCV {folder}: unknown split {split!r}; use one of {', '.join(BTCV_SPLITS)}")
     base = _btcv_root(folder)
     if base is None:
-        raise DataError(f"BTCV {folder}: no img/ and label/ folders (looked in "
-                        + ", ".join(str(folder / s) if s else str(folder) for s in _BTCV_SUBDIRS) + ")")
+        raise DataError(
+            f"BTCV {folder}: no img/ and label/ folders (looked in "
+            + ", ".join(str(folder / s) if s else str(folder) for s in _BTCV_SUBDIRS)
+            + ")"
+        )
     base = Path(_norm(base))
     where = f"BTCV {base}"
     dl = _new("BTCV", dict(BTCV_LABELS), _norm(folder), "btcv", str(base), split=split)
@@ -400,9 +413,7 @@ def read_btcv(folder: str | os.PathLike, split: str = "transunet", check_paths: 
                     missing.append(f"{p.parent.name}/{p.name}")
             dl[part].append({"image": str(img), "label": str(lab), "case": f"img{i:04d}"})
     if missing:
-        raise DataError(
-            f"{where}: {len(missing)} file(s) of the {split} split are missing: " + ", ".join(missing)
-        )
+        raise DataError(f"{where}: {len(missing)} file(s) of the {split} split are missing: " + ", ".join(missing))
     return _finish(dl, where, check_paths)
 
 
@@ -503,11 +514,7 @@ def write_datalist(datalist: dict, out_json: str | os.PathLike) -> Path:
     obj: dict[str, Any] = {
         "name": datalist.get("name", ""),
         "labels": {str(k): v for k, v in sorted(datalist.get("labels", {}).items())},
-        "medhpm": {
-            "source": datalist.get("source"),
-            "format": datalist.get("format"),
-            "split": datalist.get("split"),
-        },
+        "medhpm": {"source": datalist.get("source"), "format": datalist.get("format"), "split": datalist.get("split")},
     }
     for split in SPLITS:
         rows = []
@@ -543,6 +550,7 @@ def split_validation(training_entries: list[dict], n_val: int, seed: int = 0) ->
 def _drawn(entries: list[dict], n: int, salt: str) -> set[int]:
     """``id()`` of the ``n`` entries first in the order of a hash of ``salt:case``: a draw that depends only
     on the case names and the salt, not on the listing order or the Python version."""
+
     def rank(e: dict) -> str:
         return hashlib.sha256(f"{salt}:{e.get('case') or e['image']}".encode()).hexdigest()
 
@@ -571,8 +579,9 @@ def choose_labelled(train_entries: list[dict], k: int, seed: int = 0) -> list[di
     return [e for e in entries if id(e) in chosen]
 
 
-def finetune_cases(datalist: dict, val_cases: int, labelled_cases: int = 0,
-                   seed: int = 0) -> tuple[list[dict], list[dict], int]:
+def finetune_cases(
+    datalist: dict, val_cases: int, labelled_cases: int = 0, seed: int = 0
+) -> tuple[list[dict], list[dict], int]:
     """The cases fine-tuning learns from and validates on: ``(train, val, n)``, ``n`` the training cases
     before the ``labelled_cases`` draw.
 

@@ -37,14 +37,23 @@ from medhpm.data.datalist import case_error, root_cause
 from medhpm.data.transforms import DETERMINISTIC_FIELDS, deterministic_head, transforms_spec
 from medhpm.runtime.files import atomic_path
 
-__all__ = ["make_dataset", "make_loader", "training_loader", "seed_worker", "item_hash", "chain_hash", "case_error",
-           "root_cause"]
+__all__ = [
+    "make_dataset",
+    "make_loader",
+    "training_loader",
+    "seed_worker",
+    "item_hash",
+    "chain_hash",
+    "case_error",
+    "root_cause",
+]
 
 CACHE_FORMAT = 1  # bump when the layout of cached items changes
 
 
 def item_hash(item: Any) -> bytes:
     """Cache key of a datalist entry: its JSON, plus size and mtime of every path it names."""
+
     def stat(v: Any) -> Any:
         if isinstance(v, str) and os.path.exists(v):
             st = os.stat(v)
@@ -71,11 +80,7 @@ def chain_hash(transform: Any, cfg: DataConfig) -> str:
         if isinstance(checks, dict) and checks:
             desc.append(checks)
         head.append(desc)
-    blob = {
-        "cache_format": CACHE_FORMAT,
-        "params": {k: spec.get(k) for k in DETERMINISTIC_FIELDS},
-        "head": head,
-    }
+    blob = {"cache_format": CACHE_FORMAT, "params": {k: spec.get(k) for k in DETERMINISTIC_FIELDS}, "head": head}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -141,10 +146,7 @@ class _DiskCacheDataset(_NamedErrors, PersistentDataset):
 
 
 def make_dataset(
-    entries: Sequence[dict],
-    transform: Callable,
-    cfg: DataConfig,
-    cache_dir: Optional[str | os.PathLike] = None,
+    entries: Sequence[dict], transform: Callable, cfg: DataConfig, cache_dir: Optional[str | os.PathLike] = None
 ) -> Dataset:
     """Dataset over datalist ``entries`` with ``transform``, cached as ``cfg.cache`` says.
 
@@ -156,8 +158,7 @@ def make_dataset(
     if mode == "none":
         return _Dataset(data, transform)
     if mode == "memory":
-        return _CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, int(cfg.num_workers)),
-                             progress=False)
+        return _CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, int(cfg.num_workers)), progress=False)
     if mode == "disk":
         folder = cache_dir or cfg.cache_dir
         if not folder:
@@ -171,8 +172,10 @@ def make_dataset(
         ds.transform_hash = chain_hash(transform, cfg)
         return ds
     if mode == "device":
-        raise ValueError("data.cache=device serves training crops only (medhpm.data.dataset.training_loader); "
-                         "a dataset of whole items needs data.cache=none, memory or disk")
+        raise ValueError(
+            "data.cache=device serves training crops only (medhpm.data.dataset.training_loader); "
+            "a dataset of whole items needs data.cache=none, memory or disk"
+        )
     raise ValueError(f"data.cache must be none, memory, disk or device, got {mode!r}")
 
 
@@ -226,9 +229,17 @@ def make_loader(
     return DataLoader(dataset, **kwargs)
 
 
-def training_loader(entries: list[dict], transform: Callable, cfg: DataConfig, batch_size: int, seed: int,
-                    run_dir: str | Path, world_size: int = 1, rank: int = 0,
-                    device: Optional[torch.device | str] = None):
+def training_loader(
+    entries: list[dict],
+    transform: Callable,
+    cfg: DataConfig,
+    batch_size: int,
+    seed: int,
+    run_dir: str | Path,
+    world_size: int = 1,
+    rank: int = 0,
+    device: Optional[torch.device | str] = None,
+):
     """The loader one training process reads: the dataset over ``entries`` (cached as ``cfg.cache`` says,
     on disk under ``cfg.cache_dir`` or ``run_dir/cache``), ``batch_size`` crops per step, i.e.
     ``batch_size // cfg.num_samples`` volumes. A DistributedSampler is used also for one process, so the
@@ -243,9 +254,17 @@ def training_loader(entries: list[dict], transform: Callable, cfg: DataConfig, b
 
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        return DeviceCropSampler(entries, transform, batch_size=batch_size, seed=seed, world_size=world_size,
-                                 rank=rank, device=device)
+        return DeviceCropSampler(
+            entries, transform, batch_size=batch_size, seed=seed, world_size=world_size, rank=rank, device=device
+        )
     ds = make_dataset(entries, transform, cfg, cache_dir=cfg.cache_dir or (Path(run_dir) / "cache"))
     sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    return make_loader(ds, batch_size=batch_size // cfg.num_samples, shuffle=False, num_workers=cfg.num_workers,
-                       seed=seed, sampler=sampler, prefetch_factor=cfg.prefetch_factor)
+    return make_loader(
+        ds,
+        batch_size=batch_size // cfg.num_samples,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        sampler=sampler,
+        prefetch_factor=cfg.prefetch_factor,
+    )

@@ -59,8 +59,9 @@ class DeviceSamplerError(ValueError):
 
 
 def _refuse(why: str) -> DeviceSamplerError:
-    return DeviceSamplerError(f"data.cache=device: {why}; use data.cache=memory (or none/disk), which runs the "
-                              "MONAI chain itself")
+    return DeviceSamplerError(
+        f"data.cache=device: {why}; use data.cache=memory (or none/disk), which runs the MONAI chain itself"
+    )
 
 
 def _keys(t: Any) -> tuple[str, ...]:
@@ -88,21 +89,31 @@ def tail_plan(tail: Sequence[Any], keys: Sequence[str]) -> dict:
         inner = crop_t.cropper.cropper
         if inner.random_size or not inner.random_center:
             raise _refuse("RandSpatialCropSamplesd with random_size or a fixed centre is not implemented")
-        crop = {"mode": "random", "roi": tuple(int(r) for r in inner.roi_size),
-                "num_samples": int(crop_t.cropper.num_samples)}
+        crop = {
+            "mode": "random",
+            "roi": tuple(int(r) for r in inner.roi_size),
+            "num_samples": int(crop_t.cropper.num_samples),
+        }
     elif isinstance(crop_t, RandCropByPosNegLabeld):
         c = crop_t.cropper
         if crop_t.fg_indices_key or crop_t.bg_indices_key:
             raise _refuse("RandCropByPosNegLabeld with precomputed indices is not implemented")
         if crop_t.label_key != "label" or crop_t.image_key not in (None, "image"):
             raise _refuse("RandCropByPosNegLabeld must read 'label' (and 'image')")
-        crop = {"mode": "posneg", "roi": tuple(int(r) for r in c.spatial_size), "num_samples": int(c.num_samples),
-                "pos_ratio": float(c.pos_ratio), "threshold": float(c.image_threshold),
-                "use_image": crop_t.image_key is not None}
+        crop = {
+            "mode": "posneg",
+            "roi": tuple(int(r) for r in c.spatial_size),
+            "num_samples": int(c.num_samples),
+            "pos_ratio": float(c.pos_ratio),
+            "threshold": float(c.image_threshold),
+            "use_image": crop_t.image_key is not None,
+        }
     elif isinstance(crop_t, RandCropByLabelClassesd):
         c = crop_t.cropper
         if getattr(crop_t, "indices_key", None) or getattr(c, "max_samples_per_class", None):
-            raise _refuse("RandCropByLabelClassesd with precomputed indices or max_samples_per_class is not implemented")
+            raise _refuse(
+                "RandCropByLabelClassesd with precomputed indices or max_samples_per_class is not implemented"
+            )
         if crop_t.label_key != "label" or crop_t.image_key not in (None, "image"):
             raise _refuse("RandCropByLabelClassesd must read 'label' (and 'image')")
         if not c.num_classes:
@@ -110,12 +121,19 @@ def tail_plan(tail: Sequence[Any], keys: Sequence[str]) -> dict:
         ratios = None if c.ratios is None else [float(r) for r in c.ratios]
         if ratios is not None and len(set(ratios)) > 1:
             raise _refuse("RandCropByLabelClassesd with unequal class ratios is not implemented")
-        crop = {"mode": "classes", "roi": tuple(int(r) for r in c.spatial_size), "num_samples": int(c.num_samples),
-                "num_classes": int(c.num_classes), "threshold": float(c.image_threshold),
-                "use_image": crop_t.image_key is not None}
+        crop = {
+            "mode": "classes",
+            "roi": tuple(int(r) for r in c.spatial_size),
+            "num_samples": int(c.num_samples),
+            "num_classes": int(c.num_classes),
+            "threshold": float(c.image_threshold),
+            "use_image": crop_t.image_key is not None,
+        }
     else:
-        raise _refuse(f"the first random transform is {type(crop_t).__name__}, not a crop it implements "
-                      "(RandSpatialCropSamplesd, RandCropByPosNegLabeld, RandCropByLabelClassesd)")
+        raise _refuse(
+            f"the first random transform is {type(crop_t).__name__}, not a crop it implements "
+            "(RandSpatialCropSamplesd, RandCropByPosNegLabeld, RandCropByLabelClassesd)"
+        )
     if len(crop["roi"]) != 3 or min(crop["roi"]) < 1:
         raise _refuse(f"crop size {crop['roi']} must be three positive sizes")
     ops: list[dict] = []
@@ -139,9 +157,12 @@ def tail_plan(tail: Sequence[Any], keys: Sequence[str]) -> dict:
             ops.append({"op": "scale", "prob": float(t.prob), "range": _range(t.scaler.factors, name)})
         elif isinstance(t, RandShiftIntensityd):
             factor_keys = getattr(t, "factor_key", None) or ()
-            if (_keys(t) != ("image",) or any(k is not None for k in factor_keys)
-                    or getattr(getattr(t.shifter, "_shifter", None), "safe", False)
-                    or getattr(t.shifter, "channel_wise", False)):
+            if (
+                _keys(t) != ("image",)
+                or any(k is not None for k in factor_keys)
+                or getattr(getattr(t.shifter, "_shifter", None), "safe", False)
+                or getattr(t.shifter, "channel_wise", False)
+            ):
                 raise _refuse(f"{name} must shift 'image' only, without factor_key, safe or channel_wise")
             ops.append({"op": "shift", "prob": float(t.prob), "range": _range(t.shifter.offsets, name)})
         elif isinstance(t, EnsureTyped):
@@ -165,8 +186,16 @@ class DeviceCropSampler:
     module docstring). Hooks the training loop uses: :attr:`sampler` (``set_epoch``) and :attr:`generator`
     (re-seeded per epoch); ``len()`` is the number of batches per epoch, as a DataLoader's."""
 
-    def __init__(self, entries: Sequence[dict], transform: Callable, batch_size: int, seed: int = 0,
-                 world_size: int = 1, rank: int = 0, device: Optional[torch.device | str] = None):
+    def __init__(
+        self,
+        entries: Sequence[dict],
+        transform: Callable,
+        batch_size: int,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        device: Optional[torch.device | str] = None,
+    ):
         from medhpm.data.datalist import case_error
         from medhpm.data.transforms import deterministic_head, flat_transforms
 
@@ -175,23 +204,31 @@ class DeviceCropSampler:
         if not entries:
             raise _refuse("no training cases")
         head = deterministic_head(transform)
-        tail = flat_transforms(transform)[len(head):]
+        tail = flat_transforms(transform)[len(head) :]
         self.keys = tuple(_keys(tail[0])) if tail else ("image",)
         self.plan = tail_plan(tail, self.keys)
         crop = self.plan["crop"]
         self.roi = crop["roi"]
         self.num_samples = crop["num_samples"]
         if batch_size < 1 or batch_size % self.num_samples:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of data.num_samples "
-                             f"({self.num_samples}): each volume gives num_samples crops per step")
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a positive multiple of data.num_samples "
+                f"({self.num_samples}): each volume gives num_samples crops per step"
+            )
         self.volumes_per_batch = batch_size // self.num_samples
         self.world_size, self.rank = int(world_size), int(rank)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cases = [str(e.get("case") or e.get("image")) for e in entries]
         self._build(entries, head, case_error)
-        self.sampler = DistributedSampler(range(len(entries)), num_replicas=self.world_size, rank=self.rank,
-                                          shuffle=True, seed=int(seed), drop_last=False)
+        self.sampler = DistributedSampler(
+            range(len(entries)),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=int(seed),
+            drop_last=False,
+        )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         fields = 3 + 2 + sum(_OP_FIELDS[o["op"]] for o in self.plan["ops"])
@@ -216,8 +253,10 @@ class DeviceCropSampler:
             if img.ndim != 4 or img.shape[0] != 1:
                 raise _refuse(f"case {name}: image of shape {tuple(img.shape)}, the sampler takes one channel")
             if any(s < r for s, r in zip(img.shape[1:], self.roi)):
-                raise _refuse(f"case {name}: preprocessed volume {tuple(img.shape[1:])} is smaller than the ROI "
-                              f"{self.roi} (the chain does not pad it), which the MONAI crops handle differently")
+                raise _refuse(
+                    f"case {name}: preprocessed volume {tuple(img.shape[1:])} is smaller than the ROI "
+                    f"{self.roi} (the chain does not pad it), which the MONAI crops handle differently"
+                )
             img = img[0].to(torch.float32).contiguous()
             lab = None
             if labelled:
@@ -231,8 +270,10 @@ class DeviceCropSampler:
                     fg = lab > 0
                     sets = [fg, inside & ~fg]
                     if not (fg.any() or sets[1].any()):
-                        raise DataError(f"case {name}: no voxel to centre a crop on (no label, no body above the "
-                                        f"threshold {crop['threshold']}); the MONAI chain fails on it too")
+                        raise DataError(
+                            f"case {name}: no voxel to centre a crop on (no label, no body above the "
+                            f"threshold {crop['threshold']}); the MONAI chain fails on it too"
+                        )
                 else:
                     sets = [inside & (lab == c) for c in range(crop["num_classes"])]
                     if not any(s.any() for s in sets):
@@ -285,7 +326,7 @@ class DeviceCropSampler:
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.int64).to(self.device)  # once per epoch
         b = self.volumes_per_batch
         for j in range(len(self)):
-            vols = order[j * b:(j + 1) * b]
+            vols = order[j * b : (j + 1) * b]
             yield self.draw(vols)
 
     def draw(self, vols: torch.Tensor, details: bool = False) -> dict:

@@ -31,12 +31,20 @@ GRID_TOL_VOXELS = 0.01  # a source pixel must land this close to a voxel centre 
 
 # class name (BTCV's, either spelling) -> (SNOMED CT keyword of the structure, laterality or None)
 _BTCV_CODES = {
-    "spleen": ("Spleen", None), "right_kidney": ("Kidney", "right"), "left_kidney": ("Kidney", "left"),
-    "gallbladder": ("Gallbladder", None), "esophagus": ("Esophagus", None), "liver": ("Liver", None),
-    "stomach": ("Stomach", None), "aorta": ("Aorta", None), "inferior_vena_cava": ("InferiorVenaCava", None),
+    "spleen": ("Spleen", None),
+    "right_kidney": ("Kidney", "right"),
+    "left_kidney": ("Kidney", "left"),
+    "gallbladder": ("Gallbladder", None),
+    "esophagus": ("Esophagus", None),
+    "liver": ("Liver", None),
+    "stomach": ("Stomach", None),
+    "aorta": ("Aorta", None),
+    "inferior_vena_cava": ("InferiorVenaCava", None),
     # "portal and splenic vein" is two structures; SNOMED CT has no single concept for both: Vein
-    "portal_splenic_vein": ("Vein", None), "pancreas": ("Pancreas", None),
-    "right_adrenal": ("AdrenalGland", "right"), "left_adrenal": ("AdrenalGland", "left"),
+    "portal_splenic_vein": ("Vein", None),
+    "pancreas": ("Pancreas", None),
+    "right_adrenal": ("AdrenalGland", "right"),
+    "left_adrenal": ("AdrenalGland", "left"),
 }
 _ALIASES = {re.sub(r"\s+", "_", spoken): key for _, spoken, key in BTCV_ORGANS}
 _LATERALITY = {"right": ("24028007", "Right"), "left": ("7771000", "Left")}
@@ -67,8 +75,11 @@ def _image_slices(folder: Path, pixels: bool = True) -> list:
     for f in dicom_files_in(folder):
         ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
         # a header read stops before PixelData, so it is told from other objects by its pixel attributes
-        if ("PixelData" in ds or not pixels and "Rows" in ds) and "ImagePositionPatient" in ds \
-                and "ImageOrientationPatient" in ds:
+        if (
+            ("PixelData" in ds or not pixels and "Rows" in ds)
+            and "ImagePositionPatient" in ds
+            and "ImageOrientationPatient" in ds
+        ):
             found.append(ds)
     if not found:
         raise DataError(f"{folder}: no CT image slices to reference in a DICOM-SEG")
@@ -100,8 +111,11 @@ def slice_voxel_indices(ds, affine: np.ndarray) -> np.ndarray:
     row_dir, col_dir = iop[:3], iop[3:]  # along a row (column index grows), along a column (row index grows)
     dr, dc = (float(x) for x in ds.PixelSpacing)  # between rows, between columns
     r, c = np.meshgrid(np.arange(int(ds.Rows)), np.arange(int(ds.Columns)), indexing="ij")
-    lps = (np.asarray(ds.ImagePositionPatient, float)[None, None, :] + c[..., None] * dc * row_dir
-           + r[..., None] * dr * col_dir)
+    lps = (
+        np.asarray(ds.ImagePositionPatient, float)[None, None, :]
+        + c[..., None] * dc * row_dir
+        + r[..., None] * dr * col_dir
+    )
     ras = lps * np.array([-1.0, -1.0, 1.0])
     inv = np.linalg.inv(np.asarray(affine, float))
     return ras @ inv[:3, :3].T + inv[:3, 3]
@@ -117,14 +131,22 @@ def _frames(label: np.ndarray, affine: np.ndarray, sources: list, folder: Path) 
         near = near.astype(int)
         inside = np.all((near >= 0) & (near < np.asarray(label.shape)), axis=-1)
         if off > GRID_TOL_VOXELS or not inside.all():
-            raise DataError(f"{folder}: slice {ds.SOPInstanceUID} does not lie on the prediction's voxel grid "
-                            f"(largest offset {off:.3g} voxel); the label map must be the series' own grid")
+            raise DataError(
+                f"{folder}: slice {ds.SOPInstanceUID} does not lie on the prediction's voxel grid "
+                f"(largest offset {off:.3g} voxel); the label map must be the series' own grid"
+            )
         out[n] = label[near[..., 0], near[..., 1], near[..., 2]]
     return out
 
 
-def write_dicom_seg(label: np.ndarray, affine: np.ndarray, series_folder: str | Path, classes: Mapping[int, str],
-                    path: str | Path, software_version: str = "") -> Path:
+def write_dicom_seg(
+    label: np.ndarray,
+    affine: np.ndarray,
+    series_folder: str | Path,
+    classes: Mapping[int, str],
+    path: str | Path,
+    software_version: str = "",
+) -> Path:
     """Write the DICOM-SEG of ``label`` (on the series' own grid, ``affine`` voxel -> RAS mm) to ``path``.
 
     One segment per class value present in ``label`` (numbered 1.. in value order), named after
@@ -140,31 +162,47 @@ def write_dicom_seg(label: np.ndarray, affine: np.ndarray, series_folder: str | 
     frames = _frames(np.asarray(label), affine, sources, folder)
     values = [int(v) for v in np.unique(frames) if v > 0]
     if not values:
-        raise DataError(f"{folder}: the prediction holds no organ, and a DICOM-SEG needs at least one segment; "
-                        "none was written")
+        raise DataError(
+            f"{folder}: the prediction holds no organ, and a DICOM-SEG needs at least one segment; none was written"
+        )
     seg_numbers = np.zeros(int(frames.max()) + 1, dtype=np.uint16)
     descriptions = []
-    algorithm = hd.AlgorithmIdentificationSequence(name="medhpm UNETR", version=software_version or "unknown",
-                                                   family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="medhpm UNETR", version=software_version or "unknown", family=codes.cid7162.ArtificialIntelligence
+    )
     category = CodedConcept("91723000", "SCT", "Anatomical Structure")
     for number, v in enumerate(values, start=1):
         seg_numbers[v] = number
         name = str(classes.get(v, f"class_{v}"))
         prop, side = anatomic_code(name)
         d = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name, segmented_property_category=category,
-            segmented_property_type=prop, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=category,
+            segmented_property_type=prop,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor.from_rgb(*label_rgb(v)))
+            display_color=hd.color.CIELabColor.from_rgb(*label_rgb(v)),
+        )
         if side is not None:
             d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [side]
         descriptions.append(d)
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=seg_numbers[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=9900,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medhpm", manufacturer_model_name="UNETR",
-        software_versions=software_version or "unknown", device_serial_number="none",
-        series_description="medhpm segmentation", content_label="MEDHPM")
+        source_images=sources,
+        pixel_array=seg_numbers[frames],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=9900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medhpm",
+        manufacturer_model_name="UNETR",
+        software_versions=software_version or "unknown",
+        device_serial_number="none",
+        series_description="medhpm segmentation",
+        content_label="MEDHPM",
+    )
     buf = DicomBytesIO()
     seg.save_as(buf, enforce_file_format=True)
     return atomic_write_bytes(path, buf.getvalue())

@@ -21,8 +21,6 @@ from medhpm.data.volume_checks import grid_problem_of_affine
 __all__ = ["GRID_TOL_MM", "grid_problem", "nifti_header", "check_headers"]
 
 
-
-
 def _ras_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """(shape, affine) of the grid reoriented to the closest RAS axes (as the chains' Orientationd does),
     so that an image and a label map stored in different axis orders compare equal."""
@@ -34,8 +32,9 @@ def _ras_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...]
     return tuple(shape[int(i)] for i in np.argsort(ornt[:, 0])), affine @ inv_ornt_aff(ornt, shape)
 
 
-def grid_problem(image_path: str, image_shape: Sequence[int], image_affine, label_path: str,
-                 label_shape: Sequence[int], label_affine) -> str | None:
+def grid_problem(
+    image_path: str, image_shape: Sequence[int], image_affine, label_path: str, label_shape: Sequence[int], label_affine
+) -> str | None:
     """Why a label map does not lie on its image's voxel grid (the rule of
     :func:`medhpm.data.volume_checks.grid_problem` on the headers reoriented to RAS, naming both files), or None."""
     ishape, iaff = _ras_grid(image_shape, image_affine)
@@ -57,8 +56,10 @@ def nifti_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     while len(shape) > 3 and shape[-1] == 1:  # trailing singleton dimensions are squeezed by the reader
         shape = shape[:-1]
     if len(shape) == 4:
-        raise DataError(f"{path}: 4D image {shape} with {shape[-1]} volumes; medhpm needs one 3D CT volume per "
-                        "file (split the volumes into separate files)")
+        raise DataError(
+            f"{path}: 4D image {shape} with {shape[-1]} volumes; medhpm needs one 3D CT volume per "
+            "file (split the volumes into separate files)"
+        )
     if len(shape) != 3:
         raise DataError(f"{path}: {len(shape)}D image {shape}; medhpm needs a 3D CT volume")
     if min(shape) < 2:

@@ -18,8 +18,16 @@ import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CHANNEL_SUFFIX", "is_nifti", "strip_nifti_ext", "is_dicom_file", "dicom_files_in", "is_dicom_series", "case_name",
-           "find_scans"]
+__all__ = [
+    "CHANNEL_SUFFIX",
+    "is_nifti",
+    "strip_nifti_ext",
+    "is_dicom_file",
+    "dicom_files_in",
+    "is_dicom_series",
+    "case_name",
+    "find_scans",
+]
 
 _NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 CHANNEL_SUFFIX = re.compile(r"_0000$")  # nnU-Net's first-channel suffix on image files

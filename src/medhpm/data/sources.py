@@ -27,8 +27,9 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
     if phantoms_written(cfg, work_dir):
         return out / "dataset.json"
     stamp, want = out / "phantom.json", _phantom_stamp(cfg)
-    path = write_phantom_dataset(out, cases=cfg.phantom_cases, seed=cfg.phantom_seed,
-                                 variability=cfg.phantom_variability)
+    path = write_phantom_dataset(
+        out, cases=cfg.phantom_cases, seed=cfg.phantom_seed, variability=cfg.phantom_variability
+    )
 
     atomic_write_text(stamp, json.dumps(want))
     return path

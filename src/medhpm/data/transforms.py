@@ -66,9 +66,24 @@ __all__ = [
 SPEC_VERSION = 1
 # The DataConfig fields that define a chain; everything else (data location, caching) does not.
 SPEC_FIELDS = (
-    "orientation", "spacing", "a_min", "a_max", "b_min", "b_max", "crop_foreground", "roi", "crop",
-    "num_samples", "pos", "neg", "flip_prob", "rot90_prob", "intensity_scale_prob", "intensity_shift_prob",
-    "intensity_scale", "intensity_shift",
+    "orientation",
+    "spacing",
+    "a_min",
+    "a_max",
+    "b_min",
+    "b_max",
+    "crop_foreground",
+    "roi",
+    "crop",
+    "num_samples",
+    "pos",
+    "neg",
+    "flip_prob",
+    "rot90_prob",
+    "intensity_scale_prob",
+    "intensity_shift_prob",
+    "intensity_scale",
+    "intensity_shift",
 )
 # The fields the deterministic (cacheable) part depends on
 DETERMINISTIC_FIELDS = ("orientation", "spacing", "a_min", "a_max", "b_min", "b_max", "crop_foreground", "roi")
@@ -113,14 +128,24 @@ def _deterministic(cfg: DataConfig, keys: list[str], num_classes: int | None = N
         LoadCTd(keys, label_keys=("label",), num_classes=num_classes, reject_constant=training),
         # labels=None: axis codes follow the MetaTensor's space (RAS for both our readers)
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
-        Spacingd(keys, pixdim=tuple(float(s) for s in cfg.spacing),
-                 mode=["bilinear" if k == "image" else "nearest" for k in keys]),
-        ScaleIntensityRanged("image", a_min=cfg.a_min, a_max=cfg.a_max, b_min=cfg.b_min, b_max=cfg.b_max,
-                             clip=True),
+        Spacingd(
+            keys,
+            pixdim=tuple(float(s) for s in cfg.spacing),
+            mode=["bilinear" if k == "image" else "nearest" for k in keys],
+        ),
+        ScaleIntensityRanged("image", a_min=cfg.a_min, a_max=cfg.a_max, b_min=cfg.b_min, b_max=cfg.b_max, clip=True),
     ]
     if cfg.crop_foreground:
-        chain.append(CropForegroundd(keys, source_key="image", select_fn=_Above(cfg.b_min), allow_smaller=True,
-                                     start_coord_key=None, end_coord_key=None))
+        chain.append(
+            CropForegroundd(
+                keys,
+                source_key="image",
+                select_fn=_Above(cfg.b_min),
+                allow_smaller=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            )
+        )
     # pad the image with the value of air after scaling, the label with background
     chain.append(SpatialPadd("image", spatial_size=roi, mode="constant", value=float(cfg.b_min)))
     if labelled:
@@ -128,8 +153,9 @@ def _deterministic(cfg: DataConfig, keys: list[str], num_classes: int | None = N
     return chain
 
 
-def _random(cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: int | None = None,
-            pretraining: bool = False) -> list:
+def _random(
+    cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: int | None = None, pretraining: bool = False
+) -> list:
     """Random crops and flips; for fine-tuning also 90-degree rotations and intensity scale and shift.
     Self-pre-training uses crops and flips only, as the paper and SelfMedMAE's
     ``get_mae_pretrain_transforms`` do (docs/method.md, recipe table)."""
@@ -138,13 +164,25 @@ def _random(cfg: DataConfig, keys: list[str], label_crops: bool, num_classes: in
         # centres drawn class by class with equal odds (nnU-Net-style oversampling of small organs);
         # a class absent from a scan is skipped for that scan
         crop: Any = RandCropByLabelClassesd(
-            keys, label_key="label", spatial_size=roi, num_classes=num_classes, num_samples=cfg.num_samples,
-            image_key="image", image_threshold=cfg.b_min, warn=False,
+            keys,
+            label_key="label",
+            spatial_size=roi,
+            num_classes=num_classes,
+            num_samples=cfg.num_samples,
+            image_key="image",
+            image_threshold=cfg.b_min,
+            warn=False,
         )
     elif label_crops:
         crop = RandCropByPosNegLabeld(
-            keys, label_key="label", spatial_size=roi, pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples,
-            image_key="image", image_threshold=cfg.b_min,  # negative centres inside the body, not in air
+            keys,
+            label_key="label",
+            spatial_size=roi,
+            pos=cfg.pos,
+            neg=cfg.neg,
+            num_samples=cfg.num_samples,
+            image_key="image",
+            image_threshold=cfg.b_min,  # negative centres inside the body, not in air
         )
     else:
         crop = RandSpatialCropSamplesd(keys, roi_size=roi, num_samples=cfg.num_samples, random_size=False)
@@ -178,8 +216,9 @@ def pretrain_transforms(cfg: DataConfig, labelled: bool = False) -> Compose:
     _check(cfg)
     keys = ["image", "label"] if labelled else ["image"]
     # class-balanced crops need the class count, which pre-training does not know: pos/neg crops there
-    chain = _deterministic(cfg, keys, training=True) + _random(cfg, keys, label_crops=labelled and cfg.crop != "random",
-                                                                   pretraining=True)
+    chain = _deterministic(cfg, keys, training=True) + _random(
+        cfg, keys, label_crops=labelled and cfg.crop != "random", pretraining=True
+    )
     return _finish(cfg, "pretrain_labelled" if labelled else "pretrain", chain, keys)
 
 
@@ -190,7 +229,8 @@ def train_transforms(cfg: DataConfig, num_classes: int | None = None) -> Compose
     _check(cfg)
     keys = ["image", "label"]
     chain = _deterministic(cfg, keys, num_classes, training=True) + _random(
-        cfg, keys, label_crops=cfg.crop != "random", num_classes=num_classes)
+        cfg, keys, label_crops=cfg.crop != "random", num_classes=num_classes
+    )
     return _finish(cfg, "train", chain, keys)
 
 

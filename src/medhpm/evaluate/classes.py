@@ -37,6 +37,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "left_adrenal": "Adrenal(L)",
 }
 
+
 def display_name(name: str) -> str:
     """Table header for an organ name: ``"right_kidney"`` -> ``"Kidney(R)"``, ``"left_lung"`` -> ``"Left Lung"``."""
     if name in DISPLAY_NAMES:

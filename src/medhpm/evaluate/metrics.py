@@ -94,8 +94,7 @@ def _union_box(a: tuple[slice, ...], b: tuple[slice, ...], shape: tuple[int, ...
     # One voxel of margin so that the crop's border is background, exactly like the uncropped volume
     # (erosion treats outside-the-array as background, so surfaces and distances are unchanged).
     return tuple(
-        slice(max(min(sa.start, sb.start) - 1, 0), min(max(sa.stop, sb.stop) + 1, n))
-        for sa, sb, n in zip(a, b, shape)
+        slice(max(min(sa.start, sb.start) - 1, 0), min(max(sa.stop, sb.stop) + 1, n)) for sa, sb, n in zip(a, b, shape)
     )
 
 
@@ -130,7 +129,10 @@ def check_tolerance(tolerance_mm: float) -> float:
 
 
 def compute_case_metrics(
-    pred: np.ndarray, label: np.ndarray, spacing: Sequence[float], classes: Mapping[int, str],
+    pred: np.ndarray,
+    label: np.ndarray,
+    spacing: Sequence[float],
+    classes: Mapping[int, str],
     surface_tolerance_mm: float | None = None,
 ) -> dict[int, dict[str, float | str]]:
     """Dice and HD95 (mm) of every class in one case.
@@ -228,15 +230,18 @@ def summarize(
         if entries and all("surface_dice" in e for e in entries):
             nsd = _finite(e.get("surface_dice") for e in entries)
             assd = _finite(e.get("assd") for e in entries)
-            summary[str(v)].update({"surface_dice_mean": _mean(nsd), "surface_dice_std": _std(nsd),
-                                    "assd_mean": _mean(assd), "assd_std": _std(assd), "n_assd": int(assd.size)})
+            summary[str(v)].update(
+                {
+                    "surface_dice_mean": _mean(nsd),
+                    "surface_dice_std": _std(nsd),
+                    "assd_mean": _mean(assd),
+                    "assd_std": _std(assd),
+                    "n_assd": int(assd.size),
+                }
+            )
     dice_means = _finite(s["dice_mean"] for s in summary.values())
     hd_means = _finite(s["hd95_mean"] for s in summary.values())
-    summary["mean"] = {
-        "dice_mean": _mean(dice_means),
-        "hd95_mean": _mean(hd_means),
-        "n_labels": int(dice_means.size),
-    }
+    summary["mean"] = {"dice_mean": _mean(dice_means), "hd95_mean": _mean(hd_means), "n_labels": int(dice_means.size)}
     per_label = [s for k, s in summary.items() if k != "mean"]
     if per_label and all("surface_dice_mean" in s for s in per_label):
         summary["mean"]["surface_dice_mean"] = _mean(_finite(s["surface_dice_mean"] for s in per_label))

@@ -25,8 +25,9 @@ STATISTICS_CONVENTIONS = {
 }
 
 
-def organ_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
-                     classes: Mapping[int, str]) -> dict[str, dict]:
+def organ_statistics(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray, classes: Mapping[int, str]
+) -> dict[str, dict]:
     """``{str(value): {"name", "voxels", "volume_ml", "hu_mean", "hu_std"}}`` for every class of ``classes``.
 
     ``image`` (HU) and ``label`` share one grid (same shape); ``affine`` is that grid's voxel -> mm matrix.
@@ -45,9 +46,13 @@ def organ_statistics(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
     out: dict[str, dict] = {}
     for v, name in sorted((int(k), n) for k, n in classes.items()):
         n = int(counts[v])
-        out[str(v)] = {"name": name, "voxels": n, "volume_ml": n * voxel_ml,
-                       "hu_mean": float(means[v]) if n else None,
-                       "hu_std": float(math.sqrt(squares[v] / n)) if n else None}
+        out[str(v)] = {
+            "name": name,
+            "voxels": n,
+            "volume_ml": n * voxel_ml,
+            "hu_mean": float(means[v]) if n else None,
+            "hu_std": float(math.sqrt(squares[v] / n)) if n else None,
+        }
     return out
 
 

@@ -31,8 +31,16 @@ def paired_difference(a: Mapping, b: Mapping, confidence: float = 0.95) -> dict:
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(float(a[s])) and math.isfinite(float(b[s])))
     d = [float(a[s]) - float(b[s]) for s in seeds]
     n = len(d)
-    out = {"n": n, "seeds": seeds, "confidence": confidence, "interval": "Student t, paired over seeds",
-           "mean": float("nan"), "std": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    out = {
+        "n": n,
+        "seeds": seeds,
+        "confidence": confidence,
+        "interval": "Student t, paired over seeds",
+        "mean": float("nan"),
+        "std": float("nan"),
+        "lo": float("nan"),
+        "hi": float("nan"),
+    }
     if n == 0:
         return out
     mean, std, _ = mean_std(d)  # the seeds' mean and sample std, as the tables compute them

@@ -76,8 +76,10 @@ def _collect(source: Path, datalist_key: str, role: str) -> list[_Item]:
         raise ValueError(f"datalist {source} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or datalist_key not in data:
         lists = sorted(k for k, v in data.items() if isinstance(v, list)) if isinstance(data, dict) else []
-        raise ValueError(f"datalist {source} has no {datalist_key!r} list (its lists: {', '.join(lists) or 'none'}); "
-                         "choose one with --split (datalist_key).")
+        raise ValueError(
+            f"datalist {source} has no {datalist_key!r} list (its lists: {', '.join(lists) or 'none'}); "
+            "choose one with --split (datalist_key)."
+        )
     # Predictions may sit under "pred"; otherwise "label" holds the map to read.
     has_pred = any(isinstance(e, dict) and "pred" in e for e in data[datalist_key])
     field = "pred" if role == "pred" and has_pred else "label"
@@ -108,8 +110,14 @@ def _described(source: Path, datalist_key: str) -> str:
     return f"the {datalist_key!r} list of {source}" if source.suffix.lower() == ".json" else str(source)
 
 
-def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: Path,
-           only_predicted: bool = False, datalist_key: str = "test") -> tuple[list[tuple[_Item, _Item]], list[_Item]]:
+def _match(
+    preds: list[_Item],
+    labels: list[_Item],
+    pred_src: Path,
+    label_src: Path,
+    only_predicted: bool = False,
+    datalist_key: str = "test",
+) -> tuple[list[tuple[_Item, _Item]], list[_Item]]:
     """Pairs of (prediction, ground truth), and the ground truths left without a prediction (empty unless
     ``only_predicted``: otherwise any unmatched file on either side is a ValueError)."""
     if len(preds) == 1 and len(labels) == 1 and not pred_src.is_dir() and not label_src.is_dir():
@@ -148,8 +156,7 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
     skipped = []
     if only_predicted and not unmatched_preds:
         if not pairs:
-            raise ValueError(f"no prediction in {pred_src} matches a ground truth in {label_src}: nothing to "
-                             "evaluate.")
+            raise ValueError(f"no prediction in {pred_src} matches a ground truth in {label_src}: nothing to evaluate.")
         skipped, unmatched_labels = unmatched_labels, []
     if unmatched_labels or unmatched_preds:
         msg = []
@@ -163,8 +170,12 @@ def _match(preds: list[_Item], labels: list[_Item], pred_src: Path, label_src: P
                 f"{len(unmatched_preds)} prediction(s) in {pred_src} match no ground truth in {label_src}: "
                 + ", ".join(p.path.name for p in unmatched_preds)
             )
-        hint = (" To evaluate only the cases that have a prediction (a test subset against a folder of all the "
-                "labels), add --only-predicted." if unmatched_labels and not unmatched_preds else "")
+        hint = (
+            " To evaluate only the cases that have a prediction (a test subset against a folder of all the "
+            "labels), add --only-predicted."
+            if unmatched_labels and not unmatched_preds
+            else ""
+        )
         if unmatched_preds and label_is_datalist:
             hint += " A datalist is read for one list: --split test|validation|training chooses it."
         raise ValueError(
@@ -228,8 +239,18 @@ def _csv_text(cases: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, 
         for v, name in classes.items():
             e = per_label[str(v)]
             cell = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731 - empty cell = undefined
-            w.writerow([case, v, name, cell(e["dice"]), cell(e["hd95"]), cell(e.get("surface_dice")),
-                        cell(e.get("assd")), e["status"]])
+            w.writerow(
+                [
+                    case,
+                    v,
+                    name,
+                    cell(e["dice"]),
+                    cell(e["hd95"]),
+                    cell(e.get("surface_dice")),
+                    cell(e.get("assd")),
+                    e["status"],
+                ]
+            )
     return buf.getvalue()
 
 
@@ -327,9 +348,11 @@ def evaluate_predictions(
     pred_src, label_src, out_dir = Path(pred), Path(label), Path(out_dir)
     pred_items = _collect(pred_src, datalist_key, "pred")
     label_items = _collect(label_src, datalist_key, "label")
-    refuse_overwriting_inputs([out_dir] + [out_dir / n for n in ("metrics.json", "metrics.csv", "table.md")],
-                              [pred_src, label_src] + [it.path for it in pred_items + label_items],
-                              hint="choose another output folder with -o")
+    refuse_overwriting_inputs(
+        [out_dir] + [out_dir / n for n in ("metrics.json", "metrics.csv", "table.md")],
+        [pred_src, label_src] + [it.path for it in pred_items + label_items],
+        hint="choose another output folder with -o",
+    )
     pairs, skipped = _match(pred_items, label_items, pred_src, label_src, only_predicted, datalist_key)
     if classes is not None:
         table, source = parse_classes(classes), "given (--classes)"
@@ -357,13 +380,17 @@ def evaluate_predictions(
 
     if table is None:  # named by value: every value found in a prediction or a ground truth
         if not present:
-            raise ValueError(f"no label value other than 0 in any prediction ({pred_src}) or ground truth "
-                             f"({label_src}): nothing to evaluate.")
+            raise ValueError(
+                f"no label value other than 0 in any prediction ({pred_src}) or ground truth "
+                f"({label_src}): nothing to evaluate."
+            )
         table, source = {v: value_name(v) for v in sorted(present)}, "the label values found (no names given)"
         for per_label in cases.values():  # a value this case lacks on both sides is absent in it
             for v in table:
-                per_label.setdefault(str(v), {"dice": math.nan, "hd95": math.nan, "status": ABSENT,
-                                              "surface_dice": math.nan, "assd": math.nan})
+                per_label.setdefault(
+                    str(v),
+                    {"dice": math.nan, "hd95": math.nan, "status": ABSENT, "surface_dice": math.nan, "assd": math.nan},
+                )
             per_label.update({k: per_label.pop(k) for k in sorted(per_label, key=int)})
     elif classes is not None:
         unseen = [f"{v} ({n})" for v, n in table.items() if v not in present]
@@ -371,7 +398,8 @@ def evaluate_predictions(
             raise ValueError(
                 f"--classes names label value(s) {', '.join(unseen)} that appear in no prediction ({pred_src}) and "
                 f"no ground truth ({label_src}); the values found are {sorted(present) or 'none'}. Check the "
-                "numbering, or leave --classes out to take the names from the datalist.")
+                "numbering, or leave --classes out to take the names from the datalist."
+            )
     classes = table
 
     metrics = _json_safe(
@@ -396,11 +424,14 @@ def evaluate_predictions(
     note = (
         f"\nDSC in %, HD95 in mm; NSD (normalised surface Dice at {tolerance:g} mm) in %, ASSD in mm; "
         f"{len(cases)} case(s)"
-        + (f" ({len(skipped)} ground-truth case(s) without a prediction not evaluated: --only-predicted)"
-           if skipped else "")
+        + (
+            f" ({len(skipped)} ground-truth case(s) without a prediction not evaluated: --only-predicted)"
+            if skipped
+            else ""
+        )
         + f"; Avg = mean over the organs shown (classes: {source}). "
         f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice and NSD 0, no HD95 or ASSD, so not "
-        "in their means); organs absent from both are left out. See \"conventions\" in metrics.json.\n"
+        'in their means); organs absent from both are left out. See "conventions" in metrics.json.\n'
     )
     atomic_write_text(out_dir / "table.md", table + note)
     return metrics

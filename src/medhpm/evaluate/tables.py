@@ -98,8 +98,9 @@ def _fmt(value: float, std: float, show_std: bool, scale: float = 1.0) -> str:
     return text
 
 
-def paper_table(rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, str],
-                surface_tolerance_mm: float | None = None) -> str:
+def paper_table(
+    rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int, str], surface_tolerance_mm: float | None = None
+) -> str:
     """A Markdown table like the paper's Table 1.
 
     Args:
@@ -119,7 +120,8 @@ def paper_table(rows: Mapping[str, Mapping[str, Mapping]], classes: Mapping[int,
     labels = [str(int(v)) for v in classes]
     header = ["Method", "Avg DSC / HD95", *(display_name(classes[v]) for v in classes)]
     surface = surface_tolerance_mm is not None and all(
-        "surface_dice_mean" in s.get(k, {}) for s in rows.values() for k in labels)
+        "surface_dice_mean" in s.get(k, {}) for s in rows.values() for k in labels
+    )
     if surface:
         header += [f"Avg NSD@{surface_tolerance_mm:g} mm / ASSD", *(f"{display_name(classes[v])} NSD" for v in classes)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]

@@ -31,10 +31,27 @@ import torch.nn.functional as F
 
 from medhpm.models.vit import patchify
 
-__all__ = ["patch_majority_labels", "LinearProbe", "fit_linear_probe", "balanced_accuracy", "class_recall",
-           "volume_tokens", "case_folds", "cv_linear_probe", "KnnProbe", "fit_knn_probe", "cv_knn_probe",
-           "probe_tokens", "noise_floor", "DEFAULT_STRENGTHS", "DEFAULT_STRENGTH", "DEFAULT_KS", "DEFAULT_K",
-           "DEFAULT_FOLDS", "CV_TOLERANCE"]
+__all__ = [
+    "patch_majority_labels",
+    "LinearProbe",
+    "fit_linear_probe",
+    "balanced_accuracy",
+    "class_recall",
+    "volume_tokens",
+    "case_folds",
+    "cv_linear_probe",
+    "KnnProbe",
+    "fit_knn_probe",
+    "cv_knn_probe",
+    "probe_tokens",
+    "noise_floor",
+    "DEFAULT_STRENGTHS",
+    "DEFAULT_STRENGTH",
+    "DEFAULT_KS",
+    "DEFAULT_K",
+    "DEFAULT_FOLDS",
+    "CV_TOLERANCE",
+]
 
 DEFAULT_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the L2 grid of the linear probe's CV
 DEFAULT_STRENGTH = 1e-3  # the fixed fit's strength, and the linear probe's with a single training case
@@ -90,8 +107,15 @@ def _inverse_frequency(y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor,
     return counts, w
 
 
-def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: int = 200,
-                     weight_decay: float = DEFAULT_STRENGTH, seed: int = 0, tolerance: float = 1e-9) -> LinearProbe:
+def fit_linear_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    steps: int = 200,
+    weight_decay: float = DEFAULT_STRENGTH,
+    seed: int = 0,
+    tolerance: float = 1e-9,
+) -> LinearProbe:
     """Fit a class-balanced multinomial logistic regression on standardised features by full-batch L-BFGS.
 
     Args:
@@ -117,8 +141,14 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, steps: 
     yp, wp = index[y], class_w[present]
     weight = init[present].clone().requires_grad_(True)
     bias = torch.zeros(len(present), requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_change=tolerance)
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=steps,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_change=tolerance,
+    )
 
     def closure():
         opt.zero_grad()
@@ -138,7 +168,9 @@ def balanced_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:
     """Mean over the classes present in ``true`` of the share of their items that ``pred`` gets right."""
     pred, true = pred.reshape(-1).long(), true.reshape(-1).long()
     if pred.shape != true.shape or true.numel() == 0:
-        raise ValueError(f"pred and true must have the same, non-zero size, got {tuple(pred.shape)} and {tuple(true.shape)}")
+        raise ValueError(
+            f"pred and true must have the same, non-zero size, got {tuple(pred.shape)} and {tuple(true.shape)}"
+        )
     classes = torch.unique(true)
     return float(torch.stack([(pred[true == c] == c).float().mean() for c in classes]).mean())
 
@@ -151,6 +183,7 @@ def class_recall(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------------
 # case-wise cross-validation
+
 
 def case_folds(groups: torch.Tensor, folds: int = DEFAULT_FOLDS, seed: int = 0) -> list[torch.Tensor]:
     """Held-out masks of a K-fold split BY CASE: ``groups`` ``(M,)`` holds each token's case number.
@@ -182,9 +215,17 @@ def _best(curve: Sequence[float]) -> int:
     return max(i for i, v in enumerate(curve) if v == best)
 
 
-def cv_linear_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classes: int,
-                    strengths: Sequence[float] = DEFAULT_STRENGTHS, folds: int = DEFAULT_FOLDS, steps: int = 200,
-                    seed: int = 0, tolerance: float = CV_TOLERANCE) -> tuple[LinearProbe, dict]:
+def cv_linear_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    num_classes: int,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    folds: int = DEFAULT_FOLDS,
+    steps: int = 200,
+    seed: int = 0,
+    tolerance: float = CV_TOLERANCE,
+) -> tuple[LinearProbe, dict]:
     """:func:`fit_linear_probe` with its L2 strength chosen by case-wise cross-validation, refitted on all.
 
     For each strength of ``strengths`` (sorted ascending) a probe is fitted on the tokens of the cases
@@ -203,17 +244,33 @@ def cv_linear_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_
         raise ValueError(f"strengths must be a non-empty list of non-negative numbers, got {list(strengths)}")
     masks = case_folds(groups, folds, seed)
     if masks:
-        per_fold = [[balanced_accuracy(fit_linear_probe(x[~m], y[~m], num_classes, steps, s, seed, tolerance)
-                                       .predict(x[m]), y[m]) for m in masks] for s in grid]
+        per_fold = [
+            [
+                balanced_accuracy(
+                    fit_linear_probe(x[~m], y[~m], num_classes, steps, s, seed, tolerance).predict(x[m]), y[m]
+                )
+                for m in masks
+            ]
+            for s in grid
+        ]
         curve = [sum(v) / len(v) for v in per_fold]
         wd, chosen_by = grid[_best(curve)], f"case-wise {len(masks)}-fold cross-validation"
-        cv = {"weight_decay": grid, "balanced_accuracy": curve, "fold_balanced_accuracy": per_fold,
-              "folds": len(masks), "fold_groups": _fold_groups(groups, masks)}
+        cv = {
+            "weight_decay": grid,
+            "balanced_accuracy": curve,
+            "fold_balanced_accuracy": per_fold,
+            "folds": len(masks),
+            "fold_groups": _fold_groups(groups, masks),
+        }
     else:
         wd, chosen_by, cv = DEFAULT_STRENGTH, _SINGLE_CASE, None
     probe = fit_linear_probe(x, y, num_classes, steps, wd, seed, tolerance)
-    record = {"weight_decay": wd, "chosen_by": chosen_by,
-              "train_balanced_accuracy": balanced_accuracy(probe.predict(x), y), "cv": cv}
+    record = {
+        "weight_decay": wd,
+        "chosen_by": chosen_by,
+        "train_balanced_accuracy": balanced_accuracy(probe.predict(x), y),
+        "cv": cv,
+    }
     return probe, record
 
 
@@ -248,7 +305,7 @@ class KnnProbe:
         step = max(1, _CHUNK_ELEMENTS // max(1, self.bank.shape[0]))
         out = []
         for i in range(0, q.shape[0], step):
-            qi = q[i:i + step]
+            qi = q[i : i + step]
             sim = qi @ self.bank.T  # cosine: similarity of unit vectors
             if sq_bank is not None:  # euclidean: minus the squared distance, up to the query's own norm
                 sim = 2 * sim - sq_bank
@@ -269,8 +326,9 @@ class KnnProbe:
         return self.vote(self.neighbours(x))
 
 
-def fit_knn_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int = DEFAULT_K,
-                  metric: str = "cosine") -> KnnProbe:
+def fit_knn_probe(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int = DEFAULT_K, metric: str = "cosine"
+) -> KnnProbe:
     """A class-balanced k-nearest-neighbour probe: the tokens ``x`` standardised with their own mean and std
     (and, for ``metric="cosine"``, scaled to unit length), ``k`` neighbours (at most the number of tokens),
     each voting with 1 / the number of fit tokens of its class, so the many background patches do not
@@ -290,9 +348,16 @@ def fit_knn_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int = D
     return probe
 
 
-def cv_knn_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_classes: int,
-                 ks: Sequence[int] = DEFAULT_KS, folds: int = DEFAULT_FOLDS, metric: str = "cosine",
-                 seed: int = 0) -> tuple[KnnProbe, dict]:
+def cv_knn_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    folds: int = DEFAULT_FOLDS,
+    metric: str = "cosine",
+    seed: int = 0,
+) -> tuple[KnnProbe, dict]:
     """:func:`fit_knn_probe` with ``k`` chosen by the same case-wise cross-validation as
     :func:`cv_linear_probe` (ties: the larger k; a single case: :data:`DEFAULT_K`). The neighbours of each
     fold are searched once for the largest k. Returns the probe on every token and a record like
@@ -311,8 +376,13 @@ def cv_knn_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_cla
                 per_fold[j].append(balanced_accuracy(fold.vote(idx[:, :k]), y[m]))
         curve = [sum(v) / len(v) for v in per_fold]
         k, chosen_by = grid[_best(curve)], f"case-wise {len(masks)}-fold cross-validation"
-        cv = {"k": grid, "balanced_accuracy": curve, "fold_balanced_accuracy": per_fold, "folds": len(masks),
-              "fold_groups": _fold_groups(groups, masks)}
+        cv = {
+            "k": grid,
+            "balanced_accuracy": curve,
+            "fold_balanced_accuracy": per_fold,
+            "folds": len(masks),
+            "fold_groups": _fold_groups(groups, masks),
+        }
     else:
         k, chosen_by, cv = DEFAULT_K, _SINGLE_CASE, None
     probe = fit_knn_probe(x, y, num_classes, k, metric)
@@ -322,10 +392,23 @@ def cv_knn_probe(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, num_cla
 # ----------------------------------------------------------------------------------------------------------
 # all probes of one encoder, and the noise floor of random ones
 
-def probe_tokens(x_train: torch.Tensor, y_train: torch.Tensor, groups: torch.Tensor, x_test: torch.Tensor,
-                 y_test: torch.Tensor, num_classes: int, *, strengths: Sequence[float] = DEFAULT_STRENGTHS,
-                 ks: Sequence[int] = DEFAULT_KS, folds: int = DEFAULT_FOLDS, metric: str = "cosine",
-                 steps: int = 200, seed: int = 0, fixed_strength: float | None = DEFAULT_STRENGTH) -> dict:
+
+def probe_tokens(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    groups: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_classes: int,
+    *,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    ks: Sequence[int] = DEFAULT_KS,
+    folds: int = DEFAULT_FOLDS,
+    metric: str = "cosine",
+    steps: int = 200,
+    seed: int = 0,
+    fixed_strength: float | None = DEFAULT_STRENGTH,
+) -> dict:
     """Every probe of one encoder's tokens: fitted on the training tokens (``groups``: their case numbers,
     for the case-wise CV), scored on the test tokens. Returns a JSON-able dict:
 
@@ -340,18 +423,26 @@ def probe_tokens(x_train: torch.Tensor, y_train: torch.Tensor, groups: torch.Ten
     if fixed_strength is not None:
         fixed = fit_linear_probe(x_train, y_train, num_classes, steps, fixed_strength, seed)
         pred = fixed.predict(x_test)
-        out["linear_fixed"] = {"weight_decay": float(fixed_strength),
-                               "balanced_accuracy": balanced_accuracy(pred, y_test),
-                               "train_balanced_accuracy": balanced_accuracy(fixed.predict(x_train), y_train),
-                               "test_recall": class_recall(pred, y_test)}
+        out["linear_fixed"] = {
+            "weight_decay": float(fixed_strength),
+            "balanced_accuracy": balanced_accuracy(pred, y_test),
+            "train_balanced_accuracy": balanced_accuracy(fixed.predict(x_train), y_train),
+            "test_recall": class_recall(pred, y_test),
+        }
     lin, rec = cv_linear_probe(x_train, y_train, groups, num_classes, strengths, folds, steps, seed)
     pred = lin.predict(x_test)
-    out["linear_cv"] = {"balanced_accuracy": balanced_accuracy(pred, y_test), **rec,
-                        "test_recall": class_recall(pred, y_test)}
+    out["linear_cv"] = {
+        "balanced_accuracy": balanced_accuracy(pred, y_test),
+        **rec,
+        "test_recall": class_recall(pred, y_test),
+    }
     knn, rec = cv_knn_probe(x_train, y_train, groups, num_classes, ks, folds, metric, seed)
     pred = knn.predict(x_test)
-    out["knn"] = {"balanced_accuracy": balanced_accuracy(pred, y_test), **rec,
-                  "test_recall": class_recall(pred, y_test)}
+    out["knn"] = {
+        "balanced_accuracy": balanced_accuracy(pred, y_test),
+        **rec,
+        "test_recall": class_recall(pred, y_test),
+    }
     out["chance"] = 1.0 / len(torch.unique(y_test))
     return out
 
@@ -387,14 +478,21 @@ def noise_floor(build_encoder: Callable[[int], Any], seeds: Sequence[int], probe
     summary = {}
     for name in names:
         vals = [_scores(per_seed[s])[name] for s in seeds]
-        summary[name] = {"values": vals, "mean": statistics.fmean(vals),
-                         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                         "min": min(vals), "max": max(vals), "n": len(vals)}
+        summary[name] = {
+            "values": vals,
+            "mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals),
+            "max": max(vals),
+            "n": len(vals),
+        }
     return {"seeds": seeds, "per_seed": per_seed, "summary": summary}
 
 
 @torch.no_grad()
-def volume_tokens(encoder, image: torch.Tensor, label: torch.Tensor, roi, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def volume_tokens(
+    encoder, image: torch.Tensor, label: torch.Tensor, roi, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen ``encoder``'s tokens of a whole preprocessed volume and their patches' majority classes.
 
     ``image``, ``label``: ``(1, H, W, D)`` on the encoder's grid (the validation chain's output). The volume
@@ -413,8 +511,12 @@ def volume_tokens(encoder, image: torch.Tensor, label: torch.Tensor, roi, patch_
     for i in range(grid[0]):
         for j in range(grid[1]):
             for k in range(grid[2]):
-                win = (slice(None), slice(i * roi[0], (i + 1) * roi[0]), slice(j * roi[1], (j + 1) * roi[1]),
-                       slice(k * roi[2], (k + 1) * roi[2]))
+                win = (
+                    slice(None),
+                    slice(i * roi[0], (i + 1) * roi[0]),
+                    slice(j * roi[1], (j + 1) * roi[1]),
+                    slice(k * roi[2], (k + 1) * roi[2]),
+                )
                 tokens, _ = encoder(img[win][None])  # (1, N, D)
                 feats.append(tokens[0])
                 classes.append(patch_majority_labels(lab[win][None], patch_size)[0])

@@ -31,9 +31,33 @@ The package: :mod:`~medhpm.experiment.spec` (the spec and its checks), :mod:`~me
 
 from medhpm.experiment.report import write_experiment_results
 from medhpm.experiment.runner import planned_pretrainings, planned_runs, run_command, run_experiment
-from medhpm.experiment.spec import (ALL_METHODS, LABELS, PAIRS, base_method, label_draws, load_experiment,
-                                    method_label, pairs_of, pretrained_as, shares_pretraining)
+from medhpm.experiment.spec import (
+    ALL_METHODS,
+    LABELS,
+    PAIRS,
+    base_method,
+    label_draws,
+    load_experiment,
+    method_label,
+    pairs_of,
+    pretrained_as,
+    shares_pretraining,
+)
 
-__all__ = ["ALL_METHODS", "LABELS", "PAIRS", "base_method", "label_draws", "load_experiment", "method_label",
-           "pairs_of", "planned_pretrainings", "planned_runs", "pretrained_as", "run_command", "run_experiment",
-           "shares_pretraining", "write_experiment_results"]
+__all__ = [
+    "ALL_METHODS",
+    "LABELS",
+    "PAIRS",
+    "base_method",
+    "label_draws",
+    "load_experiment",
+    "method_label",
+    "pairs_of",
+    "planned_pretrainings",
+    "planned_runs",
+    "pretrained_as",
+    "run_command",
+    "run_experiment",
+    "shares_pretraining",
+    "write_experiment_results",
+]

@@ -19,8 +19,17 @@ from pathlib import Path
 from medhpm.config import METHODS
 from medhpm.data.sources import resolve_dataset
 from medhpm.experiment.report import PROBES, loss_curve, probe_scores, summary_steps, write_experiment_results
-from medhpm.experiment.spec import (ENCODER_KEYS, LABELLED, base_method, grid_cells, label_draws, load_experiment,
-                                    method_cfg, pretrained_as, shares_pretraining)
+from medhpm.experiment.spec import (
+    ENCODER_KEYS,
+    LABELLED,
+    base_method,
+    grid_cells,
+    label_draws,
+    load_experiment,
+    method_cfg,
+    pretrained_as,
+    shares_pretraining,
+)
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock, save_config
 from medhpm.pretrain.heldout import run_heldout
 from medhpm.segment.encoder_probe import run_noise_floor, run_probe
@@ -60,9 +69,18 @@ def planned_runs(spec: dict, out: Path, overrides: list[str] | None = None) -> l
                 pt_dir = None
                 if base_method(spec, method) in METHODS:
                     pt_dir = out / "pretrain" / method / f"seed{seed}" if shared else run_dir / "pretrain"
-                runs.append({"method": method, "base": base_method(spec, method), "seed": seed, "dir": run_dir,
-                             "cell": cell["name"], "value": cell["value"], "pretrain_dir": pt_dir,
-                             "cfg": method_cfg(spec, cell, method)})
+                runs.append(
+                    {
+                        "method": method,
+                        "base": base_method(spec, method),
+                        "seed": seed,
+                        "dir": run_dir,
+                        "cell": cell["name"],
+                        "value": cell["value"],
+                        "pretrain_dir": pt_dir,
+                        "cfg": method_cfg(spec, cell, method),
+                    }
+                )
     return runs
 
 
@@ -82,8 +100,9 @@ def planned_pretrainings(spec: dict, out: Path, overrides: list[str] | None = No
             job = out / "pretrain" / m / f"seed{p}"
             cfg = method_cfg(spec, cell, m)  # the config the job runs: its method set, as the pipeline sets it
             cfg = replace(cfg, seed=int(p), pretrain=replace(cfg.pretrain, method=base_method(spec, m)))
-            jobs.append({"method": m, "base": base_method(spec, m), "seed": p, "dir": job, "pt": job / "pretrain",
-                         "cfg": cfg})
+            jobs.append(
+                {"method": m, "base": base_method(spec, m), "seed": p, "dir": job, "pt": job / "pretrain", "cfg": cfg}
+            )
     return jobs
 
 
@@ -100,16 +119,29 @@ def _draw_runs(spec: dict, out: Path, cells: list[dict]) -> list[dict]:
                 where = out / "runs" / cell["name"] if cell["name"] else out / "runs"
                 for method in spec["methods"]:
                     base = base_method(spec, method)
-                    r = {"method": method, "base": base, "seed": f"p{p}d{d}" if several else d, "run_seed": d,
-                         "cell": cell["name"], "value": cell["value"], "pretrain_dir": None, "pretrain_job": None,
-                         "init": None, "cfg": method_cfg(spec, cell, method)}
+                    r = {
+                        "method": method,
+                        "base": base,
+                        "seed": f"p{p}d{d}" if several else d,
+                        "run_seed": d,
+                        "cell": cell["name"],
+                        "value": cell["value"],
+                        "pretrain_dir": None,
+                        "pretrain_job": None,
+                        "init": None,
+                        "cfg": method_cfg(spec, cell, method),
+                    }
                     if base in METHODS:
                         job = out / "pretrain" / pretrained_as(spec, method) / f"seed{p}"
                         step = spec["variants"].get(method, {}).get("from_step")
-                        r.update(pretrain_job=job, pretrain_dir=job / "pretrain",
-                                 init=job / "pretrain" / (f"snapshots/encoder_step{step:07d}.safetensors" if step
-                                                          else "encoder.safetensors"),
-                                 dir=where / method / (f"pretrain_seed{p}" if several else "") / f"seed{d}")
+                        r.update(
+                            pretrain_job=job,
+                            pretrain_dir=job / "pretrain",
+                            init=job
+                            / "pretrain"
+                            / (f"snapshots/encoder_step{step:07d}.safetensors" if step else "encoder.safetensors"),
+                            dir=where / method / (f"pretrain_seed{p}" if several else "") / f"seed{d}",
+                        )
                     else:
                         r["dir"] = where / method / f"seed{d}"
                     runs.append(r)
@@ -124,11 +156,18 @@ class _Remaining:
 
     def line(self, i: int, label: str, state: str) -> str:
         left = self.total - i
-        eta = (f"about {left * statistics.mean(self.took) / 60:.0f} min left for the {left} {self.what} to go "
-               f"({statistics.mean(self.took) / 60:.1f} min each so far)" if self.took and left
-               else "time left: known once one has run" if left else "the last one")
-        return (f"\n##### [{i + 1}/{self.total}] {label}: {state} ({(time.time() - self.t0) / 60:.1f} min so far; "
-                f"{eta}) #####")
+        eta = (
+            f"about {left * statistics.mean(self.took) / 60:.0f} min left for the {left} {self.what} to go "
+            f"({statistics.mean(self.took) / 60:.1f} min each so far)"
+            if self.took and left
+            else "time left: known once one has run"
+            if left
+            else "the last one"
+        )
+        return (
+            f"\n##### [{i + 1}/{self.total}] {label}: {state} ({(time.time() - self.t0) / 60:.1f} min so far; "
+            f"{eta}) #####"
+        )
 
     def ran(self, seconds: float) -> None:
         self.took.append(seconds)
@@ -141,8 +180,12 @@ def _run_pretrainings(jobs: list[dict], dataset: Path, after=None) -> None:
     eta = _Remaining(len(jobs), "pre-trainings")
     for i, j in enumerate(jobs):
         done = (j["pt"] / "final.pt").exists() and (j["pt"] / "encoder.safetensors").exists()
-        print(eta.line(i, f"pre-training {j['method']}, pre-training seed {j['seed']}",
-                       "done, skipped" if done else "running"), flush=True)
+        print(
+            eta.line(
+                i, f"pre-training {j['method']}, pre-training seed {j['seed']}", "done, skipped" if done else "running"
+            ),
+            flush=True,
+        )
         if not done:
             t0 = time.time()
             _pretrain_job(j, dataset)
@@ -154,12 +197,26 @@ def _run_pretrainings(jobs: list[dict], dataset: Path, after=None) -> None:
 def _pretrain_job(j: dict, dataset: Path) -> None:
     j["dir"].mkdir(parents=True, exist_ok=True)
     save_config(j["cfg"], j["dir"] / "config.yaml")
-    rc = subprocess.call([sys.executable, "-m", "medhpm.pipeline", "--config", str(j["dir"] / "config.yaml"),
-                          "--dataset", str(dataset), "--out", str(j["dir"]), "--pretrain", j["base"],
-                          "--pretrain-only"])
+    rc = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "medhpm.pipeline",
+            "--config",
+            str(j["dir"] / "config.yaml"),
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(j["dir"]),
+            "--pretrain",
+            j["base"],
+            "--pretrain-only",
+        ]
+    )
     if rc != 0:
-        raise RuntimeError(f"pre-training {j['method']} seed {j['seed']} failed (exit {rc}); rerun the same "
-                           "command to resume it")
+        raise RuntimeError(
+            f"pre-training {j['method']} seed {j['seed']} failed (exit {rc}); rerun the same command to resume it"
+        )
 
 
 def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
@@ -174,8 +231,9 @@ def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
     shared = shares_pretraining(spec)
     draws = label_draws(spec)
     jobs = planned_pretrainings(spec, out, overrides)
-    _run_pretrainings(jobs, dataset, after=(lambda j: _run_probe_curve(spec, cells, [j], dataset, out))
-                      if spec["probe"] else None)
+    _run_pretrainings(
+        jobs, dataset, after=(lambda j: _run_probe_curve(spec, cells, [j], dataset, out)) if spec["probe"] else None
+    )
     plan = planned_runs(spec, out, overrides)
     eta = _Remaining(len({r["dir"] for r in plan}), "runs")
     seen: set = set()
@@ -186,12 +244,20 @@ def _run_experiment(spec: dict, out: Path, overrides: list[str] | None) -> Path:
         pt_dir = r["pretrain_dir"]
         done = (r["dir"] / "evaluation" / "metrics.json").exists()
         at = f", {r['cell']}" if r["cell"] else ""
-        reuse = (" (pre-trained once, shared by the grid: "
-                 f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})") if shared and pt_dir and not draws else ""
+        reuse = (
+            (
+                " (pre-trained once, shared by the grid: "
+                f"{'reusing' if (pt_dir / 'final.pt').exists() else 'making'} {pt_dir})"
+            )
+            if shared and pt_dir and not draws
+            else ""
+        )
         frm = f" (fine-tuning from {r['init']})" if draws and r.get("init") else ""
         seed = f"label draw {r['run_seed']}" if draws else f"seed {r['seed']}"
-        print(eta.line(len(seen) - 1, f"{r['method']}, {seed}{at}", "done, skipped" if done else "running" + reuse + frm),
-              flush=True)
+        print(
+            eta.line(len(seen) - 1, f"{r['method']}, {seed}{at}", "done, skipped" if done else "running" + reuse + frm),
+            flush=True,
+        )
         if not done:
             t0 = time.time()
             _run_one(r, spec, dataset, pt_dir if shared and not draws else None)
@@ -212,8 +278,19 @@ def run_command(r: dict, spec: dict, dataset, pretrain_dir: Path | None = None):
     run_cfg = replace(r["cfg"], seed=int(r.get("run_seed", r["seed"])))
     if method == "unet":
         run_cfg = replace(run_cfg, finetune=replace(run_cfg.finetune, architecture="dynunet"))
-    cmd = [sys.executable, "-m", "medhpm.pipeline", "--config", str(run_dir / "config.yaml"),
-           "--dataset", str(dataset), "--out", str(run_dir), "--name", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medhpm.pipeline",
+        "--config",
+        str(run_dir / "config.yaml"),
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(run_dir),
+        "--name",
+        name,
+    ]
     if method in METHODS and r.get("init"):  # UNETR from a pre-training made before (pretrain_seeds)
         cmd += ["--init", str(r["init"])]
     elif method in METHODS:  # pre-training, then UNETR from its encoder
@@ -231,8 +308,10 @@ def _run_one(r: dict, spec: dict, dataset, pretrain_dir: Path | None = None) -> 
     ``r["init"]`` of its finished pre-training."""
     name, seed = r["method"], r.get("run_seed", r["seed"])
     if r.get("init") and not Path(r["init"]).exists():
-        raise FileNotFoundError(f"run {name} seed {seed}: the encoder it fine-tunes from, {r['init']}, does not "
-                                "exist (its pre-training did not write that snapshot)")
+        raise FileNotFoundError(
+            f"run {name} seed {seed}: the encoder it fine-tunes from, {r['init']}, does not "
+            "exist (its pre-training did not write that snapshot)"
+        )
     run_cfg, cmd = run_command(r, spec, dataset, pretrain_dir)
     r["dir"].mkdir(parents=True, exist_ok=True)
     save_config(run_cfg, r["dir"] / "config.yaml")
@@ -267,8 +346,15 @@ def _run_probes(spec: dict, cells: list[dict], runs: list[dict], dataset: Path, 
         if not path.exists():
             print(f"[probe] {r['method']}, seed {r['seed']}: frozen-encoder probe -> {path}", flush=True)
         res = run_probe(replace(mcfg, seed=int(r["seed"])), dataset, path, init=init)
-        probes.append({"method": r["method"], "seed": r["seed"], "cell": r["cell"] if per_cell else None,
-                       "path": path, "result": res})
+        probes.append(
+            {
+                "method": r["method"],
+                "seed": r["seed"],
+                "cell": r["cell"] if per_cell else None,
+                "path": path,
+                "result": res,
+            }
+        )
     return probes
 
 
@@ -289,14 +375,23 @@ def _run_probe_curve(spec: dict, cells: list[dict], jobs: list[dict], dataset: P
     if not floor_path.exists():
         print(f"[probe] the noise floor: random initialisations {spec['seeds']} -> {floor_path}", flush=True)
     floor = run_noise_floor(base_cfg, dataset, floor_path, seeds=[int(x) for x in spec["seeds"]], labelled_cases=0)
-    curve: dict = {"floor": {k: floor["summary"][k] for k in PROBES}, "floor_file": str(floor_path.relative_to(out)),
-                   "cases_seed": seed0, "training_cases": len(floor["training_cases"]),
-                   "test_cases": len(floor["test_cases"]), "methods": {}, "seconds": float(floor.get("seconds") or 0)}
+    curve: dict = {
+        "floor": {k: floor["summary"][k] for k in PROBES},
+        "floor_file": str(floor_path.relative_to(out)),
+        "cases_seed": seed0,
+        "training_cases": len(floor["training_cases"]),
+        "test_cases": len(floor["test_cases"]),
+        "methods": {},
+        "seconds": float(floor.get("seconds") or 0),
+    }
     for j in jobs:
         pt = j["pt"]
         final = summary_steps(pt)
-        points = [(s_, pt / "snapshots" / f"encoder_step{s_:07d}.safetensors") for s_ in j["cfg"].pretrain.snapshot_steps
-                  if final is None or s_ <= final]
+        points = [
+            (s_, pt / "snapshots" / f"encoder_step{s_:07d}.safetensors")
+            for s_ in j["cfg"].pretrain.snapshot_steps
+            if final is None or s_ <= final
+        ]
         if final is not None and final not in j["cfg"].pretrain.snapshot_steps:
             points.append((final, pt / "encoder.safetensors"))
         e = {"steps": [], **{k: [] for k in PROBES}, "files": [], "loss_rec": loss_curve(pt), "heldout_loss": []}

@@ -19,28 +19,54 @@ from medhpm.config import METHODS, STAGE_ONLY_KEYS, ConfigError, get_key, load_c
 ALL_METHODS = ("scratch", "unet", "imagenet") + METHODS  # METHODS: the pre-training methods
 
 
-LABELS = {"unet": "U-Net (DynUNet)", "scratch": "UNETR", "imagenet": "UNETR+ImageNet", "mae": "UNETR+MAE",
-          "no_lpred": "UNETR+HPM w/o L_pred, learn to mask", "no_learn_to_mask": "UNETR+HPM w/o learn to mask",
-          "hpm": "UNETR+HPM"}
+LABELS = {
+    "unet": "U-Net (DynUNet)",
+    "scratch": "UNETR",
+    "imagenet": "UNETR+ImageNet",
+    "mae": "UNETR+MAE",
+    "no_lpred": "UNETR+HPM w/o L_pred, learn to mask",
+    "no_learn_to_mask": "UNETR+HPM w/o learn to mask",
+    "hpm": "UNETR+HPM",
+}
 
 
-_KEYS = {"name", "base", "overrides", "methods", "seeds", "imagenet_weights", "description", "grid", "probe",
-         "variants", "pairs", "pretrain_seeds", "finetune_from"}
+_KEYS = {
+    "name",
+    "base",
+    "overrides",
+    "methods",
+    "seeds",
+    "imagenet_weights",
+    "description",
+    "grid",
+    "probe",
+    "variants",
+    "pairs",
+    "pretrain_seeds",
+    "finetune_from",
+}
 
 
 _VARIANT_KEYS = {"method", "overrides", "label"}
 
 
 # paired differences A - B reported when both methods ran
-PAIRS = (("hpm", "mae"), ("mae", "scratch"), ("hpm", "scratch"), ("hpm", "no_learn_to_mask"),
-         ("no_learn_to_mask", "scratch"))
+PAIRS = (
+    ("hpm", "mae"),
+    ("mae", "scratch"),
+    ("hpm", "scratch"),
+    ("hpm", "no_learn_to_mask"),
+    ("no_learn_to_mask", "scratch"),
+)
 
 
 CONFIDENCE = 0.95
 
 
-INTERVAL = ("two-sided 95 % Student-t interval of the mean of the paired per-seed differences "
-            "(mean ± t(0.975, n-1) · sd / √n over the n seeds both methods ran; evaluate/paired.py)")
+INTERVAL = (
+    "two-sided 95 % Student-t interval of the mean of the paired per-seed differences "
+    "(mean ± t(0.975, n-1) · sd / √n over the n seeds both methods ran; evaluate/paired.py)"
+)
 
 
 # grid keys that pre-training does not read: the runs of all grid values share one pre-training
@@ -72,8 +98,10 @@ def load_experiment(name_or_path: str) -> dict:
     known = ALL_METHODS + tuple(spec["variants"])
     bad = [m for m in spec.get("methods", []) if m not in known]
     if not spec.get("methods") or bad:
-        raise ConfigError(f"{where}: 'methods' must list some of {', '.join(known)} (bad: {bad}); a variant "
-                          "is defined under 'variants'")
+        raise ConfigError(
+            f"{where}: 'methods' must list some of {', '.join(known)} (bad: {bad}); a variant "
+            "is defined under 'variants'"
+        )
     if len(set(spec["methods"])) != len(spec["methods"]):
         raise ConfigError(f"{where}: 'methods' names a method twice: {spec['methods']}")
     spec["pairs"] = _check_pairs(spec.get("pairs"), spec["methods"], where)
@@ -103,27 +131,42 @@ def _check_label_draws(spec: dict, where: str) -> None:
     seeds, frm = spec.get("pretrain_seeds"), spec.get("finetune_from")
     if seeds is None:
         if frm is not None:
-            raise ConfigError(f"{where}: 'finetune_from' needs 'pretrain_seeds' (snapshots are taken from the one "
-                              "pre-training of each method and pre-training seed)")
+            raise ConfigError(
+                f"{where}: 'finetune_from' needs 'pretrain_seeds' (snapshots are taken from the one "
+                "pre-training of each method and pre-training seed)"
+            )
         spec["pretrain_seeds"], spec["finetune_from"] = None, ["last"]
         return
-    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(map(str, seeds))) != len(seeds)
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+    ):
         raise ConfigError(f"{where}: 'pretrain_seeds' must be a non-empty list of distinct integers, got {seeds!r}")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in spec["seeds"]):
-        raise ConfigError(f"{where}: with 'pretrain_seeds', 'seeds' (the label draws) must be integers, got {spec['seeds']!r}")
+        raise ConfigError(
+            f"{where}: with 'pretrain_seeds', 'seeds' (the label draws) must be integers, got {spec['seeds']!r}"
+        )
     if spec["grid"] is not None and not shares_pretraining(spec):
-        raise ConfigError(f"{where}: with 'pretrain_seeds' every run fine-tunes from one pre-training per method and "
-                          f"pre-training seed, so the grid key must be one pre-training does not read "
-                          f"(finetune.*, inference.*), not {spec['grid']['key']!r}")
+        raise ConfigError(
+            f"{where}: with 'pretrain_seeds' every run fine-tunes from one pre-training per method and "
+            f"pre-training seed, so the grid key must be one pre-training does not read "
+            f"(finetune.*, inference.*), not {spec['grid']['key']!r}"
+        )
     pretrained = [m for m in spec["methods"] if base_method(spec, m) in METHODS]
     if not pretrained:
         raise ConfigError(f"{where}: 'pretrain_seeds' is given but no method in 'methods' pre-trains")
     frm = ["last"] if frm is None else frm
-    if not isinstance(frm, list) or not frm or len(set(map(str, frm))) != len(frm) or not all(
-            f == "last" or (isinstance(f, int) and not isinstance(f, bool)) for f in frm):
-        raise ConfigError(f"{where}: 'finetune_from' must list 'last' and/or snapshot steps (integers), once each, "
-                          f"got {frm!r}")
+    if (
+        not isinstance(frm, list)
+        or not frm
+        or len(set(map(str, frm))) != len(frm)
+        or not all(f == "last" or (isinstance(f, int) and not isinstance(f, bool)) for f in frm)
+    ):
+        raise ConfigError(
+            f"{where}: 'finetune_from' must list 'last' and/or snapshot steps (integers), once each, got {frm!r}"
+        )
     if "last" not in frm:
         raise ConfigError(f"{where}: 'finetune_from' must include 'last' (the end of the pre-training), got {frm!r}")
     steps = [f for f in frm if f != "last"]
@@ -133,15 +176,24 @@ def _check_label_draws(spec: dict, where: str) -> None:
         methods.append(m)
         if m not in pretrained:
             continue
-        cfg = load_config(spec["base"], list(spec["overrides"]) + list(spec["variants"].get(m, {}).get("overrides", [])))
+        cfg = load_config(
+            spec["base"], list(spec["overrides"]) + list(spec["variants"].get(m, {}).get("overrides", []))
+        )
         missing = [f for f in steps if f not in cfg.pretrain.snapshot_steps]
         if missing:
-            raise ConfigError(f"{where}: 'finetune_from' steps {missing} are not in {m}'s pretrain.snapshot_steps "
-                              f"{list(cfg.pretrain.snapshot_steps)}: a run can only fine-tune from a snapshot taken")
+            raise ConfigError(
+                f"{where}: 'finetune_from' steps {missing} are not in {m}'s pretrain.snapshot_steps "
+                f"{list(cfg.pretrain.snapshot_steps)}: a run can only fine-tune from a snapshot taken"
+            )
         for f in steps:
             name = f"{m}@{f}"
-            variants[name] = {"method": base_method(spec, m), "overrides": list(spec["variants"].get(m, {}).get("overrides", [])),
-                              "label": f"{method_label(spec, m)} at step {f}", "from_step": f, "pretrained_as": m}
+            variants[name] = {
+                "method": base_method(spec, m),
+                "overrides": list(spec["variants"].get(m, {}).get("overrides", [])),
+                "label": f"{method_label(spec, m)} at step {f}",
+                "from_step": f,
+                "pretrained_as": m,
+            }
             methods.append(name)
     spec["variants"], spec["methods"], spec["finetune_from"] = variants, methods, frm
 
@@ -165,19 +217,28 @@ def _check_variants(variants, where: str) -> dict:
     out = {}
     for name, v in variants.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name) or name in ALL_METHODS:
-            raise ConfigError(f"{where}: variant name {name!r} must be a new name (not one of {', '.join(ALL_METHODS)}) "
-                              "of letters, digits and '_' (it names folders and the pairs A-B)")
+            raise ConfigError(
+                f"{where}: variant name {name!r} must be a new name (not one of {', '.join(ALL_METHODS)}) "
+                "of letters, digits and '_' (it names folders and the pairs A-B)"
+            )
         if not isinstance(v, dict) or set(v) - _VARIANT_KEYS or v.get("method") not in ALL_METHODS:
-            raise ConfigError(f"{where}: variant {name!r} must be {{method: one of {', '.join(ALL_METHODS)}, overrides: "
-                              f"[key=value, ...], label: text}}, got {v!r}")
+            raise ConfigError(
+                f"{where}: variant {name!r} must be {{method: one of {', '.join(ALL_METHODS)}, overrides: "
+                f"[key=value, ...], label: text}}, got {v!r}"
+            )
         ov = v.get("overrides", [])
         if not isinstance(ov, list) or not all(isinstance(o, str) and "=" in o for o in ov):
             raise ConfigError(f"{where}: variant {name!r}: 'overrides' must be a list of key=value, got {ov!r}")
         if any(o.split("=", 1)[0].strip() in ("pretrain.method", "seed", "method") for o in ov):
-            raise ConfigError(f"{where}: variant {name!r}: its method is 'method: ...' and seeds are the "
-                              "experiment's; they cannot be overridden")
-        out[name] = {"method": v["method"], "overrides": list(ov),
-                     "label": str(v.get("label") or f"{LABELS[v['method']]} ({name})")}
+            raise ConfigError(
+                f"{where}: variant {name!r}: its method is 'method: ...' and seeds are the "
+                "experiment's; they cannot be overridden"
+            )
+        out[name] = {
+            "method": v["method"],
+            "overrides": list(ov),
+            "label": str(v.get("label") or f"{LABELS[v['method']]} ({name})"),
+        }
     return out
 
 
@@ -221,15 +282,21 @@ def pairs_of(spec: dict) -> list[tuple[str, str]]:
 def _check_grid(spec: dict, where: str) -> None:
     grid = spec["grid"]
     if not isinstance(grid, dict) or set(grid) != {"key", "values"}:
-        raise ConfigError(f"{where}: 'grid' must be a mapping with 'key' (a config key, e.g. {LABELLED}) and "
-                          f"'values' (a list), got {grid!r}")
+        raise ConfigError(
+            f"{where}: 'grid' must be a mapping with 'key' (a config key, e.g. {LABELLED}) and "
+            f"'values' (a list), got {grid!r}"
+        )
     key, values = grid["key"], grid["values"]
     if not isinstance(key, str) or not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}: grid 'key' must be a config key and 'values' a non-empty list, got "
-                          f"key={key!r}, values={values!r}")
+        raise ConfigError(
+            f"{where}: grid 'key' must be a config key and 'values' a non-empty list, got "
+            f"key={key!r}, values={values!r}"
+        )
     if key == "seed" or key.startswith(_NOT_GRID[1:]):
-        raise ConfigError(f"{where}: grid key {key!r} cannot be a grid axis (seeds and methods have their own "
-                          f"lists; the data set is made once per experiment)")
+        raise ConfigError(
+            f"{where}: grid key {key!r} cannot be a grid axis (seeds and methods have their own "
+            f"lists; the data set is made once per experiment)"
+        )
     names = [value_name(v) for v in values]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: grid values {values!r} repeat a value")
@@ -267,8 +334,15 @@ def grid_cells(spec: dict, overrides: list[str] | None) -> list[dict]:
     grid = spec.get("grid")
     if not grid:
         return [{"value": None, "name": None, "cfg": load_config(spec["base"], base_ov), "overrides": base_ov}]
-    return [{"value": v, "name": f"{grid['key']}={value_name(v)}", "overrides": base_ov + [_override(grid["key"], v)],
-             "cfg": load_config(spec["base"], base_ov + [_override(grid["key"], v)])} for v in grid["values"]]
+    return [
+        {
+            "value": v,
+            "name": f"{grid['key']}={value_name(v)}",
+            "overrides": base_ov + [_override(grid["key"], v)],
+            "cfg": load_config(spec["base"], base_ov + [_override(grid["key"], v)]),
+        }
+        for v in grid["values"]
+    ]
 
 
 def method_cfg(spec: dict, cell: dict, name: str):

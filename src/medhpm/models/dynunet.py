@@ -12,5 +12,13 @@ def build_dynunet(in_channels: int, out_channels: int, roi):
     while len(strides) < 6 and all(s // 2 >= 4 for s in size):
         strides.append(2)
         size = [s // 2 for s in size]
-    return DynUNet(3, in_channels, out_channels, kernel_size=[3] * len(strides), strides=strides,
-                   upsample_kernel_size=strides[1:], norm_name="instance", res_block=True)
+    return DynUNet(
+        3,
+        in_channels,
+        out_channels,
+        kernel_size=[3] * len(strides),
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        norm_name="instance",
+        res_block=True,
+    )

@@ -140,8 +140,10 @@ def detect_source_format(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "monai"
     if "encoder_pos_embed" in keys or "encoder.cls_token" in keys:
         return "selfmedmae"
-    for key, layouts in (("encoder.patch_embed.proj.weight", {5: "medhpm"}),
-                         ("patch_embed.proj.weight", {5: "medhpm", 4: "timm-2d"})):
+    for key, layouts in (
+        ("encoder.patch_embed.proj.weight", {5: "medhpm"}),
+        ("patch_embed.proj.weight", {5: "medhpm", 4: "timm-2d"}),
+    ):
         if key in keys and torch.is_tensor(state[key]):
             return layouts.get(state[key].dim(), "unknown")
     return "unknown"
@@ -226,7 +228,8 @@ def encoder_source(obj: Mapping, label: str = "<state dict>", use_teacher: bool 
         if state is None and obj.get("stage") == "finetune":
             raise ValueError(
                 f"{label} is a fine-tuning checkpoint: it holds the fine-tuned UNETR, no EMA teacher. Load it "
-                "without --teacher (use_teacher), or give the pre-training run.")
+                "without --teacher (use_teacher), or give the pre-training run."
+            )
         if state is None:
             raise ValueError(
                 f"{label} has no EMA teacher weights ('teacher' is empty): the pre-training ran without a "
@@ -287,8 +290,9 @@ def _rename_monai(src: EncoderSource, enc: ViTEncoder, conv: list[str]) -> dict:
             p, c = enc.patch_size, enc.in_chans
             if value.dim() == 2 and value.shape[1] == p**3 * c:
                 value = value.reshape(value.shape[0], p, p, p, c).permute(0, 4, 1, 2, 3).contiguous()
-                conv.append(f"{key}: MONAI perceptron Linear {(value.shape[0], p**3 * c)} -> Conv3d kernel "
-                            f"{tuple(value.shape)}")
+                conv.append(
+                    f"{key}: MONAI perceptron Linear {(value.shape[0], p**3 * c)} -> Conv3d kernel {tuple(value.shape)}"
+                )
             out["patch_embed.proj.weight"] = (value, key)
         elif k == "patch_embedding.patch_embeddings.1.bias":
             out["patch_embed.proj.bias"] = (value, key)
@@ -535,8 +539,9 @@ def _check_recorded_config(src: EncoderSource, enc: ViTEncoder, fmt: str, report
         report.notes.append("the number of attention heads cannot be read from weights; it must match the source")
 
 
-def _fit_pos_embed(mapped: dict, target: dict, src: EncoderSource, enc: ViTEncoder, img_size,
-                   report: LoadReport) -> None:
+def _fit_pos_embed(
+    mapped: dict, target: dict, src: EncoderSource, enc: ViTEncoder, img_size, report: LoadReport
+) -> None:
     """A position embedding of another token grid is interpolated: the one shape change that is expected."""
     if "pos_embed" not in mapped:
         return

@@ -87,8 +87,7 @@ def _resolve_skip_blocks(encoder: ViTEncoder, skip_blocks: Sequence[int] | None,
         )
     if list(skip_blocks) != sorted(set(skip_blocks)):
         raise ValueError(
-            f"skip_blocks must be distinct and increasing (shallow block -> high-resolution skip), "
-            f"got {skip_blocks}."
+            f"skip_blocks must be distinct and increasing (shallow block -> high-resolution skip), got {skip_blocks}."
         )
     return skip_blocks
 
@@ -135,8 +134,9 @@ class UNETR(nn.Module):
         self.n_levels = n_levels
         blocks = dict(norm_name=norm_name, res_block=res_block)
         # level 0: convolutions on the raw image
-        self.encoder1 = UnetrBasicBlock(spatial_dims=3, in_channels=encoder.in_chans, out_channels=feature_size,
-                                        kernel_size=3, stride=1, **blocks)
+        self.encoder1 = UnetrBasicBlock(
+            spatial_dims=3, in_channels=encoder.in_chans, out_channels=feature_size, kernel_size=3, stride=1, **blocks
+        )
         self._skip_names = self._add_skip_paths(encoder.embed_dim, conv_block, blocks)
         self._decoder_names = self._add_decoder(encoder.embed_dim, blocks)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=feature_size, out_channels=out_channels)
@@ -146,10 +146,20 @@ class UNETR(nn.Module):
         names = []
         for k in range(1, self.n_levels):
             name = f"encoder{k + 1}"
-            self.add_module(name, UnetrPrUpBlock(
-                spatial_dims=3, in_channels=hidden, out_channels=self.feature_size * 2**k,
-                num_layer=self.n_levels - 1 - k, kernel_size=3, stride=1, upsample_kernel_size=2,
-                conv_block=conv_block, **blocks))
+            self.add_module(
+                name,
+                UnetrPrUpBlock(
+                    spatial_dims=3,
+                    in_channels=hidden,
+                    out_channels=self.feature_size * 2**k,
+                    num_layer=self.n_levels - 1 - k,
+                    kernel_size=3,
+                    stride=1,
+                    upsample_kernel_size=2,
+                    conv_block=conv_block,
+                    **blocks,
+                ),
+            )
             names.append(name)
         return names
 
@@ -159,9 +169,17 @@ class UNETR(nn.Module):
         for k in range(self.n_levels - 1, -1, -1):
             name = f"decoder{k + 2}"
             in_ch = hidden if k == self.n_levels - 1 else self.feature_size * 2 ** (k + 1)
-            self.add_module(name, UnetrUpBlock(
-                spatial_dims=3, in_channels=in_ch, out_channels=self.feature_size * 2**k, kernel_size=3,
-                upsample_kernel_size=2, **blocks))
+            self.add_module(
+                name,
+                UnetrUpBlock(
+                    spatial_dims=3,
+                    in_channels=in_ch,
+                    out_channels=self.feature_size * 2**k,
+                    kernel_size=3,
+                    upsample_kernel_size=2,
+                    **blocks,
+                ),
+            )
             names.append(name)
         return names
 

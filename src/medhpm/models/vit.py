@@ -246,7 +246,7 @@ class PatchEmbed3d(nn.Module):
         patches = torch.gather(patches, 1, ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, P^3 C)
         if c > 1:
             b, k = patches.shape[:2]
-            patches = patches.reshape(b, k, p ** 3, c).transpose(2, 3).reshape(b, k, c * p ** 3)
+            patches = patches.reshape(b, k, p**3, c).transpose(2, 3).reshape(b, k, c * p**3)
         return F.linear(patches, w.reshape(d, -1), self.proj.bias)
 
 
@@ -441,10 +441,7 @@ class ViTEncoder(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(
-        self,
-        x: torch.Tensor,
-        ids_keep: torch.Tensor | None = None,
-        return_hidden: Iterable[int] = (),
+        self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, return_hidden: Iterable[int] = ()
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encode a volume, optionally only a subset of its tokens.
 
@@ -474,14 +471,16 @@ class ViTEncoder(nn.Module):
             tokens = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         else:
             if ids_keep.dim() not in (2, 3) or ids_keep.shape[0] != x.shape[0]:
-                raise ValueError(f"ids_keep must be (B, K) or (B, V, K) with B={x.shape[0]}, got "
-                                 f"{tuple(ids_keep.shape)}.")
+                raise ValueError(
+                    f"ids_keep must be (B, K) or (B, V, K) with B={x.shape[0]}, got {tuple(ids_keep.shape)}."
+                )
             views = ids_keep.shape[1] if ids_keep.dim() == 3 else 1
             ids = ids_keep.long().reshape(x.shape[0], -1)  # (B, V*K): every view's patches of a sample
             # embed only the kept patches, each with its own position (the same tokens as embedding all
             # of them and gathering, for about a quarter of the embedding's work under a 75 % mask)
-            pos = torch.gather(self.pos_embed.expand(x.shape[0], -1, -1), 1,
-                               ids.unsqueeze(-1).expand(-1, -1, self._embed_dim))
+            pos = torch.gather(
+                self.pos_embed.expand(x.shape[0], -1, -1), 1, ids.unsqueeze(-1).expand(-1, -1, self._embed_dim)
+            )
             tokens = self.patch_embed.embed_selected(x, ids) + pos  # (B, V*K, D)
             if views > 1:
                 tokens = tokens.reshape(x.shape[0] * views, -1, self._embed_dim)  # (B*V, K, D)

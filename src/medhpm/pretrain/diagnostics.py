@@ -102,8 +102,11 @@ def organ_lift(scores: torch.Tensor, has_organ: torch.Tensor, masked: torch.Tens
         top_count += len(top)
     share_top = top_hits / top_count if top_count else float("nan")
     share_all = float(has_organ.float().mean())
-    return {"organ_share_top": share_top, "organ_share_all": share_all,
-            "organ_lift": share_top / share_all if share_all > 0 else float("nan")}
+    return {
+        "organ_share_top": share_top,
+        "organ_share_all": share_all,
+        "organ_lift": share_top / share_all if share_all > 0 else float("nan"),
+    }
 
 
 def position_baseline(ids_masked: torch.Tensor, truth: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -114,8 +117,9 @@ def position_baseline(ids_masked: torch.Tensor, truth: torch.Tensor, num_patches
 
     ``ids_masked`` (B, M) token indices of ``truth`` (B, M) measured losses; B >= 2."""
     if ids_masked.shape != truth.shape or ids_masked.dim() != 2 or truth.shape[0] < 2:
-        raise ValueError(f"need (B, M) ids and losses of at least 2 crops, got {tuple(ids_masked.shape)} and "
-                         f"{tuple(truth.shape)}")
+        raise ValueError(
+            f"need (B, M) ids and losses of at least 2 crops, got {tuple(ids_masked.shape)} and {tuple(truth.shape)}"
+        )
     b = truth.shape[0]
     t = truth.detach().double()
     tot = torch.zeros(b, num_patches, dtype=torch.float64).scatter_add_(1, ids_masked, t)

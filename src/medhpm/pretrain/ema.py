@@ -18,8 +18,9 @@ from medhpm.runtime.distributed import unwrap
 __all__ = ["momentum_at", "ema_update", "EMATeacher"]
 
 
-def momentum_at(step: int, total_steps: int, horizon_start: float = 0.001, horizon_end: float = 0.01,
-                ramp: float = 0.5) -> float:
+def momentum_at(
+    step: int, total_steps: int, horizon_start: float = 0.001, horizon_end: float = 0.01, ramp: float = 0.5
+) -> float:
     """EMA momentum for the update after optimizer step ``step`` (1-based) of a run of ``total_steps``.
 
     The schedule is set by the teacher's averaging horizon ``H = 1 / (1 - m)`` (the number of recent

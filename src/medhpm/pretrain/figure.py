@@ -45,8 +45,21 @@ def _views(vol: np.ndarray) -> list[np.ndarray]:
     return [np.flipud(axial.T)[:, ::-1], np.flipud(coronal.T)[:, ::-1], np.flipud(sagittal.T)[:, ::-1]]
 
 
-def pretrain_figure(original, masked, recon, pasted, difficulty, mask, grid, patch_size, out_png,
-                    title: str | None = None, vmin: float = 0.0, vmax: float = 1.0, n_hard_mask=None) -> Path:
+def pretrain_figure(
+    original,
+    masked,
+    recon,
+    pasted,
+    difficulty,
+    mask,
+    grid,
+    patch_size,
+    out_png,
+    title: str | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    n_hard_mask=None,
+) -> Path:
     """Write the reconstruction figure as PNG (atomically) and return its path.
 
     ``original``/``masked``/``recon``/``pasted``: (H, W, D) intensities in [vmin, vmax];
@@ -67,16 +80,24 @@ def pretrain_figure(original, masked, recon, pasted, difficulty, mask, grid, pat
         if k > 0:
             top = np.argsort(-diff)[:k]
             mask_vol_vals[top] = 2.0
-    columns = [("original", original, "gray", (vmin, vmax)),
-               ("masked input", masked, "gray", (vmin, vmax)),
-               ("reconstruction", recon, "gray", (vmin, vmax)),
-               ("reconstruction + visible", pasted, "gray", (vmin, vmax))]
+    columns = [
+        ("original", original, "gray", (vmin, vmax)),
+        ("masked input", masked, "gray", (vmin, vmax)),
+        ("reconstruction", recon, "gray", (vmin, vmax)),
+        ("reconstruction + visible", pasted, "gray", (vmin, vmax)),
+    ]
     if difficulty is not None:
         dv = tokens_to_volume(diff, grid, patch_size)
         columns.append(("predicted difficulty", dv, "magma", (float(diff.min()), float(diff.max()))))
     mv = tokens_to_volume(mask_vol_vals, grid, patch_size)
-    columns.append(("mask (grey random, red hard)" if difficulty is not None else "mask (grey = masked)", mv,
-                    matplotlib.colors.ListedColormap(["#1a1a1a", "#9a9a9a", "#d62728"]), (0, 2)))
+    columns.append(
+        (
+            "mask (grey random, red hard)" if difficulty is not None else "mask (grey = masked)",
+            mv,
+            matplotlib.colors.ListedColormap(["#1a1a1a", "#9a9a9a", "#d62728"]),
+            (0, 2),
+        )
+    )
     rows = ["axial", "coronal", "sagittal"]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.3 * len(columns), 2.4 * len(rows) + 0.4))
     for c, (name, vol, cmap, (lo, hi)) in enumerate(columns):
@@ -106,9 +127,18 @@ def figure_crop(data_cfg: DataConfig, image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_figure(model: HPMPretrainModel, teacher: HPMPretrainModel | None, x: torch.Tensor,
-                          mask_ratio: float, alpha: float, out_png, title: str, seed: int = 0, view: str = "full",
-                          views: int = 1) -> Path:
+def reconstruction_figure(
+    model: HPMPretrainModel,
+    teacher: HPMPretrainModel | None,
+    x: torch.Tensor,
+    mask_ratio: float,
+    alpha: float,
+    out_png,
+    title: str,
+    seed: int = 0,
+    view: str = "full",
+    views: int = 1,
+) -> Path:
     """Mask ``x`` (1, C, H, W, D) as pre-training does (HPM's mask from ``teacher``'s predicted difficulty,
     queried as the run queries it (``view``/``views``, :func:`medhpm.pretrain.step.teacher_scores`), with
     share ``alpha`` of hard patches, or a random mask without a teacher; drawn from ``seed``), reconstruct
@@ -128,9 +158,15 @@ def reconstruction_figure(model: HPMPretrainModel, teacher: HPMPretrainModel | N
     rec = model.reconstruct_full(x, mask.to(x.device))
     model.train(was)
     return pretrain_figure(
-        original=x[0, 0].cpu().numpy(), masked=rec["masked_input"][0, 0].cpu().numpy(),
-        recon=rec["recon"][0, 0].cpu().numpy(), pasted=rec["pasted"][0, 0].cpu().numpy(),
-        difficulty=None if scores is None else scores[0].numpy(), mask=mask[0].numpy(),
-        grid=model.encoder.grid_size, patch_size=model.patch_size, out_png=out_png,
-        title=f"{title}, alpha {alpha:.2f}" + ("" if scores is None else f", teacher view {view}"), n_hard_mask=num_hard(alpha, num_masked(n, mask_ratio)),
+        original=x[0, 0].cpu().numpy(),
+        masked=rec["masked_input"][0, 0].cpu().numpy(),
+        recon=rec["recon"][0, 0].cpu().numpy(),
+        pasted=rec["pasted"][0, 0].cpu().numpy(),
+        difficulty=None if scores is None else scores[0].numpy(),
+        mask=mask[0].numpy(),
+        grid=model.encoder.grid_size,
+        patch_size=model.patch_size,
+        out_png=out_png,
+        title=f"{title}, alpha {alpha:.2f}" + ("" if scores is None else f", teacher view {view}"),
+        n_hard_mask=num_hard(alpha, num_masked(n, mask_ratio)),
     )

@@ -56,8 +56,9 @@ def load_student(cfg: Config, path: str | Path) -> HPMPretrainModel:
 
 
 @torch.no_grad()
-def heldout_reconstruction(model: HPMPretrainModel, cfg: Config, images: list[str], crops: int = 4,
-                           seed: int = 0) -> dict:
+def heldout_reconstruction(
+    model: HPMPretrainModel, cfg: Config, images: list[str], crops: int = 4, seed: int = 0
+) -> dict:
     """The mean reconstruction loss (``L_rec``: MSE of the masked patches against their per-patch
     normalised targets) of ``model`` on ``crops`` random crops of each scan of ``images``, each crop masked
     at random at ``pretrain.mask_ratio``; crops and masks drawn from ``seed`` and the scan's index. Returns
@@ -72,12 +73,25 @@ def heldout_reconstruction(model: HPMPretrainModel, cfg: Config, images: list[st
         out = model(x, mask)
         per_scan.append(float(out["per_patch_loss"].float().mean()))
     model.train(was)
-    return {"loss_rec": float(np.mean(per_scan)), "per_scan": per_scan, "crops": crops, "scans": len(images),
-            "seed": seed, "mask_ratio": cfg.pretrain.mask_ratio}
+    return {
+        "loss_rec": float(np.mean(per_scan)),
+        "per_scan": per_scan,
+        "crops": crops,
+        "scans": len(images),
+        "seed": seed,
+        "mask_ratio": cfg.pretrain.mask_ratio,
+    }
 
 
-def run_heldout(cfg: Config, dataset: str | Path, student: str | Path, out_json: str | Path, split: str = "test",
-                crops: int = 4, seed: int = 0) -> dict:
+def run_heldout(
+    cfg: Config,
+    dataset: str | Path,
+    student: str | Path,
+    out_json: str | Path,
+    split: str = "test",
+    crops: int = 4,
+    seed: int = 0,
+) -> dict:
     """:func:`heldout_reconstruction` of the student snapshot ``student`` on the ``split`` scans of
     ``dataset`` (a datalist), written to ``out_json``; a finished one is read back, not recomputed."""
     import json
@@ -94,8 +108,9 @@ def run_heldout(cfg: Config, dataset: str | Path, student: str | Path, out_json:
     if not entries:
         raise ValueError(f"{dataset} has no {split} scans to measure the held-out reconstruction loss on")
     res = heldout_reconstruction(load_student(cfg, student), cfg, [e["image"] for e in entries], crops, seed)
-    res.update(student=str(student), split=split, cases=[e.get("case") for e in entries],
-               seconds=round(time.time() - t0, 2))
+    res.update(
+        student=str(student), split=split, cases=[e.get("case") for e in entries], seconds=round(time.time() - t0, 2)
+    )
     out_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_json, json.dumps(res, indent=2))
     return res

@@ -142,9 +142,7 @@ class HPMPretrainModel(nn.Module):
         )  # (1, N, Dd), fixed
 
         # image reconstructor d_phi
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)
-        )
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
 
@@ -293,7 +291,9 @@ class HPMPretrainModel(nn.Module):
             return fn(lp.float(), per_patch_loss.detach().float())
 
     # -- one student iteration ---------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
+    ) -> dict[str, torch.Tensor | None]:
         """Student forward for a given mask.
 
         Args:

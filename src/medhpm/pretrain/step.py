@@ -26,8 +26,17 @@ from medhpm.models import patchify
 from medhpm.pretrain.masking import hard_patch_mask, num_hard, num_masked, random_mask
 from medhpm.runtime.distributed import unwrap
 
-__all__ = ["TEACHER_VIEWS", "default_teacher_views", "teacher_views_used", "view_partition", "teacher_scores",
-           "step_core", "pretrain_iteration", "mined_patches", "mined_patch_stats"]
+__all__ = [
+    "TEACHER_VIEWS",
+    "default_teacher_views",
+    "teacher_views_used",
+    "view_partition",
+    "teacher_scores",
+    "step_core",
+    "pretrain_iteration",
+    "mined_patches",
+    "mined_patch_stats",
+]
 
 TEACHER_VIEWS = ("full", "masked")
 
@@ -60,8 +69,14 @@ def view_partition(view_noise: torch.Tensor, views: int) -> torch.Tensor:
     return torch.sort(order.reshape(b, views, per_view), dim=-1).values  # (B, V, K)
 
 
-def teacher_scores(teacher, x: torch.Tensor, view: str = "full", views: int = 1,
-                   view_noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def teacher_scores(
+    teacher,
+    x: torch.Tensor,
+    view: str = "full",
+    views: int = 1,
+    view_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The teacher's predicted difficulty of every patch, ``(B, N)`` float32 in token order.
 
     ``teacher``: the teacher's :class:`~medhpm.pretrain.model.HPMPretrainModel` (or an EMATeacher);
@@ -75,9 +90,20 @@ def teacher_scores(teacher, x: torch.Tensor, view: str = "full", views: int = 1,
     return model.predict_difficulty_views(x, view_partition(view_noise, views))
 
 
-def step_core(student, teacher, x: torch.Tensor, noise: torch.Tensor | None, n_hard: torch.Tensor | None,
-              mask_ratio: float, lambda_pred: float, use_pred: bool, view: str = "full", views: int = 1,
-              view_noise: torch.Tensor | None = None, scores: torch.Tensor | None = None):
+def step_core(
+    student,
+    teacher,
+    x: torch.Tensor,
+    noise: torch.Tensor | None,
+    n_hard: torch.Tensor | None,
+    mask_ratio: float,
+    lambda_pred: float,
+    use_pred: bool,
+    view: str = "full",
+    views: int = 1,
+    view_noise: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+):
     """The part of a step that runs on the device, with static shapes: teacher scores (when ``teacher``
     is given, or ``scores`` already made), mask, student, losses. Nothing is read back to the host, so it
     compiles whole (``runtime.compile``; ``fullgraph=True`` holds for both views)."""
@@ -102,10 +128,21 @@ def step_core(student, teacher, x: torch.Tensor, noise: torch.Tensor | None, n_h
     return loss, parts
 
 
-def pretrain_iteration(student, teacher, x: torch.Tensor, alpha: float, mask_ratio: float, lambda_pred: float,
-                       use_pred: bool, noise: torch.Tensor | None = None, core=None,
-                       n_hard_tensor: torch.Tensor | None = None, view: str = "full", views: int = 1,
-                       view_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def pretrain_iteration(
+    student,
+    teacher,
+    x: torch.Tensor,
+    alpha: float,
+    mask_ratio: float,
+    lambda_pred: float,
+    use_pred: bool,
+    noise: torch.Tensor | None = None,
+    core=None,
+    n_hard_tensor: torch.Tensor | None = None,
+    view: str = "full",
+    views: int = 1,
+    view_noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """One selfMedHPM iteration up to the loss.
 
     ``student`` is the (possibly DDP-wrapped) :class:`HPMPretrainModel`; ``teacher`` its EMA copy or
@@ -123,8 +160,19 @@ def pretrain_iteration(student, teacher, x: torch.Tensor, alpha: float, mask_rat
     if n_hard and n_hard_tensor is None:
         n_hard_tensor = torch.tensor(n_hard, device=x.device)
     core = core or step_core
-    loss, parts = core(student, teacher if n_hard else None, x, noise, n_hard_tensor if n_hard else None,
-                       mask_ratio, lambda_pred, use_pred, view, views, view_noise if n_hard else None)
+    loss, parts = core(
+        student,
+        teacher if n_hard else None,
+        x,
+        noise,
+        n_hard_tensor if n_hard else None,
+        mask_ratio,
+        lambda_pred,
+        use_pred,
+        view,
+        views,
+        view_noise if n_hard else None,
+    )
     logs: dict = {"alpha": alpha, "n_hard": n_hard, "_out": parts["out"], "loss_rec": parts["loss_rec"]}
     if "loss_pred" in parts:
         logs["loss_pred"] = parts["loss_pred"]

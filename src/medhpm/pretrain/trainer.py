@@ -35,13 +35,25 @@ from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, p
 from medhpm.pretrain.ema import EMATeacher, momentum_at
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
 from medhpm.pretrain.masking import curriculum_alpha, num_hard, num_masked
-from medhpm.pretrain.step import mined_patch_stats, mined_patches, pretrain_iteration, step_core, teacher_scores, \
-    teacher_views_used
+from medhpm.pretrain.step import (
+    mined_patch_stats,
+    mined_patches,
+    pretrain_iteration,
+    step_core,
+    teacher_scores,
+    teacher_views_used,
+)
 from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.files import (atomic_write_text, atomic_write_with, refuse_overwriting_inputs, remove_stale_temps,
-                                  sha256_file, write_run_summary)
+from medhpm.runtime.files import (
+    atomic_write_text,
+    atomic_write_with,
+    refuse_overwriting_inputs,
+    remove_stale_temps,
+    sha256_file,
+    write_run_summary,
+)
 from medhpm.runtime.loop import Trainer, TrainingError, echo
 from medhpm.runtime.param_groups import param_groups_weight_decay
 from medhpm.runtime.weights import sidecar_path
@@ -59,9 +71,14 @@ if set(METHOD_SWITCHES) != set(METHODS):  # config owns the method names; each n
 
 def build_pretrain_model(cfg: Config) -> HPMPretrainModel:
     use_pred, _ = METHOD_SWITCHES[cfg.pretrain.method]
-    encoder = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi), patch_size=cfg.model.patch_size,
-                            in_chans=cfg.model.in_chans, pos_embed=cfg.model.pos_embed,
-                            grad_checkpointing=cfg.model.grad_checkpointing)
+    encoder = build_encoder(
+        cfg.model.preset,
+        img_size=tuple(cfg.data.roi),
+        patch_size=cfg.model.patch_size,
+        in_chans=cfg.model.in_chans,
+        pos_embed=cfg.model.pos_embed,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+    )
     return HPMPretrainModel(
         encoder,
         decoder_dim=cfg.model.decoder_dim,
@@ -123,16 +140,28 @@ class PretrainTrainer(Trainer):
             entries += [{"image": e["image"], "case": e["case"]} for e in more]
             n_extra += len(more)
         held = [f"{len(dl[k])} {k}" for k in ("validation", "test") if dl.get(k)]
-        echo(f"[pretrain] {len(dl['training'])} training scans of {src}"
-             + (f" and {n_extra} label-free scans (data.extra_unlabelled)" if n_extra else "")
-             + (f"; its {' and '.join(held)} cases are not read" if held else ""), self.dist)
+        echo(
+            f"[pretrain] {len(dl['training'])} training scans of {src}"
+            + (f" and {n_extra} label-free scans (data.extra_unlabelled)" if n_extra else "")
+            + (f"; its {' and '.join(held)} cases are not read" if held else ""),
+            self.dist,
+        )
         check_headers(entries)  # unreadable, 2D/4D, a label off its image's grid: before any training work
         labelled = all("label" in e for e in entries)
         self.entries = entries
         self.labelled = labelled
         transform = pretrain_transforms(d, labelled=labelled)
-        return training_loader(entries, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
-                               self.dist.world_size, self.dist.rank, device=getattr(self, "device", None))
+        return training_loader(
+            entries,
+            transform,
+            d,
+            self.sec.batch_size,
+            self.cfg.seed,
+            self.run_dir,
+            self.dist.world_size,
+            self.dist.rank,
+            device=getattr(self, "device", None),
+        )
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)
@@ -153,10 +182,15 @@ class PretrainTrainer(Trainer):
             self.teacher.to(self.device)
         self._core = self.compiled(step_core)  # runtime.compile: teacher pass, mask, student, losses
         if self.teacher is not None:
-            views = ("the full volume" if self.teacher_view == "full" else
-                     f"{self.teacher_views} complementary masked views a crop")
-            echo(f"[pretrain] the EMA teacher scores patches from {views} (pretrain.teacher_view={self.teacher_view})",
-                 self.dist)
+            views = (
+                "the full volume"
+                if self.teacher_view == "full"
+                else f"{self.teacher_views} complementary masked views a crop"
+            )
+            echo(
+                f"[pretrain] the EMA teacher scores patches from {views} (pretrain.teacher_view={self.teacher_view})",
+                self.dist,
+            )
         try:
             self.plan_snapshots()
         except Exception:  # the loop closes the logger only once set-up is done
@@ -167,8 +201,11 @@ class PretrainTrainer(Trainer):
         return param_groups_weight_decay(model, lr, self.cfg.pretrain.weight_decay)
 
     def model_args(self) -> dict:
-        return {"pretrain_model": unwrap(self.model).config(), "encoder": unwrap(self.model).encoder.config(),
-                "method": self.cfg.pretrain.method}
+        return {
+            "pretrain_model": unwrap(self.model).config(),
+            "encoder": unwrap(self.model).encoder.config(),
+            "method": self.cfg.pretrain.method,
+        }
 
     # ------------------------------------------------------------------ one iteration
     def alpha(self, epoch_f: float) -> float:
@@ -183,14 +220,28 @@ class PretrainTrainer(Trainer):
         alpha = self.alpha(epoch_f)
         n_hard = num_hard(alpha, self.num_masked) if self.teacher is not None else 0
         noise, view_noise = self.step_noise(x.shape[0])
-        loss, logs = pretrain_iteration(self.ddp, self.teacher, x, alpha=alpha, mask_ratio=p.mask_ratio,
-                                        lambda_pred=p.lambda_pred, use_pred=self.use_pred, noise=noise,
-                                        core=self._core, n_hard_tensor=self._n_hard_tensor(n_hard),
-                                        view=self.teacher_view, views=self.teacher_views, view_noise=view_noise)
+        loss, logs = pretrain_iteration(
+            self.ddp,
+            self.teacher,
+            x,
+            alpha=alpha,
+            mask_ratio=p.mask_ratio,
+            lambda_pred=p.lambda_pred,
+            use_pred=self.use_pred,
+            noise=noise,
+            core=self._core,
+            n_hard_tensor=self._n_hard_tensor(n_hard),
+            view=self.teacher_view,
+            views=self.teacher_views,
+            view_noise=view_noise,
+        )
         # only for the step that will be logged (it becomes step global_step + 1)
         if n_hard > 0 and (self.global_step + 1) % max(self.cfg.runtime.log_every, 1) == 0:
-            logs.update(mined_patch_stats(x, logs["_scores"], logs["_mask"], n_hard,
-                                          self.cfg.model.patch_size, self.cfg.data, self.num_masked))
+            logs.update(
+                mined_patch_stats(
+                    x, logs["_scores"], logs["_mask"], n_hard, self.cfg.model.patch_size, self.cfg.data, self.num_masked
+                )
+            )
         if int(epoch_f) != self._diagnosed_epoch:  # the first micro-batch of each epoch
             self._diagnosed_epoch = int(epoch_f)
             self._diagnosis_inputs = self.diagnosis_inputs(x, batch.get("label"), logs, view_noise)
@@ -211,16 +262,21 @@ class PretrainTrainer(Trainer):
         """Copies of what :meth:`mining_diagnostics` needs from this step (device tensors, nothing read
         back): the measures are computed at the epoch's end, outside the hot loop."""
         out = logs["_out"]
-        keep = {"per_patch": out["per_patch_loss"].detach().clone(), "ids_masked": out["ids_masked"].clone(),
-                "lp": None if out["lp"] is None else out["lp"].detach().clone(), "n_hard": logs.get("n_hard", 0)}
+        keep = {
+            "per_patch": out["per_patch_loss"].detach().clone(),
+            "ids_masked": out["ids_masked"].clone(),
+            "lp": None if out["lp"] is None else out["lp"].detach().clone(),
+            "n_hard": logs.get("n_hard", 0),
+        }
         if self.teacher is not None:
             scores = logs.get("_scores")
             if scores is None:  # no patch was mined this step: the teacher pass is made for the diagnostics
                 scores = teacher_scores(self.teacher, x, self.teacher_view, self.teacher_views, view_noise)
             keep["scores"] = scores.clone()
             if label is not None and keep["n_hard"] > 0:
-                keep["has_organ"] = patches_with_organ(label.to(x.device).as_subclass(torch.Tensor),
-                                                       self.cfg.model.patch_size)
+                keep["has_organ"] = patches_with_organ(
+                    label.to(x.device).as_subclass(torch.Tensor), self.cfg.model.patch_size
+                )
                 keep["mask"] = logs["_mask"].clone()
         return keep
 
@@ -283,8 +339,13 @@ class PretrainTrainer(Trainer):
         logs = {}
         if self.teacher is not None:
             p = self.cfg.pretrain
-            m = momentum_at(self.global_step, self.sec.epochs * self.steps_per_epoch, p.ema_horizon_start,
-                            p.ema_horizon_end, p.ema_ramp)
+            m = momentum_at(
+                self.global_step,
+                self.sec.epochs * self.steps_per_epoch,
+                p.ema_horizon_start,
+                p.ema_horizon_end,
+                p.ema_ramp,
+            )
             self.teacher.update(self.model, m, applied=applied)  # after the optimizer step, buffers included
             logs["ema_momentum"] = m
         if self._snapshot_todo:
@@ -314,13 +375,17 @@ class PretrainTrainer(Trainer):
         total = p.epochs * self.steps_per_epoch
         beyond = [s for s in steps if s > total]
         if beyond:
-            echo(f"[pretrain] warning: pretrain.snapshot_steps {beyond} lie beyond this run's {total} optimizer steps "
-                 f"({p.epochs} epochs x {self.steps_per_epoch} steps): no snapshot is written for "
-                 f"{'them' if len(beyond) > 1 else 'it'}")
+            echo(
+                f"[pretrain] warning: pretrain.snapshot_steps {beyond} lie beyond this run's {total} optimizer steps "
+                f"({p.epochs} epochs x {self.steps_per_epoch} steps): no snapshot is written for "
+                f"{'them' if len(beyond) > 1 else 'it'}"
+            )
         passed = [s for s in steps if s <= self.global_step and not self.snapshot_path(s).exists()]
         if passed:
-            echo(f"[pretrain] note: pretrain.snapshot_steps {passed} were passed before the run resumed at step "
-                 f"{self.global_step}: no snapshot is written for {'them' if len(passed) > 1 else 'it'}")
+            echo(
+                f"[pretrain] note: pretrain.snapshot_steps {passed} were passed before the run resumed at step "
+                f"{self.global_step}: no snapshot is written for {'them' if len(passed) > 1 else 'it'}"
+            )
         todo = [s for s in steps if self.global_step < s <= total]
         folder = self.run_dir / "snapshots"
         remove_stale_temps(folder, keep_own=False)  # half-written snapshots of a killed run
@@ -328,9 +393,11 @@ class PretrainTrainer(Trainer):
         for s in todo:
             there = self.snapshot_on_disk(s)
             if there not in (None, "same", "incomplete"):
-                raise TrainingError(f"{self.snapshot_path(s)} is in the way of the snapshot of step {s} "
-                                    f"(pretrain.snapshot_steps): {there}. It is not this run's; move it away, "
-                                    "or leave that step out of pretrain.snapshot_steps")
+                raise TrainingError(
+                    f"{self.snapshot_path(s)} is in the way of the snapshot of step {s} "
+                    f"(pretrain.snapshot_steps): {there}. It is not this run's; move it away, "
+                    "or leave that step out of pretrain.snapshot_steps"
+                )
             new += there != "same"
         if new:
             import shutil
@@ -339,8 +406,10 @@ class PretrainTrainer(Trainer):
             need = new * sum(t.numel() * t.element_size() for t in model.state_dict().values())
             free = shutil.disk_usage(self.run_dir).free
             if free < need:
-                raise OSError(f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; the {new} encoder "
-                              f"snapshots of pretrain.snapshot_steps need {need / 2**20:.0f} MiB")
+                raise OSError(
+                    f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; the {new} encoder "
+                    f"snapshots of pretrain.snapshot_steps need {need / 2**20:.0f} MiB"
+                )
         if todo:
             echo(f"[pretrain] snapshots of the encoder after optimizer steps {', '.join(map(str, todo))} in {folder}")
         self._snapshot_todo = todo
@@ -396,8 +465,12 @@ class PretrainTrainer(Trainer):
 
         path = self.student_snapshot_path(step)
         if not path.exists():
-            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(self.model).state_dict().items()}
-            atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)}))
+            state = {
+                k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(self.model).state_dict().items()
+            }
+            atomic_write_with(
+                path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)})
+            )
         return path
 
     def write_snapshot(self, step: int) -> Path | None:
@@ -411,8 +484,10 @@ class PretrainTrainer(Trainer):
             # The run is deterministic: a resumed run retraces the steps after last.pt with the same data,
             # masks and weights (bit for bit in --deterministic CPU mode), so the snapshot of this step that
             # the attempt cut short wrote holds the weights this one would write. Kept, not replaced.
-            echo(f"[pretrain] snapshot of the encoder at step {step}: {path} (already there, written before the "
-                 "run resumed; kept)")
+            echo(
+                f"[pretrain] snapshot of the encoder at step {step}: {path} (already there, written before the "
+                "run resumed; kept)"
+            )
             return path
         if there not in (None, "incomplete"):  # appeared during the run: never replaced
             echo(f"[pretrain] warning: no snapshot of the encoder at step {step}: {path} is in the way ({there})")
@@ -420,11 +495,20 @@ class PretrainTrainer(Trainer):
         state = unwrap(self.model).encoder.state_dict()
         enc = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}  # the read-back
         epochs = step / self.steps_per_epoch
-        write_encoder_file(path, enc, to_dict(self.cfg), self.model_args()["encoder"], self.transforms_spec(),
-                           weights="student", epochs=int(epochs) if epochs.is_integer() else round(epochs, 4),
-                           step=step)
-        echo(f"[pretrain] snapshot of the encoder at step {step}: {path}"
-             + (" (replacing a half-written one)" if there == "incomplete" else ""))
+        write_encoder_file(
+            path,
+            enc,
+            to_dict(self.cfg),
+            self.model_args()["encoder"],
+            self.transforms_spec(),
+            weights="student",
+            epochs=int(epochs) if epochs.is_integer() else round(epochs, 4),
+            step=step,
+        )
+        echo(
+            f"[pretrain] snapshot of the encoder at step {step}: {path}"
+            + (" (replacing a half-written one)" if there == "incomplete" else "")
+        )
         return path
 
     # ------------------------------------------------------------------ epochs, figures, checkpoints
@@ -463,16 +547,27 @@ class PretrainTrainer(Trainer):
     def write_figure(self, epoch: int) -> Path:
         path = self.run_dir / "figures" / f"reconstruction_epoch{epoch + 1:04d}.png"
         teacher = self.teacher.model if self.teacher is not None else None
-        reconstruction_figure(unwrap(self.model), teacher, self.figure_input(), self.cfg.pretrain.mask_ratio,
-                              self.alpha(epoch), path, title=f"{self.cfg.pretrain.method} epoch {epoch + 1}",
-                              seed=1234, view=self.teacher_view, views=self.teacher_views)
+        reconstruction_figure(
+            unwrap(self.model),
+            teacher,
+            self.figure_input(),
+            self.cfg.pretrain.mask_ratio,
+            self.alpha(epoch),
+            path,
+            title=f"{self.cfg.pretrain.method} epoch {epoch + 1}",
+            seed=1234,
+            view=self.teacher_view,
+            views=self.teacher_views,
+        )
         shutil.copyfile(path, self.run_dir / "figures" / "reconstruction_latest.png")
         self.logger.image("pretrain/reconstruction", mpimg.imread(str(path))[..., :3], epoch)
         return path
 
     def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None,
-                "teacher_init_share": self.teacher_init_share}
+        return {
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "teacher_init_share": self.teacher_init_share,
+        }
 
     def load_extra_state(self, state):
         if self.teacher is not None:
@@ -483,9 +578,18 @@ class PretrainTrainer(Trainer):
 
     def on_finish(self):
         if self.dist.is_main:
-            write_run_summary(self.run_dir, {**peak_memory(self.device), "stage": "pretrain", "method": self.cfg.pretrain.method,
-                                             "epochs": self.cfg.pretrain.epochs, "steps": self.global_step,
-                                             "history": self.history, "version": __version__})
+            write_run_summary(
+                self.run_dir,
+                {
+                    **peak_memory(self.device),
+                    "stage": "pretrain",
+                    "method": self.cfg.pretrain.method,
+                    "epochs": self.cfg.pretrain.epochs,
+                    "steps": self.global_step,
+                    "history": self.history,
+                    "version": __version__,
+                },
+            )
 
 
 def _diagnostics_text(diag: dict) -> str:
@@ -504,7 +608,9 @@ def _diagnostics_text(diag: dict) -> str:
     if "student_spearman" in diag:
         parts.append(f"student spearman {diag['student_spearman']:.2f}")
     if "organ_share_hard" in diag:
-        parts.append(f"organ share mined {diag['organ_share_hard']:.2f} vs random {diag.get('organ_share_random', float('nan')):.2f}")
+        parts.append(
+            f"organ share mined {diag['organ_share_hard']:.2f} vs random {diag.get('organ_share_random', float('nan')):.2f}"
+        )
     if not parts:
         return ""
     return ("; teacher: " if "teacher_init_share" in diag else "; ") + ", ".join(parts)
@@ -534,24 +640,54 @@ def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False,
     refuse_overwriting_inputs([out, sidecar_path(out)], [ckpt], hint="choose another --out")
     there = [p for p in (out, sidecar_path(out)) if p.exists()]
     if there and not force:
-        raise FileExistsError(f"{' and '.join(map(str, there))} already exist{'s' if len(there) == 1 else ''} (an "
-                              "encoder exported before); nothing was written. Name another -o, or pass --force "
-                              "to replace it")
-    state = load_checkpoint(ckpt, stage="pretrain", keys=("model", "config", "model_args", "epoch", "config.model",
-                                                          "config.data", "config.pretrain", "model_args.encoder"),
-                            purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)")
+        raise FileExistsError(
+            f"{' and '.join(map(str, there))} already exist{'s' if len(there) == 1 else ''} (an "
+            "encoder exported before); nothing was written. Name another -o, or pass --force "
+            "to replace it"
+        )
+    state = load_checkpoint(
+        ckpt,
+        stage="pretrain",
+        keys=(
+            "model",
+            "config",
+            "model_args",
+            "epoch",
+            "config.model",
+            "config.data",
+            "config.pretrain",
+            "model_args.encoder",
+        ),
+        purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)",
+    )
     key = "teacher" if use_teacher else "model"
     if state.get(key) is None:
         raise CheckpointError(f"{ckpt} holds no {key} weights (the teacher exists only for method hpm)")
-    enc = {k[len("encoder."):]: v.contiguous() for k, v in state[key].items() if k.startswith("encoder.")}
+    enc = {k[len("encoder.") :]: v.contiguous() for k, v in state[key].items() if k.startswith("encoder.")}
     step = state.get("step")
-    return write_encoder_file(out, enc, state["config"], state["model_args"]["encoder"], state.get("transforms", {}),
-                              weights="teacher" if use_teacher else "student", epochs=int(state["epoch"]) + 1,
-                              step=None if step is None else int(step))
+    return write_encoder_file(
+        out,
+        enc,
+        state["config"],
+        state["model_args"]["encoder"],
+        state.get("transforms", {}),
+        weights="teacher" if use_teacher else "student",
+        epochs=int(state["epoch"]) + 1,
+        step=None if step is None else int(step),
+    )
 
 
-def write_encoder_file(out: Path, encoder: dict[str, torch.Tensor], config: dict, encoder_args: dict,
-                       transforms: dict, *, weights: str, epochs: float, step: int | None) -> Path:
+def write_encoder_file(
+    out: Path,
+    encoder: dict[str, torch.Tensor],
+    config: dict,
+    encoder_args: dict,
+    transforms: dict,
+    *,
+    weights: str,
+    epochs: float,
+    step: int | None,
+) -> Path:
     """The one home of the encoder file format (:func:`export_encoder` and the trainer's snapshots):
     ``out`` (safetensors: the encoder's tensors, CPU, contiguous) and its JSON sidecar
     (``medhpm.runtime.weights.sidecar_path``) with what the weights were trained with and their sha256,

@@ -62,8 +62,14 @@ MODEL_ORDER = ("best.pt", "final.pt", "last.pt")
 INIT_ORDER = ("best.pt", "last.pt", "final.pt")
 
 
-def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cpu", keys: Sequence[str] = ("model",),
-                    purpose: str | None = None, folder_order: Sequence[str] = RESUME_ORDER) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    stage: str | None = None,
+    map_location="cpu",
+    keys: Sequence[str] = ("model",),
+    purpose: str | None = None,
+    folder_order: Sequence[str] = RESUME_ORDER,
+) -> dict:
     """Read a checkpoint (or any ``torch.load``-able state dict) safely, ``weights_only=True``.
 
     Args:
@@ -96,8 +102,9 @@ def load_checkpoint(path: str | Path, stage: str | None = None, map_location="cp
                 f"checkpoint {path} holds objects that cannot be loaded safely (weights_only=True): {reason}"
             ) from None
         # anything else the unpickler stumbles on (random bytes, a cut or overwritten file) is damage
-        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint: it is damaged or not a PyTorch "
-                              f"file ({reason})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable checkpoint: it is damaged or not a PyTorch file ({reason})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint or state dict")
     if stage is not None:
@@ -128,14 +135,16 @@ def _check_stage(state: dict, path: Path, stage: str, keys: Sequence[str], purpo
     need = purpose or f"a {name} checkpoint is needed"
     if state.get("format") != "medhpm-checkpoint" and "stage" not in state:
         raise CheckpointError(
-            f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); {need}")
+            f"{path} is not a medhpm checkpoint (a dict with keys {', '.join(sorted(map(str, state))[:6])}); {need}"
+        )
     if state.get("stage") != stage:
         raise CheckpointError(f"{path} is a {state.get('stage')!r} checkpoint, not a {name} one; {need}")
-    lacking = [k for k in keys if _entry(state, k) is None
-               or (k in _DICT_ENTRIES and not isinstance(state[k], dict))]
+    lacking = [k for k in keys if _entry(state, k) is None or (k in _DICT_ENTRIES and not isinstance(state[k], dict))]
     if lacking:
-        raise CheckpointError(f"{name} checkpoint {path} lacks {', '.join(lacking)}: it is damaged or was written "
-                              "by an incompatible medhpm version")
+        raise CheckpointError(
+            f"{name} checkpoint {path} lacks {', '.join(lacking)}: it is damaged or was written "
+            "by an incompatible medhpm version"
+        )
 
 
 def _entry(state: dict, key: str):

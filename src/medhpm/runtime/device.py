@@ -127,8 +127,9 @@ def _limit(quota: str, period: str) -> float | None:
     return q / p if q > 0 and p > 0 else None
 
 
-def cpu_quota(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
-              proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> float | None:
+def cpu_quota(
+    cgroup_root: str | os.PathLike = "/sys/fs/cgroup", proc_cgroup: str | os.PathLike = "/proc/self/cgroup"
+) -> float | None:
     """The CPUs this process may use by its cgroup's CFS quota (``docker --cpus``, a Kubernetes CPU limit,
     a batch scheduler's cgroup), e.g. 2.0: the smallest quota / period of its cgroup and the cgroups above
     it (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``); None when none is set or readable."""
@@ -146,16 +147,22 @@ def cpu_quota(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
         for name in _CGROUP_V1_DIRS:
             for d in _up_to(root / name, v1):
                 try:
-                    limits.append(_limit((d / "cpu.cfs_quota_us").read_text().strip(),
-                                         (d / "cpu.cfs_period_us").read_text().strip()))
+                    limits.append(
+                        _limit(
+                            (d / "cpu.cfs_quota_us").read_text().strip(), (d / "cpu.cfs_period_us").read_text().strip()
+                        )
+                    )
                 except OSError:
                     continue
     limits = [x for x in limits if x is not None]
     return min(limits) if limits else None
 
 
-def configure_threads(threads: int, cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
-                      proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> str | None:
+def configure_threads(
+    threads: int,
+    cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+    proc_cgroup: str | os.PathLike = "/proc/self/cgroup",
+) -> str | None:
     """``threads`` > 0: pin torch to that many threads. 0: torch's own count (every core it sees, which
     follows the CPU affinity mask but not a cgroup CPU quota), capped at the quota rounded down (at least
     1): a container limited to 2 CPUs on a 64-core host would otherwise run 64 threads in 2 CPUs' time,
@@ -219,8 +226,7 @@ def configure_cpu_memory(policy: str, device: torch.device | str = "cpu") -> dic
             return {"policy": policy, "applied": False, "reason": "glibc refused a higher mmap threshold"}
     if not libc.mallopt(_M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD):
         return {"policy": policy, "applied": False, "reason": "glibc refused a higher trim threshold"}
-    return {"policy": policy, "applied": True, "mmap_threshold": mmap_threshold,
-            "trim_threshold": REUSE_TRIM_THRESHOLD}
+    return {"policy": policy, "applied": True, "mmap_threshold": mmap_threshold, "trim_threshold": REUSE_TRIM_THRESHOLD}
 
 
 def _glibc():
@@ -243,7 +249,11 @@ def _glibc():
 def peak_memory(device) -> dict:
     """Peak memory of this process: CUDA max allocated on a GPU, else the max resident set size."""
     if getattr(device, "type", "cpu") == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-                "peak_memory_kind": "cuda_max_allocated"}
-    return {"peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_memory_kind": "cpu_max_rss"}
+        return {
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_memory_kind": "cuda_max_allocated",
+        }
+    return {
+        "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_kind": "cpu_max_rss",
+    }

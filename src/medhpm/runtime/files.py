@@ -220,7 +220,8 @@ def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another outpu
                 what = "is" if os.path.normpath(out) == os.path.normpath(inp) else "would be written onto"
                 raise OverwriteError(
                     f"refusing to write {out}: it {what} the input {inp}, which would be destroyed; "
-                    f"nothing was read or written ({hint})")
+                    f"nothing was read or written ({hint})"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- run folders
@@ -251,8 +252,9 @@ def _lock_holder(fd: int) -> dict:
 def _holder_text(h: dict) -> str:
     if not h:
         return "a process that has not written its pid yet"
-    return (f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
-            + (f" ({h['command']})" if h.get("command") else ""))
+    return f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}" + (
+        f" ({h['command']})" if h.get("command") else ""
+    )
 
 
 @contextlib.contextmanager
@@ -284,13 +286,21 @@ def run_folder_lock(folder: str | Path, enabled: bool = True, what: str = "run")
             holder = _lock_holder(fd)
             raise RunFolderLocked(
                 f"{folder} is in use by another {what}: {_holder_text(holder)} holds {path}. One run per folder: "
-                "wait for it to finish (or stop it), or choose another --out") from None
+                "wait for it to finish (or stop it), or choose another --out"
+            ) from None
         previous = _lock_holder(fd) if os.fstat(fd).st_size else {}
         if previous and previous.get("pid") != os.getpid():  # its holder died without releasing the folder
-            print(f"note: {folder} was locked by a run that is gone ({_holder_text(previous)}); taking it over",
-                  file=sys.stderr, flush=True)
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:500]}
+            print(
+                f"note: {folder} was locked by a run that is gone ({_holder_text(previous)}); taking it over",
+                file=sys.stderr,
+                flush=True,
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": " ".join(sys.argv)[:500],
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
@@ -318,8 +328,11 @@ def disk_needed(checkpoint_bytes: int, names, existing=(), margin: int = OUTPUT_
     mib = checkpoint_bytes / 2**20
     total = (len(new) + 1) * checkpoint_bytes + margin
     files = ", ".join(f"{n}.pt" for n in new)
-    parts = [f"{len(new)} new checkpoint(s) of {mib:.1f} MiB ({files})" if new else "no new checkpoint",
-             f"1 temporary copy of {mib:.1f} MiB while one is written", f"{margin / 2**20:.0f} MiB for figures and logs"]
+    parts = [
+        f"{len(new)} new checkpoint(s) of {mib:.1f} MiB ({files})" if new else "no new checkpoint",
+        f"1 temporary copy of {mib:.1f} MiB while one is written",
+        f"{margin / 2**20:.0f} MiB for figures and logs",
+    ]
     return total, " + ".join(parts)
 
 

@@ -26,8 +26,14 @@ from medhpm.config import Config, checkpoint_keys, compile_mode, differences, fr
 from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
 from medhpm.runtime.device import autocast, autocast_dtype, configure_cpu_memory, configure_threads, pick_device
 from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
-from medhpm.runtime.files import (atomic_write_text, check_writable, disk_needed, remove_stale_temps, run_folder_lock,
-                                  save_config)
+from medhpm.runtime.files import (
+    atomic_write_text,
+    check_writable,
+    disk_needed,
+    remove_stale_temps,
+    run_folder_lock,
+    save_config,
+)
 from medhpm.runtime.logging import MetricLogger
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr, warmup_steps
 from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
@@ -151,8 +157,9 @@ class Trainer:
         self.base_lr = scaled_lr(self.sec.lr, self.effective_batch, self.sec.lr_ref_batch)
         # the fused kernel: about a quarter off a CPU pre-training step (docs/PERFORMANCE.md)
         self.fused = _fused_adamw_ok(self.device)
-        self.optimizer = torch.optim.AdamW(self.param_groups(model, self.base_lr), lr=self.base_lr,
-                                           betas=tuple(self.sec.betas), fused=self.fused)
+        self.optimizer = torch.optim.AdamW(
+            self.param_groups(model, self.base_lr), lr=self.base_lr, betas=tuple(self.sec.betas), fused=self.fused
+        )
         if self.dist.is_main:  # room for what the run will write, known now that the model is built
             self._check_disk()
         if self.resume:
@@ -184,8 +191,11 @@ class Trainer:
             f"optimizer steps per epoch, {self.sec.epochs} epochs; warm-up {self.sec.warmup_epochs:g} epochs = "
             f"{warmup_steps(self.sec.warmup_epochs, self.steps_per_epoch)} optimizer steps"
             + (f"; step compiled ({self.compile_mode})" if self.compile_mode != "none" else "")
-            + ("; freed memory kept for the next step (runtime.cpu_memory)"
-               if self.cpu_memory["applied"] and self.device.type == "cpu" else ""),
+            + (
+                "; freed memory kept for the next step (runtime.cpu_memory)"
+                if self.cpu_memory["applied"] and self.device.type == "cpu"
+                else ""
+            ),
             self.dist,
         )
 
@@ -195,15 +205,21 @@ class Trainer:
     def _check_disk(self) -> None:
         import shutil
 
-        need, why = disk_needed(self._checkpoint_bytes(), self.checkpoint_names,
-                                existing=[n for n in self.checkpoint_names if (self.run_dir / f"{n}.pt").exists()])
+        need, why = disk_needed(
+            self._checkpoint_bytes(),
+            self.checkpoint_names,
+            existing=[n for n in self.checkpoint_names if (self.run_dir / f"{n}.pt").exists()],
+        )
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
-            raise OSError(f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; at least "
-                          f"{need / 2**20:.0f} MiB are needed for checkpoints and outputs ({why})")
+            raise OSError(
+                f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; at least "
+                f"{need / 2**20:.0f} MiB are needed for checkpoints and outputs ({why})"
+            )
 
     def _checkpoint_bytes(self) -> int:
         """About the size of one checkpoint: model, AdamW's two moments, tensors of ``extra_state``."""
+
         def nbytes(obj) -> int:
             if torch.is_tensor(obj):
                 return obj.numel() * obj.element_size()
@@ -220,11 +236,17 @@ class Trainer:
     def _restore(self) -> None:
         path = self.run_dir / "last.pt"
         if not path.exists():
-            raise TrainingError(f"cannot resume: {path} does not exist (the run stopped before its first "
-                                f"checkpoint, or {self.run_dir} is not a run folder); start it again without --resume")
-        state = load_checkpoint(path, stage=self.stage, map_location=self.device,
-                                keys=("model", "optimizer", "epoch", "step"),
-                                purpose=f"cannot resume a {self.stage} run from it")
+            raise TrainingError(
+                f"cannot resume: {path} does not exist (the run stopped before its first "
+                f"checkpoint, or {self.run_dir} is not a run folder); start it again without --resume"
+            )
+        state = load_checkpoint(
+            path,
+            stage=self.stage,
+            map_location=self.device,
+            keys=("model", "optimizer", "epoch", "step"),
+            purpose=f"cannot resume a {self.stage} run from it",
+        )
         try:
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -242,9 +264,11 @@ class Trainer:
         old_batch = int(old.get("batch_size", 0)) * int(old.get("accum_steps", 1)) * int(state.get("world_size", 1))
         new_batch = self.sec.batch_size * self.sec.accum_steps * self.dist.world_size
         if old_batch and old_batch != new_batch:
-            echo(f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
-                 f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
-                 self.dist)
+            echo(
+                f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
+                f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
+                self.dist,
+            )
 
     def _misfit(self, path: Path, state: dict, e: BaseException) -> str:
         """Why the weights in ``path`` do not fit this run's model: the checkpoint keys whose values differ
@@ -255,12 +279,17 @@ class Trainer:
         except Exception:  # a stored config this version cannot read: say what torch said
             pass
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        why = (f"it was written with {'; '.join(changed)} (checkpoint -> this run)" if changed
-               else f"{type(e).__name__}: {first}")
+        why = (
+            f"it was written with {'; '.join(changed)} (checkpoint -> this run)"
+            if changed
+            else f"{type(e).__name__}: {first}"
+        )
         cfg_file = self.run_dir / f"config_{self.stage}.yaml"
-        return (f"cannot resume from {path}: its weights do not fit the model of this run ({why}); the checkpoint "
-                f"comes from another run than {cfg_file}. Put the run's own last.pt back, or start a new run "
-                "with another --out")
+        return (
+            f"cannot resume from {path}: its weights do not fit the model of this run ({why}); the checkpoint "
+            f"comes from another run than {cfg_file}. Put the run's own last.pt back, or start a new run "
+            "with another --out"
+        )
 
     def _trim_metrics(self) -> None:
         """Drop the log records of the epochs that are about to be (re)done: work after ``last.pt`` that a
@@ -301,12 +330,16 @@ class Trainer:
         last = self.run_dir / "last.pt"
         run = shlex.quote(str(self.run_dir))
         if not last.exists():
-            return (f"interrupted: the {self.stage} run in {self.run_dir} stopped before its first checkpoint, so "
-                    f"there is nothing to resume; start it again (the same command, same --out {run})")
+            return (
+                f"interrupted: the {self.stage} run in {self.run_dir} stopped before its first checkpoint, so "
+                f"there is nothing to resume; start it again (the same command, same --out {run})"
+            )
         done = self._last_saved if self._last_saved is not None else self.start_epoch - 1
         at = f" (after epoch {done + 1} of {self.sec.epochs})" if done >= 0 else ""
-        return (f"interrupted: the {self.stage} run in {self.run_dir} stopped; its last checkpoint is {last}{at}. "
-                f"Resume it with: medhpm {self.stage} --resume {run}")
+        return (
+            f"interrupted: the {self.stage} run in {self.run_dir} stopped; its last checkpoint is {last}{at}. "
+            f"Resume it with: medhpm {self.stage} --resume {run}"
+        )
 
     def _run(self) -> Path:
         self.setup()
@@ -434,8 +467,9 @@ class Trainer:
             host.update(self.after_optimizer_step(epoch_f, ok))
             dev.update(grad_norm=grad_norm.float(), _ok_loss=ok_loss, _ok_grad=ok_grad)
             step_time = time.time() - t0
-            self._pending.append({"epoch": epoch, "lr": lr, "host": host, "dev": dev, "data_time": dt,
-                                  "compute_time": step_time})
+            self._pending.append(
+                {"epoch": epoch, "lr": lr, "host": host, "dev": dev, "data_time": dt, "compute_time": step_time}
+            )
             compute_time += step_time
             if not self._first_step_done and self.compile_mode != "none":  # the step that compiles
                 self._first_step_done = True
@@ -448,8 +482,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         stats = {k: v / max(self._epoch_count, 1) for k, v in self._epoch_sums.items()}
-        stats.update(data_time=data_time, compute_time=compute_time, steps=self._epoch_count,
-                     skipped_steps=self.skipped_steps)
+        stats.update(
+            data_time=data_time, compute_time=compute_time, steps=self._epoch_count, skipped_steps=self.skipped_steps
+        )
         if first_step_time is not None:
             stats["first_step_time"] = first_step_time
         return stats
@@ -497,9 +532,18 @@ class Trainer:
                     self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + float(v)
             self._epoch_count += 1
             if self.global_step % log_every == 0:
-                self.logger.log({"kind": "step", "epoch": p["epoch"], "step": self.global_step, **logs,
-                                 "data_time": p["data_time"], "compute_time": p["compute_time"]},
-                                step=self.global_step, prefix=f"{self.stage}/")
+                self.logger.log(
+                    {
+                        "kind": "step",
+                        "epoch": p["epoch"],
+                        "step": self.global_step,
+                        **logs,
+                        "data_time": p["data_time"],
+                        "compute_time": p["compute_time"],
+                    },
+                    step=self.global_step,
+                    prefix=f"{self.stage}/",
+                )
             if bar is not None:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{p['lr']:.2e}")
 
@@ -513,8 +557,13 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.steps_per_epoch, desc=f"{self.stage} {epoch + 1}/{self.sec.epochs}",
-                    leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        return tqdm(
+            total=self.steps_per_epoch,
+            desc=f"{self.stage} {epoch + 1}/{self.sec.epochs}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
 
     def _reduce_losses(self, loss: torch.Tensor, logs: dict) -> torch.Tensor:
         """Mean over the processes of the loss and of the ``loss*`` tensors in ``logs`` (updated in place),
@@ -532,8 +581,16 @@ class Trainer:
         """Skip the step (returns True) or write a checkpoint and stop, naming the step."""
         if self.sec.nonfinite == "skip":
             self.skipped_steps += 1
-            self.logger.log({"kind": "skip", "epoch": epoch, "step": self.global_step,
-                             "skipped_steps": self.skipped_steps, "what": what, **logs})
+            self.logger.log(
+                {
+                    "kind": "skip",
+                    "epoch": epoch,
+                    "step": self.global_step,
+                    "skipped_steps": self.skipped_steps,
+                    "what": what,
+                    **logs,
+                }
+            )
             return True
         path = self.save("nonfinite", epoch - 1) if self.dist.is_main else None
         barrier(self.dist)  # the other ranks stop only once the checkpoint is written
@@ -554,8 +611,13 @@ class Trainer:
             "step": self.global_step,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"kind": "cosine", "base_lr": self.base_lr, "warmup_epochs": self.sec.warmup_epochs,
-                          "min_lr": self.sec.min_lr, "epochs": self.sec.epochs},
+            "scheduler": {
+                "kind": "cosine",
+                "base_lr": self.base_lr,
+                "warmup_epochs": self.sec.warmup_epochs,
+                "min_lr": self.sec.min_lr,
+                "epochs": self.sec.epochs,
+            },
             "model_args": self.model_args(),
             "config": to_dict(self.cfg),
             "transforms": self.transforms_spec(),

@@ -106,10 +106,7 @@ def param_groups_layer_decay(
 
 
 def param_groups_weight_decay(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    no_weight_decay: Sequence[str] = NO_WEIGHT_DECAY,
+    model: nn.Module, lr: float, weight_decay: float, no_weight_decay: Sequence[str] = NO_WEIGHT_DECAY
 ) -> list[dict]:
     """Two parameter groups for pre-training: ``"decay"`` and ``"no_decay"`` (biases, norms, position
     embeddings, mask / class tokens), both with ``lr_scale`` 1. Frozen parameters are left out; an empty
@@ -119,8 +116,14 @@ def param_groups_weight_decay(
             f"lr must be positive and weight_decay non-negative, got lr={lr}, weight_decay={weight_decay}."
         )
     groups = {
-        kind: {"params": [], "param_names": [], "lr": lr, "lr_scale": 1.0, "name": kind,
-               "weight_decay": weight_decay if kind == "decay" else 0.0}
+        kind: {
+            "params": [],
+            "param_names": [],
+            "lr": lr,
+            "lr_scale": 1.0,
+            "name": kind,
+            "weight_decay": weight_decay if kind == "decay" else 0.0,
+        }
         for kind in ("decay", "no_decay")
     }
     for name, param in model.named_parameters():

@@ -33,11 +33,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def rng_state() -> dict:
     """Every RNG state a training run depends on, as tensors/lists that torch.load(weights_only) accepts."""
-    state = {
-        "python": list(_py_state_to_list(random.getstate())),
-        "numpy": _np_state(),
-        "torch": torch.get_rng_state(),
-    }
+    state = {"python": list(_py_state_to_list(random.getstate())), "numpy": _np_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,8 +46,15 @@ def set_rng_state(state: dict) -> None:
         random.setstate(_py_state_from_list(state["python"]))
     if "numpy" in state:
         np_state = state["numpy"]
-        np.random.set_state(("MT19937", np.asarray(np_state["keys"], dtype=np.uint32), int(np_state["pos"]),
-                             int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+        np.random.set_state(
+            (
+                "MT19937",
+                np.asarray(np_state["keys"], dtype=np.uint32),
+                int(np_state["pos"]),
+                int(np_state["has_gauss"]),
+                float(np_state["cached_gaussian"]),
+            )
+        )
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -70,5 +73,9 @@ def _py_state_from_list(lst):
 
 def _np_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }

@@ -56,8 +56,11 @@ def load_encoder_weights(
             encoder configuration mismatch, sha256 mismatch, missing/unexpected keys when strict, or
             ``use_teacher`` without a teacher.
     """
-    src = (encoder_source(source, use_teacher=use_teacher) if isinstance(source, Mapping)
-           else read_encoder_source(source, use_teacher))
+    src = (
+        encoder_source(source, use_teacher=use_teacher)
+        if isinstance(source, Mapping)
+        else read_encoder_source(source, use_teacher)
+    )
     return load_encoder_state(unetr_or_encoder, src, allow_partial=allow_partial, img_size=img_size)
 
 

@@ -27,8 +27,14 @@ import torch
 from medhpm.config import Config
 from medhpm.data.datalist import finetune_cases, load_datalist
 from medhpm.data.transforms import val_transforms
-from medhpm.evaluate.token_probes import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_STRENGTHS, noise_floor, probe_tokens,
-                                          volume_tokens)
+from medhpm.evaluate.token_probes import (
+    DEFAULT_FOLDS,
+    DEFAULT_KS,
+    DEFAULT_STRENGTHS,
+    noise_floor,
+    probe_tokens,
+    volume_tokens,
+)
 from medhpm.runtime.device import configure_cpu_memory, configure_threads, pick_device
 from medhpm.runtime.files import atomic_write_text
 from medhpm.runtime.seed import seed_everything
@@ -51,15 +57,18 @@ def probe_encoder(cfg: Config, init: str | Path | None = None):
     seed_everything(cfg.seed, cfg.runtime.deterministic)
     model = build_segmentation_model(cfg)
     if init not in (None, "", "none"):
-        load_encoder_weights(model, str(init), use_teacher=cfg.finetune.use_teacher,
-                             allow_partial=cfg.finetune.allow_partial_init)
+        load_encoder_weights(
+            model, str(init), use_teacher=cfg.finetune.use_teacher, allow_partial=cfg.finetune.allow_partial_init
+        )
     return model.encoder.eval()
 
 
 PROBE_VERSION = 2  # 2: the case-wise cross-validated linear probe and the kNN probe beside the fixed fit
 
-_METRIC = ("balanced accuracy of a class-balanced linear probe on the frozen encoder's tokens, each "
-           "labelled with its patch's majority class (background included)")
+_METRIC = (
+    "balanced accuracy of a class-balanced linear probe on the frozen encoder's tokens, each "
+    "labelled with its patch's majority class (background included)"
+)
 
 
 def _volumes(entries: list[dict], cfg: Config):
@@ -68,8 +77,10 @@ def _volumes(entries: list[dict], cfg: Config):
     tr = val_transforms(cfg.data, cfg.finetune.num_classes)
     for e in entries:
         item = tr(dict(e))
-        yield (torch.as_tensor(item["image"]).as_subclass(torch.Tensor),
-               torch.as_tensor(item["label"]).as_subclass(torch.Tensor))
+        yield (
+            torch.as_tensor(item["image"]).as_subclass(torch.Tensor),
+            torch.as_tensor(item["label"]).as_subclass(torch.Tensor),
+        )
 
 
 def _encode(encoder, volumes, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,8 +102,10 @@ def _cases(cfg: Config, dataset: str | Path, labelled_cases: int | None) -> tupl
     train, _, n = finetune_cases(dl, cfg.data.val_cases, k, seed=cfg.seed)
     test = [e for e in dl.get("test", []) if "label" in e]
     if not test or any("label" not in e for e in train):
-        raise ValueError(f"the probe needs labelled training and test cases; {dataset} has "
-                         f"{sum('label' in e for e in train)} of {len(train)} training and {len(test)} test cases labelled")
+        raise ValueError(
+            f"the probe needs labelled training and test cases; {dataset} has "
+            f"{sum('label' in e for e in train)} of {len(train)} training and {len(test)} test cases labelled"
+        )
     return train, test, k, n
 
 
@@ -116,9 +129,19 @@ def _named_folds(res: dict, train: list[dict]) -> dict:
     return res
 
 
-def run_probe(cfg: Config, dataset: str | Path, out_json: str | Path, init: str | Path | None = None,
-              labelled_cases: int | None = None, steps: int = 200, *, strengths: Sequence[float] = DEFAULT_STRENGTHS,
-              ks: Sequence[int] = DEFAULT_KS, folds: int = DEFAULT_FOLDS, metric: str = "cosine") -> dict:
+def run_probe(
+    cfg: Config,
+    dataset: str | Path,
+    out_json: str | Path,
+    init: str | Path | None = None,
+    labelled_cases: int | None = None,
+    steps: int = 200,
+    *,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    ks: Sequence[int] = DEFAULT_KS,
+    folds: int = DEFAULT_FOLDS,
+    metric: str = "cosine",
+) -> dict:
     """Fit and score the probes of the encoder ``init`` (None: scratch) on ``dataset``; writes ``out_json``.
 
     ``labelled_cases``: how many training cases the probes learn from (default ``finetune.labelled_cases``;
@@ -147,8 +170,23 @@ def run_probe(cfg: Config, dataset: str | Path, out_json: str | Path, init: str 
     encoder = probe_encoder(cfg, init).to(device)
     x_tr, y_tr, g_tr = _encode(encoder, _volumes(train, cfg), cfg, device)
     x_te, y_te, _ = _encode(encoder, _volumes(test, cfg), cfg, device)
-    res = _named_folds(probe_tokens(x_tr, y_tr, g_tr, x_te, y_te, cfg.finetune.num_classes, strengths=strengths,
-                                    ks=ks, folds=folds, metric=metric, steps=steps, seed=cfg.seed), train)
+    res = _named_folds(
+        probe_tokens(
+            x_tr,
+            y_tr,
+            g_tr,
+            x_te,
+            y_te,
+            cfg.finetune.num_classes,
+            strengths=strengths,
+            ks=ks,
+            folds=folds,
+            metric=metric,
+            steps=steps,
+            seed=cfg.seed,
+        ),
+        train,
+    )
     fixed = res["linear_fixed"]
     result = {
         "balanced_accuracy": fixed["balanced_accuracy"],
@@ -156,10 +194,16 @@ def run_probe(cfg: Config, dataset: str | Path, out_json: str | Path, init: str 
         "chance": res["chance"],
         "test_recall": fixed["test_recall"],
         "weight_decay": fixed["weight_decay"],
-        "linear_cv": {**res["linear_cv"], "metric": "balanced accuracy of the class-balanced linear probe, its L2 "
-                      "strength chosen by case-wise cross-validation on the training cases, then refitted on all"},
-        "knn": {**res["knn"], "metric": "balanced accuracy of the class-balanced k-nearest-neighbour probe on the "
-                "standardised tokens, k chosen by case-wise cross-validation on the training cases"},
+        "linear_cv": {
+            **res["linear_cv"],
+            "metric": "balanced accuracy of the class-balanced linear probe, its L2 "
+            "strength chosen by case-wise cross-validation on the training cases, then refitted on all",
+        },
+        "knn": {
+            **res["knn"],
+            "metric": "balanced accuracy of the class-balanced k-nearest-neighbour probe on the "
+            "standardised tokens, k chosen by case-wise cross-validation on the training cases",
+        },
         "encoder": str(init) if init not in (None, "", "none") else "none (the seeded random init, as from scratch)",
         "seed": cfg.seed,
         "labelled_cases": k,
@@ -178,10 +222,19 @@ def run_probe(cfg: Config, dataset: str | Path, out_json: str | Path, init: str 
     return result
 
 
-def run_noise_floor(cfg: Config, dataset: str | Path, out_json: str | Path, seeds: Sequence[int],
-                    labelled_cases: int | None = None, steps: int = 200, *,
-                    strengths: Sequence[float] = DEFAULT_STRENGTHS, ks: Sequence[int] = DEFAULT_KS,
-                    folds: int = DEFAULT_FOLDS, metric: str = "cosine") -> dict:
+def run_noise_floor(
+    cfg: Config,
+    dataset: str | Path,
+    out_json: str | Path,
+    seeds: Sequence[int],
+    labelled_cases: int | None = None,
+    steps: int = 200,
+    *,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    ks: Sequence[int] = DEFAULT_KS,
+    folds: int = DEFAULT_FOLDS,
+    metric: str = "cosine",
+) -> dict:
     """The probes of the encoder's random initialisations, one per seed of ``seeds``; writes ``out_json``.
 
     Each encoder is :func:`probe_encoder` with ``cfg.seed`` replaced by one of ``seeds`` and nothing loaded
@@ -214,8 +267,23 @@ def run_noise_floor(cfg: Config, dataset: str | Path, out_json: str | Path, seed
         x_tr, y_tr, g_tr = _encode(encoder, vol_tr, cfg, device)
         x_te, y_te, _ = _encode(encoder, vol_te, cfg, device)
         counts.update(train_tokens=int(y_tr.numel()), test_tokens=int(y_te.numel()), token_dim=int(x_tr.shape[1]))
-        return _named_folds(probe_tokens(x_tr, y_tr, g_tr, x_te, y_te, cfg.finetune.num_classes, strengths=strengths,
-                                         ks=ks, folds=folds, metric=metric, steps=steps, seed=cfg.seed), train)
+        return _named_folds(
+            probe_tokens(
+                x_tr,
+                y_tr,
+                g_tr,
+                x_te,
+                y_te,
+                cfg.finetune.num_classes,
+                strengths=strengths,
+                ks=ks,
+                folds=folds,
+                metric=metric,
+                steps=steps,
+                seed=cfg.seed,
+            ),
+            train,
+        )
 
     floor = noise_floor(build, seeds, probe)
     result = {
@@ -233,7 +301,7 @@ def run_noise_floor(cfg: Config, dataset: str | Path, out_json: str | Path, seed
         "probe_version": PROBE_VERSION,
         "seconds": round(time.time() - t0, 2),
         "metric": "balanced accuracy of each probe (linear_fixed: L2 1e-3; linear_cv; knn) over random "
-                  "initialisations of the encoder, all on the same cases and folds",
+        "initialisations of the encoder, all on the same cases and folds",
     }
     atomic_write_text(out_json, json.dumps(result, indent=2))
     return result

@@ -40,29 +40,45 @@ from medhpm import __version__
 from medhpm.config import Config, from_dict, to_dict
 from medhpm.runtime.checkpoint import MODEL_ORDER, CheckpointError, load_checkpoint, resolve_checkpoint
 from medhpm.runtime.files import atomic_write_text, sha256_file
-from medhpm.segment.bundle import (BUNDLE_METADATA_SCHEMA, MONAI_SCHEMA_URL, bundle_inference, bundle_metadata,
-                                   bundle_readme)
+from medhpm.segment.bundle import (
+    BUNDLE_METADATA_SCHEMA,
+    MONAI_SCHEMA_URL,
+    bundle_inference,
+    bundle_metadata,
+    bundle_readme,
+)
 from medhpm.segment.predict import Predictor, load_model
 
-__all__ = ["FORMATS", "ExportError", "export_model", "export_settings", "load_exported", "exported_predictor",
-           "OnnxRuntimeNetwork", "ort_session_options", "BUNDLE_METADATA_SCHEMA", "MONAI_SCHEMA_URL"]
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "export_model",
+    "export_settings",
+    "load_exported",
+    "exported_predictor",
+    "OnnxRuntimeNetwork",
+    "ort_session_options",
+    "BUNDLE_METADATA_SCHEMA",
+    "MONAI_SCHEMA_URL",
+]
 
 FORMATS = {
     "bundle": "a MONAI bundle (configs/inference.json + models/model.ts) that `python -m monai.bundle run`, "
-              "MONAI Label and the model zoo tools load, with the preprocessing, sliding window and inversion "
-              "to the scan's geometry of `medhpm predict`",
+    "MONAI Label and the model zoo tools load, with the preprocessing, sliding window and inversion "
+    "to the scan's geometry of `medhpm predict`",
     "onnx": "model.onnx (one ROI in, class logits out) for onnxruntime and other ONNX runtimes, with "
-            "export.json: the preprocessing and sliding-window settings to reproduce `medhpm predict`",
-    "torchscript": "model.ts (one ROI in, class logits out) that torch.jit.load alone loads, with the same "
-                   "export.json",
+    "export.json: the preprocessing and sliding-window settings to reproduce `medhpm predict`",
+    "torchscript": "model.ts (one ROI in, class logits out) that torch.jit.load alone loads, with the same export.json",
 }
 EXPORT_JSON = "export.json"
 EXPORT_FORMAT_VERSION = 1
 # the largest |exported - PyTorch| logit difference accepted, relative to max(1, max |PyTorch logit|)
 TOLERANCE = 1e-4
 ONNX_OPSET = 18
-_FINETUNE_ONLY = ("export-model needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`); "
-                  "a pre-training checkpoint holds no segmentation head")
+_FINETUNE_ONLY = (
+    "export-model needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`); "
+    "a pre-training checkpoint holds no segmentation head"
+)
 
 
 class ExportError(ValueError):
@@ -74,12 +90,19 @@ def _read_checkpoint(ckpt: Path) -> dict:
     """The fine-tuning checkpoint at ``ckpt``; an encoder file or a pre-training checkpoint is refused with
     a sentence naming the file."""
     if ckpt.suffix == ".safetensors" or (ckpt.suffix == ".json" and ckpt.with_suffix(".safetensors").exists()):
-        raise ExportError(f"{ckpt} is an encoder file (`medhpm export-encoder`: the pre-trained ViT without a "
-                          "segmentation head); export-model needs a fine-tuning checkpoint: fine-tune first "
-                          "(`medhpm finetune --init <this file>`), then export its best.pt")
+        raise ExportError(
+            f"{ckpt} is an encoder file (`medhpm export-encoder`: the pre-trained ViT without a "
+            "segmentation head); export-model needs a fine-tuning checkpoint: fine-tune first "
+            "(`medhpm finetune --init <this file>`), then export its best.pt"
+        )
     try:
-        return load_checkpoint(ckpt, stage="finetune", keys=("config", "model_args", "model"),
-                               purpose=_FINETUNE_ONLY, folder_order=MODEL_ORDER)
+        return load_checkpoint(
+            ckpt,
+            stage="finetune",
+            keys=("config", "model_args", "model"),
+            purpose=_FINETUNE_ONLY,
+            folder_order=MODEL_ORDER,
+        )
     except CheckpointError as e:
         raise ExportError(str(e)) from None
 
@@ -149,9 +172,11 @@ def export_settings(cfg: Config, classes: dict[int, str], architecture: str, num
             "implementation": "monai.inferers.SlidingWindowInferer / sliding_window_inference",
         },
         "postprocessing": {
-            "steps": ["argmax over the class channels in the preprocessed grid",
-                      "undo pad, crop, resampling and reorientation with nearest-neighbour interpolation "
-                      "(monai.transforms.Invertd), giving the scan's own shape and affine"],
+            "steps": [
+                "argmax over the class channels in the preprocessed grid",
+                "undo pad, crop, resampling and reorientation with nearest-neighbour interpolation "
+                "(monai.transforms.Invertd), giving the scan's own shape and affine",
+            ],
             "label_dtype": "uint8",
         },
         "labels": {str(k): v for k, v in sorted(names.items())},
@@ -185,13 +210,17 @@ def _probe_input(cfg: Config, batch: int = 2) -> torch.Tensor:
 
 def _check_close(name: str, ckpt: Path, got: np.ndarray, ref: np.ndarray) -> float:
     if got.shape != ref.shape:
-        raise ExportError(f"the {name} export of {ckpt} gives logits of shape {got.shape}, the PyTorch model "
-                          f"{ref.shape}; nothing was written. Try another --format")
+        raise ExportError(
+            f"the {name} export of {ckpt} gives logits of shape {got.shape}, the PyTorch model "
+            f"{ref.shape}; nothing was written. Try another --format"
+        )
     diff = float(np.max(np.abs(got - ref)))
     bound = TOLERANCE * max(1.0, float(np.max(np.abs(ref))))
     if not diff <= bound:
-        raise ExportError(f"the {name} export of {ckpt} differs from the PyTorch model by {diff:.3g} in the "
-                          f"logits (more than {bound:.3g}); nothing was written. Try another --format")
+        raise ExportError(
+            f"the {name} export of {ckpt} differs from the PyTorch model by {diff:.3g} in the "
+            f"logits (more than {bound:.3g}); nothing was written. Try another --format"
+        )
     return diff
 
 
@@ -202,9 +231,10 @@ def _torchscript(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, ex
         try:
             traced = torch.jit.trace(model, x[:1], check_trace=False)
         except Exception as e:
-            raise ExportError(f"TorchScript cannot trace the network of {ckpt} at ROI {list(cfg.data.roi)} "
-                              f"({type(e).__name__}: {_first_line(e)}); nothing was written. Try --format onnx"
-                              ) from None
+            raise ExportError(
+                f"TorchScript cannot trace the network of {ckpt} at ROI {list(cfg.data.roi)} "
+                f"({type(e).__name__}: {_first_line(e)}); nothing was written. Try --format onnx"
+            ) from None
         traced = traced.eval()
         ref = model(x).numpy()
         torch.jit.save(traced, str(path), _extra_files={EXPORT_JSON: json.dumps(extra)})
@@ -254,36 +284,55 @@ def _onnx(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: di
         import onnx
         import onnxruntime as ort
     except ImportError as e:
-        raise ExportError(f"ONNX export needs the onnx and onnxruntime packages ({e}); install medhpm with its "
-                          "dependencies (pip install -e .) or use --format torchscript") from None
+        raise ExportError(
+            f"ONNX export needs the onnx and onnxruntime packages ({e}); install medhpm with its "
+            "dependencies (pip install -e .) or use --format torchscript"
+        ) from None
     x = _probe_input(cfg)
     roi = list(cfg.data.roi)
     with torch.no_grad(), warnings.catch_warnings(), _quiet_onnx_logs():
         warnings.simplefilter("ignore")
         try:
             batch = torch.export.Dim("batch", min=1, max=1024)
-            program = torch.onnx.export(_for_onnx(model), (x[:1],), dynamo=True, input_names=["image"],
-                                        output_names=["logits"], dynamic_shapes=({0: batch},),
-                                        opset_version=ONNX_OPSET, external_data=False, verbose=False,
-                                        report=False)
+            program = torch.onnx.export(
+                _for_onnx(model),
+                (x[:1],),
+                dynamo=True,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                opset_version=ONNX_OPSET,
+                external_data=False,
+                verbose=False,
+                report=False,
+            )
             program.save(str(path), external_data=False)
         except Exception as e:
-            raise ExportError(f"torch.onnx cannot export the network of {ckpt} at ROI {roi} "
-                              f"({type(e).__name__}: {_first_line(e)}); nothing was written. Use --format "
-                              "torchscript or bundle, or fine-tune with another data.roi") from None
+            raise ExportError(
+                f"torch.onnx cannot export the network of {ckpt} at ROI {roi} "
+                f"({type(e).__name__}: {_first_line(e)}); nothing was written. Use --format "
+                "torchscript or bundle, or fine-tune with another data.roi"
+            ) from None
         ref = model(x).numpy()
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    for key, value in (("medhpm_version", __version__), ("checkpoint_sha256", extra["checkpoint_sha256"]),
-                       (EXPORT_JSON, json.dumps(extra))):
+    for key, value in (
+        ("medhpm_version", __version__),
+        ("checkpoint_sha256", extra["checkpoint_sha256"]),
+        (EXPORT_JSON, json.dumps(extra)),
+    ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
     session = ort.InferenceSession(str(path), ort_session_options(), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"image": x.numpy()})[0]
     diff = _check_close("ONNX", ckpt, got, ref)
-    return {"max_abs_logit_difference": diff, "checked_on": list(x.shape), "opset": ONNX_OPSET,
-            "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)"}
+    return {
+        "max_abs_logit_difference": diff,
+        "checked_on": list(x.shape),
+        "opset": ONNX_OPSET,
+        "runtime": f"onnxruntime {ort.__version__} (CPUExecutionProvider)",
+    }
 
 
 @contextlib.contextmanager
@@ -310,8 +359,9 @@ def _first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the export
-def export_model(ckpt: str | Path, out: str | Path, fmt: str = "bundle", force: bool = False,
-                 license_file: str | Path | None = None) -> Path:
+def export_model(
+    ckpt: str | Path, out: str | Path, fmt: str = "bundle", force: bool = False, license_file: str | Path | None = None
+) -> Path:
     """Export the fine-tuning checkpoint ``ckpt`` as ``fmt`` (bundle | onnx | torchscript) into the folder
     ``out``; returns ``out``.
 
@@ -398,12 +448,16 @@ def _check_output(out: Path, ckpt: Path, force: bool) -> None:
     real_out = os.path.realpath(out)
     real_ckpt = os.path.realpath(ckpt)
     if real_ckpt == real_out or real_ckpt.startswith(real_out.rstrip(os.sep) + os.sep):
-        raise ExportError(f"output folder {out} holds the checkpoint {ckpt}, which the export would replace; "
-                          "name another folder with -o")
+        raise ExportError(
+            f"output folder {out} holds the checkpoint {ckpt}, which the export would replace; "
+            "name another folder with -o"
+        )
     if out.is_dir() and any(out.iterdir()) and not force:
         n = sum(1 for _ in out.iterdir())
-        raise ExportError(f"output folder {out} exists and is not empty ({n} entr{'y' if n == 1 else 'ies'}); "
-                          "name a new folder with -o, or pass --force to replace it")
+        raise ExportError(
+            f"output folder {out} exists and is not empty ({n} entr{'y' if n == 1 else 'ies'}); "
+            "name a new folder with -o, or pass --force to replace it"
+        )
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -475,5 +529,10 @@ def exported_predictor(folder: str | Path, **kw) -> Predictor:
     """A :class:`Predictor` (medhpm's preprocessing, sliding window and inversion) around an exported network:
     the same label maps as ``medhpm predict`` from the runtime of the export."""
     net, meta = load_exported(folder)
-    return Predictor(net, from_dict(meta["config"]), classes={int(k): v for k, v in meta["settings"]["labels"].items()
-                                                               if int(k) > 0}, device="cpu", **kw)
+    return Predictor(
+        net,
+        from_dict(meta["config"]),
+        classes={int(k): v for k, v in meta["settings"]["labels"].items() if int(k) > 0},
+        device="cpu",
+        **kw,
+    )

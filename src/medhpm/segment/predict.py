@@ -85,10 +85,19 @@ class Prediction:
 class Predictor:
     """Sliding-window UNETR prediction with the checkpoint's own preprocessing, inverted on output."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, classes: dict[int, str] | None = None,
-                 device: str = "auto", overlap: float | None = None, blend: str | None = None,
-                 sw_batch_size: int | None = None, output_on_cpu: bool = True, tta: bool = False,
-                 largest_component: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Config,
+        classes: dict[int, str] | None = None,
+        device: str = "auto",
+        overlap: float | None = None,
+        blend: str | None = None,
+        sw_batch_size: int | None = None,
+        output_on_cpu: bool = True,
+        tta: bool = False,
+        largest_component: bool = False,
+    ):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -105,10 +114,12 @@ class Predictor:
         self.output_on_cpu = output_on_cpu
         self.tta = bool(tta)  # test-time flips: mean softmax over the 8 flips of the three axes (nnU-Net's mirroring)
         if self.tta and cfg.data.flip_prob == 0:
-            warnings.warn("test-time flips on a model trained without flips (data.flip_prob 0): it sees mirrored "
-                          "anatomy it never saw and confuses left and right organs (the float32 demo model: mean "
-                          "Dice 86.1 -> 22.3 %, docs/evaluation.md); use tta only for models trained with flips",
-                          stacklevel=2)
+            warnings.warn(
+                "test-time flips on a model trained without flips (data.flip_prob 0): it sees mirrored "
+                "anatomy it never saw and confuses left and right organs (the float32 demo model: mean "
+                "Dice 86.1 -> 22.3 %, docs/evaluation.md); use tta only for models trained with flips",
+                stacklevel=2,
+            )
         self.largest_component = bool(largest_component)  # keep each organ's largest connected component
         self.amp_dtype = inference_dtype(self.device, cfg.runtime.precision)
         self.transform = predict_transforms(cfg.data)
@@ -152,9 +163,15 @@ class Predictor:
         x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float().to(self.device)
         with autocast(self.device, self.amp_dtype):
             logits = sliding_window_inference(
-                x, tuple(self.cfg.data.roi), self.sw_batch_size, self.model, overlap=self.overlap,
-                mode=self.blend, sw_device=self.device,
-                device=torch.device("cpu") if self.output_on_cpu else self.device)
+                x,
+                tuple(self.cfg.data.roi),
+                self.sw_batch_size,
+                self.model,
+                overlap=self.overlap,
+                mode=self.blend,
+                sw_device=self.device,
+                device=torch.device("cpu") if self.output_on_cpu else self.device,
+            )
         logits = logits[0].float()
         return torch.softmax(logits, dim=0, out=logits) if probabilities else logits
 
@@ -174,13 +191,21 @@ class Predictor:
         res = self.predict_item(source, want_probabilities=probabilities)
         label = res["label"] if not self.largest_component else keep_largest_components(res["label"])
         if header is not None and tuple(int(n) for n in header.get_data_shape()[:3]) != label.shape:
-            raise RuntimeError(f"internal error: prediction shape {label.shape} differs from the input's "
-                               f"{tuple(header.get_data_shape()[:3])}")
+            raise RuntimeError(
+                f"internal error: prediction shape {label.shape} differs from the input's "
+                f"{tuple(header.get_data_shape()[:3])}"
+            )
         out_affine = res["affine"] if header is None else _header_affine(image, header)
         classes = dict(self.classes) or _value_names(label)
         stats = organ_statistics(hu, label, out_affine, classes) if statistics else None
-        return Prediction(label=label, affine=out_affine, probabilities=res.get("probs"),
-                          classes=dict(self.classes), header=header, statistics=stats)
+        return Prediction(
+            label=label,
+            affine=out_affine,
+            probabilities=res.get("probs"),
+            classes=dict(self.classes),
+            header=header,
+            statistics=stats,
+        )
 
     def predict_item(self, source, want_probabilities: bool = False) -> dict:
         """Preprocess, infer and invert one scan (a path, or a channel-first MetaTensor in memory).
@@ -209,8 +234,9 @@ class Predictor:
             data["probs"].applied_operations = list(img.applied_operations)
             keys.append("probs")
             nearest.append(False)
-        inv = Invertd(keys=keys, transform=self.transform, orig_keys=["image"] * len(keys),
-                      nearest_interp=nearest, to_tensor=True)
+        inv = Invertd(
+            keys=keys, transform=self.transform, orig_keys=["image"] * len(keys), nearest_interp=nearest, to_tensor=True
+        )
         data = inv(data)
         label = torch.as_tensor(data["pred"]).as_subclass(torch.Tensor)[0].round().to(torch.uint8).numpy()
         res = {"label": label, "affine": _original_affine(data), "meta": data["image"].meta}
@@ -221,8 +247,9 @@ class Predictor:
             res["probs"] = probs
         return res
 
-    def predict_file(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                     name: str | None = None) -> Path:
+    def predict_file(
+        self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False, name: str | None = None
+    ) -> Path:
         """Segment one scan (NIfTI file or DICOM series folder) into ``out_dir/NAME.nii.gz``
         (:meth:`predict`, then written atomically) with its colour tables beside it (``NAME.ctbl`` for 3D
         Slicer, ``NAME.itksnap.txt`` for ITK-SNAP: :mod:`medhpm.data.color_tables`); returns the label
@@ -231,8 +258,9 @@ class Predictor:
         res = self.predict(source, probabilities=save_probabilities)
         return self._write(res, Path(out_dir), name or case_name(source))
 
-    def _write(self, res: Prediction, out_dir: Path, name: str, output_type: str = "nifti",
-               source: Path | None = None) -> Path:
+    def _write(
+        self, res: Prediction, out_dir: Path, name: str, output_type: str = "nifti", source: Path | None = None
+    ) -> Path:
         """The files of one prediction: the label map and its colour tables (``nifti``), the DICOM-SEG
         referencing the DICOM series ``source`` (``dicom-seg``), or both; the probabilities if computed.
         Returns the label map's path (the SEG's for ``dicom-seg``)."""
@@ -243,8 +271,14 @@ class Predictor:
         img = res.to_nifti()
         path = None
         if output_type in ("dicom-seg", "both"):
-            path = write_dicom_seg(res.label, res.affine, source, self.classes or _value_names(res.label),
-                                   out_dir / f"{name}{SEG_SUFFIX}", software_version=__version__)
+            path = write_dicom_seg(
+                res.label,
+                res.affine,
+                source,
+                self.classes or _value_names(res.label),
+                out_dir / f"{name}{SEG_SUFFIX}",
+                software_version=__version__,
+            )
         if output_type in ("nifti", "both"):
             path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
             write_color_tables(path, self.classes or _value_names(res.label))
@@ -253,8 +287,15 @@ class Predictor:
             atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
         return path
 
-    def predict_path(self, source: str | Path, out_dir: str | Path, save_probabilities: bool = False,
-                     split: str = "test", statistics: bool = False, output_type: str = "nifti") -> list[dict]:
+    def predict_path(
+        self,
+        source: str | Path,
+        out_dir: str | Path,
+        save_probabilities: bool = False,
+        split: str = "test",
+        statistics: bool = False,
+        output_type: str = "nifti",
+    ) -> list[dict]:
         """Segment a file, a folder of NIfTI files / DICOM series, or a datalist's split.
 
         A scan that fails is reported (``ok`` False, ``error``) and the others still run. ``statistics``:
@@ -262,8 +303,9 @@ class Predictor:
         ``output_type``: ``nifti`` (label maps), ``dicom-seg`` (a DICOM-SEG per DICOM series, ``NAME_seg.dcm``)
         or ``both``.
         """
-        items = plan_predictions(source, out_dir, split, save_probabilities, statistics=statistics,
-                                 output_type=output_type)
+        items = plan_predictions(
+            source, out_dir, split, save_probabilities, statistics=statistics, output_type=output_type
+        )
         out_dir = Path(out_dir)
         check_writable(out_dir)
         results, per_case = [], {}
@@ -275,27 +317,31 @@ class Predictor:
                 if statistics:
                     per_case[name] = {"input": str(src), "organs": res.statistics}
             except Exception as e:  # one bad scan must not stop the others
-                results.append({"input": str(src), "ok": False, "error": _error_line(e),
-                                "traceback": traceback.format_exc()})
+                results.append(
+                    {"input": str(src), "ok": False, "error": _error_line(e), "traceback": traceback.format_exc()}
+                )
         if statistics and per_case:
             write_statistics(out_dir, per_case)
         return results
 
 
-def load_model(path: str | Path, expect: Config | None = None,
-               purpose: str = "prediction needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`)",
-               state: dict | None = None) -> tuple[torch.nn.Module, Config, dict[int, str]]:
+def load_model(
+    path: str | Path,
+    expect: Config | None = None,
+    purpose: str = "prediction needs a fine-tuning checkpoint (best.pt or final.pt of `medhpm finetune`)",
+    state: dict | None = None,
+) -> tuple[torch.nn.Module, Config, dict[int, str]]:
     """(network with the checkpoint's weights, in eval mode, its config, class names by label value) of a
     fine-tuning checkpoint: the one place prediction and export rebuild a trained network. ``purpose`` is
     said when the file is not a fine-tuning checkpoint; ``state``: the checkpoint, if already read."""
     if state is None:
-        state = load_checkpoint(path, stage="finetune", keys=("config", "model_args", "model"), purpose=purpose,
-                                folder_order=MODEL_ORDER)
+        state = load_checkpoint(
+            path, stage="finetune", keys=("config", "model_args", "model"), purpose=purpose, folder_order=MODEL_ORDER
+        )
     try:
         cfg = from_dict(state["config"])
     except ValueError as e:
-        raise CheckpointError(f"fine-tuning checkpoint {path} holds a config this medhpm cannot read: "
-                              f"{e}") from None
+        raise CheckpointError(f"fine-tuning checkpoint {path} holds a config this medhpm cannot read: {e}") from None
     if expect is not None:
         check_compatible(cfg, expect, path)
     args = state["model_args"]
@@ -304,20 +350,34 @@ def load_model(path: str | Path, expect: Config | None = None,
         if args.get("architecture", "unetr") == "dynunet":
             model = build_dynunet(cfg.model.in_chans, u["out_channels"], tuple(cfg.data.roi))
         else:
-            model = build_unetr(args["encoder"], out_channels=u["out_channels"], feature_size=u["feature_size"],
-                                drop_path=0.0, skip_blocks=tuple(u["skip_blocks"]), norm_name=u["norm_name"])
+            model = build_unetr(
+                args["encoder"],
+                out_channels=u["out_channels"],
+                feature_size=u["feature_size"],
+                drop_path=0.0,
+                skip_blocks=tuple(u["skip_blocks"]),
+                norm_name=u["norm_name"],
+            )
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"the weights in fine-tuning checkpoint {path} do not fit the model its metadata "
-                              f"describes ({type(e).__name__}: {first})") from None
+        raise CheckpointError(
+            f"the weights in fine-tuning checkpoint {path} do not fit the model its metadata "
+            f"describes ({type(e).__name__}: {first})"
+        ) from None
     classes = {int(k): v for k, v in args.get("classes", {}).items()}
     return model.eval(), cfg, classes
 
 
-def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test", save_probabilities: bool = False,
-                     model: str | Path | None = None, statistics: bool = False,
-                     output_type: str = "nifti") -> list[tuple[Path, str, Path]]:
+def plan_predictions(
+    source: str | Path,
+    out_dir: str | Path,
+    split: str = "test",
+    save_probabilities: bool = False,
+    model: str | Path | None = None,
+    statistics: bool = False,
+    output_type: str = "nifti",
+) -> list[tuple[Path, str, Path]]:
     """(scan, case name, label map to write) of every scan behind ``source``, checked before any scan or
     checkpoint is read: two scans whose outputs would share one file (``case.nii`` and ``case.nii.gz``)
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
@@ -330,8 +390,10 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
         if not_dicom:
             raise ValueError(
                 f"--output-type {output_type} writes a DICOM-SEG that references the DICOM series it was predicted "
-                f"from, but {not_dicom[0]}" + (f" (and {len(not_dicom) - 1} more)" if len(not_dicom) > 1 else "")
-                + " is not a DICOM series; nothing was predicted. Use --output-type nifti for NIfTI input.")
+                f"from, but {not_dicom[0]}"
+                + (f" (and {len(not_dicom) - 1} more)" if len(not_dicom) > 1 else "")
+                + " is not a DICOM series; nothing was predicted. Use --output-type nifti for NIfTI input."
+            )
         for src, _ in items:  # headers only: a series a SEG cannot reference fails now, not after inference
             try:
                 check_seg_references(src)
@@ -348,14 +410,17 @@ def plan_predictions(source: str | Path, out_dir: str | Path, split: str = "test
         for o in outs:
             key = os.path.normpath(os.path.abspath(o))
             if key in by_output and by_output[key] != src:
-                raise ValueError(f"{by_output[key]} and {src} would both be written to {o}; nothing was "
-                                 "predicted. Rename one of them (or predict them into separate folders)")
+                raise ValueError(
+                    f"{by_output[key]} and {src} would both be written to {o}; nothing was "
+                    "predicted. Rename one of them (or predict them into separate folders)"
+                )
             by_output[key] = src
         outputs += outs
         planned.append((src, name, outs[0]))
     outputs += [out_dir / STATISTICS_FILES[0], out_dir / STATISTICS_FILES[1]] if statistics else []
-    refuse_overwriting_inputs(outputs, [Path(source), model, *(s for s, _ in items)],
-                              hint="choose another output folder with -o")
+    refuse_overwriting_inputs(
+        outputs, [Path(source), model, *(s for s, _ in items)], hint="choose another output folder with -o"
+    )
     return planned
 
 
@@ -401,8 +466,10 @@ def _as_source(image, affine) -> tuple:
         if not isinstance(image, np.ndarray):
             raise ValueError(f"predict takes a path, a nibabel image or a NumPy array, got {type(image).__name__}")
         if affine is None:
-            raise ValueError("a NumPy array needs its affine (4x4 voxel -> world in mm, nibabel's RAS convention, "
-                             "as nib.load(f).affine): predict(array, affine=...)")
+            raise ValueError(
+                "a NumPy array needs its affine (4x4 voxel -> world in mm, nibabel's RAS convention, "
+                "as nib.load(f).affine): predict(array, affine=...)"
+            )
         data, header, name = image, None, "the array"
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
@@ -417,9 +484,17 @@ def _as_source(image, affine) -> tuple:
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise ValueError(f"{name} has dtype {data.dtype}; predict needs real CT intensities (HU)")
     shape = tuple(int(n) for n in data.shape)
-    vol = MetaTensor(torch.as_tensor(np.asarray(data, dtype=np.float32))[None], affine=torch.as_tensor(affine),
-                     meta={"original_affine": affine.copy(), "spatial_shape": np.asarray(shape),
-                           "space": "RAS", "original_channel_dim": float("nan"), "filename_or_obj": name})
+    vol = MetaTensor(
+        torch.as_tensor(np.asarray(data, dtype=np.float32))[None],
+        affine=torch.as_tensor(affine),
+        meta={
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(shape),
+            "space": "RAS",
+            "original_channel_dim": float("nan"),
+            "filename_or_obj": name,
+        },
+    )
     if header is not None:
         header = header.copy()
     return vol, header
@@ -482,8 +557,10 @@ def _error_line(e: BaseException) -> str:
 def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
     """Explain every difference between a fine-tuning checkpoint's metadata and the config it is used with,
     over the keys the checkpoint depends on (model shape, preprocessing, classes: ``checkpoint_keys``)."""
-    diffs = [f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}"
-             for k in checkpoint_keys("finetune") if get_key(ckpt_cfg, k) != get_key(cfg, k)]
+    diffs = [
+        f"{k}: checkpoint {get_key(ckpt_cfg, k)!r}, config {get_key(cfg, k)!r}"
+        for k in checkpoint_keys("finetune")
+        if get_key(ckpt_cfg, k) != get_key(cfg, k)
+    ]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(diffs))
-

@@ -43,8 +43,14 @@ def segmentation_loss(cfg: Config):
     from monai.losses import DiceCELoss
 
     f = cfg.finetune
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=f.batch_dice, squared_pred=f.dice_squared_pred,
-                      smooth_nr=f.dice_smooth_nr, smooth_dr=f.dice_smooth_dr)
+    return DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        batch=f.batch_dice,
+        squared_pred=f.dice_squared_pred,
+        smooth_nr=f.dice_smooth_nr,
+        smooth_dr=f.dice_smooth_dr,
+    )
 
 
 def forward_loss(model, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,11 +66,18 @@ def build_segmentation_model(cfg: Config, encoder_args: dict | None = None):
     if cfg.finetune.architecture == "dynunet":
         return build_dynunet(cfg.model.in_chans, cfg.finetune.num_classes, tuple(cfg.data.roi))
     if encoder_args is None:
-        encoder_args = build_encoder(cfg.model.preset, img_size=tuple(cfg.data.roi),
-                                     patch_size=cfg.model.patch_size, in_chans=cfg.model.in_chans).config()
-    return build_unetr(encoder_args, out_channels=cfg.finetune.num_classes, feature_size=cfg.model.feature_size,
-                       drop_path=cfg.finetune.drop_path, skip_blocks=tuple(cfg.model.skip_blocks) if cfg.model.skip_blocks else None,
-                       norm_name=cfg.model.norm_name, img_size=tuple(cfg.data.roi))
+        encoder_args = build_encoder(
+            cfg.model.preset, img_size=tuple(cfg.data.roi), patch_size=cfg.model.patch_size, in_chans=cfg.model.in_chans
+        ).config()
+    return build_unetr(
+        encoder_args,
+        out_channels=cfg.finetune.num_classes,
+        feature_size=cfg.model.feature_size,
+        drop_path=cfg.finetune.drop_path,
+        skip_blocks=tuple(cfg.model.skip_blocks) if cfg.model.skip_blocks else None,
+        norm_name=cfg.model.norm_name,
+        img_size=tuple(cfg.data.roi),
+    )
 
 
 class FinetuneTrainer(Trainer):
@@ -84,28 +97,40 @@ class FinetuneTrainer(Trainer):
         dl = load_datalist(src, format=d.format, split=d.split)
         missing = [e.get("image") for e in dl["training"] if "label" not in e]
         if missing:
-            raise ValueError(f"fine-tuning needs labels; {len(missing)} training scans of {src} have none "
-                             f"(e.g. {missing[0]})")
+            raise ValueError(
+                f"fine-tuning needs labels; {len(missing)} training scans of {src} have none (e.g. {missing[0]})"
+            )
         # validation: the datalist's own labelled "validation" split, else data.val_cases drawn from the
         # training cases; label efficiency: learn from finetune.labelled_cases of the rest (pre-training
         # still used them all)
         k = self.cfg.finetune.labelled_cases
         train, val, n = finetune_cases(dl, d.val_cases, k, seed=self.cfg.seed)
         echo(f"[finetune] {_split_sentence(dl, val, n, d.val_cases)}", self.dist)
-        mismatch = _classes_mismatch(dl.get("labels") or {}, self.cfg.finetune.num_classes,
-                                     self.cfg.finetune.reported)
+        mismatch = _classes_mismatch(dl.get("labels") or {}, self.cfg.finetune.num_classes, self.cfg.finetune.reported)
         if mismatch:
             echo(f"[finetune] warning: {mismatch}", self.dist)
         if k:
-            echo(f"[finetune] learning from the labels of {len(train)} of {n} training cases "
-                 f"(finetune.labelled_cases={k}): {', '.join(e.get('case') or str(e['image']) for e in train)}", self.dist)
+            echo(
+                f"[finetune] learning from the labels of {len(train)} of {n} training cases "
+                f"(finetune.labelled_cases={k}): {', '.join(e.get('case') or str(e['image']) for e in train)}",
+                self.dist,
+            )
         self.datalist, self.train_entries, self.val_entries = dl, train, val
         self.dataset_path = str(src)
         # unreadable, 2D/4D, a label off its image's grid: every case of the run, before any training work
         check_headers(train + val, what="training and validation")
         transform = train_transforms(d, self.cfg.finetune.num_classes)
-        return training_loader(train, transform, d, self.sec.batch_size, self.cfg.seed, self.run_dir,
-                               self.dist.world_size, self.dist.rank, device=getattr(self, "device", None))
+        return training_loader(
+            train,
+            transform,
+            d,
+            self.sec.batch_size,
+            self.cfg.seed,
+            self.run_dir,
+            self.dist.world_size,
+            self.dist.rank,
+            device=getattr(self, "device", None),
+        )
 
     def transforms_spec(self) -> dict:
         return transforms_spec(self.cfg.data)
@@ -114,12 +139,17 @@ class FinetuneTrainer(Trainer):
     def build_model(self):
         model = build_segmentation_model(self.cfg)
         if self.cfg.finetune.architecture != "unetr" and self.init:
-            raise ValueError(f"finetune.architecture={self.cfg.finetune.architecture} has no ViT encoder to "
-                             f"initialise; use --init none")
+            raise ValueError(
+                f"finetune.architecture={self.cfg.finetune.architecture} has no ViT encoder to "
+                f"initialise; use --init none"
+            )
         if self.init and not self.resume:
             self.load_report = load_encoder_weights(
-                model, self.init, use_teacher=self.cfg.finetune.use_teacher,
-                allow_partial=self.cfg.finetune.allow_partial_init)
+                model,
+                self.init,
+                use_teacher=self.cfg.finetune.use_teacher,
+                allow_partial=self.cfg.finetune.allow_partial_init,
+            )
             echo(f"[finetune] initialised from {self.init}: {self.load_report.message()}", self.dist)
         elif not self.init and not self.resume:
             echo("[finetune] no pre-trained weights (--init none): UNETR from scratch", self.dist)
@@ -143,8 +173,12 @@ class FinetuneTrainer(Trainer):
         return {
             "architecture": c.finetune.architecture,
             "encoder": m.encoder.config() if hasattr(m, "encoder") else None,
-            "unetr": {"out_channels": c.finetune.num_classes, "feature_size": c.model.feature_size,
-                      "skip_blocks": list(skips) if skips is not None else None, "norm_name": c.model.norm_name},
+            "unetr": {
+                "out_channels": c.finetune.num_classes,
+                "feature_size": c.model.feature_size,
+                "skip_blocks": list(skips) if skips is not None else None,
+                "norm_name": c.model.norm_name,
+            },
             "num_classes": c.finetune.num_classes,
             "classes": {str(k): v for k, v in self.class_names().items()},
             "reported": {str(k): v for k, v in parse_classes(c.finetune.reported).items()},
@@ -209,8 +243,14 @@ class FinetuneTrainer(Trainer):
             x = torch.as_tensor(item["image"]).as_subclass(torch.Tensor)[None].to(self.device)
             y = torch.as_tensor(item["label"]).as_subclass(torch.Tensor)[None].long()
             with autocast(self.device, self.amp_dtype):
-                logits = sliding_window_inference(x, tuple(self.cfg.data.roi), self.cfg.inference.sw_batch_size,
-                                                  model, overlap=self.cfg.finetune.val_overlap, mode="gaussian")
+                logits = sliding_window_inference(
+                    x,
+                    tuple(self.cfg.data.roi),
+                    self.cfg.inference.sw_batch_size,
+                    model,
+                    overlap=self.cfg.finetune.val_overlap,
+                    mode="gaussian",
+                )
             pred = logits.float().argmax(1, keepdim=True).cpu()
             nc = self.cfg.finetune.num_classes
             d = metric(one_hot(pred, nc), one_hot(y, nc))  # (1, nc-1), NaN where the organ is absent
@@ -229,17 +269,33 @@ class FinetuneTrainer(Trainer):
 
     def on_finish(self):
         if self.dist.is_main:
-            write_run_summary(self.run_dir, {
-                **peak_memory(self.device),
-                "stage": "finetune", "init": self.init or "none", "epochs": self.cfg.finetune.epochs,
-                "steps": self.global_step, "best_val_dice": self.best_metric, "history": self.history,
-                "validation_cases": [e.get("case") for e in self.val_entries],
-                "training_cases": [e.get("case") for e in self.train_entries],
-                "dataset": self.dataset_path, "version": __version__,
-                "load_report": None if self.load_report is None else json.loads(json.dumps(
-                    {"loaded": len(self.load_report.loaded), "missing": list(self.load_report.missing),
-                     "unexpected": list(self.load_report.unexpected)})),
-            })
+            write_run_summary(
+                self.run_dir,
+                {
+                    **peak_memory(self.device),
+                    "stage": "finetune",
+                    "init": self.init or "none",
+                    "epochs": self.cfg.finetune.epochs,
+                    "steps": self.global_step,
+                    "best_val_dice": self.best_metric,
+                    "history": self.history,
+                    "validation_cases": [e.get("case") for e in self.val_entries],
+                    "training_cases": [e.get("case") for e in self.train_entries],
+                    "dataset": self.dataset_path,
+                    "version": __version__,
+                    "load_report": None
+                    if self.load_report is None
+                    else json.loads(
+                        json.dumps(
+                            {
+                                "loaded": len(self.load_report.loaded),
+                                "missing": list(self.load_report.missing),
+                                "unexpected": list(self.load_report.unexpected),
+                            }
+                        )
+                    ),
+                },
+            )
 
 
 def finetune(cfg: Config, out_dir, init: str | None = None, resume: bool = False) -> Path:
@@ -262,8 +318,11 @@ def _split_sentence(datalist: dict, val: list[dict], n: int, val_cases: int) -> 
     if not val:
         return f"{n} training cases, no validation (data.val_cases=0): no best.pt, final.pt is the model"
     given = any("label" in e for e in datalist.get("validation", []))
-    source = ("the datalist's validation split" if given
-              else f"drawn from the training cases by seed (data.val_cases={val_cases})")
+    source = (
+        "the datalist's validation split"
+        if given
+        else f"drawn from the training cases by seed (data.val_cases={val_cases})"
+    )
     return f"{n} training cases; {len(val)} validation, {source}: {names}"
 
 
@@ -278,8 +337,10 @@ def _classes_mismatch(labels: dict, num_classes: int, reported: str) -> str | No
         return None
     names = {int(v): str(n) for v, n in labels.items() if int(v) > 0}
     fit = ",".join(f"{_spec_name(n, v)}={v}" for v, n in sorted(names.items()))
-    text = (f"the datalist names {declared} classes (background and {', '.join(names[v] for v in sorted(names))}) "
-            f"but finetune.num_classes is {num_classes}")
+    text = (
+        f"the datalist names {declared} classes (background and {', '.join(names[v] for v in sorted(names))}) "
+        f"but finetune.num_classes is {num_classes}"
+    )
     if num_classes > declared:
         text += f": the model gets {num_classes - declared} outputs that no label uses"
     if str(reported).strip().lower() in ("btcv8", "btcv13"):

@@ -179,8 +179,17 @@ def segmentation_figure(
     FigureCanvasAgg(fig)
     top = 1.0 - (0.45 if title else 0.25) / fig_h
     bottom = (0.35 * legend_rows + 0.05) / fig_h
-    grid = fig.add_gridspec(len(views), len(columns), height_ratios=heights, left=0.06, right=0.99,
-                            top=top, bottom=bottom, wspace=0.02, hspace=0.04)
+    grid = fig.add_gridspec(
+        len(views),
+        len(columns),
+        height_ratios=heights,
+        left=0.06,
+        right=0.99,
+        top=top,
+        bottom=bottom,
+        wspace=0.02,
+        hspace=0.04,
+    )
 
     for r, (view, idx) in enumerate(views):
         cut = _axial if view == "axial" else _coronal
@@ -188,8 +197,9 @@ def segmentation_figure(
         g = cut(gray, idx)
         for c, (col_name, seg) in enumerate(columns):
             ax = fig.add_subplot(grid[r, c])
-            ax.imshow(_blend(g, None if seg is None else cut(seg, idx), values, alpha), aspect=aspect,
-                      interpolation="nearest")
+            ax.imshow(
+                _blend(g, None if seg is None else cut(seg, idx), values, alpha), aspect=aspect, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -201,8 +211,15 @@ def segmentation_figure(
                 ax.text(0.98, 0.5, "L", transform=ax.transAxes, color="w", fontsize=8, va="center", ha="right")
     if values:
         handles = [Patch(facecolor=label_color(v), edgecolor="none", label=_organ_name(v, classes)) for v in values]
-        fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False,
-                   handlelength=1.2, columnspacing=1.0)
+        fig.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=legend_cols,
+            fontsize=8,
+            frameon=False,
+            handlelength=1.2,
+            columnspacing=1.0,
+        )
     if title:
         fig.suptitle(title, fontsize=11, y=1.0 - 0.08 / fig_h, va="top")
 
@@ -221,15 +238,18 @@ def _load_canonical(path: str | Path, what: str):
         raise FileNotFoundError(f"{what} file {path} does not exist.")
     if path.is_dir():
         if not is_dicom_series(path):
-            raise ValueError(f"{what} {path} is a folder without DICOM files; give a NIfTI file or a DICOM "
-                             "series folder.")
+            raise ValueError(
+                f"{what} {path} is a folder without DICOM files; give a NIfTI file or a DICOM series folder."
+            )
         data, affine, _ = load_image(path, orientation="RAS")  # medhpm's CT reader, as predict reads it
         return data, affine
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as e:
-        raise ValueError(f"{what} file {path} is not a readable NIfTI image ({e}); give a NIfTI file "
-                         "(.nii / .nii.gz) or a DICOM series folder.") from None
+        raise ValueError(
+            f"{what} file {path} is not a readable NIfTI image ({e}); give a NIfTI file "
+            "(.nii / .nii.gz) or a DICOM series folder."
+        ) from None
     data = np.asanyarray(img.dataobj)
     while data.ndim > 3:  # (X, Y, Z, C): the first channel/time point is what we can show
         data = data[..., 0]
@@ -239,11 +259,7 @@ def _load_canonical(path: str | Path, what: str):
 
 
 def segmentation_figure_from_files(
-    image_path: str | Path,
-    label_path: str | Path | None,
-    pred_path: str | Path | None,
-    out_png: str | Path,
-    **kwargs,
+    image_path: str | Path, label_path: str | Path | None, pred_path: str | Path | None, out_png: str | Path, **kwargs
 ) -> Path:
     """Load image (NIfTI or DICOM series folder) / ground truth / prediction (NIfTI), reorient all to RAS and
     call ``segmentation_figure``.
@@ -273,5 +289,6 @@ def segmentation_figure_from_files(
             )
         maps[what] = as_label_map(data, f"{what} file {p}")
     spacing = np.linalg.norm(aff[:3, :3], axis=0)
-    return segmentation_figure(image.astype(np.float32), maps["ground truth"], maps["prediction"], spacing, out_png,
-                               **kwargs)
+    return segmentation_figure(
+        image.astype(np.float32), maps["ground truth"], maps["prediction"], spacing, out_png, **kwargs
+    )

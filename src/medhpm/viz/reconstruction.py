@@ -22,8 +22,13 @@ import torch
 
 from medhpm.config import from_dict
 from medhpm.data.headers import check_headers
-from medhpm.pretrain.diagnostics import organ_lift, pairwise_order_accuracy, patches_with_organ, position_baseline, \
-    rank_correlation
+from medhpm.pretrain.diagnostics import (
+    organ_lift,
+    pairwise_order_accuracy,
+    patches_with_organ,
+    position_baseline,
+    rank_correlation,
+)
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
 from medhpm.pretrain.heldout import random_crops
 from medhpm.pretrain.masking import curriculum_alpha, random_mask
@@ -34,8 +39,9 @@ from medhpm.runtime.files import atomic_write_text, refuse_overwriting_inputs
 
 
 def _load(ckpt):
-    state = load_checkpoint(ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch",
-                                                          "model_args.pretrain_model"))
+    state = load_checkpoint(
+        ckpt, stage="pretrain", keys=("config", "model_args", "model", "epoch", "model_args.pretrain_model")
+    )
     cfg = from_dict(state["config"])
     model = HPMPretrainModel.from_config(state["model_args"]["pretrain_model"])
     model.load_state_dict(state["model"])
@@ -47,8 +53,9 @@ def _load(ckpt):
     return state, cfg, model, teacher
 
 
-def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0, label=None, crops: int = 16,
-                                  json_out=None) -> tuple[Path, dict | None]:
+def visualize_pretrain_checkpoint(
+    ckpt, image, out_png, seed: int = 0, label=None, crops: int = 16, json_out=None
+) -> tuple[Path, dict | None]:
     """Figure for a pre-training checkpoint on a scan (the chain stored in the checkpoint, centre crop;
     HPM's mask from the teacher as the run queried it, with the checkpoint's alpha, else random), and, for
     a checkpoint with a teacher, :func:`teacher_ranking_check` on ``crops`` random crops (written to
@@ -57,8 +64,9 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0, label=Non
     Everything that can be refused is refused before any voxel is read: an output that would replace an
     input, ``--json`` or ``--label`` for a checkpoint without a teacher, a label map off the scan's grid."""
     outs = [out_png] + ([json_out] if json_out is not None else [])
-    refuse_overwriting_inputs(outs, [ckpt, image] + ([label] if label is not None else []),
-                              hint="choose another output path")
+    refuse_overwriting_inputs(
+        outs, [ckpt, image] + ([label] if label is not None else []), hint="choose another output path"
+    )
     if json_out is not None and Path(json_out).resolve() == Path(out_png).resolve():
         raise ValueError(f"--json {json_out} is the figure's own path; name another file")
     if crops < 1:
@@ -68,30 +76,53 @@ def visualize_pretrain_checkpoint(ckpt, image, out_png, seed: int = 0, label=Non
     if teacher is None and (json_out is not None or label is not None):
         raise CheckpointError(
             f"{ckpt} holds no EMA teacher (method {p.method}): the teacher check (--json, --label) needs a "
-            "checkpoint of an hpm pre-training; nothing was written")
+            "checkpoint of an hpm pre-training; nothing was written"
+        )
     if label is not None:
         check_headers([{"image": str(image), "label": str(label)}], what="given")
     view, views = p.teacher_view, teacher_views_used(p.teacher_view, p.teacher_views, p.mask_ratio)
     alpha = curriculum_alpha(int(state["epoch"]), p.epochs, p.alpha_0, p.alpha_T)
     png = reconstruction_figure(
-        model, teacher, figure_crop(cfg.data, image), p.mask_ratio, alpha, out_png, seed=seed, view=view,
-        views=views, title=f"{Path(str(image)).name}: {p.method}, epoch {int(state['epoch']) + 1}",
+        model,
+        teacher,
+        figure_crop(cfg.data, image),
+        p.mask_ratio,
+        alpha,
+        out_png,
+        seed=seed,
+        view=view,
+        views=views,
+        title=f"{Path(str(image)).name}: {p.method}, epoch {int(state['epoch']) + 1}",
     )
     if teacher is None:
         return png, None
     x, lab = random_crops(cfg.data, image, label, crops, seed)
-    result = {"checkpoint": str(ckpt), "image": str(image), "label": None if label is None else str(label),
-              "epoch": int(state["epoch"]) + 1, "method": p.method, "mask_ratio": p.mask_ratio, "seed": seed,
-              **teacher_ranking_check(model, teacher, x, lab, p.mask_ratio, view, views, seed)}
+    result = {
+        "checkpoint": str(ckpt),
+        "image": str(image),
+        "label": None if label is None else str(label),
+        "epoch": int(state["epoch"]) + 1,
+        "method": p.method,
+        "mask_ratio": p.mask_ratio,
+        "seed": seed,
+        **teacher_ranking_check(model, teacher, x, lab, p.mask_ratio, view, views, seed),
+    }
     if json_out is not None:
         atomic_write_text(Path(json_out), json.dumps(_jsonable(result), indent=2) + "\n")
     return png, result
 
 
 @torch.no_grad()
-def teacher_ranking_check(student: HPMPretrainModel, teacher: HPMPretrainModel, x: torch.Tensor,
-                          label: torch.Tensor | None, mask_ratio: float, view: str, views: int,
-                          seed: int = 0) -> dict:
+def teacher_ranking_check(
+    student: HPMPretrainModel,
+    teacher: HPMPretrainModel,
+    x: torch.Tensor,
+    label: torch.Tensor | None,
+    mask_ratio: float,
+    view: str,
+    views: int,
+    seed: int = 0,
+) -> dict:
     """How well the teacher's scores (queried as ``view``/``views``) and the student's predicted losses
     order the student's measured losses of randomly masked patches of the crops ``x`` (n, 1, *roi); with
     ``label`` (n, 1, *roi) also the organ share of the teacher's top-scored half of the masked patches."""
@@ -106,10 +137,14 @@ def teacher_ranking_check(student: HPMPretrainModel, teacher: HPMPretrainModel, 
     truth = out["per_patch_loss"]  # (n, M), ascending token order
     scores = teacher_scores(teacher, x, view, views, view_noise)  # (n, N)
     t_masked = torch.gather(scores, 1, out["ids_masked"])
-    res: dict = {"teacher_view": view, "teacher_views": views, "crops": int(x.shape[0]),
-                 "masked_patches_per_crop": int(truth.shape[1]),
-                 "teacher_spearman": rank_correlation(t_masked, truth),
-                 "teacher_pair_accuracy": pairwise_order_accuracy(t_masked, truth)}
+    res: dict = {
+        "teacher_view": view,
+        "teacher_views": views,
+        "crops": int(x.shape[0]),
+        "masked_patches_per_crop": int(truth.shape[1]),
+        "teacher_spearman": rank_correlation(t_masked, truth),
+        "teacher_pair_accuracy": pairwise_order_accuracy(t_masked, truth),
+    }
     if out["lp"] is not None:
         res["student_spearman"] = rank_correlation(out["lp"], truth)
         res["student_pair_accuracy"] = pairwise_order_accuracy(out["lp"], truth)

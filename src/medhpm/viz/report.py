@@ -44,14 +44,22 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
             if any(y is not None for y in ys) and not (key == "loss" and "loss_rec" in recs[0]):
                 lines.append((key, xs, ys))
         panels.append((f"{name}: losses", lines, "loss"))
-        mining = [(label, xs, [r.get(key) for r in recs]) for key, label in _MINING_CURVES
-                  if any(r.get(key) is not None for r in recs)]
+        mining = [
+            (label, xs, [r.get(key) for r in recs])
+            for key, label in _MINING_CURVES
+            if any(r.get(key) is not None for r in recs)
+        ]
         if mining:
             panels.append((f"{name}: teacher and mining", mining, "share / accuracy / correlation"))
         val = [(r["epoch"] + 1, r["val_dice"]) for r in recs if r.get("val_dice") is not None]
         if val:
-            panels.append((f"{name}: validation Dice", [("val Dice (reported organs)", [v[0] for v in val],
-                                                          [v[1] for v in val])], "Dice"))
+            panels.append(
+                (
+                    f"{name}: validation Dice",
+                    [("val Dice (reported organs)", [v[0] for v in val], [v[1] for v in val])],
+                    "Dice",
+                )
+            )
     if not panels:
         raise ValueError("no epoch records found in the given run folders")
     crowded = any(len(lines) > 4 for _, lines, _ in panels)  # the mining panel: its legend goes below it
@@ -60,8 +68,14 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
         for label, xs, ys in lines:
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
-                        linestyle="--" if label.startswith("teacher scores") else "-")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    ms=3,
+                    label=label,
+                    linestyle="--" if label.startswith("teacher scores") else "-",
+                )
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.2, 1.4 ticks
@@ -76,8 +90,13 @@ def curves_figure(runs: dict[str, Path], out_png: str | Path, title: str = "trai
     return save_png(fig, out_png)
 
 
-def grid_figure(series: dict[str, list[tuple[object, float, float]]], out_png: str | Path, xlabel: str,
-                ylabel: str = "mean Dice (reported organs, %)", title: str = "") -> Path:
+def grid_figure(
+    series: dict[str, list[tuple[object, float, float]]],
+    out_png: str | Path,
+    xlabel: str,
+    ylabel: str = "mean Dice (reported organs, %)",
+    title: str = "",
+) -> Path:
     """One line per method of ``(grid value, mean, std)`` points with ``std`` error bars (NaN std: none).
 
     Numeric grid values are placed at their value; otherwise the values stand at equal steps in the
@@ -112,8 +131,9 @@ def grid_figure(series: dict[str, list[tuple[object, float, float]]], out_png: s
     return save_png(fig, out_png)
 
 
-def curve_figure(methods: dict[str, dict], floor: dict, out_png: str | Path, probes=("linear_cv", "knn"),
-                 title: str = "") -> Path:
+def curve_figure(
+    methods: dict[str, dict], floor: dict, out_png: str | Path, probes=("linear_cv", "knn"), title: str = ""
+) -> Path:
     """Probe scores against pre-training steps: one panel per probe of ``probes`` (balanced accuracy in %,
     log-scaled steps), a line per (method, pre-training seed), the noise ``floor`` as a band (mean ± std)
     with its max dotted; a last panel with each pre-training's training reconstruction loss per epoch and,
@@ -138,8 +158,15 @@ def curve_figure(methods: dict[str, dict], floor: dict, out_png: str | Path, pro
         ax.axhline(100 * f["max"], color="0.5", ls=":", lw=1, label="random init (max)")
         for i, (label, seeds) in enumerate(methods.items()):
             for j, (seed, e) in enumerate(seeds.items()):
-                ax.plot(e["steps"], [100 * v for v in e[probe]], marker="o", ms=3, color=colours[i % len(colours)],
-                        ls="-" if j == 0 else "--", label=label if j == 0 else None)
+                ax.plot(
+                    e["steps"],
+                    [100 * v for v in e[probe]],
+                    marker="o",
+                    ms=3,
+                    color=colours[i % len(colours)],
+                    ls="-" if j == 0 else "--",
+                    label=label if j == 0 else None,
+                )
         ax.set_xscale("log")
         ax.set_xlabel("pre-training optimizer steps")
         ax.set_ylabel("balanced accuracy on test cases (%)")
@@ -151,8 +178,14 @@ def curve_figure(methods: dict[str, dict], floor: dict, out_png: str | Path, pro
         for j, e in enumerate(seeds.values()):
             if e.get("loss_rec"):
                 st, lo = zip(*e["loss_rec"])
-                ax.plot(st, lo, color=colours[i % len(colours)], ls="-" if j == 0 else "--", lw=1,
-                        label=label if j == 0 else None)
+                ax.plot(
+                    st,
+                    lo,
+                    color=colours[i % len(colours)],
+                    ls="-" if j == 0 else "--",
+                    lw=1,
+                    label=label if j == 0 else None,
+                )
             held = [(s_, v) for s_, v in zip(e["steps"], e.get("heldout_loss") or []) if v is not None]
             if held:
                 held_any = True
@@ -178,8 +211,11 @@ def _img(path: Path, alt: str) -> str:
 def _table_html(rows: list[list]) -> str:
     """Rows (the first is the header) as an HTML table in a box that scrolls sideways when it is too wide."""
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
-    return ("<div class='wide'><table>\n" + "\n".join(
-        f"<tr>{cells(row, 'th' if i == 0 else 'td')}</tr>" for i, row in enumerate(rows)) + "\n</table></div>")
+    return (
+        "<div class='wide'><table>\n"
+        + "\n".join(f"<tr>{cells(row, 'th' if i == 0 else 'td')}</tr>" for i, row in enumerate(rows))
+        + "\n</table></div>"
+    )
 
 
 def _md_table_to_html(md: str) -> str:
@@ -208,8 +244,10 @@ def write_report(out_html: str | Path, title: str, sections: list[dict]) -> Path
     ``table`` (list of rows, first row the header), ``images`` (list of (path, caption)), ``pre`` (text
     shown verbatim, e.g. a config), ``details`` (list of (summary, pre-text)).
     """
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     for sec in sections:
         parts.append(f"<h2>{html.escape(sec['title'])}</h2>")
         if sec.get("text"):
@@ -229,4 +267,3 @@ def write_report(out_html: str | Path, title: str, sections: list[dict]) -> Path
             parts.append(f"<p class='note'>{html.escape(sec['note'])}</p>")
     parts.append("</body></html>")
     return atomic_write_text(out_html, "\n".join(parts))
-

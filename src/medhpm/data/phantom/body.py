@@ -64,8 +64,12 @@ def _paint_thorax(c: _Canvas):
         hs = np.maximum(hs, -(hab - _F32(5)))
         hin = c.cav[hsl] < 0
         c.paint(hsl, hin & (hs < 4) & (hs >= 0), _F32(hu["fat"]) + _F32(5) * c.tex[hsl], material=1)
-        c.paint(hsl, hin & (hs < 0), np.where(hs < -9, _F32(hu["blood"]), _F32(hu["myocardium"]))
-                + _F32(5) * c.tex[hsl], material=2)
+        c.paint(
+            hsl,
+            hin & (hs < 0),
+            np.where(hs < -9, _F32(hu["blood"]), _F32(hu["myocardium"])) + _F32(5) * c.tex[hsl],
+            material=2,
+        )
 
 
 def _paint_muscles(c: _Canvas):
@@ -152,12 +156,10 @@ def _paint_spine(c: _Canvas):
     canal = _ellipse2d(x, y, 0, _SPINE_Y - 26, 10, 8)
     arch_ph = np.mod(ph - _F32(5), period)
     arch = (_ellipse2d(x, y, 0, _SPINE_Y - 26, 17, 14) < 0) & (canal >= 0) & (arch_ph < period - 8)
-    pedicle = np.minimum(_ellipse2d(x, y, -13, _SPINE_Y - 15, 5, 9),
-                         _ellipse2d(x, y, 13, _SPINE_Y - 15, 5, 9)) < 0
+    pedicle = np.minimum(_ellipse2d(x, y, -13, _SPINE_Y - 15, 5, 9), _ellipse2d(x, y, 13, _SPINE_Y - 15, 5, 9)) < 0
     pedicle &= (ph >= disc + 2) & (ph < period - 6)
     spinous = (_ellipse2d(x, y, 0, _SPINE_Y - 50, 3.5, 14) < 0) & (np.mod(ph - _F32(9), period) < 17)
-    trans = np.minimum(_ellipse2d(x, y, -34, _SPINE_Y - 26, 15, 3.5),
-                       _ellipse2d(x, y, 34, _SPINE_Y - 26, 15, 3.5)) < 0
+    trans = np.minimum(_ellipse2d(x, y, -34, _SPINE_Y - 26, 15, 3.5), _ellipse2d(x, y, 34, _SPINE_Y - 26, 15, 3.5)) < 0
     trans &= (ph > disc + 8) & (ph < disc + 16)
     post = arch | pedicle | spinous | trans
     c.paint(sl, post, _F32(0.5) * (cort + canc) + _F32(30) * t[sl], material=4)

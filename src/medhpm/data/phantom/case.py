@@ -118,16 +118,28 @@ def generate_case(
     image = _scan(canvas.hu, p, shape, noise_rng)
     image, label = _store(image, canvas.label, orientation)
     affine = _affine(shape, spc, origin, orientation)
-    return PhantomCase(image=image, label=label, affine=affine, spacing=spc, orientation=orientation,
-                       seed=seed, variation=_variation(p) if variability == "wide" else {})
+    return PhantomCase(
+        image=image,
+        label=label,
+        affine=affine,
+        spacing=spc,
+        orientation=orientation,
+        seed=seed,
+        variation=_variation(p) if variability == "wide" else {},
+    )
 
 
 def _variation(p: dict) -> dict:
     """What a wide case drew that a user may want to stratify by (written into dataset.json)."""
-    return {"phase": p["phase"], "hu_offset": round(float(p["hu_offset"]), 1),
-            "noise_hu": round(float(p["noise_hu"]), 1), "fat_mm": round(float(p["fat_mm"]), 1),
-            "partial_fov": p["partial_fov"], "fov_z_mm": round(float(p["fov_z"]), 1),
-            "lesions": [f"{les['kind']} {les['organ']} r={les['radius_mm']:.0f}mm" for les in p["lesions"]]}
+    return {
+        "phase": p["phase"],
+        "hu_offset": round(float(p["hu_offset"]), 1),
+        "noise_hu": round(float(p["noise_hu"]), 1),
+        "fat_mm": round(float(p["fat_mm"]), 1),
+        "partial_fov": p["partial_fov"],
+        "fov_z_mm": round(float(p["fov_z"]), 1),
+        "lesions": [f"{les['kind']} {les['organ']} r={les['radius_mm']:.0f}mm" for les in p["lesions"]],
+    }
 
 
 def _check_orientation(orientation):
@@ -146,8 +158,7 @@ def _sampling_grid(p: dict, shape, spc, fields_rng) -> tuple[np.ndarray, _Grid]:
     body_center = p["scanner_center"].copy()
     body_center[:2] += p["body_offset"]
     body_center[2] -= p["z_center"] * p["scale"][2]
-    grid = _Grid(shape, spc_a, origin - body_center, p["rotation"], p["scale"], fields_rng,
-                 p["deform_mm"])
+    grid = _Grid(shape, spc_a, origin - body_center, p["rotation"], p["scale"], fields_rng, p["deform_mm"])
     return origin, grid
 
 

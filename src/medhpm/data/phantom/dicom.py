@@ -24,8 +24,9 @@ from medhpm import __version__
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS world (NIfTI) <-> LPS patient coordinates (DICOM)
 
 
-def write_ct_series(image: np.ndarray, affine: np.ndarray, folder: str | pathlib.Path, *, case: str,
-                    seed: int) -> pathlib.Path:
+def write_ct_series(
+    image: np.ndarray, affine: np.ndarray, folder: str | pathlib.Path, *, case: str, seed: int
+) -> pathlib.Path:
     """Write ``image`` (int16 HU, array axes as ``affine``: voxel -> RAS mm) into ``folder`` as
     ``IM0001.dcm``, ... (slice k of the third axis is file k + 1); returns the folder.
 
@@ -66,8 +67,9 @@ def write_ct_series(image: np.ndarray, affine: np.ndarray, folder: str | pathlib
     return folder
 
 
-def _write_slices(image, rot, spacing, row_dir, col_dir, origin, folder: pathlib.Path, uid, case: str,
-                  seed: int) -> None:
+def _write_slices(
+    image, rot, spacing, row_dir, col_dir, origin, folder: pathlib.Path, uid, case: str, seed: int
+) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 

@@ -24,13 +24,7 @@ def _bspline_weights(coords: np.ndarray, lo: float, step: float, count: int):
     i = np.floor(t).astype(np.int64)
     f = t - i
     w = np.stack(
-        [
-            (1 - f) ** 3 / 6,
-            (3 * f**3 - 6 * f**2 + 4) / 6,
-            (-3 * f**3 + 3 * f**2 + 3 * f + 1) / 6,
-            f**3 / 6,
-        ],
-        axis=1,
+        [(1 - f) ** 3 / 6, (3 * f**3 - 6 * f**2 + 4) / 6, (-3 * f**3 + 3 * f**2 + 3 * f + 1) / 6, f**3 / 6], axis=1
     ).astype(_F32)
     return i - 1, w
 
@@ -61,10 +55,8 @@ def _smooth_field(rng: np.random.Generator, axes: Sequence[np.ndarray], step: fl
     # The whole lattice is drawn (so the field does not depend on the grid); only the part under
     # the grid is used.
     coef = rng.standard_normal(counts, dtype=_F32)
-    (bx0, bx), (by0, by), (bz0, bz) = (
-        _bspline_matrix(axes[a], _FIELD_BOX[a][0], step, counts[a]) for a in range(3)
-    )
-    coef = coef[bx0:bx0 + bx.shape[1], by0:by0 + by.shape[1], bz0:bz0 + bz.shape[1]]
+    (bx0, bx), (by0, by), (bz0, bz) = (_bspline_matrix(axes[a], _FIELD_BOX[a][0], step, counts[a]) for a in range(3))
+    coef = coef[bx0 : bx0 + bx.shape[1], by0 : by0 + by.shape[1], bz0 : bz0 + bz.shape[1]]
     t = np.tensordot(coef, bz, axes=(2, 1))  # (cx, cy, nz)
     t = np.tensordot(by, t, axes=(1, 1))  # (ny, cx, nz)
     t = np.tensordot(bx, t, axes=(1, 1))  # (nx, ny, nz)

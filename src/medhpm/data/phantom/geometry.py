@@ -26,9 +26,7 @@ class _Grid:
         self.rel0 = np.asarray(rel_origin, float)  # voxel 0 relative to the body centre, world mm
         self.rotation = float(rotation)
         self.scale = np.asarray(scale, float)
-        self.axes = [
-            (self.rel0[a] + self.spacing[a] * np.arange(self.shape[a])).astype(_F32) for a in range(3)
-        ]
+        self.axes = [(self.rel0[a] + self.spacing[a] * np.arange(self.shape[a])).astype(_F32) for a in range(3)]
         rx = self.axes[0][:, None, None]
         ry = self.axes[1][None, :, None]
         rz = self.axes[2][None, None, :]
@@ -44,9 +42,7 @@ class _Grid:
         """Index box that contains the template box [lo, hi] after the warp, or None."""
         lo = np.asarray(lo, float)
         hi = np.asarray(hi, float)
-        corners = np.array(
-            [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
-        )
+        corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
         ca, sa = math.cos(self.rotation), math.sin(self.rotation)
         t = corners * self.scale
         world = np.stack([ca * t[:, 0] - sa * t[:, 1], sa * t[:, 0] + ca * t[:, 1], t[:, 2]], 1)

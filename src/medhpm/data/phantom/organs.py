@@ -17,8 +17,17 @@ _F32 = np.float32
 
 
 def _paint_organs(c: _Canvas):
-    for paint in (_paint_liver, _paint_spleen, _paint_stomach, _paint_pancreas, _paint_kidneys,
-                  _paint_adrenals, _paint_gallbladder, _paint_esophagus, _paint_vessels):
+    for paint in (
+        _paint_liver,
+        _paint_spleen,
+        _paint_stomach,
+        _paint_pancreas,
+        _paint_kidneys,
+        _paint_adrenals,
+        _paint_gallbladder,
+        _paint_esophagus,
+        _paint_vessels,
+    ):
         paint(c)
 
 
@@ -39,9 +48,20 @@ def _paint_liver(c: _Canvas):
     sl = _region(c, sh["liver"])
     if sl is None:
         return
-    s = _organ_sdf(c, sh["liver"], sl, bump=p["bump_mm"],
-                   carve=[(sh["stomach"], 3), (sh["kidney_r"], 3), (sh["gallbladder"], 0),
-                          (sh["colon"], 2), (sh["duodenum"], 2), (sh["adrenal_r"], 3)])
+    s = _organ_sdf(
+        c,
+        sh["liver"],
+        sl,
+        bump=p["bump_mm"],
+        carve=[
+            (sh["stomach"], 3),
+            (sh["kidney_r"], 3),
+            (sh["gallbladder"], 0),
+            (sh["colon"], 2),
+            (sh["duodenum"], 2),
+            (sh["adrenal_r"], 3),
+        ],
+    )
     s = _dome_clip(c, s, sl)
     x, y, z = g.coords(sl)
     spine = _ellipse2d(x, y, 0, _SPINE_Y, 21, 15)
@@ -57,9 +77,13 @@ def _paint_spleen(c: _Canvas):
     sl = _region(c, sh["spleen"])
     if sl is None:
         return
-    s = _organ_sdf(c, sh["spleen"], sl, bump=c.p["bump_mm"],
-                   carve=[(sh["spleen_hilum"], 0), (sh["stomach"], 3), (sh["kidney_l"], 3),
-                          (sh["colon"], 2)])
+    s = _organ_sdf(
+        c,
+        sh["spleen"],
+        sl,
+        bump=c.p["bump_mm"],
+        carve=[(sh["spleen_hilum"], 0), (sh["stomach"], 3), (sh["kidney_l"], 3), (sh["colon"], 2)],
+    )
     s = _dome_clip(c, s, sl)
     c.paint(sl, s < 0, _F32(hu["spleen"]) + _F32(5) * t[sl], label=1)
 
@@ -74,8 +98,9 @@ def _paint_stomach(c: _Canvas):
     s = _dome_clip(c, s, sl, gap=2.0)
     _, y, _ = g.coords(sl)
     ts = t[sl]
-    content = np.where(y > _F32(p["stomach_gas_level"]), _F32(-960) + _F32(15) * ts,
-                       _F32(hu["stomach_fluid"]) + _F32(5) * ts)
+    content = np.where(
+        y > _F32(p["stomach_gas_level"]), _F32(-960) + _F32(15) * ts, _F32(hu["stomach_fluid"]) + _F32(5) * ts
+    )
     val = np.where(s > -4.5, _F32(hu["stomach_wall"]) + _F32(5) * ts, content)
     c.paint(sl, s < 0, val, label=7)
 
@@ -85,8 +110,13 @@ def _paint_pancreas(c: _Canvas):
     sl = _region(c, sh["pancreas"])
     if sl is None:
         return
-    s = _organ_sdf(c, sh["pancreas"], sl, bump=c.p["bump_mm"] * 0.6,
-                   carve=[(sh["duodenum"], 1), (sh["stomach"], 2), (sh["kidney_l"], 3)])
+    s = _organ_sdf(
+        c,
+        sh["pancreas"],
+        sl,
+        bump=c.p["bump_mm"] * 0.6,
+        carve=[(sh["duodenum"], 1), (sh["stomach"], 2), (sh["kidney_l"], 3)],
+    )
     # Lobulated, slightly fatty parenchyma.
     c.paint(sl, s < 0, _F32(hu["pancreas"]) + _F32(9) * t[sl], label=11)
 

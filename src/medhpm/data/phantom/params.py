@@ -57,11 +57,19 @@ def _draw_body(rng: np.random.Generator, p: dict) -> None:
 def _draw_organ_variation(rng: np.random.Generator, p: dict) -> None:
     """Per-organ-group scaling and shift, and how bumpy organ surfaces are."""
     u = rng.uniform
-    groups = ["liver", "spleen", "kidney_r", "kidney_l", "stomach", "pancreas", "gallbladder",
-              "colon", "vessels", "adrenals"]
-    p["jitter"] = {
-        g: (u(0.9, 1.1, 3) * u(0.95, 1.05), u(-6, 6, 3)) for g in groups
-    }
+    groups = [
+        "liver",
+        "spleen",
+        "kidney_r",
+        "kidney_l",
+        "stomach",
+        "pancreas",
+        "gallbladder",
+        "colon",
+        "vessels",
+        "adrenals",
+    ]
+    p["jitter"] = {g: (u(0.9, 1.1, 3) * u(0.95, 1.05), u(-6, 6, 3)) for g in groups}
     p["bump_mm"] = u(1.5, 3.5)
 
 

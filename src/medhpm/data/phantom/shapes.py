@@ -127,16 +127,11 @@ class _Tube:
 
     def transformed(self, anchor, scale, shift):
         return _Tube(
-            anchor + scale * (self.ctrl - anchor) + shift,
-            self.ctrl_r * float(np.mean(scale)),
-            self.sub,
-            self.smooth,
+            anchor + scale * (self.ctrl - anchor) + shift, self.ctrl_r * float(np.mean(scale)), self.sub, self.smooth
         )
 
     def leaves(self):
-        return [
-            _Capsule(self.p[i], self.p[i + 1], self.r[i], self.r[i + 1]) for i in range(len(self.p) - 1)
-        ]
+        return [_Capsule(self.p[i], self.p[i + 1], self.r[i], self.r[i + 1]) for i in range(len(self.p) - 1)]
 
     def bbox(self):
         return (self.p - self.r[:, None]).min(axis=0), (self.p + self.r[:, None]).max(axis=0)

@@ -34,26 +34,51 @@ PHASE_ODDS = (0.20, 0.20, 0.45, 0.15)
 # HU ranges per phase for the tissues that enhance; portal-venous is the standard table (params.py).
 PHASE_HU: dict[str, dict[str, tuple[float, float]]] = {
     "non_contrast": {
-        "liver": (50, 65), "spleen": (40, 50), "cortex": (28, 38), "medulla": (25, 35), "aorta": (35, 50),
-        "ivc": (35, 48), "portal": (35, 48), "blood": (35, 50), "pancreas": (35, 50), "adrenal": (20, 35),
-        "stomach_wall": (35, 45), "bowel_wall": (35, 45), "myocardium": (40, 50),
+        "liver": (50, 65),
+        "spleen": (40, 50),
+        "cortex": (28, 38),
+        "medulla": (25, 35),
+        "aorta": (35, 50),
+        "ivc": (35, 48),
+        "portal": (35, 48),
+        "blood": (35, 50),
+        "pancreas": (35, 50),
+        "adrenal": (20, 35),
+        "stomach_wall": (35, 45),
+        "bowel_wall": (35, 45),
+        "myocardium": (40, 50),
     },
     "arterial": {
-        "liver": (60, 80), "spleen": (90, 130), "cortex": (170, 250), "medulla": (60, 100),
-        "aorta": (250, 400), "ivc": (60, 100), "portal": (100, 150), "blood": (250, 400),
-        "pancreas": (95, 130), "adrenal": (50, 80), "stomach_wall": (80, 110), "bowel_wall": (60, 90),
+        "liver": (60, 80),
+        "spleen": (90, 130),
+        "cortex": (170, 250),
+        "medulla": (60, 100),
+        "aorta": (250, 400),
+        "ivc": (60, 100),
+        "portal": (100, 150),
+        "blood": (250, 400),
+        "pancreas": (95, 130),
+        "adrenal": (50, 80),
+        "stomach_wall": (80, 110),
+        "bowel_wall": (60, 90),
         "myocardium": (100, 130),
     },
     "portal_venous": {},
     "delayed": {
-        "liver": (75, 95), "spleen": (75, 95), "cortex": (140, 180), "medulla": (140, 185),
-        "aorta": (120, 160), "ivc": (110, 140), "portal": (110, 140), "blood": (120, 160),
-        "pancreas": (60, 80), "urine": (30, 300),
+        "liver": (75, 95),
+        "spleen": (75, 95),
+        "cortex": (140, 180),
+        "medulla": (140, 185),
+        "aorta": (120, 160),
+        "ivc": (110, 140),
+        "portal": (110, 140),
+        "blood": (120, 160),
+        "pancreas": (60, 80),
+        "urine": (30, 300),
     },
 }
 # Vessels inside the liver against the parenchyma (HU), per phase.
-PHASE_HEPATIC_DELTA = {"non_contrast": (-15, -5), "arterial": (0, 25), "portal_venous": (30, 60),
-                       "delayed": (10, 30)}
+PHASE_HEPATIC_DELTA = {"non_contrast": (-15, -5), "arterial": (0, 25), "portal_venous": (30, 60), "delayed": (10, 30)}
 
 LESION_ORGANS = (("liver", 6), ("spleen", 1), ("kidney_r", 2), ("kidney_l", 3))
 LESION_ODDS = (0.6, 0.15, 0.125, 0.125)
@@ -94,8 +119,17 @@ def _draw_wide(rng: np.random.Generator, p: dict) -> None:
     for _ in range(int(rng.integers(0, 4))):
         organ, label = LESION_ORGANS[int(rng.choice(len(LESION_ORGANS), p=LESION_ODDS))]
         kind = LESION_KINDS[int(rng.choice(len(LESION_KINDS), p=LESION_KIND_ODDS))]
-        lesions.append({"organ": organ, "label": label, "kind": kind, "where": u(-0.45, 0.45, 3),
-                        "radius_mm": u(4.0, 15.0), "delta_hu": u(25, 60), "cyst_hu": u(0, 20)})
+        lesions.append(
+            {
+                "organ": organ,
+                "label": label,
+                "kind": kind,
+                "where": u(-0.45, 0.45, 3),
+                "radius_mm": u(4.0, 15.0),
+                "delta_hu": u(25, 60),
+                "cyst_hu": u(0, 20),
+            }
+        )
     p["lesions"] = lesions
 
 
@@ -118,10 +152,9 @@ def _paint_lesions(c) -> None:
         if sl is None:
             continue
         x, y, z = c.g.coords(sl)
-        inside = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 < r * r)
+        inside = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 < r * r
         inside &= c.label[sl] == les["label"]
-        organ_hu = c.p["hu"]["liver" if les["organ"] == "liver" else
-                             "spleen" if les["organ"] == "spleen" else "cortex"]
+        organ_hu = c.p["hu"]["liver" if les["organ"] == "liver" else "spleen" if les["organ"] == "spleen" else "cortex"]
         if les["kind"] == "cyst":
             val = les["cyst_hu"]
         else:

@@ -52,9 +52,7 @@ def _split_counts(cases: int, split) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"split must be three non-negative fractions, got {split!r}.") from None
     if len(fr) != 3 or any(not math.isfinite(v) or v < 0 for v in fr) or sum(fr) <= 0:
-        raise ValueError(
-            f"split must be three non-negative fractions with a positive sum, got {split!r}."
-        )
+        raise ValueError(f"split must be three non-negative fractions with a positive sum, got {split!r}.")
     if fr[0] <= 0:
         raise ValueError(f"split must give the training set a positive fraction, got {split!r}.")
     if cases < 3:
@@ -137,8 +135,10 @@ def _refuse_foreign_dataset(out: pathlib.Path) -> None:
         except (ValueError, AttributeError, OSError):
             name = None
         if name != "medhpm-phantom":
-            raise ValueError(f"refusing to write phantoms into {out}: {meta} belongs to another data set (name "
-                             f"{name!r}) and would be replaced; nothing was written (choose another folder)")
+            raise ValueError(
+                f"refusing to write phantoms into {out}: {meta} belongs to another data set (name "
+                f"{name!r}) and would be replaced; nothing was written (choose another folder)"
+            )
 
 
 def _check_cases(cases) -> int:
@@ -152,16 +152,26 @@ def _check_cases(cases) -> int:
 def _write_case(out: pathlib.Path, i: int, seed: int, size, spacing, variability: str, dicom: bool = False) -> dict:
     """Generate case ``i`` (RAS when ``i`` is even, LPS when odd), write its image and label map, and
     return its datalist entry (with what a wide case drew under ``phantom``)."""
-    case = generate_case(case_seed(seed, i), size=size, spacing=spacing,
-                         orientation="RAS" if i % 2 == 0 else "LPS", variability=variability)
+    case = generate_case(
+        case_seed(seed, i),
+        size=size,
+        spacing=spacing,
+        orientation="RAS" if i % 2 == 0 else "LPS",
+        variability=variability,
+    )
     name = f"phantom_{i:03d}.nii.gz"
     _atomic_write(out / "imagesTr" / name, _nifti_bytes(case.image, case.affine, np.int16))
     _atomic_write(out / "labelsTr" / name, _nifti_bytes(case.label, case.affine, np.uint8))
     if dicom:
         from medhpm.data.phantom.dicom import write_ct_series
 
-        write_ct_series(case.image.astype(np.int16), case.affine, out / "dicom" / f"phantom_{i:03d}",
-                        case=f"phantom_{i:03d}", seed=seed)
+        write_ct_series(
+            case.image.astype(np.int16),
+            case.affine,
+            out / "dicom" / f"phantom_{i:03d}",
+            case=f"phantom_{i:03d}",
+            seed=seed,
+        )
     entry = {"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"}
     if case.variation:
         entry["phantom"] = case.variation
@@ -171,8 +181,11 @@ def _write_case(out: pathlib.Path, i: int, seed: int, size, spacing, variability
 def _dataset_meta(entries: list[dict], counts: tuple[int, int, int], seed: int, variability: str) -> dict:
     """The MSD-style dataset.json: description, BTCV labels and the training/validation/test lists."""
     n_train, n_val, n_test = counts
-    kind = ("contrast-enhanced (portal-venous)" if variability == "standard" else
-            "abdominal CT of every contrast phase, scanner, build and field of view (wide variability)")
+    kind = (
+        "contrast-enhanced (portal-venous)"
+        if variability == "standard"
+        else "abdominal CT of every contrast phase, scanner, build and field of view (wide variability)"
+    )
     meta = {
         "name": "medhpm-phantom",
         "description": (
@@ -190,8 +203,8 @@ def _dataset_meta(entries: list[dict], counts: tuple[int, int, int], seed: int, 
         "numTest": n_test,
         "seed": seed,
         "training": entries[:n_train],
-        "validation": entries[n_train:n_train + n_val],
-        "test": entries[n_train + n_val:],
+        "validation": entries[n_train : n_train + n_val],
+        "test": entries[n_train + n_val :],
     }
     if variability != "standard":  # standard data sets stay byte-identical to earlier versions
         meta["variability"] = variability
