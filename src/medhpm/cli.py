@@ -243,7 +243,7 @@ def export_encoder_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an encoder already at --out."),
 ):
     """Export the pre-trained encoder as safetensors with a JSON sidecar (metadata, sha256)."""
-    from medhpm.pretrain.trainer import export_encoder
+    from medhpm.pretrain.export import export_encoder
 
     path = export_encoder(ckpt, out, use_teacher=teacher, force=force)
     typer.echo(f"wrote {path} and {path.with_suffix('.json')}")

@@ -20,7 +20,8 @@ from medhpm.config import METHODS, Config, check_resume, load_config, to_dict
 from medhpm.data.datalist import load_datalist
 from medhpm.data.sources import phantoms_written, resolve_dataset
 from medhpm.evaluate.run import evaluate_predictions
-from medhpm.pretrain.trainer import export_encoder, pretrain
+from medhpm.pretrain.export import export_encoder
+from medhpm.pretrain.trainer import pretrain
 from medhpm.runtime.checkpoint import MODEL_ORDER, resolve_checkpoint
 from medhpm.runtime.files import atomic_write_text, check_writable, run_folder_lock
 from medhpm.segment.predict import Predictor

@@ -15,7 +15,6 @@ predicts their losses -> L = L_rec + lambda_pred * L_pred -> AdamW step -> EMA u
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import matplotlib.image as mpimg
 import torch
 
 from medhpm import __version__
-from medhpm.config import METHODS, Config, check_resume, to_dict
+from medhpm.config import METHODS, Config, check_resume
 from medhpm.data.headers import check_headers
 from medhpm.data.datalist import load_datalist
 from medhpm.data.dataset import training_loader
@@ -33,8 +32,10 @@ from medhpm.models import build_encoder
 from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.pretrain.diagnostics import organ_shares, pairwise_order_accuracy, patches_with_organ, rank_correlation
 from medhpm.pretrain.ema import EMATeacher, momentum_at
+from medhpm.pretrain.export import export_encoder  # noqa: F401  (re-exported)
 from medhpm.pretrain.figure import figure_crop, reconstruction_figure
 from medhpm.pretrain.masking import curriculum_alpha, num_hard, num_masked
+from medhpm.pretrain.snapshots import SnapshotTrainer
 from medhpm.pretrain.step import (
     mined_patch_stats,
     mined_patches,
@@ -43,20 +44,11 @@ from medhpm.pretrain.step import (
     teacher_scores,
     teacher_views_used,
 )
-from medhpm.runtime.checkpoint import CheckpointError, load_checkpoint
 from medhpm.runtime.device import peak_memory
 from medhpm.runtime.distributed import unwrap
-from medhpm.runtime.files import (
-    atomic_write_text,
-    atomic_write_with,
-    refuse_overwriting_inputs,
-    remove_stale_temps,
-    sha256_file,
-    write_run_summary,
-)
-from medhpm.runtime.loop import Trainer, TrainingError, echo
+from medhpm.runtime.files import write_run_summary
+from medhpm.runtime.loop import echo
 from medhpm.runtime.param_groups import param_groups_weight_decay
-from medhpm.runtime.weights import sidecar_path
 
 METHOD_SWITCHES = {
     # method (one of config.METHODS): (loss predictor + L_pred, hard-patch masking from an EMA teacher)
@@ -99,7 +91,7 @@ def make_teacher(student: HPMPretrainModel) -> EMATeacher:
 TEACHER_UNUSED = ("decoder_blocks", "decoder_norm", "decoder_pred")
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(SnapshotTrainer):
     stage = "pretrain"
 
     def __init__(self, cfg: Config, out_dir, resume: bool = False):
@@ -361,156 +353,6 @@ class PretrainTrainer(Trainer):
         self.ema_momentum = logs["ema_momentum"]
         return {"teacher_init_share": self.teacher_init_share}
 
-    # ------------------------------------------------------------------ encoder snapshots
-    def snapshot_path(self, step: int) -> Path:
-        return self.run_dir / "snapshots" / f"encoder_step{step:07d}.safetensors"
-
-    def plan_snapshots(self) -> None:
-        """The ``pretrain.snapshot_steps`` this run will reach, checked before any training: a listed step
-        beyond the run (known only now when ``steps_per_epoch`` is 0) or passed before a resume is named,
-        and a file in the way that is not this run's snapshot stops the run here rather than at its step."""
-        steps, p = list(self.cfg.pretrain.snapshot_steps), self.cfg.pretrain
-        if not steps or not self.dist.is_main:  # only the main process writes snapshots
-            return
-        total = p.epochs * self.steps_per_epoch
-        beyond = [s for s in steps if s > total]
-        if beyond:
-            echo(
-                f"[pretrain] warning: pretrain.snapshot_steps {beyond} lie beyond this run's {total} optimizer steps "
-                f"({p.epochs} epochs x {self.steps_per_epoch} steps): no snapshot is written for "
-                f"{'them' if len(beyond) > 1 else 'it'}"
-            )
-        passed = [s for s in steps if s <= self.global_step and not self.snapshot_path(s).exists()]
-        if passed:
-            echo(
-                f"[pretrain] note: pretrain.snapshot_steps {passed} were passed before the run resumed at step "
-                f"{self.global_step}: no snapshot is written for {'them' if len(passed) > 1 else 'it'}"
-            )
-        todo = [s for s in steps if self.global_step < s <= total]
-        folder = self.run_dir / "snapshots"
-        remove_stale_temps(folder, keep_own=False)  # half-written snapshots of a killed run
-        new = 0
-        for s in todo:
-            there = self.snapshot_on_disk(s)
-            if there not in (None, "same", "incomplete"):
-                raise TrainingError(
-                    f"{self.snapshot_path(s)} is in the way of the snapshot of step {s} "
-                    f"(pretrain.snapshot_steps): {there}. It is not this run's; move it away, "
-                    "or leave that step out of pretrain.snapshot_steps"
-                )
-            new += there != "same"
-        if new:
-            import shutil
-
-            model = unwrap(self.model) if self.cfg.pretrain.snapshot_student else unwrap(self.model).encoder
-            need = new * sum(t.numel() * t.element_size() for t in model.state_dict().values())
-            free = shutil.disk_usage(self.run_dir).free
-            if free < need:
-                raise OSError(
-                    f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; the {new} encoder "
-                    f"snapshots of pretrain.snapshot_steps need {need / 2**20:.0f} MiB"
-                )
-        if todo:
-            echo(f"[pretrain] snapshots of the encoder after optimizer steps {', '.join(map(str, todo))} in {folder}")
-        self._snapshot_todo = todo
-        self._applied_steps = torch.tensor(self.global_step, device=self.device) if todo else None
-
-    def snapshot_on_disk(self, step: int) -> str | None:
-        """What lies at the snapshot path of ``step``: None (nothing), ``"same"`` (this run's snapshot of
-        that step: both files, its sidecar records the step and the sha256 of the weights beside it),
-        ``"incomplete"`` (one of the two files: a run killed between writing them), else why it is
-        another file."""
-        path = self.snapshot_path(step)
-        side = sidecar_path(path)
-        if not path.exists() and not side.exists():
-            return None
-        if not (path.exists() and side.exists()):
-            return "incomplete"
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError):
-            return f"its sidecar {side.name} is not readable JSON"
-        if not isinstance(meta, dict) or meta.get("step") != step:
-            return f"its sidecar {side.name} records step {meta.get('step') if isinstance(meta, dict) else None}"
-        if meta.get("sha256") != sha256_file(path):
-            return f"its sha256 is not the one its sidecar {side.name} records"
-        return "same"
-
-    def _snapshot_step(self, applied: torch.Tensor) -> int | None:
-        """The next listed step if the optimizer step just made is it, else None.
-
-        ``global_step`` counts every step of the log interval as taken until the flush takes skipped
-        ones back out (``pretrain.nonfinite=skip``), so it can run ahead of the steps applied. Those are
-        counted on the device (``applied`` is false for a masked step: weights and teacher unchanged) and
-        read back only once ``global_step`` has reached the next listed step: no host sync elsewhere."""
-        self._applied_steps = self._applied_steps + applied.to(self._applied_steps.dtype)
-        if self.global_step < self._snapshot_todo[0]:
-            return None
-        done = int(self._applied_steps)  # the read-back, only at (or, after a skipped step, just past) a listed step
-        if done < self._snapshot_todo[0]:
-            return None
-        step = self._snapshot_todo.pop(0)
-        if not self._snapshot_todo:
-            self._applied_steps = None
-        return step if done == step else None  # done > step cannot happen: the count rises by one at most
-
-    def student_snapshot_path(self, step: int) -> Path:
-        return self.run_dir / "snapshots" / f"student_step{step:07d}.safetensors"
-
-    def write_student_snapshot(self, step: int) -> Path:
-        """With ``pretrain.snapshot_student``: the whole student (encoder and decoders, the state dict of
-        :class:`HPMPretrainModel`) after optimizer step ``step``, written atomically beside the encoder's
-        snapshot. One already there (a resumed run retracing its steps) is kept, as the encoder's is."""
-        from safetensors.torch import save_file
-
-        path = self.student_snapshot_path(step)
-        if not path.exists():
-            state = {
-                k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(self.model).state_dict().items()
-            }
-            atomic_write_with(
-                path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "step": str(step)})
-            )
-        return path
-
-    def write_snapshot(self, step: int) -> Path | None:
-        """The student's encoder as it is after optimizer step ``step`` (and its EMA update), in the format
-        of :func:`export_encoder`, at ``RUN/snapshots/encoder_stepNNNNNNN.safetensors`` (main process)."""
-        path = self.snapshot_path(step)
-        there = self.snapshot_on_disk(step)
-        if self.cfg.pretrain.snapshot_student and there in (None, "incomplete", "same"):
-            self.write_student_snapshot(step)
-        if there == "same":
-            # The run is deterministic: a resumed run retraces the steps after last.pt with the same data,
-            # masks and weights (bit for bit in --deterministic CPU mode), so the snapshot of this step that
-            # the attempt cut short wrote holds the weights this one would write. Kept, not replaced.
-            echo(
-                f"[pretrain] snapshot of the encoder at step {step}: {path} (already there, written before the "
-                "run resumed; kept)"
-            )
-            return path
-        if there not in (None, "incomplete"):  # appeared during the run: never replaced
-            echo(f"[pretrain] warning: no snapshot of the encoder at step {step}: {path} is in the way ({there})")
-            return None
-        state = unwrap(self.model).encoder.state_dict()
-        enc = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}  # the read-back
-        epochs = step / self.steps_per_epoch
-        write_encoder_file(
-            path,
-            enc,
-            to_dict(self.cfg),
-            self.model_args()["encoder"],
-            self.transforms_spec(),
-            weights="student",
-            epochs=int(epochs) if epochs.is_integer() else round(epochs, 4),
-            step=step,
-        )
-        echo(
-            f"[pretrain] snapshot of the encoder at step {step}: {path}"
-            + (" (replacing a half-written one)" if there == "incomplete" else "")
-        )
-        return path
-
     # ------------------------------------------------------------------ epochs, figures, checkpoints
     def end_of_epoch(self, epoch, stats):
         every = self.cfg.pretrain.figure_every
@@ -626,95 +468,3 @@ def pretrain(cfg: Config, out_dir, resume: bool = False) -> Path:
     if resume:
         check_resume(cfg, out_dir, "pretrain")
     return PretrainTrainer(cfg, out_dir, resume=resume).run()
-
-
-# ------------------------------------------------------------------------------------------- export
-def export_encoder(ckpt: str | Path, out: str | Path, use_teacher: bool = False, force: bool = False) -> Path:
-    """Write the student's (or teacher's) encoder as safetensors plus a JSON sidecar with its metadata.
-
-    An existing ``out`` or sidecar is refused before the checkpoint is read (a fine-tuning run may have
-    been initialised from it, and its sidecar records its sha256), unless ``force``."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(".safetensors")
-    refuse_overwriting_inputs([out, sidecar_path(out)], [ckpt], hint="choose another --out")
-    there = [p for p in (out, sidecar_path(out)) if p.exists()]
-    if there and not force:
-        raise FileExistsError(
-            f"{' and '.join(map(str, there))} already exist{'s' if len(there) == 1 else ''} (an "
-            "encoder exported before); nothing was written. Name another -o, or pass --force "
-            "to replace it"
-        )
-    state = load_checkpoint(
-        ckpt,
-        stage="pretrain",
-        keys=(
-            "model",
-            "config",
-            "model_args",
-            "epoch",
-            "config.model",
-            "config.data",
-            "config.pretrain",
-            "model_args.encoder",
-        ),
-        purpose="export-encoder needs a pre-training checkpoint (final.pt of `medhpm pretrain`)",
-    )
-    key = "teacher" if use_teacher else "model"
-    if state.get(key) is None:
-        raise CheckpointError(f"{ckpt} holds no {key} weights (the teacher exists only for method hpm)")
-    enc = {k[len("encoder.") :]: v.contiguous() for k, v in state[key].items() if k.startswith("encoder.")}
-    step = state.get("step")
-    return write_encoder_file(
-        out,
-        enc,
-        state["config"],
-        state["model_args"]["encoder"],
-        state.get("transforms", {}),
-        weights="teacher" if use_teacher else "student",
-        epochs=int(state["epoch"]) + 1,
-        step=None if step is None else int(step),
-    )
-
-
-def write_encoder_file(
-    out: Path,
-    encoder: dict[str, torch.Tensor],
-    config: dict,
-    encoder_args: dict,
-    transforms: dict,
-    *,
-    weights: str,
-    epochs: float,
-    step: int | None,
-) -> Path:
-    """The one home of the encoder file format (:func:`export_encoder` and the trainer's snapshots):
-    ``out`` (safetensors: the encoder's tensors, CPU, contiguous) and its JSON sidecar
-    (``medhpm.runtime.weights.sidecar_path``) with what the weights were trained with and their sha256,
-    which :func:`medhpm.runtime.weights.load_encoder_weights` checks. ``config`` is the run's config as a
-    dict (``config.to_dict``). Each file is written atomically, the weights first: a sidecar always
-    describes complete weights."""
-    from safetensors.torch import save_file
-
-    atomic_write_with(out, lambda tmp: save_file(encoder, str(tmp), metadata={"format": "pt"}))
-    data = config["data"]
-    sidecar = {
-        "format": "medhpm-encoder",
-        "package_version": __version__,
-        "preset": config["model"]["preset"],
-        "patch_size": config["model"]["patch_size"],
-        "roi": data["roi"],
-        "spacing": data["spacing"],
-        "orientation": data["orientation"],
-        "hu_window": [data["a_min"], data["a_max"]],
-        "normalisation": {"clip": [data["a_min"], data["a_max"]], "scale_to": [data["b_min"], data["b_max"]]},
-        "method": config["pretrain"]["method"],
-        "epochs": epochs,
-        "step": step,
-        "weights": weights,
-        "encoder_args": encoder_args,
-        "transforms": transforms,
-        "sha256": sha256_file(out),
-    }
-    atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=2))
-    return out
