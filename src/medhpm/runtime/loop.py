@@ -21,43 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhpm import __version__
-from medhpm.config import Config, checkpoint_keys, compile_mode, differences, from_dict, to_dict
-from medhpm.runtime.checkpoint import load_checkpoint, save_checkpoint
+from medhpm.config import Config, compile_mode
+from medhpm.runtime.console import echo
 from medhpm.runtime.device import autocast, autocast_dtype, configure_cpu_memory, configure_threads, pick_device
-from medhpm.runtime.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, unwrap
-from medhpm.runtime.files import (
-    atomic_write_text,
-    check_writable,
-    disk_needed,
-    remove_stale_temps,
-    run_folder_lock,
-    save_config,
-)
+from medhpm.runtime.distributed import all_reduce_mean, barrier, cleanup, init_distributed, unwrap
+from medhpm.runtime.errors import NonFiniteLossError, RunInterrupted, TrainingError
+from medhpm.runtime.files import check_writable, remove_stale_temps, run_folder_lock, save_config
 from medhpm.runtime.logging import MetricLogger
+from medhpm.runtime.run_checkpoints import RunCheckpoints
 from medhpm.runtime.schedules import cosine_lr, scaled_lr, set_lr, warmup_steps
-from medhpm.runtime.seed import rng_state, seed_everything, set_rng_state
+from medhpm.runtime.seed import seed_everything
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on a NaN or infinite loss; a checkpoint was written first."""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on; the message says why."""
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during a run; the message says where its last checkpoint is and how to resume it."""
-
-
-def echo(msg: str, info: DistInfo | None = None) -> None:
-    if info is None or info.is_main:
-        print(msg, flush=True)
-
-
-class Trainer:
-    """Base class: subclasses set ``stage`` and implement the model/data steps."""
+class Trainer(RunCheckpoints):
+    """Base class: subclasses set ``stage`` and implement the model/data steps (and, for what they add to a
+    checkpoint, the hooks of :class:`~medhpm.runtime.run_checkpoints.RunCheckpoints`)."""
 
     stage = "train"
 
@@ -116,18 +94,6 @@ class Trainer:
         if self.compile_mode == "none":
             return fn
         return torch.compile(fn, mode=None if self.compile_mode == "default" else self.compile_mode)
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def model_args(self) -> dict:
-        return {}
-
-    def transforms_spec(self) -> dict:
-        return {}
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -198,118 +164,6 @@ class Trainer:
             ),
             self.dist,
         )
-
-    # the checkpoints a run of this stage leaves (fine-tuning adds best.pt)
-    checkpoint_names: tuple[str, ...] = ("last", "final")
-
-    def _check_disk(self) -> None:
-        import shutil
-
-        need, why = disk_needed(
-            self._checkpoint_bytes(),
-            self.checkpoint_names,
-            existing=[n for n in self.checkpoint_names if (self.run_dir / f"{n}.pt").exists()],
-        )
-        free = shutil.disk_usage(self.run_dir).free
-        if free < need:
-            raise OSError(
-                f"output folder {self.run_dir} has only {free / 2**20:.1f} MiB free; at least "
-                f"{need / 2**20:.0f} MiB are needed for checkpoints and outputs ({why})"
-            )
-
-    def _checkpoint_bytes(self) -> int:
-        """About the size of one checkpoint: model, AdamW's two moments, tensors of ``extra_state``."""
-
-        def nbytes(obj) -> int:
-            if torch.is_tensor(obj):
-                return obj.numel() * obj.element_size()
-            if isinstance(obj, dict):
-                return sum(nbytes(v) for v in obj.values())
-            if isinstance(obj, (list, tuple)):
-                return sum(nbytes(v) for v in obj)
-            return 0
-
-        model = unwrap(self.model)
-        moments = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-        return nbytes(model.state_dict()) + moments + nbytes(self.extra_state())
-
-    def _restore(self) -> None:
-        path = self.run_dir / "last.pt"
-        if not path.exists():
-            raise TrainingError(
-                f"cannot resume: {path} does not exist (the run stopped before its first "
-                f"checkpoint, or {self.run_dir} is not a run folder); start it again without --resume"
-            )
-        state = load_checkpoint(
-            path,
-            stage=self.stage,
-            map_location=self.device,
-            keys=("model", "optimizer", "epoch", "step"),
-            purpose=f"cannot resume a {self.stage} run from it",
-        )
-        try:
-            unwrap(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:  # another method's or model's weights
-            raise TrainingError(self._misfit(path, state, e)) from None
-        self.start_epoch = int(state["epoch"]) + 1
-        self.global_step = int(state["step"])
-        self.best_metric = float(state.get("best_metric", -math.inf))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.history = list(state.get("history", []))
-        set_rng_state(state.get("rng", {}))
-        self.load_extra_state(state)
-        echo(f"[{self.stage}] resumed from {path} at epoch {self.start_epoch} (step {self.global_step})", self.dist)
-        old = (state.get("config") or {}).get(self.stage) or {}
-        old_batch = int(old.get("batch_size", 0)) * int(old.get("accum_steps", 1)) * int(state.get("world_size", 1))
-        new_batch = self.sec.batch_size * self.sec.accum_steps * self.dist.world_size
-        if old_batch and old_batch != new_batch:
-            echo(
-                f"[{self.stage}] note: the effective batch changes from {old_batch} to {new_batch} (world size "
-                f"{state.get('world_size', 1)} -> {self.dist.world_size}); set {self.stage}.batch_size to keep it",
-                self.dist,
-            )
-
-    def _misfit(self, path: Path, state: dict, e: BaseException) -> str:
-        """Why the weights in ``path`` do not fit this run's model: the checkpoint keys whose values differ
-        from the run's config (e.g. another pre-training method), else torch's first line."""
-        changed: list[str] = []
-        try:
-            changed = differences(from_dict(state.get("config") or {}), self.cfg, checkpoint_keys(self.stage))
-        except Exception:  # a stored config this version cannot read: say what torch said
-            pass
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        why = (
-            f"it was written with {'; '.join(changed)} (checkpoint -> this run)"
-            if changed
-            else f"{type(e).__name__}: {first}"
-        )
-        cfg_file = self.run_dir / f"config_{self.stage}.yaml"
-        return (
-            f"cannot resume from {path}: its weights do not fit the model of this run ({why}); the checkpoint "
-            f"comes from another run than {cfg_file}. Put the run's own last.pt back, or start a new run "
-            "with another --out"
-        )
-
-    def _trim_metrics(self) -> None:
-        """Drop the log records of the epochs that are about to be (re)done: work after ``last.pt`` that a
-        kill threw away, or an earlier attempt that never wrote ``last.pt`` (a fresh start drops every
-        training record), so metrics.jsonl reads as one uninterrupted run."""
-        import json
-
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] >= self.start_epoch:
-                continue
-            keep.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -600,43 +454,6 @@ class Trainer:
             f"before this step were saved to {path}. Lower the lr, check the data "
             f"(medhpm data check), or set {self.stage}.nonfinite=skip."
         )
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, epoch: int) -> dict:
-        return {
-            "format": "medhpm-checkpoint",
-            "version": __version__,
-            "stage": self.stage,
-            "epoch": epoch,
-            "step": self.global_step,
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": {
-                "kind": "cosine",
-                "base_lr": self.base_lr,
-                "warmup_epochs": self.sec.warmup_epochs,
-                "min_lr": self.sec.min_lr,
-                "epochs": self.sec.epochs,
-            },
-            "model_args": self.model_args(),
-            "config": to_dict(self.cfg),
-            "transforms": self.transforms_spec(),
-            "rng": rng_state(),
-            "best_metric": self.best_metric,
-            "skipped_steps": self.skipped_steps,
-            "history": self.history,
-            "world_size": self.dist.world_size,
-            **self.extra_state(),
-        }
-
-    def save(self, name: str, epoch: int) -> Path | None:
-        if not self.dist.is_main:
-            return None
-        path = self.run_dir / f"{name}.pt"
-        save_checkpoint(self.checkpoint_state(epoch), path)
-        if name == "last":
-            self._last_saved = epoch
-        return path
 
 
 def _fused_adamw_ok(device: torch.device) -> bool:
