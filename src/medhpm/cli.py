@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import typer
 
+from medhpm.runtime.console import error_message, reportable, show_warning, version_text
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -28,30 +30,9 @@ app.add_typer(data_app, name="data")
 app.add_typer(viz_app, name="visualize")
 
 
-def _version_text() -> str:
-    import platform
-
-    import monai
-    import torch
-
-    from medhpm import __version__
-    from medhpm.runtime.device import pick_device
-
-    cuda = torch.version.cuda or "none (CPU build)"
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return (
-        f"medhpm {__version__}\n"
-        f"python {platform.python_version()}\n"
-        f"torch {torch.__version__}\n"
-        f"monai {monai.__version__}\n"
-        f"cuda {cuda} ({gpus} GPU{'s' if gpus != 1 else ''} visible)\n"
-        f"device {pick_device('auto')}"
-    )
-
-
 def _version_callback(value: bool):
     if value:
-        typer.echo(_version_text())
+        typer.echo(version_text())
         raise typer.Exit()
 
 
@@ -559,62 +540,6 @@ def _written(run: Path, *names: str) -> str:
     return f"{run} ({', '.join(there)})"
 
 
-def _user_errors():
-    """Exceptions that mean bad input or a bad config: shown as one clear line, no traceback."""
-    from medhpm.config import ConfigError
-    from medhpm.runtime.checkpoint import CheckpointError
-
-    errs: list[type] = [ConfigError, CheckpointError, ValueError, OSError, KeyError]
-    try:
-        from medhpm.runtime.loop import NonFiniteLossError, TrainingError
-
-        errs += [NonFiniteLossError, TrainingError]
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
-def _reportable(e: BaseException) -> Optional[BaseException]:
-    """The user error to report for ``e``: ``e`` itself, or the first user error it was raised from (MONAI
-    wraps an error of a transform in ``RuntimeError("applying transform ...")``); None for anything else,
-    which is a bug and keeps its traceback."""
-    errs = _user_errors()
-    seen: set[int] = set()
-    cur: Optional[BaseException] = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, errs):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__
-    return None
-
-
-def _message(e: BaseException) -> str:
-    msg = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError):
-        return f"missing key {msg}"
-    if "Original Traceback" in msg:
-        # re-raised from a DataLoader worker: keep the original message, not the worker's traceback
-        for marker in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: "):
-            if marker in msg:
-                return msg.rsplit(marker, 1)[1].strip()
-        return msg.strip().splitlines()[-1]
-    return msg
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None, _default=None):
-    """medhpm's own warnings as one ``warning: ...`` line, like its errors (not Python's
-    ``path.py:124: UserWarning: ...`` with a source line under it); other packages' warnings as Python
-    shows them."""
-    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
-        print(f"warning: {message}", file=sys.stderr if file is None else file)
-    else:
-        _default(message, category, filename, lineno, file, line)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     import functools
     import warnings
@@ -623,7 +548,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     debug = "--debug" in argv or os.environ.get("MEDHPM_DEBUG") == "1"
     shown_as = warnings.showwarning
     if not debug:
-        warnings.showwarning = functools.partial(_show_warning, _default=shown_as)
+        warnings.showwarning = functools.partial(show_warning, _default=shown_as)
     try:
         # standalone mode: typer/click print usage errors and exit with their own codes
         app(args=argv, prog_name="medhpm")
@@ -631,10 +556,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        shown = _reportable(e)
+        shown = reportable(e)
         if debug or shown is None:
             raise
-        print(f"error: {_message(shown)}", file=sys.stderr)
+        print(f"error: {error_message(shown)}", file=sys.stderr)
         sys.exit(2)
     finally:
         warnings.showwarning = shown_as
