@@ -18,7 +18,8 @@ from pathlib import Path
 
 from medhpm.config import METHODS
 from medhpm.data.sources import resolve_dataset
-from medhpm.experiment.report import PROBES, loss_curve, probe_scores, summary_steps, write_experiment_results
+from medhpm.experiment.budget import summary_steps
+from medhpm.experiment.report import PROBES, loss_curve, probe_scores, write_experiment_results
 from medhpm.experiment.spec import (
     ENCODER_KEYS,
     LABELLED,
