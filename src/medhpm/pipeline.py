@@ -53,6 +53,9 @@ class Stages:
     that a call cut short keeps what its finished stages took. A stage finished by an earlier call (a resumed
     folder) is :meth:`skip`-ped: it keeps the time the record gives it and is listed in ``kept``."""
 
+    times: dict[str, float]  # stage -> seconds
+    kept: list[str]
+
     def __init__(self, total: int, record: Path | None = None):
         self.total, self.n, self.times, self.kept = total, 0, {}, []
         self.record = record
@@ -303,7 +306,7 @@ def write_demo_report(out: Path, cfg: Config, res: dict, times: dict, quick: boo
         [k, f"{v:.1f}" + (" (an earlier call)" if k in kept else "")] for k, v in times.items()
     ]
     m = res["summary"]["mean"]
-    sections = [
+    sections: list[dict] = [
         {
             "title": "Summary",
             "text": (

@@ -9,7 +9,7 @@ import re
 from dataclasses import fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import yaml
 from omegaconf import OmegaConf
@@ -66,7 +66,7 @@ def _known_keys(cls=Config, prefix: str = "") -> list[str]:
     for f in fields(cls):
         full = f"{prefix}{f.name}"
         keys.append(full)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         if is_dataclass(default):
             keys.extend(_known_keys(type(default), full + "."))
     return keys
@@ -153,9 +153,9 @@ def _resolve(data: dict, where: str, overrides: Optional[Sequence[str]]) -> Conf
                 item = _SHORTCUTS[key] + item[len(key) :]
             _reject_old_keys([item.split("=", 1)[0]], f"command-line override {item!r}")
             cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command-line override {item!r}")
-    obj = OmegaConf.to_object(cfg)
+    obj = cast(Config, OmegaConf.to_object(cfg))
     validate(obj)
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 _SHORTCUTS = {"method": "pretrain.method", "seed": "seed", "preset": "model.preset", "roi": "data.roi"}
@@ -171,6 +171,6 @@ def from_dict(data: dict) -> Config:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     cfg = _merge(cfg, OmegaConf.create(_upgrade(data)), "stored config")
-    obj = OmegaConf.to_object(cfg)
-    obj.runtime.compile = compile_mode(obj.runtime.compile)  # type: ignore[attr-defined]  # the old switch
-    return obj  # type: ignore[return-value]
+    obj = cast(Config, OmegaConf.to_object(cfg))
+    obj.runtime.compile = compile_mode(obj.runtime.compile)  # the old switch
+    return obj

@@ -180,8 +180,8 @@ def _check_label(
         problem = grid_problem(img_shape, img_aff, lab.shape, laff, tol)
         if problem:
             err(problem)
-    for problem in label_problems(lab, num_classes, declared):
-        rep.add(problem.severity, split, case, path, problem.message)
+    for found in label_problems(lab, num_classes, declared):
+        rep.add(found.severity, split, case, path, found.message)
     a = lab
     if np.issubdtype(a.dtype, np.floating):
         a = np.round(np.where(np.isfinite(a), a, 0))
@@ -209,8 +209,8 @@ def check_dataset(
     rep = CheckReport(source=str(source))
     try:
         dl = load_datalist(source, format=format, split=split, check_paths=False)
-    except DataError as e:
-        rep.add("error", "", "", str(source), str(e))
+    except DataError as err:
+        rep.add("error", "", "", str(source), str(err))
         return rep
     rep.data_format = dl["format"]
     declared = dict(dl.get("labels") or {})

@@ -94,7 +94,7 @@ def read_slicer_ctbl(path: str | Path) -> dict[int, tuple[str, tuple[int, int, i
             raise ValueError(f"{path}, line {i}: not a colour-table line 'VALUE NAME R G B A': {line!r}") from None
         if len(rgba) != 4 or not all(0 <= c <= 255 for c in rgba):
             raise ValueError(f"{path}, line {i}: R G B A must be four values in 0-255: {line!r}")
-        out[value] = (name, rgba)  # type: ignore[assignment]
+        out[value] = (name, rgba)
     return out
 
 

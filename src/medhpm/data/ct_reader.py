@@ -23,7 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -68,11 +68,11 @@ class DicomSeriesReader(PydicomReader):
     ``PydicomReader`` stacks by InstanceNumber and takes the slice direction from the first and last.
     """
 
-    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         names = ensure_tuple(filename)
         return len(names) == 1 and (Path(names[0]).is_dir() or is_dicom_file(names[0]))
 
-    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs):
         names = ensure_tuple(data)
         if len(names) != 1:
             raise DataError(f"{names}: give one DICOM series folder (or file) per image")
@@ -130,7 +130,8 @@ class DicomSeriesReader(PydicomReader):
             self.filenames = [slices[0][1]]
             return slices[0][0]
         self.has_series = True
-        self.filenames = [[f for _, f in slices]]
+        # PydicomReader keeps a series as a nested list of its files (its own read() does the same)
+        self.filenames = [[f for _, f in slices]]  # type: ignore[list-item]
         return [ds for ds, _ in slices]
 
 
@@ -236,11 +237,11 @@ class CTReader(ImageReader):
     volumes raise :class:`DataError` naming the file.
     """
 
-    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         names = ensure_tuple(filename)
         return len(names) == 1 and is_image_path(names[0])
 
-    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> _Read:
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> _Read:
         names = ensure_tuple(data)
         if len(names) != 1:
             raise DataError(f"{names}: one image per key is supported (single-channel CT)")
@@ -298,7 +299,7 @@ def _check_nifti_grid(path: str) -> None:
     import nibabel as nib
 
     try:
-        affine = nib.load(path).header.get_best_affine()
+        affine = cast(Any, nib.load(path)).header.get_best_affine()  # nibabel types the header as a FileBasedHeader
     except Exception:
         return  # an unreadable header is reported by the reader itself
     problem = grid_problem_of_affine(affine)
@@ -338,7 +339,7 @@ def load_image(path: str | os.PathLike, orientation: str | None = None) -> tuple
     """
     img = read_volume(path)
     if orientation:
-        img = Orientation(axcodes=orientation, labels=None)(img)  # labels from the MetaTensor space
+        img = cast(MetaTensor, Orientation(axcodes=orientation, labels=None)(img))  # labels from the MetaTensor space
     arr = np.ascontiguousarray(img.array[0])
     affine = np.asarray(img.affine, dtype=np.float64)
     return arr, affine, dict(img.meta)

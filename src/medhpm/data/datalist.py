@@ -25,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from medhpm.data.labels import BTCV_LABELS
 from medhpm.data.scans import case_name, find_scans, is_nifti
@@ -126,8 +126,9 @@ def _parse_labels(raw: Any, where: str) -> dict[int, str]:
             return int(v)
         return None
 
+    out: dict[int, str]
     if all(as_int(k) is not None for k in raw):  # value -> name
-        out = {as_int(k): str(v) for k, v in raw.items()}
+        out = {cast(int, as_int(k)): str(v) for k, v in raw.items()}
     else:  # name -> value (nnU-Net)
         bad = {k: v for k, v in raw.items() if as_int(v) is None}
         if bad:
@@ -137,10 +138,10 @@ def _parse_labels(raw: Any, where: str) -> dict[int, str]:
                 f"{where}: label {k!r} maps to {kind}; only one integer value per label is supported "
                 "(region-based nnU-Net labels are not)"
             )
-        out = {as_int(v): str(k) for k, v in raw.items()}
-    if any(v < 0 for v in out):  # type: ignore[operator]
+        out = {cast(int, as_int(v)): str(k) for k, v in raw.items()}
+    if any(v < 0 for v in out):
         raise DataError(f"{where}: label values must be >= 0, got {sorted(out)}")
-    return dict(sorted(out.items()))  # type: ignore[arg-type]
+    return dict(sorted(out.items()))
 
 
 def _unique_case_names(datalist: dict) -> None:
@@ -247,7 +248,7 @@ def read_msd(json_path: str | os.PathLike, check_paths: bool = True) -> dict:
     root = Path(_norm(path.parent))
     labels = _parse_labels(obj.get("labels"), where)
     # a datalist written by write_datalist keeps the BTCV split it was made from
-    prov = obj.get("medhpm") if isinstance(obj.get("medhpm"), dict) else {}
+    prov = cast(dict, obj.get("medhpm")) if isinstance(obj.get("medhpm"), dict) else {}
     dl = _new(str(obj.get("name") or path.parent.name), labels, _norm(path), "msd", str(root), prov.get("split"))
     escaping = []
 

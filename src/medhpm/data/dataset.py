@@ -87,13 +87,13 @@ def chain_hash(transform: Any, cfg: DataConfig) -> str:
 class _NamedErrors:
     """Mixin for MONAI datasets: a case whose chain fails raises a DataError that names it."""
 
-    def _transform(self, index):  # type: ignore[no-untyped-def]
+    def _transform(self, index):
         try:
-            return super()._transform(index)  # type: ignore[misc]
+            return super()._transform(index)
         except MemoryError:
             raise
         except Exception as e:
-            raise case_error(e, self.data[index]) from e  # type: ignore[attr-defined]
+            raise case_error(e, self.data[index]) from e
 
 
 class _Dataset(_NamedErrors, Dataset):
@@ -104,7 +104,8 @@ class _CacheDataset(_NamedErrors, CacheDataset):
     def _fill_cache(self, indices=None) -> list:
         # one loader: fill in this thread. A bad file raised inside MONAI's thread pool left torch's
         # threads alive at exit and the process aborted ("terminate called") after the clear error line
-        if self.num_workers > 1 or self.cache_num <= 0:
+        # num_workers is an int: make_dataset passes one (CacheDataset types it Optional)
+        if self.num_workers > 1 or self.cache_num <= 0:  # type: ignore[operator]
             return super()._fill_cache(indices)
         return [self._load_cache_item(i) for i in (range(self.cache_num) if indices is None else indices)]
 
@@ -258,7 +259,9 @@ def training_loader(
             entries, transform, batch_size=batch_size, seed=seed, world_size=world_size, rank=rank, device=device
         )
     ds = make_dataset(entries, transform, cfg, cache_dir=cfg.cache_dir or (Path(run_dir) / "cache"))
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler: DistributedSampler = DistributedSampler(
+        ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
     return make_loader(
         ds,
         batch_size=batch_size // cfg.num_samples,

@@ -33,7 +33,7 @@ and ``W`` processes at batch ``b`` draw the same crops for the same volumes.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import torch
 from monai.transforms import (
@@ -47,6 +47,7 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
     apply_transform,
 )
+from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from medhpm.data.datalist import DataError
@@ -85,8 +86,11 @@ def tail_plan(tail: Sequence[Any], keys: Sequence[str]) -> dict:
     crop_t, rest = tail[0], list(tail[1:])
     if _keys(crop_t) != keys:
         raise _refuse(f"the crop {type(crop_t).__name__} acts on keys {_keys(crop_t)}, not on all of {keys}")
+    # MONAI types the croppers' sizes as Sequence[int] | int; the chains this module reads give sequences
+    crop: dict[str, Any]
+    c: Any
     if isinstance(crop_t, RandSpatialCropSamplesd):
-        inner = crop_t.cropper.cropper
+        inner: Any = crop_t.cropper.cropper
         if inner.random_size or not inner.random_center:
             raise _refuse("RandSpatialCropSamplesd with random_size or a fixed centre is not implemented")
         crop = {
@@ -221,8 +225,8 @@ class DeviceCropSampler:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cases = [str(e.get("case") or e.get("image")) for e in entries]
         self._build(entries, head, case_error)
-        self.sampler = DistributedSampler(
-            range(len(entries)),
+        self.sampler: DistributedSampler = DistributedSampler(
+            cast(Dataset, range(len(entries))),  # the sampler only takes the len() of its data set
             num_replicas=self.world_size,
             rank=self.rank,
             shuffle=True,
@@ -237,7 +241,11 @@ class DeviceCropSampler:
     # ------------------------------------------------------------------ the preprocessed volumes
     def _build(self, entries: list[dict], head: list, case_error: Callable) -> None:
         crop, roi = self.plan["crop"], torch.tensor(self.roi)
-        images, labels, cands, shapes, counts = [], [], [], [], []
+        images: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        cands: list[torch.Tensor] = []
+        shapes: list[tuple[int, ...]] = []
+        counts: list[list[int]] = []
         labelled = "label" in self.keys
         for e in entries:
             try:
@@ -267,7 +275,7 @@ class DeviceCropSampler:
             if crop["mode"] != "random":
                 inside = img > crop["threshold"] if crop["use_image"] else torch.ones_like(img, dtype=torch.bool)
                 if crop["mode"] == "posneg":
-                    fg = lab > 0
+                    fg = cast(torch.Tensor, lab) > 0  # a posneg crop needs the label
                     sets = [fg, inside & ~fg]
                     if not (fg.any() or sets[1].any()):
                         raise DataError(
@@ -405,8 +413,9 @@ class DeviceCropSampler:
             idx = plane[sl, :, :, None] + c2[sl, None, None, :]
             torch.addcmul(b[sl].view(-1, 1, 1, 1), self._image[idx], a[sl].view(-1, 1, 1, 1), out=image[sl, 0])
             if label is not None:
+                assert self._label is not None  # label is allocated only when there are labels
                 label[sl, 0] = self._label[idx]
-        out = {"image": image}
+        out: dict[str, Any] = {"image": image}
         if label is not None:
             out["label"] = label
         if details:

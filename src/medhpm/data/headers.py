@@ -8,7 +8,7 @@ set in a second before it starts the training stack; the loader (:class:`medhpm.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def nifti_header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     import nibabel as nib
 
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)  # nibabel types load() as a FileBasedImage, without shape and affine
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:
@@ -79,7 +79,7 @@ def check_headers(entries: Sequence[Mapping], what: str = "training") -> None:
     """
     problems: list[str] = []
     for e in entries:
-        headers: dict[str, tuple] = {}
+        headers: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
         for key in ("image", "label"):
             path = e.get(key)
             if not isinstance(path, str) or not is_nifti(path):

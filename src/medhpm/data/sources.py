@@ -36,7 +36,7 @@ def resolve_dataset(cfg: DataConfig, work_dir: str | Path) -> Path:
 
 
 def _phantom_stamp(cfg: DataConfig) -> dict:
-    want = {"cases": cfg.phantom_cases, "seed": cfg.phantom_seed}
+    want: dict[str, int | str] = {"cases": cfg.phantom_cases, "seed": cfg.phantom_seed}
     if cfg.phantom_variability != "standard":  # stamps of standard data sets stay as they were
         want["variability"] = cfg.phantom_variability
     return want

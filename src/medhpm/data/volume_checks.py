@@ -77,7 +77,7 @@ def grid_problem_of_affine(affine) -> Optional[str]:
     return None
 
 
-def _values(vals: Sequence, limit: int = 8) -> str:
+def _values(vals: Sequence | np.ndarray, limit: int = 8) -> str:
     vals = list(vals)
     s = ", ".join(f"{v:g}" for v in vals[:limit])
     return s + (f", ... ({len(vals)} values)" if len(vals) > limit else "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ def compute_case_metrics(
         with NaN where a value is undefined; see ``CONVENTIONS`` for the empty-mask rules.
     """
     surface = surface_tolerance_mm is not None
-    tol = check_tolerance(surface_tolerance_mm) if surface else 0.0
+    tol = check_tolerance(cast(float, surface_tolerance_mm)) if surface else 0.0
     pred = as_label_map(pred, "prediction")
     label = as_label_map(label, "ground truth")
     if pred.shape != label.shape:
@@ -165,6 +165,7 @@ def compute_case_metrics(
     out: dict[int, dict[str, float | str]] = {}
     for v in values:
         bp, bg = boxes_p[v - 1], boxes_g[v - 1]
+        e: dict[str, float | str]
         if bp is None and bg is None:
             e = {"dice": math.nan, "hd95": math.nan, "status": ABSENT}
             e.update({"surface_dice": math.nan, "assd": math.nan} if surface else {})
@@ -182,7 +183,7 @@ def compute_case_metrics(
     return out
 
 
-def _finite(values: Iterable[float | None]) -> np.ndarray:
+def _finite(values: Iterable[float | str | None]) -> np.ndarray:
     arr = np.array([math.nan if v is None else float(v) for v in values], dtype=float)
     return arr[np.isfinite(arr)]
 
@@ -242,8 +243,8 @@ def summarize(
     dice_means = _finite(s["dice_mean"] for s in summary.values())
     hd_means = _finite(s["hd95_mean"] for s in summary.values())
     summary["mean"] = {"dice_mean": _mean(dice_means), "hd95_mean": _mean(hd_means), "n_labels": int(dice_means.size)}
-    per_label = [s for k, s in summary.items() if k != "mean"]
-    if per_label and all("surface_dice_mean" in s for s in per_label):
-        summary["mean"]["surface_dice_mean"] = _mean(_finite(s["surface_dice_mean"] for s in per_label))
-        summary["mean"]["assd_mean"] = _mean(_finite(s["assd_mean"] for s in per_label))
+    label_stats = [s for k, s in summary.items() if k != "mean"]
+    if label_stats and all("surface_dice_mean" in s for s in label_stats):
+        summary["mean"]["surface_dice_mean"] = _mean(_finite(s["surface_dice_mean"] for s in label_stats))
+        summary["mean"]["assd_mean"] = _mean(_finite(s["assd_mean"] for s in label_stats))
     return summary

@@ -124,7 +124,7 @@ def _match(
         if pred_src.suffix.lower() != ".json" and label_src.suffix.lower() != ".json":
             return [(preds[0], labels[0])], []  # two files given explicitly: their names need not agree
     pairs: list[tuple[_Item, _Item]] = []
-    by_stem = {}
+    by_stem: dict[str, list[_Item]] = {}
     for p in preds:
         by_stem.setdefault(p.stem, []).append(p)
     left_labels, used = [], set()
@@ -152,7 +152,8 @@ def _match(
             unmatched_labels.append(g)
     unmatched_preds = [p for p in preds if id(p) not in used]
     label_is_datalist = label_src.suffix.lower() == ".json"
-    pred_src, label_src = _described(pred_src, datalist_key), _described(label_src, datalist_key)
+    # from here on the sources are named as the messages name them (str)
+    pred_src, label_src = _described(pred_src, datalist_key), _described(label_src, datalist_key)  # type: ignore[assignment]
     skipped = []
     if only_predicted and not unmatched_preds:
         if not pairs:
@@ -189,7 +190,7 @@ def _load(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"{what} file {path} does not exist.")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # nibabel types load() as a FileBasedImage, without dataobj and affine
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # not NIfTI, truncated, corrupt gzip: name the file
         raise ValueError(f"{what} file {path} is unreadable ({type(e).__name__}: {e}).") from None
@@ -354,6 +355,7 @@ def evaluate_predictions(
         hint="choose another output folder with -o",
     )
     pairs, skipped = _match(pred_items, label_items, pred_src, label_src, only_predicted, datalist_key)
+    table: dict[int, str] | None
     if classes is not None:
         table, source = parse_classes(classes), "given (--classes)"
     else:
@@ -364,7 +366,7 @@ def evaluate_predictions(
         names = [g.stem for _, g in pairs]
     order = sorted(range(len(pairs)), key=lambda i: names[i])
 
-    cases: dict[str, dict[str, dict]] = {}
+    cases: dict[str, dict[int | str, dict]] = {}
     present: set[int] = set()
     for i in order:
         p, g = pairs[i]
@@ -385,13 +387,13 @@ def evaluate_predictions(
                 f"({label_src}): nothing to evaluate."
             )
         table, source = {v: value_name(v) for v in sorted(present)}, "the label values found (no names given)"
-        for per_label in cases.values():  # a value this case lacks on both sides is absent in it
+        for case_labels in cases.values():  # a value this case lacks on both sides is absent in it
             for v in table:
-                per_label.setdefault(
+                case_labels.setdefault(
                     str(v),
                     {"dice": math.nan, "hd95": math.nan, "status": ABSENT, "surface_dice": math.nan, "assd": math.nan},
                 )
-            per_label.update({k: per_label.pop(k) for k in sorted(per_label, key=int)})
+            case_labels.update({k: case_labels.pop(k) for k in sorted(case_labels, key=int)})
     elif classes is not None:
         unseen = [f"{v} ({n})" for v, n in table.items() if v not in present]
         if unseen:
@@ -417,10 +419,10 @@ def evaluate_predictions(
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "metrics.csv", _csv_text(metrics["cases"], classes))
     row_name = method or strip_nifti_ext(pred_src.name) or "prediction"
-    table = paper_table({row_name: metrics["summary"]}, classes, surface_tolerance_mm=tolerance)
-    per_label = [metrics["summary"][str(v)] for v in classes]
-    n_missed = sum(s["n_missed"] for s in per_label)
-    n_fp = sum(s["n_false_positive"] for s in per_label)
+    table_md = paper_table({row_name: metrics["summary"]}, classes, surface_tolerance_mm=tolerance)
+    label_summaries = [metrics["summary"][str(v)] for v in classes]
+    n_missed = sum(s["n_missed"] for s in label_summaries)
+    n_fp = sum(s["n_false_positive"] for s in label_summaries)
     note = (
         f"\nDSC in %, HD95 in mm; NSD (normalised surface Dice at {tolerance:g} mm) in %, ASSD in mm; "
         f"{len(cases)} case(s)"
@@ -433,5 +435,5 @@ def evaluate_predictions(
         f"Organ instances missed: {n_missed}, false positive: {n_fp} (Dice and NSD 0, no HD95 or ASSD, so not "
         'in their means); organs absent from both are left out. See "conventions" in metrics.json.\n'
     )
-    atomic_write_text(out_dir / "table.md", table + note)
+    atomic_write_text(out_dir / "table.md", table_md + note)
     return metrics

@@ -27,7 +27,7 @@ def _label_keys(summary: Mapping[str, Mapping]) -> list[str]:
     return [k for k in summary if k != "mean"]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
     """(mean, sample std with ddof=1 (NaN under 2 values), count) of the finite ``values``; None is NaN."""
     arr = np.array([_num(v) for v in values], dtype=float)
     arr = arr[np.isfinite(arr)]

@@ -368,7 +368,7 @@ def cv_knn_probe(
         raise ValueError(f"ks must be a non-empty list of positive numbers, got {list(ks)}")
     masks = case_folds(groups, folds, seed)
     if masks:
-        per_fold = [[] for _ in grid]
+        per_fold: list[list[float]] = [[] for _ in grid]
         for m in masks:
             fold = fit_knn_probe(x[~m], y[~m], num_classes, grid[-1], metric)
             idx = fold.neighbours(x[m])

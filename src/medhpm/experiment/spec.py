@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from medhpm.config import METHODS, STAGE_ONLY_KEYS, ConfigError, get_key, load_config, read_yaml
 
@@ -356,5 +357,5 @@ def method_cfg(spec: dict, cell: dict, name: str):
 def shares_pretraining(spec: dict) -> bool:
     """Whether the grid's runs share one pre-training per (method, seed): the key is one pre-training
     does not depend on."""
-    grid = spec.get("grid")
+    grid: Any = spec.get("grid")
     return bool(grid) and grid["key"].startswith(PRETRAIN_FREE)

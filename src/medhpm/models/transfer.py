@@ -38,12 +38,13 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medhpm.models.vit import PRESETS, ViTEncoder
+from medhpm.models.vit import PRESETS, Block, ViTEncoder
 
 __all__ = [
     "LoadReport",
@@ -277,7 +278,7 @@ def _rename_medhpm(src: EncoderSource, enc: ViTEncoder, conv: list[str]) -> dict
 
 def _rename_monai(src: EncoderSource, enc: ViTEncoder, conv: list[str]) -> dict:
     prefix = "vit." if any(k.startswith("vit.") for k in src.state) else ""
-    out = {}
+    out: dict[str, tuple[Any, Optional[str]]] = {}
     for key, value in src.state.items():
         if not key.startswith(prefix):
             src.ignored.append(key)  # UNETR decoder: encoder1..4, decoder2..5, out
@@ -312,8 +313,13 @@ def _rename_monai(src: EncoderSource, enc: ViTEncoder, conv: list[str]) -> dict:
     # MONAI's default is qkv_bias=False; a zero bias gives the identical computation
     for i in range(enc.depth):
         ours = f"blocks.{i}.attn.qkv.bias"
-        if f"blocks.{i}.attn.qkv.weight" in out and ours not in out and enc.blocks[i].attn.qkv.bias is not None:
-            out[ours] = (torch.zeros_like(enc.blocks[i].attn.qkv.bias), None)
+        # a ModuleList's items are typed as Modules; the encoder's are Blocks
+        if (
+            f"blocks.{i}.attn.qkv.weight" in out
+            and ours not in out
+            and cast(Block, enc.blocks[i]).attn.qkv.bias is not None
+        ):
+            out[ours] = (torch.zeros_like(cast(Block, enc.blocks[i]).attn.qkv.bias), None)
             conv.append(f"{ours}: absent in the source (MONAI qkv_bias=False), set to zero (same computation)")
     src.notes.append(
         "MONAI's LayerNorm uses eps=1e-5 and medhpm's 1e-6: the tokens differ slightly (about 1e-4 at most) "
@@ -436,7 +442,7 @@ def _source_grid(n_tokens: int, src: EncoderSource, enc: ViTEncoder, img_size, p
         roi = (roi,) * 3 if isinstance(roi, int) else tuple(int(r) for r in roi)
         grid = tuple(r // patch for r in roi)
         if math.prod(grid) == n_tokens:
-            return grid  # type: ignore[return-value]
+            return grid
     if n_tokens == enc.num_patches:
         return enc.grid_size  # same count, assume the same grid
     side = round(n_tokens ** (1 / 3))

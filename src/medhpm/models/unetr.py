@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
@@ -132,7 +133,7 @@ class UNETR(nn.Module):
         self.feature_size = feature_size
         self.skip_blocks = skip_blocks
         self.n_levels = n_levels
-        blocks = dict(norm_name=norm_name, res_block=res_block)
+        blocks: dict[str, Any] = dict(norm_name=norm_name, res_block=res_block)
         # level 0: convolutions on the raw image
         self.encoder1 = UnetrBasicBlock(
             spatial_dims=3, in_channels=encoder.in_chans, out_channels=feature_size, kernel_size=3, stride=1, **blocks

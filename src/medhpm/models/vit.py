@@ -47,13 +47,13 @@ def _as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     """Turn an int or a 3-sequence of positive ints into a tuple, or raise ValueError naming ``name``."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = (value, value, value)
-    try:
-        triple = tuple(int(v) for v in value)
+    try:  # a bool is iterated on purpose: its TypeError becomes the ValueError below
+        triple = tuple(int(v) for v in value)  # type: ignore[union-attr]
     except TypeError as err:
         raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}.") from err
-    if len(triple) != 3 or any(v != w for v, w in zip(triple, value, strict=True)) or min(triple) < 1:
+    if len(triple) != 3 or any(v != w for v, w in zip(triple, value, strict=True)) or min(triple) < 1:  # type: ignore[arg-type]
         raise ValueError(f"{name} must be 3 positive integers (H, W, D), got {value!r}.")
-    return triple  # type: ignore[return-value]
+    return triple
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -359,6 +359,7 @@ class ViTEncoder(nn.Module):
         # the patch projection is a Linear over flattened patches, so it is initialised like one
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        assert self.patch_embed.proj.bias is not None  # a Conv3d with a bias (PatchEmbed3d)
         nn.init.zeros_(self.patch_embed.proj.bias)
         self.blocks.apply(init_weights_mae)
         init_weights_mae(self.norm)

@@ -99,7 +99,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, applied:
         if applied is None:
             torch._foreach_lerp_(t_float, s_float, weight)
         else:  # weight 0 where the step was skipped
-            torch._foreach_lerp_(t_float, s_float, applied.to(t_float[0].dtype) * weight)
+            # a tensor weight: torch takes it, its stubs list scalars and tensor lists only
+            torch._foreach_lerp_(t_float, s_float, applied.to(t_float[0].dtype) * weight)  # type: ignore[call-overload]
 
 
 class EMATeacher:

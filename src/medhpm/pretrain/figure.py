@@ -13,6 +13,7 @@ order as the pre-training chain produces them; slices are shown in radiological 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def pretrain_figure(
         if k > 0:
             top = np.argsort(-diff)[:k]
             mask_vol_vals[top] = 2.0
-    columns = [
+    columns: list[tuple[str, Any, Any, tuple[float, float]]] = [  # (title, volume, colour map, value range)
         ("original", original, "gray", (vmin, vmax)),
         ("masked input", masked, "gray", (vmin, vmax)),
         ("reconstruction", recon, "gray", (vmin, vmax)),

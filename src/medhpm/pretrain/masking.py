@@ -111,7 +111,7 @@ def hard_patch_mask(
         hard_from_tensor = True
     else:
         hard_from_tensor = False
-        n_hard = num_hard(alpha, m)
+        n_hard = num_hard(alpha, m)  # type: ignore[assignment]  # an int in this case, a tensor in the other
 
     # rand in [0, 1) ranks the ordinary patches at random; a hard patch gets 2.0 so it sorts last and
     # can never be among the K lowest (visible) ones.
@@ -121,11 +121,11 @@ def hard_patch_mask(
         rank = noise.to(scores.device).clone()
     if hard_from_tensor:  # the n_hard highest scores by their place in the descending order
         order = torch.argsort(scores.detach().float(), dim=1, descending=True)  # (B, N)
-        first = torch.arange(n, device=scores.device).expand(batch, n) < n_hard.to(scores.device)
+        first = torch.arange(n, device=scores.device).expand(batch, n) < n_hard.to(scores.device)  # type: ignore[union-attr]
         hard = torch.zeros(batch, n, dtype=torch.bool, device=scores.device).scatter(1, order, first)
         rank = torch.where(hard, torch.full_like(rank, 2.0), rank)
-    elif n_hard > 0:
-        hard = torch.topk(scores.detach().float(), n_hard, dim=1).indices  # (B, n_hard)
+    elif n_hard > 0:  # type: ignore[operator]  # the int of num_hard (hard_from_tensor is False)
+        hard = torch.topk(scores.detach().float(), n_hard, dim=1).indices  # type: ignore[arg-type]  # (B, n_hard)
         rank.scatter_(1, hard, 2.0)
     visible = torch.argsort(rank, dim=1)[:, :k]  # (B, K)
     return _mask_from_visible(visible, batch, n)

@@ -155,10 +155,10 @@ class HPMPretrainModel(nn.Module):
             )
             self.predictor_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
             self.predictor_pred = nn.Linear(decoder_dim, patch_dim)
-        else:
-            self.predictor_blocks = None
-            self.predictor_norm = None
-            self.predictor_pred = None
+        else:  # None without a predictor: forward_predictor, their one use, checks has_predictor first
+            self.predictor_blocks = None  # type: ignore[assignment]
+            self.predictor_norm = None  # type: ignore[assignment]
+            self.predictor_pred = None  # type: ignore[assignment]
 
         self._init_decoders()
 

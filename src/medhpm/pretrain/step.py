@@ -107,7 +107,8 @@ def step_core(
     """The part of a step that runs on the device, with static shapes: teacher scores (when ``teacher``
     is given, or ``scores`` already made), mask, student, losses. Nothing is read back to the host, so it
     compiles whole (``runtime.compile``; ``fullgraph=True`` holds for both views)."""
-    n_tokens = unwrap(student).encoder.num_patches
+    # the student is an HPMPretrainModel (typed nn.Module); a comment, not a cast, in code that is compiled
+    n_tokens: int = unwrap(student).encoder.num_patches  # type: ignore[union-attr, assignment]
     m = num_masked(n_tokens, mask_ratio)
     parts: dict = {}
     if teacher is None and scores is None:  # no teacher pass while the curriculum asks for no hard patch
@@ -155,7 +156,8 @@ def pretrain_iteration(
     student's output under ``_out`` and, when patches were mined, the teacher's scores and the mask under
     ``_scores``/``_mask``).
     """
-    n_tokens = unwrap(student).encoder.num_patches
+    # the student is an HPMPretrainModel (typed nn.Module)
+    n_tokens: int = unwrap(student).encoder.num_patches  # type: ignore[union-attr, assignment]
     n_hard = num_hard(alpha, num_masked(n_tokens, mask_ratio)) if teacher is not None else 0
     if n_hard and n_hard_tensor is None:
         n_hard_tensor = torch.tensor(n_hard, device=x.device)

@@ -154,8 +154,8 @@ def cpu_quota(
                     )
                 except OSError:
                     continue
-    limits = [x for x in limits if x is not None]
-    return min(limits) if limits else None
+    known = [x for x in limits if x is not None]
+    return min(known) if known else None
 
 
 def configure_threads(

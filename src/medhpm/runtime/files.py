@@ -130,7 +130,7 @@ def remove_stale_temps(folder: str | Path, keep_own: bool = True) -> list[Path]:
     process's id (a restarted container often reuses the dead writer's id): only call it so before this
     process writes into ``folder``. Returns the removed paths."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():

@@ -56,7 +56,7 @@ class MetricLogger:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl file (a torn last line from a crash is skipped)."""
-    out = []
+    out: list[dict] = []
     p = Path(path)
     if not p.exists():
         return out

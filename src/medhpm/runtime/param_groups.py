@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -115,7 +116,7 @@ def param_groups_weight_decay(
         raise ValueError(
             f"lr must be positive and weight_decay non-negative, got lr={lr}, weight_decay={weight_decay}."
         )
-    groups = {
+    groups: dict[str, dict[str, Any]] = {
         kind: {
             "params": [],
             "param_names": [],

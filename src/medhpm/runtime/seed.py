@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ def _py_state_from_list(lst):
 
 
 def _np_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy tuple (numpy types the default call as the tuple or a dict)
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "keys": torch.from_numpy(keys.astype(np.int64)),
         "pos": int(pos),

@@ -258,7 +258,7 @@ def run_noise_floor(
     train, test, k, n = _cases(cfg, dataset, labelled_cases)
     device = _device(cfg)
     vol_tr, vol_te = list(_volumes(train, cfg)), list(_volumes(test, cfg))
-    counts = {}
+    counts: dict[str, int] = {}
 
     def build(seed: int):
         return probe_encoder(replace(cfg, seed=seed)).to(device)

@@ -306,7 +306,7 @@ def _onnx(model: torch.nn.Module, ckpt: Path, cfg: Config, path: Path, extra: di
                 verbose=False,
                 report=False,
             )
-            program.save(str(path), external_data=False)
+            program.save(str(path), external_data=False)  # type: ignore[union-attr]  # dynamo=True: an ONNXProgram
         except Exception as e:
             raise ExportError(
                 f"torch.onnx cannot export the network of {ckpt} at ROI {roi} "

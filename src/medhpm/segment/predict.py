@@ -26,6 +26,7 @@ import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -154,6 +155,7 @@ class Predictor:
             p = self._infer_once(x, probabilities=True)
             p = flip(p).as_subclass(torch.Tensor) if flip else p  # a flip is its own inverse
             total = p if total is None else total.add_(p)
+        assert total is not None  # eight flips: the loop ran
         return total.div_(len(flips))
 
     @torch.no_grad()
@@ -197,7 +199,7 @@ class Predictor:
             )
         out_affine = res["affine"] if header is None else _header_affine(image, header)
         classes = dict(self.classes) or _value_names(label)
-        stats = organ_statistics(hu, label, out_affine, classes) if statistics else None
+        stats = organ_statistics(cast(np.ndarray, hu), label, out_affine, classes) if statistics else None
         return Prediction(
             label=label,
             affine=out_affine,
@@ -241,10 +243,10 @@ class Predictor:
         label = torch.as_tensor(data["pred"]).as_subclass(torch.Tensor)[0].round().to(torch.uint8).numpy()
         res = {"label": label, "affine": _original_affine(data), "meta": data["image"].meta}
         if want_probabilities:
-            probs = torch.as_tensor(data["probs"]).as_subclass(torch.Tensor).numpy().astype(np.float32)
+            probs_np = torch.as_tensor(data["probs"]).as_subclass(torch.Tensor).numpy().astype(np.float32)
             # outside the foreground crop the inverse transform pads zeros: that mass is background
-            probs[0] += np.clip(1.0 - probs.sum(0), 0.0, 1.0)
-            res["probs"] = probs
+            probs_np[0] += np.clip(1.0 - probs_np.sum(0), 0.0, 1.0)
+            res["probs"] = probs_np
         return res
 
     def predict_file(
@@ -274,7 +276,7 @@ class Predictor:
             path = write_dicom_seg(
                 res.label,
                 res.affine,
-                source,
+                cast(Path, source),  # the DICOM series, which callers give for a dicom-seg output
                 self.classes or _value_names(res.label),
                 out_dir / f"{name}{SEG_SUFFIX}",
                 software_version=__version__,
@@ -285,7 +287,7 @@ class Predictor:
         if res.probabilities is not None:
             pr = np.moveaxis(res.probabilities, 0, -1)  # (X, Y, Z, C)
             atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
-        return path
+        return cast(Path, path)  # set: output_type is nifti, dicom-seg or both
 
     def predict_path(
         self,
@@ -399,7 +401,9 @@ def plan_predictions(
                 check_seg_references(src)
             except DataError as e:
                 raise ValueError(f"{e}; nothing was predicted. Use --output-type nifti for this series") from None
-    planned, by_output, outputs = [], {}, [out_dir]
+    planned: list[tuple[Path, str, Path]] = []
+    by_output: dict[str, Path] = {}
+    outputs = [out_dir]
     for src, name in items:
         outs = [out_dir / f"{name}.nii.gz", *color_table_paths(out_dir / f"{name}.nii.gz")]
         if output_type == "dicom-seg":
@@ -538,7 +542,7 @@ def _header_affine(image, header) -> np.ndarray:
 
     if isinstance(image, nib.spatialimages.SpatialImage):
         return np.asarray(image.affine, dtype=np.float64)
-    return np.asarray(nib.load(str(image)).affine, dtype=np.float64)
+    return np.asarray(cast(Any, nib.load(str(image))).affine, dtype=np.float64)  # load() is typed FileBasedImage
 
 
 def _original_affine(data) -> np.ndarray:

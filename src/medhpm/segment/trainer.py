@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -172,7 +173,8 @@ class FinetuneTrainer(Trainer):
         skips = getattr(m, "skip_blocks", None)  # a DynUNet has none (model.skip_blocks may be unset too)
         return {
             "architecture": c.finetune.architecture,
-            "encoder": m.encoder.config() if hasattr(m, "encoder") else None,
+            # a UNETR's ViTEncoder (nn.Module types its attributes as Tensor | Module)
+            "encoder": m.encoder.config() if hasattr(m, "encoder") else None,  # type: ignore[union-attr, operator]
             "unetr": {
                 "out_channels": c.finetune.num_classes,
                 "feature_size": c.model.feature_size,
@@ -251,9 +253,11 @@ class FinetuneTrainer(Trainer):
                     overlap=self.cfg.finetune.val_overlap,
                     mode="gaussian",
                 )
-            pred = logits.float().argmax(1, keepdim=True).cpu()
+            # the network returns one tensor (MONAI types the result as a tensor, tuple or dict)
+            pred = logits.float().argmax(1, keepdim=True).cpu()  # type: ignore[union-attr]
             nc = self.cfg.finetune.num_classes
-            d = metric(one_hot(pred, nc), one_hot(y, nc))  # (1, nc-1), NaN where the organ is absent
+            # (1, nc-1), NaN where the organ is absent
+            d = cast(torch.Tensor, metric(one_hot(pred, nc), one_hot(y, nc)))
             per_case.append(d[0])
         model.train()
         allc = torch.stack(per_case)  # (cases, nc-1)

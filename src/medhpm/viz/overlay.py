@@ -149,7 +149,8 @@ def segmentation_figure(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}.")
 
-    present = sorted({int(v) for s in segs.values() for v in np.unique(s) if v > 0})
+    # segs holds no None any more (dropped above); its type still says Optional
+    present = sorted({int(v) for s in segs.values() for v in np.unique(s) if v > 0})  # type: ignore[arg-type]
     values = [v for v in present if classes is None or v in classes]
     guide = segs.get("ground truth", segs.get("prediction"))
     guide = None if guide is None else np.where(np.isin(guide, values), guide, 0)
@@ -271,7 +272,7 @@ def segmentation_figure_from_files(
     """
     refuse_overwriting_inputs([out_png], [image_path, label_path, pred_path], hint="choose another PNG path with -o")
     image, aff = _load_canonical(image_path, "image")
-    maps = {}
+    maps: dict[str, np.ndarray | None] = {}
     for what, p in (("ground truth", label_path), ("prediction", pred_path)):
         if p is None:
             maps[what] = None

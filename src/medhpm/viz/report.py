@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
+from typing import cast
 
 from medhpm.runtime.files import atomic_write_text, save_png
 from medhpm.runtime.logging import read_metrics
@@ -110,7 +111,7 @@ def grid_figure(
 
     values = list(dict.fromkeys(v for pts in series.values() for v, _, _ in pts))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    xs = {v: float(v) if numeric else float(i) for i, v in enumerate(values)}
+    xs = {v: float(cast(float, v)) if numeric else float(i) for i, v in enumerate(values)}
     span = (max(xs.values()) - min(xs.values())) or 1.0
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, (name, pts) in enumerate(series.items()):

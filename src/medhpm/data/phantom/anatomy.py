@@ -38,7 +38,7 @@ def _dome_height(x, y, right_top, left_top):
     return top - _F32(22) * yy - _F32(0.5) * np.maximum(-y - _F32(30), 0)
 
 
-def _organ_templates():
+def _organ_templates() -> dict:
     """Shapes of the organs and vessels before per-case variation."""
     t: dict = {}
     _solid_organs(t)

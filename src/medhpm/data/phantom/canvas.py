@@ -11,6 +11,12 @@ _F32 = np.float32
 
 
 class _Canvas:
+    # set by the painters after construction: the case's shapes (_paint), the cavity's signed distance and the
+    # wall muscle's thickness (_paint_body)
+    shapes: dict
+    cav: np.ndarray
+    wall_muscle: np.ndarray
+
     def __init__(self, grid: _Grid, params: dict, tex: np.ndarray, bump: np.ndarray):
         self.g = grid
         self.p = params

@@ -55,7 +55,7 @@ def _check_triplet(value, name: str, integer: bool):
         raise ValueError(f"{name} must be three positive numbers, got {value!r}.") from None
     if len(items) != 3:
         raise ValueError(f"{name} must have exactly three entries (x, y, z), got {value!r}.")
-    out = []
+    out: list[int | float] = []
     for v in items:
         if isinstance(v, bool):
             raise ValueError(f"{name} must be three positive numbers, got {value!r}.")

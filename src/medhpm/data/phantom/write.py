@@ -172,7 +172,7 @@ def _write_case(out: pathlib.Path, i: int, seed: int, size, spacing, variability
             case=f"phantom_{i:03d}",
             seed=seed,
         )
-    entry = {"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"}
+    entry: dict[str, str | dict] = {"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"}
     if case.variation:
         entry["phantom"] = case.variation
     return entry
