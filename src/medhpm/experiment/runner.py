@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from medhpm.config import METHODS
 from medhpm.data.sources import resolve_dataset
@@ -151,6 +152,8 @@ def _draw_runs(spec: dict, out: Path, cells: list[dict]) -> list[dict]:
 
 class _Remaining:
     """Progress and the time left of a list of jobs, from the mean of those that ran in this call."""
+
+    took: list[float]  # seconds of each job that ran
 
     def __init__(self, total: int, what: str):
         self.total, self.what, self.took, self.t0 = total, what, [], time.time()
@@ -395,7 +398,13 @@ def _run_probe_curve(spec: dict, cells: list[dict], jobs: list[dict], dataset: P
         ]
         if final is not None and final not in j["cfg"].pretrain.snapshot_steps:
             points.append((final, pt / "encoder.safetensors"))
-        e = {"steps": [], **{k: [] for k in PROBES}, "files": [], "loss_rec": loss_curve(pt), "heldout_loss": []}
+        e: dict[str, Any] = {
+            "steps": [],
+            **{k: [] for k in PROBES},
+            "files": [],
+            "loss_rec": loss_curve(pt),
+            "heldout_loss": [],
+        }
         for step, enc in points:
             student = pt / "snapshots" / f"student_step{step:07d}.safetensors"  # pretrain.snapshot_student
             held = None
