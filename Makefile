@@ -28,9 +28,10 @@ test: install
 test-fast: install  # the inner loop: everything but the tests marked slow (end-to-end runs, real torchrun)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: install  # pyflakes and pycodestyle's errors, the formatting ([tool.ruff] in pyproject.toml)
+lint: install  # pyflakes and pycodestyle's errors, the formatting, the types of src ([tool.ruff], [tool.mypy])
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf $(VENV) runs

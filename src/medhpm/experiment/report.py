@@ -432,13 +432,13 @@ def _results_md(spec, cfg, classes, cells, probe, costs, figure, out: Path, curv
             "test cases by balanced accuracy (the mean over the classes present of the share predicted right). "
             + (
                 "One probe per (method, seed): the grid key does not change the encoder. "
-                if shares_pretraining(spec) and not key.startswith(ENCODER_KEYS)
+                if shares_pretraining(spec) and not (key or "").startswith(ENCODER_KEYS)
                 else ""
             )
             + "Files: `probe.json` beside each run"
             + (
                 " (`probe/METHOD/seedS/probe.json`)"
-                if shares_pretraining(spec) and not key.startswith(ENCODER_KEYS)
+                if shares_pretraining(spec) and not (key or "").startswith(ENCODER_KEYS)
                 else ""
             )
             + ".\n\n"

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from medhpm.config import to_dict
 from medhpm.pretrain.export import write_encoder_file
+from medhpm.pretrain.model import HPMPretrainModel
 from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.files import atomic_write_with, remove_stale_temps, sha256_file
 from medhpm.runtime.loop import Trainer, TrainingError, echo
@@ -25,6 +27,10 @@ class SnapshotTrainer(Trainer):
 
     _snapshot_todo: list[int]  # pretrain.snapshot_steps still to write (main process only)
     _applied_steps: torch.Tensor | None  # a device count of the optimizer steps applied, while a snapshot is due
+
+    def student(self) -> HPMPretrainModel:
+        """The student under its DDP / ``torch.compile`` wrappers."""
+        return cast(HPMPretrainModel, unwrap(self.model))
 
     def snapshot_path(self, step: int) -> Path:
         return self.run_dir / "snapshots" / f"encoder_step{step:07d}.safetensors"
@@ -66,7 +72,7 @@ class SnapshotTrainer(Trainer):
         if new:
             import shutil
 
-            model = unwrap(self.model) if self.cfg.pretrain.snapshot_student else unwrap(self.model).encoder
+            model = self.student() if self.cfg.pretrain.snapshot_student else self.student().encoder
             need = new * sum(t.numel() * t.element_size() for t in model.state_dict().values())
             free = shutil.disk_usage(self.run_dir).free
             if free < need:
@@ -107,7 +113,9 @@ class SnapshotTrainer(Trainer):
         ones back out (``pretrain.nonfinite=skip``), so it can run ahead of the steps applied. Those are
         counted on the device (``applied`` is false for a masked step: weights and teacher unchanged) and
         read back only once ``global_step`` has reached the next listed step: no host sync elsewhere."""
-        self._applied_steps = self._applied_steps + applied.to(self._applied_steps.dtype)
+        count = self._applied_steps
+        assert count is not None  # set by plan_snapshots while _snapshot_todo (the caller's test) is not empty
+        self._applied_steps = count + applied.to(count.dtype)
         if self.global_step < self._snapshot_todo[0]:
             return None
         done = int(self._applied_steps)  # the read-back, only at (or, after a skipped step, just past) a listed step
@@ -156,7 +164,7 @@ class SnapshotTrainer(Trainer):
         if there not in (None, "incomplete"):  # appeared during the run: never replaced
             echo(f"[pretrain] warning: no snapshot of the encoder at step {step}: {path} is in the way ({there})")
             return None
-        state = unwrap(self.model).encoder.state_dict()
+        state = self.student().encoder.state_dict()
         enc = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}  # the read-back
         epochs = step / self.steps_per_epoch
         write_encoder_file(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 import matplotlib.image as mpimg
 import torch
@@ -45,7 +46,6 @@ from medhpm.pretrain.step import (
     teacher_views_used,
 )
 from medhpm.runtime.device import peak_memory
-from medhpm.runtime.distributed import unwrap
 from medhpm.runtime.files import write_run_summary
 from medhpm.runtime.loop import echo
 from medhpm.runtime.param_groups import param_groups_weight_decay
@@ -194,8 +194,8 @@ class PretrainTrainer(SnapshotTrainer):
 
     def model_args(self) -> dict:
         return {
-            "pretrain_model": unwrap(self.model).config(),
-            "encoder": unwrap(self.model).encoder.config(),
+            "pretrain_model": self.student().config(),
+            "encoder": self.student().encoder.config(),
             "method": self.cfg.pretrain.method,
         }
 
@@ -390,8 +390,8 @@ class PretrainTrainer(SnapshotTrainer):
         path = self.run_dir / "figures" / f"reconstruction_epoch{epoch + 1:04d}.png"
         teacher = self.teacher.model if self.teacher is not None else None
         reconstruction_figure(
-            unwrap(self.model),
-            teacher,
+            self.student(),
+            cast(HPMPretrainModel | None, teacher),
             self.figure_input(),
             self.cfg.pretrain.mask_ratio,
             self.alpha(epoch),

@@ -39,7 +39,7 @@ def version_text() -> str:
     )
 
 
-def user_errors():
+def user_errors() -> tuple[type, ...]:
     """Exceptions that mean bad input or a bad config: shown as one clear line, no traceback."""
     from medhpm.config import ConfigError
     from medhpm.runtime.checkpoint import CheckpointError

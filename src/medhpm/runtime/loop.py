@@ -136,7 +136,7 @@ class Trainer(RunCheckpoints):
             self._trim_metrics()
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.ddp: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         else:
             self.ddp = model
         self.compile_mode = compile_mode(cfg.runtime.compile)
@@ -239,7 +239,7 @@ class Trainer(RunCheckpoints):
         if tr is not None and hasattr(tr, "set_random_state"):
             tr.set_random_state(seed=(s + 1000 * self.dist.rank) % 2**31)
         sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
+        if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         gen = getattr(self.loader, "generator", None)
         if isinstance(gen, torch.Generator):
@@ -290,7 +290,7 @@ class Trainer(RunCheckpoints):
             lr = cosine_lr(epoch_f, self.base_lr, sec.min_lr, sec.warmup_epochs, sec.epochs)
             set_lr(opt, lr)
             sync = (i + 1) % accum == 0
-            ctx = model.no_sync() if (self.dist.enabled and not sync and hasattr(model, "no_sync")) else _null()
+            ctx = model.no_sync() if (self.dist.enabled and not sync and hasattr(model, "no_sync")) else _null()  # type: ignore[operator]  # DDP's
             with ctx:
                 with autocast(self.device, self.amp_dtype):
                     loss, logs = self.train_step(batch, epoch_f)
@@ -355,7 +355,7 @@ class Trainer(RunCheckpoints):
         AdamW's ``found_inf`` input skips the whole update (the same mechanism ``GradScaler`` uses). An
         unfused AdamW (torch < 2.4 on CPU) has no such input: there the flag is read, one sync a step."""
         if self.fused:
-            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]  # read by fused AdamW's step
             self.optimizer.step()
         elif bool(ok):
             self.optimizer.step()
