@@ -288,7 +288,9 @@ def predict(
         False, "--statistics", help="Also write statistics.json/.csv: organ volumes (mL), HU mean/std."
     ),
     output_type: str = typer.Option(
-        "nifti", "--output-type", help="nifti | dicom-seg | both (DICOM-SEG: DICOM series input only)."
+        "nifti",
+        "--output-type",
+        help="nifti | dicom-seg, or a comma list (nifti,dicom-seg; both = the two). DICOM-SEG: DICOM series input only.",
     ),
     tta: bool = typer.Option(
         False, "--tta", help="Test-time flips: mean softmax over the 8 flips of the axes (8x slower)."

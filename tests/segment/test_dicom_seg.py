@@ -177,7 +177,25 @@ def test_a_label_map_off_the_series_grid_is_refused(phantom_series, tmp_path):
     assert not (tmp_path / "s.dcm").exists()
 
 
-def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phantom_series, tiny_checkpoint, tmp_path):
+def test_output_types_are_writer_names_a_comma_list_or_both():
+    """--output-type reads the writers' registry: a name, a comma list in any order (each writer once, in
+    the registry's order: the label map's path is what a scan's line reports) or `both`; anything else is
+    refused naming the entry and the choices."""
+    from medhpm.segment.outputs import OUTPUT_WRITERS, output_types
+
+    assert list(OUTPUT_WRITERS) == ["nifti", "dicom-seg"]
+    assert output_types("nifti") == ("nifti",) and output_types("dicom-seg") == ("dicom-seg",)
+    assert output_types("dicom-seg, nifti") == output_types("both") == ("nifti", "dicom-seg")
+    assert output_types("nifti,nifti") == ("nifti",)
+    for bad, named in (("nrrd", "'nrrd' is not one of them"), ("nifti,", "an empty entry"), ("", "an empty entry")):
+        with pytest.raises(ValueError, match="--output-type") as e:
+            output_types(bad)
+        assert named in str(e.value) and "nifti, dicom-seg, both (= nifti,dicom-seg)" in str(e.value)
+
+
+def test_predict_output_type_list_gives_a_seg_equal_to_the_nifti_prediction(phantom_series, tiny_checkpoint, tmp_path):
+    """`--output-type dicom-seg,nifti` (the same as `both`): the label map, its colour tables and a SEG
+    equal to it, and the scan's line reports the label map."""
     folder, uids, image, _ = phantom_series
     out = tmp_path / "pred"
     r = subprocess.run(
@@ -193,7 +211,7 @@ def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phan
             "-o",
             str(out),
             "--output-type",
-            "both",
+            "dicom-seg,nifti",
             "--device",
             "cpu",
         ],
@@ -203,6 +221,7 @@ def test_predict_output_type_both_gives_a_seg_equal_to_the_nifti_prediction(phan
     )
     assert r.returncode == 0, r.stderr + r.stdout
     assert {"series.nii.gz", "series_seg.dcm", "series.ctbl"} <= {p.name for p in out.iterdir()}
+    assert f"-> {out / 'series.nii.gz'}: ok" in r.stdout
     pred = np.asarray(nib.load(str(out / "series.nii.gz")).dataobj)
     assert pred.any(), "the tiny model predicts no organ: nothing to compare"
     assert_seg_equals_prediction(out / "series_seg.dcm", uids, folder, image, pred)

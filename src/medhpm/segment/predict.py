@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from medhpm.config import Config, checkpoint_keys, from_dict, get_key
-from medhpm.data.color_tables import color_table_paths, write_color_tables
 from medhpm.data.ct_reader import read_volume
 from medhpm.data.datalist import DataError, detect_format, load_datalist
 from medhpm.data.datalist import root_cause
-from medhpm.data.dicom_seg import check_seg_references, write_dicom_seg
+from medhpm.data.dicom_seg import check_seg_references
 from medhpm.data.scans import case_name, is_dicom_series, is_nifti
 from medhpm.data.transforms import predict_transforms
 from medhpm.data.volume_checks import grid_problem_of_affine
@@ -46,6 +45,7 @@ from medhpm.models.unetr import build_unetr
 from medhpm.runtime.checkpoint import MODEL_ORDER, CheckpointError, load_checkpoint
 from medhpm.runtime.device import autocast, inference_dtype, pick_device
 from medhpm.runtime.files import atomic_save_nifti, atomic_write_text, check_writable, refuse_overwriting_inputs
+from medhpm.segment.outputs import OUTPUT_WRITERS, output_types, write_outputs
 
 
 @dataclass
@@ -263,31 +263,17 @@ class Predictor:
     def _write(
         self, res: Prediction, out_dir: Path, name: str, output_type: str = "nifti", source: Path | None = None
     ) -> Path:
-        """The files of one prediction: the label map and its colour tables (``nifti``), the DICOM-SEG
-        referencing the DICOM series ``source`` (``dicom-seg``), or both; the probabilities if computed.
-        Returns the label map's path (the SEG's for ``dicom-seg``)."""
+        """The files of one prediction: those of each writer ``output_type`` names (:mod:`.outputs`: the
+        label map and its colour tables, the DICOM-SEG referencing the DICOM series ``source``), and the
+        probabilities if computed. Returns the main file of the first writer (the label map's, else the SEG's)."""
         import nibabel as nib
 
-        from medhpm import __version__
-
-        img = res.to_nifti()
-        path = None
-        if output_type in ("dicom-seg", "both"):
-            path = write_dicom_seg(
-                res.label,
-                res.affine,
-                cast(Path, source),  # the DICOM series, which callers give for a dicom-seg output
-                self.classes or _value_names(res.label),
-                out_dir / f"{name}{SEG_SUFFIX}",
-                software_version=__version__,
-            )
-        if output_type in ("nifti", "both"):
-            path = atomic_save_nifti(img, out_dir / f"{name}.nii.gz")
-            write_color_tables(path, self.classes or _value_names(res.label))
+        types = output_types(output_type)
+        path = write_outputs(types, res, out_dir, name, self.classes or _value_names(res.label), source)
         if res.probabilities is not None:
             pr = np.moveaxis(res.probabilities, 0, -1)  # (X, Y, Z, C)
-            atomic_save_nifti(nib.Nifti1Image(pr, img.affine), out_dir / f"{name}_probs.nii.gz")
-        return cast(Path, path)  # set: output_type is nifti, dicom-seg or both
+            atomic_save_nifti(nib.Nifti1Image(pr, res.to_nifti().affine), out_dir / f"{name}_probs.nii.gz")
+        return path
 
     def predict_path(
         self,
@@ -383,11 +369,10 @@ def plan_predictions(
     """(scan, case name, label map to write) of every scan behind ``source``, checked before any scan or
     checkpoint is read: two scans whose outputs would share one file (``case.nii`` and ``case.nii.gz``)
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    writers = [OUTPUT_WRITERS[t] for t in output_types(output_type)]
     out_dir = Path(out_dir)
     items = _list_inputs(Path(source), split)
-    if output_type != "nifti":
+    if any(w.needs_dicom for w in writers):
         not_dicom = [str(src) for src, _ in items if not (src.is_dir() and is_dicom_series(src))]
         if not_dicom:
             raise ValueError(
@@ -405,11 +390,7 @@ def plan_predictions(
     by_output: dict[str, Path] = {}
     outputs = [out_dir]
     for src, name in items:
-        outs = [out_dir / f"{name}.nii.gz", *color_table_paths(out_dir / f"{name}.nii.gz")]
-        if output_type == "dicom-seg":
-            outs = [out_dir / f"{name}{SEG_SUFFIX}"]
-        elif output_type == "both":
-            outs.append(out_dir / f"{name}{SEG_SUFFIX}")
+        outs = [p for w in writers for p in w.paths(out_dir, name)]
         outs += [out_dir / f"{name}_probs.nii.gz"] if save_probabilities else []
         for o in outs:
             key = os.path.normpath(os.path.abspath(o))
@@ -518,8 +499,6 @@ def keep_largest_components(label: np.ndarray) -> np.ndarray:
 
 
 STATISTICS_FILES = ("statistics.json", "statistics.csv")
-OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
-SEG_SUFFIX = "_seg.dcm"  # the DICOM-SEG of case NAME: NAME_seg.dcm
 
 
 def write_statistics(out_dir: Path, per_case: dict) -> tuple[Path, Path]:
