@@ -206,3 +206,49 @@ def test_negative_steps_per_epoch_stops_before_anything_runs(tmp_path):
         "(0: one pass over the training volumes)"
     ], r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "rule,inside,outside",
+    [
+        (">= 1", [1, 2, 10**9], [0, -1, 0.5]),
+        (">= 0", [0, 0.0, 3.5], [-1e-9, -2]),
+        ("> 0", [1e-12, 1, 8e-4], [0, 0.0, -1]),
+        ("[0, 1]", [0, 0.5, 1], [-0.01, 1.01]),
+        ("[0, 1)", [0, 0.999], [1, 1.0, -0.1]),
+        ("(0, 1]", [1e-6, 1], [0, 1.5]),
+        ("(0, 1)", [0.25, 0.75], [0, 1]),
+        ("stop | skip", ["stop", "skip"], ["Stop", "", "stop "]),
+    ],
+)
+def test_a_declared_rule_admits_exactly_its_range(rule, inside, outside):
+    from medhpm.config.validate import rule_problem
+
+    for v in inside:
+        assert rule_problem(v, rule) is None, (rule, v)
+    for v in outside:
+        assert rule_problem(v, rule), (rule, v)
+    if "|" not in rule:  # a number's rule refuses what is not a finite number
+        for v in (float("nan"), float("inf"), True, "1"):
+            assert rule_problem(v, rule), (rule, v)
+
+
+def test_every_default_obeys_its_declared_rule_and_the_reference_table_is_current():
+    """One declaration per key (schema.setting): its default obeys its rule, every rule is one the checker
+    reads, and docs/config.md holds the table written from the declarations."""
+    from pathlib import Path
+
+    from omegaconf import MISSING
+
+    from medhpm.config.reference import config_reference
+    from medhpm.config.schema import declarations
+    from medhpm.config.validate import rule_problem
+
+    keys = [k for k, *_ in declarations()]
+    assert len(keys) == len(set(keys)) and "pretrain.lr" in keys and "runtime.log_every" in keys
+    for key, default, rule, _ in declarations():
+        if rule and default != MISSING:
+            assert rule_problem(default, rule) is None, key
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert config_reference() in doc, "docs/config.md is out of date: python -m medhpm.config.reference docs/config.md"
+    assert "| `pretrain.lr` | `0.00015` | > 0 |" in doc and "| `finetune.lr` | `0.0008` | > 0 |" in doc

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 
-from medhpm.config.schema import CPU_MEMORY, Config, ConfigError, PretrainConfig
+from medhpm.config.schema import Config, ConfigError, PretrainConfig, declarations
 
 
 METHODS = ("mae", "hpm", "no_lpred", "no_learn_to_mask")
@@ -118,12 +118,45 @@ def _orientation_ok(code: str) -> bool:
     )
 
 
-def _count(value, key: str, low: int, what: str = "") -> None:
-    _check(value >= low, key, f"{value} is out of range: must be at least {low}{what}")
+_INTERVAL = re.compile(r"^([\[(])\s*([-+.\deE]+)\s*,\s*([-+.\deE]+)\s*([\])])$")
 
 
-def _unit(value, key: str, what: str = "a probability") -> None:
-    _check(0.0 <= value <= 1.0, key, f"{value} is out of range: must lie in [0, 1] ({what})")
+def rule_problem(value: Any, rule: str, help: str = "") -> str | None:
+    """What is wrong with ``value`` under a field's ``rule`` (:func:`medhpm.config.schema.setting`: ``">= N"``,
+    ``"> N"``, an interval such as ``"[0, 1)"``, or choices ``"a | b"``), None when it obeys. ``help`` is
+    said after a range's error. A rule it cannot read raises ValueError (a mistake in the schema)."""
+    if "|" in rule:
+        choices = [c.strip() for c in rule.split("|")]
+        return None if value in choices else f"{value!r} is not one of {', '.join(choices)}"
+    tail = f" ({help})" if help else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number"
+    if not math.isfinite(value):
+        return f"{value} is out of range: must be a finite number{tail}"
+    if rule.startswith(">="):
+        low = float(rule[2:])
+        return None if value >= low else f"{value} is out of range: must be at least {rule[2:].strip()}{tail}"
+    if rule.startswith(">"):
+        low = float(rule[1:])
+        what = "positive" if low == 0 else f"above {rule[1:].strip()}"
+        return None if value > low else f"{value} is out of range: must be {what}{tail}"
+    m = _INTERVAL.match(rule)
+    if not m:
+        raise ValueError(f"config rule {rule!r} is not >= N, > N, an interval or choices")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    ok = (value >= lo if m.group(1) == "[" else value > lo) and (value <= hi if m.group(4) == "]" else value < hi)
+    return None if ok else f"{value} is out of range: must lie in {rule}{tail}"
+
+
+def _check_rules(cfg: Config) -> None:
+    """Every field's declared rule (:func:`medhpm.config.schema.declarations`), in declaration order."""
+    for key, _, rule, help in declarations():
+        if rule:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            problem = rule_problem(value, rule, help)
+            _check(problem is None, key, problem or "")
 
 
 def _check_snapshot_steps(p: PretrainConfig) -> None:
@@ -150,24 +183,12 @@ def _check_snapshot_steps(p: PretrainConfig) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Raise a :class:`ConfigError` naming the key for any value outside its range (written beside each
-    field); called on every resolved config, before any data is read or any folder is made."""
+    """Raise a :class:`ConfigError` naming the key for any value outside its range: each field's declared
+    rule (:func:`medhpm.config.schema.setting`), then the rules that involve other keys or tables; called on
+    every resolved config, before any data is read or any folder is made."""
     d, m, p, f = cfg.data, cfg.model, cfg.pretrain, cfg.finetune
-    _count(cfg.seed, "seed", 0)
+    _check_rules(cfg)  # each field's own rule; below, the rules that involve other keys or tables
     # data
-    _check(
-        d.format in ("auto", "msd", "nnunet", "btcv", "folder"),
-        "data.format",
-        "must be auto, msd, nnunet, btcv or folder",
-    )
-    _check(d.split in ("transunet", "monai"), "data.split", f"{d.split!r} is not transunet or monai")
-    _count(d.phantom_cases, "data.phantom_cases", 1)
-    _count(d.phantom_seed, "data.phantom_seed", 0)
-    _check(
-        d.phantom_variability in ("standard", "wide"),
-        "data.phantom_variability",
-        f"{d.phantom_variability!r} is not standard or wide",
-    )
     _check(
         _orientation_ok(d.orientation),
         "data.orientation",
@@ -180,38 +201,17 @@ def validate(cfg: Config) -> Config:
     )
     _check(d.a_max > d.a_min, "data.a_max", f"HU window [data.a_min, data.a_max] = [{d.a_min}, {d.a_max}] is empty")
     _check(d.b_max > d.b_min, "data.b_max", f"output range [data.b_min, data.b_max] = [{d.b_min}, {d.b_max}] is empty")
-    _check(d.crop in ("label", "classes", "random"), "data.crop", "must be 'label', 'classes' or 'random'")
-    _count(d.num_samples, "data.num_samples", 1)
-    for k in ("pos", "neg"):
-        _check(getattr(d, k) >= 0, f"data.{k}", f"{getattr(d, k)} is out of range: must be 0 or more")
     _check(d.pos + d.neg > 0, "data.pos", "data.pos and data.neg are both 0: no crop centre could be drawn")
-    for k in ("flip_prob", "rot90_prob", "intensity_scale_prob", "intensity_shift_prob"):
-        _unit(getattr(d, k), f"data.{k}")
-    _check(
-        0.0 <= d.intensity_scale < 1.0,
-        "data.intensity_scale",
-        f"{d.intensity_scale} is out of range: must lie in [0, 1) (intensities are scaled by 1 + U(-s, s))",
-    )
-    _check(d.intensity_shift >= 0, "data.intensity_shift", f"{d.intensity_shift} is out of range: must be 0 or more")
-    _count(d.val_cases, "data.val_cases", 0)
-    _check(d.cache in ("none", "memory", "disk", "device"), "data.cache", "must be none, memory, disk or device")
-    _count(d.num_workers, "data.num_workers", 0)
-    _count(d.prefetch_factor, "data.prefetch_factor", 1)
     # model
     _check(m.preset in ENCODER_PRESETS, "model.preset", f"{m.preset!r} is not one of {', '.join(ENCODER_PRESETS)}")
     width, heads = ENCODER_PRESETS[m.preset]["embed_dim"], ENCODER_PRESETS[m.preset]["num_heads"]
     _check(width % heads == 0, "model.preset", f"width {width} is not divisible by {heads} heads")
-    _check(m.patch_size > 0, "model.patch_size", f"{m.patch_size} is out of range: must be positive")
     _check(len(d.roi) == 3 and all(r > 0 for r in d.roi), "data.roi", f"{tuple(d.roi)} must be three positive sizes")
     _check(
         all(r % m.patch_size == 0 for r in d.roi),
         "data.roi",
         f"{tuple(d.roi)} is not divisible by the patch size {m.patch_size} in every axis",
     )
-    _count(m.in_chans, "model.in_chans", 1)
-    _check(m.pos_embed in ("sincos", "learnable"), "model.pos_embed", f"{m.pos_embed!r} is not sincos or learnable")
-    for k in ("decoder_dim", "decoder_depth", "decoder_heads", "feature_size"):
-        _count(getattr(m, k), f"model.{k}", 1)
     _check(
         m.decoder_dim % m.decoder_heads == 0,
         "model.decoder_heads",
@@ -231,49 +231,26 @@ def validate(cfg: Config) -> Config:
                 "model.skip_blocks",
                 f"{blocks} has {len(blocks)} block(s); with patch {m.patch_size} UNETR needs {n}",
             )
-    _check(m.norm_name in ("instance", "batch"), "model.norm_name", f"{m.norm_name!r} is not instance or batch")
     # both training stages
     for sec, name in ((p, "pretrain"), (f, "finetune")):
-        _count(sec.epochs, f"{name}.epochs", 1)
-        _count(sec.steps_per_epoch, f"{name}.steps_per_epoch", 0, " (0: one pass over the training volumes)")
-        _count(sec.batch_size, f"{name}.batch_size", 1)
-        _count(sec.accum_steps, f"{name}.accum_steps", 1)
-        _check(sec.lr > 0, f"{name}.lr", f"{sec.lr} is out of range: must be positive")
-        _count(sec.lr_ref_batch, f"{name}.lr_ref_batch", 1, " (the lr is scaled by effective batch / lr_ref_batch)")
         _check(
             0 <= sec.min_lr <= sec.lr,
             f"{name}.min_lr",
             f"{sec.min_lr} is out of range: must lie in [0, {name}.lr] = [0, {sec.lr}]",
         )
         _check(
-            sec.warmup_epochs >= 0, f"{name}.warmup_epochs", f"{sec.warmup_epochs} is out of range: must be 0 or more"
-        )
-        _check(sec.weight_decay >= 0, f"{name}.weight_decay", f"{sec.weight_decay} is out of range: must be 0 or more")
-        _check(
             len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas),
             f"{name}.betas",
             f"{tuple(sec.betas)} must be two values in [0, 1)",
         )
-        _check(sec.clip_grad >= 0, f"{name}.clip_grad", "must be 0 (no clipping) or a positive gradient norm")
-        _check(sec.nonfinite in ("stop", "skip"), f"{name}.nonfinite", "must be stop or skip")
-        _count(sec.checkpoint_every, f"{name}.checkpoint_every", 1)
     # pre-training
     _check(p.method in METHODS, "pretrain.method", f"{p.method!r} is not one of {', '.join(METHODS)}")
-    _check(0.0 < p.mask_ratio < 1.0, "pretrain.mask_ratio", f"{p.mask_ratio} is outside (0, 1)")
-    for k in ("alpha_0", "alpha_T"):
-        _check(0.0 <= getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in [0, 1]")
-    _check(p.lambda_pred >= 0, "pretrain.lambda_pred", f"{p.lambda_pred} is out of range: must be 0 or more")
     _check(
         p.prediction_loss in ("ranking", "absolute"),
         "pretrain.prediction_loss",
         "must be ranking or absolute"
         + (" ('relative' is now called 'ranking')" if p.prediction_loss == "relative" else ""),
     )
-    for k in ("ema_horizon_start", "ema_horizon_end"):
-        _check(0.0 < getattr(p, k) <= 1.0, f"pretrain.{k}", "must lie in (0, 1]: a share of the run's optimizer steps")
-    _check(0.0 <= p.ema_ramp <= 1.0, "pretrain.ema_ramp", "must lie in [0, 1]: a share of the run's optimizer steps")
-    _count(p.figure_every, "pretrain.figure_every", 0, " (0: first and last epoch only)")
-    _check(p.teacher_view in ("full", "masked"), "pretrain.teacher_view", f"{p.teacher_view!r} is not full or masked")
     n_tokens = math.prod(int(r) // m.patch_size for r in d.roi)  # roi and patch size were checked above
     _check(
         p.teacher_views == 0 or 2 <= p.teacher_views <= n_tokens,
@@ -289,13 +266,6 @@ def validate(cfg: Config) -> Config:
     )
     _check_snapshot_steps(p)
     # fine-tuning
-    _check(f.architecture in ("unetr", "dynunet"), "finetune.architecture", "must be unetr or dynunet")
-    _check(0.0 < f.layer_decay <= 1.0, "finetune.layer_decay", "must lie in (0, 1]")
-    _check(0.0 <= f.drop_path < 1.0, "finetune.drop_path", "must lie in [0, 1)")
-    _check(f.labelled_cases >= 0, "finetune.labelled_cases", "must be 0 (all training cases) or a count of cases")
-    _check(f.dice_smooth_nr >= 0, "finetune.dice_smooth_nr", "must be 0 or more")
-    _check(f.dice_smooth_dr > 0, "finetune.dice_smooth_dr", "must be positive (it keeps an empty class's Dice finite)")
-    _check(f.num_classes >= 2, "finetune.num_classes", "must be at least 2 (background and one organ)")
     try:
         reported = parse_class_list(f.reported)
     except ValueError as e:
@@ -307,21 +277,6 @@ def validate(cfg: Config) -> Config:
             f"none of its label values {sorted(reported)} is below finetune.num_classes={f.num_classes}: "
             "nothing would be reported",
         )
-    _check(
-        math.isfinite(f.surface_tolerance_mm) and f.surface_tolerance_mm >= 0,
-        "finetune.surface_tolerance_mm",
-        f"{f.surface_tolerance_mm} is out of range: must be 0 or more millimetres",
-    )
-    _count(f.val_every, "finetune.val_every", 1)
-    _check(0.0 <= f.val_overlap < 1.0, "finetune.val_overlap", f"{f.val_overlap} is out of range: must lie in [0, 1)")
-    # inference
-    _check(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must lie in [0, 1)")
-    _check(
-        cfg.inference.blend in ("gaussian", "constant"),
-        "inference.blend",
-        f"{cfg.inference.blend!r} is not gaussian or constant",
-    )
-    _count(cfg.inference.sw_batch_size, "inference.sw_batch_size", 1)
     # runtime
     r = cfg.runtime
     _check(
@@ -329,14 +284,6 @@ def validate(cfg: Config) -> Config:
         "runtime.device",
         f"{r.device!r} is not a device: use auto, cpu, cuda or cuda:N",
     )
-    _check(
-        r.precision in ("auto", "fp32", "bf16", "bf16-native"),
-        "runtime.precision",
-        f"{r.precision!r} is not auto, fp32, bf16 or bf16-native",
-    )
-    _count(r.threads, "runtime.threads", 0, " (0: the library default)")
-    _check(r.cpu_memory in CPU_MEMORY, "runtime.cpu_memory", f"{r.cpu_memory!r} is not {', '.join(CPU_MEMORY)}")
-    _count(r.log_every, "runtime.log_every", 1)
     r.compile = compile_mode(r.compile)
     return cfg
 
