@@ -2,8 +2,8 @@
 
 Examples (from the repository root)::
 
-    python -m benchmarks                                   # all five at the CPU size (< 10 min, 2 cores)
-    python -m benchmarks --only mae_vs_monai --repeats 9   # one benchmark, more repeats
+    python -m benchmarks                                   # all three at the CPU size (< 10 min, 2 cores)
+    python -m benchmarks --only pretrain_step --repeats 9  # one benchmark, more repeats
     python -m benchmarks --device cuda --size paper        # ViT-B/16, 96^3, batch 4 on a GPU (+ MFU)
     python -m benchmarks --size smoke --results-dir /tmp/r --docs /tmp/r/PERFORMANCE.md   # the test's size
 """
@@ -53,11 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument(
-        "--compile",
-        action="store_true",
-        help="also time the torch.compile variants (mae_vs_monai: ours and MONAI; minutes to compile)",
-    )
-    p.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -94,7 +89,6 @@ def main(argv=None) -> int:
         memory=not args.no_memory,
         flops=not args.no_flops,
         peak_tflops=args.peak_tflops,
-        compile=args.compile,
         results_dir=args.results_dir,
         verbose=not args.quiet,
     )

@@ -76,7 +76,6 @@ class Context:
     memory: bool = True
     flops: bool = True
     peak_tflops: float | None = None
-    compile: bool = False  # also time the torch.compile variants a benchmark has (minutes of compilation)
     results_dir: Path = RESULTS_DIR
     verbose: bool = True
     extra: dict = field(default_factory=dict)
@@ -234,6 +233,13 @@ class Case:
     step: Callable[[], Any]
     info: dict = field(default_factory=dict)
     phases: dict[str, list[float]] = field(default_factory=dict)  # filled by steps that time phases
+
+
+def upper_median(values) -> float | None:
+    """The middle value, the upper of the two middle ones for an even count (``statistics.median_high``);
+    None for no values."""
+    v = sorted(values)
+    return v[len(v) // 2] if v else None
 
 
 def summarize(samples: list[float]) -> dict:

@@ -2,8 +2,10 @@
 
 A step is the trainers' optimizer step: for pre-training (``mae``, ``hpm`` at alpha 0.5 with the teacher
 pass) ``pretrain.step.step_core`` (teacher pass, mask, student, L_rec, L_pred), backward, gradient clipping (5.0),
-fused AdamW, for hpm the EMA update; for fine-tuning the UNETR forward and DiceCE, backward, clipping,
-fused AdamW. ``runtime.compile``'s modes compile the part up to the loss (``Trainer.compiled``).
+fused AdamW over the trainer's weight-decay groups, for hpm the EMA update; for fine-tuning
+``segment.trainer.forward_loss`` (the UNETR forward and the trainer's ``segmentation_loss``), backward,
+clipping, fused AdamW over the trainer's layer-decay groups. ``runtime.compile``'s modes compile the part up
+to the loss (``Trainer.compiled``).
 The teacher is queried as the demo config says (``pretrain.teacher_view``: masked, 4 views by default).
 Mask noise (and the view partition's ranks) is drawn on the device, as the trainer's ``step_noise``. Each
 mode is built in the same process with the same seed and shapes; timing interleaves the modes
@@ -77,7 +79,7 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
     from medhpm.pretrain.masking import num_masked
     from medhpm.pretrain.step import step_core, teacher_views_used
     from medhpm.pretrain.trainer import build_pretrain_model, make_teacher
-    from medhpm.runtime.param_groups import param_groups_weight_decay
+    from medhpm.runtime.param_groups import param_groups_layer_decay, param_groups_weight_decay
 
     torch.manual_seed(seed)
     cfg = _cfg(task, size, batch)
@@ -95,23 +97,19 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
     roi = size["roi"]
     x = torch.rand(batch, 1, roi, roi, roi, device=dev)
     if task == "finetune":
-        from monai.losses import DiceCELoss
+        from medhpm.segment.trainer import build_segmentation_model, forward_loss, segmentation_loss
 
-        from medhpm.segment.trainer import build_segmentation_model
-
+        f = cfg.finetune
         model = build_segmentation_model(cfg).to(dev).train()
-        nc = cfg.finetune.num_classes
-        y = torch.randint(0, nc, (batch, 1, roi, roi, roi), device=dev).float()
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        y = torch.randint(0, f.num_classes, (batch, 1, roi, roi, roi), device=dev).float()
+        loss_fn = segmentation_loss(cfg)  # the trainer's loss (before 2026-12-06 a copy without its Dice settings)
 
-        def core(xx, yy):
-            logits = model(xx)
-            with torch.autocast(dev.type, enabled=False):
-                return loss_fn(logits.float(), yy)
+        def core(xx, yy):  # FinetuneTrainer.forward_loss, which the trainer compiles
+            return forward_loss(model, loss_fn, xx, yy)
 
         core_c = compiled(core)
         teacher, call = None, (lambda: core_c(x, y))
-        lr = cfg.finetune.lr
+        groups = param_groups_layer_decay(model, f.lr, f.weight_decay, f.layer_decay)  # FinetuneTrainer's (UNETR)
     else:
         model = build_pretrain_model(cfg).to(dev).train()
         teacher = make_teacher(model).to(dev) if task == "hpm" else None
@@ -135,9 +133,9 @@ def build_step(task: str, size: dict, batch: int, mode: str, device: str, seed: 
             )
             return loss
 
-        lr = p.lr
+        groups = param_groups_weight_decay(model, p.lr, p.weight_decay)  # PretrainTrainer's
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, lr, 0.05), lr=lr, fused=True)
+    opt = torch.optim.AdamW(groups, fused=True)  # each group carries its lr
 
     def forward_backward():
         if amp is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import cpu_details, cpu_model
+from benchmarks.common import cpu_details, cpu_model, upper_median
 
 POLICIES = ("release", "reuse")
 
@@ -66,11 +66,6 @@ def child(policy: str, steps: int, threads: int) -> dict:
     }
 
 
-def _median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if v else None
-
-
 def summarise(children: list[dict]) -> dict:
     """Medians per step kind and policy over every child's steps, and the ratios reuse / release."""
     kinds = list(children[0]["steps"])
@@ -80,15 +75,15 @@ def summarise(children: list[dict]) -> dict:
         for policy in POLICIES:
             rows = [r for c in children if c["policy"] == policy for r in c["steps"][kind]]
             per[policy] = {
-                "median_s": _median([r["s"] for r in rows]),
-                "median_minor_faults": _median([r["minor_faults"] for r in rows]),
-                "median_sys_s": _median([r["sys_s"] for r in rows]),
+                "median_s": upper_median([r["s"] for r in rows]),
+                "median_minor_faults": upper_median([r["minor_faults"] for r in rows]),
+                "median_sys_s": upper_median([r["sys_s"] for r in rows]),
                 "steps": len(rows),
                 "samples_s": [r["s"] for r in rows],
             }
         per["ratio_reuse_vs_release"] = per["reuse"]["median_s"] / per["release"]["median_s"]
         results[kind] = per
-    rss = {p: _median([c["peak_rss_mib"] for c in children if c["policy"] == p]) for p in POLICIES}
+    rss = {p: upper_median([c["peak_rss_mib"] for c in children if c["policy"] == p]) for p in POLICIES}
     return {"results": results, "peak_rss_mib": {**rss, "ratio_reuse_vs_release": rss["reuse"] / rss["release"]}}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import cpu_details, cpu_model
+from benchmarks.common import cpu_details, cpu_model, upper_median
 
 MODES = ("torch", "capped")
 
@@ -94,17 +94,12 @@ def child(mode: str, group: str, steps: int, torch_threads: int) -> dict:
     }
 
 
-def _median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if v else None
-
-
 def summarise(children: list[dict]) -> dict:
     results = {}
     for kind in children[0]["steps"]:
         per = {
             m: {
-                "median_s": _median([t for c in children if c["mode"] == m for t in c["steps"][kind]]),
+                "median_s": upper_median([t for c in children if c["mode"] == m for t in c["steps"][kind]]),
                 "samples_s": [t for c in children if c["mode"] == m for t in c["steps"][kind]],
             }
             for m in MODES

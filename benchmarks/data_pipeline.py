@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Context, summarize, write_result
+from benchmarks.common import Context, summarize, sync, write_result
 
 NAME = "data_pipeline"
 TITLE = "Data pipeline: training crops per second"
@@ -74,29 +74,24 @@ MODES = ("none", "memory", "disk")
 LARGE_BATCH_VOLUMES = 16
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _epoch(loader, epochs: int = 1, device="cpu") -> tuple[float, int]:
     crops = 0
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
             crops += int(batch["image"].shape[0])
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, crops
 
 
 def _draws(sampler, vols, calls: int, device) -> tuple[float, int]:
     crops = 0
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         crops += int(sampler.draw(vols)["image"].shape[0])
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, crops
 
 
@@ -107,7 +102,7 @@ def _device_results(ctx: Context, entries, transform, s: dict, repeats: int) -> 
     dev = ctx.torch_device
     t0 = time.perf_counter()
     sampler = DeviceCropSampler(entries, transform, batch_size=s["num_samples"], seed=0, device=dev)
-    _sync(dev)
+    sync(dev)
     build_s = time.perf_counter() - t0
     out = {}
     ne = s["device_epochs"]

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import count_flops, cpu_details, cpu_model
+from benchmarks.common import count_flops, cpu_details, cpu_model, upper_median
 
 
 def _instance_to_group_norm(module: torch.nn.Module) -> None:
@@ -232,8 +232,8 @@ def main(argv=None) -> dict:
     results = {}
     for k, ts in times.items():
         stage = k.split("/")[0]
-        med = sorted(ts)[len(ts) // 2]
-        base = sorted(times[f"{stage}/fp32"])[len(ts) // 2]
+        med = upper_median(ts)
+        base = upper_median(times[f"{stage}/fp32"])
         results[k] = {
             "median_s": med,
             "ratio_vs_fp32": med / base,

@@ -3,7 +3,7 @@
 Ours: ``medhpm.segment.predict.Predictor._infer`` (the core of every prediction: MONAI's
 ``sliding_window_inference`` over our UNETR, gaussian blending, output gathered on the CPU, softmax)
 on an already preprocessed ``(1, H, W, D)`` volume. Baseline: ``sliding_window_inference`` of MONAI's
-``UNETR`` at the identical configuration (see the UNETR benchmark) with the same ROI, overlap (0.5),
+``UNETR`` at the identical configuration (``build_model`` below) with the same ROI, overlap (0.5),
 window batch (4), blending (gaussian), output device (CPU), precision (bf16 autocast on CUDA, fp32 on
 CPU) and the same softmax afterwards. Weights are random (speed does not depend on them); the
 preprocessing and the inversion to the scan's geometry are not timed.
@@ -55,10 +55,52 @@ def n_windows(volume, roi, overlap) -> int:
     return n
 
 
+def build_model(spec: dict, device: str) -> torch.nn.Module:
+    """Our or MONAI's UNETR for ``spec`` (impl, preset, roi, feature_size, classes), configured alike: ViT width,
+    depth (12), heads, MLP (4x width), qkv bias, patch 16 with a Conv3d embedding, learnable position embedding,
+    no dropout or drop path, the same MONAI decoder blocks (instance norm, residual and conv blocks). Our skips
+    come from blocks 3, 6, 9, MONAI's from 4, 7, 10 (all 12 blocks run either way); attention is SDPA in ours,
+    einsum + softmax in MONAI's. (Kept from the retired ``benchmarks/unetr_vs_monai.py``, which timed the
+    training step of these two; docs/PERFORMANCE.md.)"""
+    from medhpm.models.vit import PRESETS
+
+    enc = PRESETS[spec["preset"]]
+    roi = spec["roi"]
+    if spec["impl"] == "ours":
+        from medhpm.models.unetr import build_unetr
+
+        model = build_unetr(
+            dict(img_size=[roi] * 3, patch_size=16, in_chans=1, **enc),
+            out_channels=spec["classes"],
+            feature_size=spec["feature_size"],
+            drop_path=0.0,
+            norm_name="instance",
+        )
+    else:
+        from monai.networks.nets import UNETR
+
+        model = UNETR(
+            in_channels=1,
+            out_channels=spec["classes"],
+            img_size=(roi,) * 3,
+            feature_size=spec["feature_size"],
+            hidden_size=enc["embed_dim"],
+            mlp_dim=4 * enc["embed_dim"],
+            num_heads=enc["num_heads"],
+            proj_type="conv",
+            norm_name="instance",
+            conv_block=True,
+            res_block=True,
+            dropout_rate=0.0,
+            qkv_bias=True,
+        )
+        if enc["depth"] != model.num_layers:
+            raise ValueError(f"MONAI's UNETR has {model.num_layers} blocks; preset {spec['preset']} has {enc['depth']}")
+    return model.to(device)
+
+
 def build_case(spec: dict, device: str) -> Case:
     """spec: impl, preset, roi, volume, feature_size, classes."""
-    from benchmarks.unetr_vs_monai import build_model
-
     seeded(0)
     model = build_model(spec, device).eval()
     roi = spec["roi"]
