@@ -252,3 +252,30 @@ def test_every_default_obeys_its_declared_rule_and_the_reference_table_is_curren
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     assert config_reference() in doc, "docs/config.md is out of date: python -m medhpm.config.reference docs/config.md"
     assert "| `pretrain.lr` | `0.00015` | > 0 |" in doc and "| `finetune.lr` | `0.0008` | > 0 |" in doc
+
+
+def _float_keys() -> list[str]:
+    from medhpm.config import load_config
+
+    cfg = load_config(None)
+    keys = []
+    for section in ("data", "model", "pretrain", "finetune", "inference", "runtime"):
+        for f in fields(getattr(cfg, section)):
+            if isinstance(getattr(getattr(cfg, section), f.name), float):
+                keys.append(f"{section}.{f.name}")
+    return keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_number_is_finite(key):
+    """No float key takes inf or nan, with a declared rule or without (a_max=inf is no HU window)."""
+    assert len(_float_keys()) > 20
+    for bad in ("inf", "-inf", "nan"):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config(None, [f"{key}={bad}"])
+
+
+def test_tuples_of_numbers_are_finite():
+    for override in ("data.spacing=[1.5,nan,2]", "pretrain.betas=[0.9,inf]", "finetune.betas=[nan,0.9]"):
+        with pytest.raises(ConfigError, match="not a finite number"):
+            load_config(None, [override])

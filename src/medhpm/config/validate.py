@@ -149,12 +149,17 @@ def rule_problem(value: Any, rule: str, help: str = "") -> str | None:
 
 
 def _check_rules(cfg: Config) -> None:
-    """Every field's declared rule (:func:`medhpm.config.schema.declarations`), in declaration order."""
+    """Every field's declared rule (:func:`medhpm.config.schema.declarations`), in declaration order; and
+    every number of the config finite, with a rule or without (``data.a_max=inf`` is no window)."""
     for key, _, rule, help in declarations():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        for v in numbers:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key {key!r}: {value} is not a finite number")
         if rule:
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
             problem = rule_problem(value, rule, help)
             _check(problem is None, key, problem or "")
 
