@@ -41,6 +41,30 @@ def test_predict_a_folder_into_itself_is_refused(finetune_run, good_data, tmp_pa
     assert {p.name: p.read_bytes() for p in scans.iterdir()} == before
 
 
+def test_predict_into_the_labels_of_its_data_set_is_refused(finetune_run, tmp_path):
+    """Predicting a datalist's test split with -o at the data set's labelsTr would replace the ground truth
+    with predictions (Dice 1.0 afterwards): every image and label of every split of the data set given is an
+    input, also through a symbolic link to the folder; nothing is written and no file changes."""
+    import hashlib
+
+    from rel_helpers import write_cases, write_datalist
+
+    root = tmp_path / "data"
+    entries = write_cases(root, 3)
+    test = [{"image": e["image"], "label": e["label"]} for e in entries[2:]]
+    datalist = write_datalist(root, entries[:2], test=test)
+    (tmp_path / "labels_link").symlink_to(root / "labelsTr")
+
+    def digests():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digests()
+    for out in (root / "labelsTr", tmp_path / "labels_link"):
+        res = medhpm("predict", "--model", _model(finetune_run), "-i", datalist, "--split", "test", "-o", out)
+        assert_clean_error(res, f"refusing to write {out / 'c2.nii.gz'}", "labelsTr/c2.nii.gz", "nothing was read")
+        assert digests() == before
+
+
 def test_evaluate_with_the_output_on_a_prediction_is_refused(tmp_path):
     lab = ct_volume((24, 24, 16))[1]
     pred = write_nifti(tmp_path / "pred" / "case.nii.gz", lab)

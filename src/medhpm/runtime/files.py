@@ -177,15 +177,6 @@ class OverwriteError(ValueError):
     """An output of a command would be written onto one of its inputs."""
 
 
-def _same_place(a: str, b: str) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # a hard link to the input
-    except OSError:
-        return False
-
-
 def _input_files(inputs) -> list[str]:
     """The input files: each input that is not a folder, and for a folder (a DICOM series, a folder of
     scans) the files directly inside it (writing into an input folder is fine, onto its files is not)."""
@@ -206,22 +197,33 @@ def refuse_overwriting_inputs(outputs, inputs, hint: str = "choose another outpu
     """The one rule of every command that writes: no output may be written onto an input.
 
     ``outputs``: the paths a command will write (files, or a folder it writes into); ``inputs``: the files
-    and folders it reads (a folder stands for the files directly in it). Paths are compared after
-    resolving symbolic links (and hard links to one file). Raises :class:`OverwriteError` naming both
-    paths, so call it before anything is read or written.
+    and folders it reads (a folder stands for the files directly in it). An output is the input when it
+    resolves to the same path or, existing, is the same file (a symbolic link, a hard link, another spelling
+    on a case-insensitive disk): one look-up per output, so thousands of scans plan in linear time. Raises
+    :class:`OverwriteError` naming both paths, so call it before anything is read or written.
     """
-    ins = _input_files(inputs)
+    by_path: dict[str, str] = {}
+    by_file: dict[tuple[int, int], str] = {}
+    for inp in _input_files(inputs):
+        by_path.setdefault(os.path.realpath(inp), inp)
+        with contextlib.suppress(OSError):
+            st = os.stat(inp)
+            by_file.setdefault((st.st_dev, st.st_ino), inp)
     for out in outputs:
         if out is None:
             continue
         out = os.fspath(out)
-        for inp in ins:
-            if _same_place(out, inp):
-                what = "is" if os.path.normpath(out) == os.path.normpath(inp) else "would be written onto"
-                raise OverwriteError(
-                    f"refusing to write {out}: it {what} the input {inp}, which would be destroyed; "
-                    f"nothing was read or written ({hint})"
-                )
+        hit = by_path.get(os.path.realpath(out))
+        if hit is None:
+            with contextlib.suppress(OSError):
+                st = os.stat(out)
+                hit = by_file.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            what = "is" if os.path.normpath(out) == os.path.normpath(hit) else "would be written onto"
+            raise OverwriteError(
+                f"refusing to write {out}: it {what} the input {hit}, which would be destroyed; "
+                f"nothing was read or written ({hint})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- run folders

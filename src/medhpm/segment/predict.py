@@ -403,10 +403,27 @@ def plan_predictions(
         outputs += outs
         planned.append((src, name, outs[0]))
     outputs += [out_dir / STATISTICS_FILES[0], out_dir / STATISTICS_FILES[1]] if statistics else []
+    data_set = _data_set_files(Path(source))  # every split's scans and labels, not only those predicted
     refuse_overwriting_inputs(
-        outputs, [Path(source), model, *(s for s, _ in items)], hint="choose another output folder with -o"
+        outputs, [Path(source), model, *(s for s, _ in items), *data_set], hint="choose another output folder with -o"
     )
     return planned
+
+
+def _data_set_files(source: Path) -> list[Path]:
+    """The files of the data set behind ``source`` (a datalist JSON or a data set folder): the images and
+    labels of every split, which no prediction may replace (predicting the test split into ``labelsTr``
+    would turn the ground truth into predictions). A single scan or a plain folder of scans has none."""
+    if source.is_file() and source.suffix.lower() != ".json":
+        return []
+    fmt = detect_format(source)
+    if fmt == "folder":
+        return []
+    files = []
+    for entries in load_datalist(source, format=fmt).values():
+        for e in entries if isinstance(entries, list) else []:
+            files += [Path(e[k]) for k in ("image", "label") if isinstance(e, dict) and e.get(k)]
+    return files
 
 
 def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
