@@ -164,7 +164,7 @@ def _default_out(stage: str, cfg) -> Path:
 @app.command(context_settings={"allow_extra_args": False})
 def pretrain(
     overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
-    config: str = typer.Option("demo", "--config", "-c", help=_CONFIG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP + " Default: demo."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/pretrain-NAME-TIME)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from last.pt."),
     deterministic: bool = typer.Option(
@@ -204,15 +204,30 @@ class _interruptible:
         raise typer.Exit(130)
 
 
-def _stage_cfg(stage: str, config: str, overrides, deterministic: bool, out: Optional[Path], resume: Optional[Path]):
+def _stage_cfg(
+    stage: str, config: Optional[str], overrides, deterministic: bool, out: Optional[Path], resume: Optional[Path]
+):
     """The config and run folder of a training command: a resumed run's own config (which the overrides may
-    only extend), or the given config in ``out`` (default a new folder under runs/)."""
-    from medhpm.config import load_config, resume_config
+    only extend), or the given config (default ``demo``) in ``out`` (default a new folder under runs/). A
+    resumed run continues in its own folder with its own config: ``--out`` naming another folder or
+    ``--config`` beside ``--resume`` is refused, not silently ignored."""
+    from medhpm.config import ConfigError, load_config, resume_config
 
     ov = list(overrides or []) + (["runtime.deterministic=true"] if deterministic else [])
     if resume is not None:
+        if out is not None and os.path.realpath(out) != os.path.realpath(resume):
+            raise ConfigError(
+                f"--resume {resume} continues that run in its own folder, but --out names another folder, {out}: "
+                f"give one of them (drop --out to continue {resume}; drop --resume to start a new run in {out})"
+            )
+        if config is not None:
+            raise ConfigError(
+                f"--resume {resume} continues that run with the config it was made with (kept in the run), "
+                f"so --config {config} would be ignored: drop --config (key=value overrides may extend the "
+                "resumed config), or drop --resume to start a new run with it"
+            )
         return resume_config(resume, stage, ov), resume
-    cfg = load_config(config, ov)
+    cfg = load_config(config or "demo", ov)
     return cfg, out or _default_out(stage, cfg)
 
 
@@ -233,7 +248,7 @@ def export_encoder_cmd(
 @app.command()
 def finetune(
     overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
-    config: str = typer.Option("demo", "--config", "-c", help=_CONFIG_HELP),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP + " Default: demo."),
     init: str = typer.Option(
         "none",
         "--init",

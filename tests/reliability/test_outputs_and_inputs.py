@@ -146,3 +146,23 @@ def test_finetune_without_validation_names_only_the_files_it_wrote(good_data, tm
     pred = medhpm("predict", "-m", out, "-i", Path(good_data).parent / scan, "-o", tmp_path / "pred")
     assert pred.returncode == 0, pred.stdout + pred.stderr
     assert f"model: {out / 'final.pt'}" in pred.stdout
+
+
+def test_resume_with_another_out_or_a_config_is_refused_and_the_run_untouched(pretrain_run, tmp_path):
+    """`--resume A --out B` continued A and ignored B (overwriting A's final checkpoint); `--resume A
+    --config X` ignored X. Both are refused before any work, naming what to drop; A's files keep their bytes
+    and B is not created."""
+    import hashlib
+
+    run_dir = pretrain_run[0]
+
+    def digests():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = digests()
+    other = tmp_path / "B"
+    res = medhpm("pretrain", "--resume", run_dir, "--out", other)
+    assert_clean_error(res, f"--resume {run_dir}", f"another folder, {other}", "drop --out")
+    res = medhpm("pretrain", "--resume", run_dir, "--config", "demo")
+    assert_clean_error(res, f"--resume {run_dir}", "--config demo would be ignored", "drop --config")
+    assert digests() == before and not other.exists()
