@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -132,14 +133,53 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_predict_refuses_a_checkpoint_that_runs_code_when_unpickled(tmp_path, good_data):
+def test_the_calls_in_a_pickle_are_read_without_running_it(tmp_path):
+    """code_in_pickle names what a pickle would import and call, for every protocol and for torch.save, and
+    nothing for a state dict of tensors and NumPy values (which torch.load(weights_only=True) reads)."""
+    import os
+    import pickle
+
+    from medhpm.runtime.checkpoint import code_in_pickle
+
+    class System:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    for protocol in (0, 2, 4, 5):
+        (tmp_path / f"p{protocol}.pkl").write_bytes(pickle.dumps({"model": System()}, protocol=protocol))
+        assert code_in_pickle(tmp_path / f"p{protocol}.pkl") == [f"{os.name}.system"], protocol
+    torch.save({"model": System()}, tmp_path / "t.pt")
+    assert code_in_pickle(tmp_path / "t.pt") == [f"{os.name}.system"]
+    torch.save(
+        {"model": {"w": torch.zeros(2, dtype=torch.bfloat16)}, "step": 3, "rng": np.zeros(3)}, tmp_path / "ok.pt"
+    )
+    assert code_in_pickle(tmp_path / "ok.pt") == []
+    (tmp_path / "junk.pt").write_bytes(bytes(range(256)) * 4)
+    assert code_in_pickle(tmp_path / "junk.pt") == []
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_predict_refuses_a_checkpoint_that_runs_code_when_unpickled(tmp_path, good_data, writer):
+    """The true cause, whatever wrote the pickle: not a medhpm checkpoint, its pickle calls these when
+    loaded (a plain pickle was called "damaged" before), and it was not loaded: the payload did not run."""
+    import pickle
+
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "medhpm-checkpoint", "stage": "finetune", "model": _Payload(marker)}, evil)
+    state = {"format": "medhpm-checkpoint", "stage": "finetune", "model": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(state, evil)
+    else:
+        evil.write_bytes(pickle.dumps(state, protocol=4))
     res = medhpm("predict", "--model", evil, "-i", good_data.parent / "imagesTr" / "c1.nii.gz", "-o", tmp_path / "pred")
-    assert_clean_error(res, evil, "cannot be loaded safely (weights_only=True)")
+    assert_clean_error(
+        res, f"{evil} is not a medhpm checkpoint: it is a pickle that calls", "pathlib.", "would run code", "not loaded"
+    )
     assert not marker.exists()
-    torch.load(evil, weights_only=False)  # the payload is real: an unsafe load runs it
+    if writer == "torch.save":  # the payload is real: an unsafe load runs it
+        torch.load(evil, weights_only=False)
+    else:
+        pickle.loads(evil.read_bytes())
     assert marker.exists()
 
 

@@ -97,6 +97,13 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {load_error_reason(e)}") from None
     except Exception as e:
         reason = load_error_reason(e)
+        calls = code_in_pickle(path)
+        if calls:  # the true cause: a pickle that would import and call these when loaded
+            raise CheckpointError(
+                f"{path} is not a medhpm checkpoint: it is a pickle that calls {', '.join(calls[:3])} when "
+                "loaded, so loading it would run code; it was not loaded (medhpm reads checkpoints with "
+                "torch.load(weights_only=True))"
+            ) from None
         if _UNSAFE.search(reason):  # weights_only refuses arbitrary pickled objects: say so plainly
             raise CheckpointError(
                 f"checkpoint {path} holds objects that cannot be loaded safely (weights_only=True): {reason}"
@@ -110,6 +117,64 @@ def load_checkpoint(
     if stage is not None:
         _check_stage(state, path, stage, keys, purpose)
     return state
+
+
+# the globals a PyTorch state dict's pickle names: tensors' rebuild functions and storages, OrderedDict, and
+# the helpers torch and numpy use for bytes and scalars; any other global is code the pickle would call
+_STATE_DICT_GLOBALS = re.compile(r"^((torch|numpy)([._ ].*)?|collections OrderedDict|_codecs encode)$")
+_PICKLE_SCAN_BYTES = 64 * 2**20  # a state dict's pickle is small (tensors live beside it); bounded work
+
+
+def code_in_pickle(path: str | Path) -> list[str]:
+    """The globals (``"module name"``) that the pickle of ``path`` (a plain pickle, or the ``data.pkl`` of a
+    ``torch.save`` zip) would import and call, other than those of a state dict; read opcode by opcode with
+    :mod:`pickletools`, which builds and calls nothing. Empty when there are none or the file cannot be
+    scanned (damage is then the cause to report)."""
+    import io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith("data.pkl")]
+                if not names or z.getinfo(names[0]).file_size > _PICKLE_SCAN_BYTES:
+                    return []
+                data = z.read(names[0])
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_PICKLE_SCAN_BYTES)
+        found: list[str] = []
+        strings: list[str] = []  # the strings on top of the stack, as STACK_GLOBAL will take them
+        memo: dict[int, str] = {}  # memoised strings (module and name are often fetched from the memo)
+        memo_n = 0
+        top: str | None = None  # the string the last opcode pushed, if it pushed one
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            name = None
+            pushed = None
+            if "UNICODE" in op.name and isinstance(arg, str):
+                pushed = arg
+            elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                index = memo_n if op.name == "MEMOIZE" else int(arg)  # type: ignore[arg-type]
+                memo_n += op.name == "MEMOIZE"  # every object memoised takes an index, strings or not
+                if top is not None:
+                    memo[index] = top
+                pushed = top  # memoising leaves the stack as it was
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(int(arg))  # type: ignore[arg-type]
+            elif op.name in ("GLOBAL", "INST"):
+                name = str(arg)
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                name = f"{strings[0]} {strings[1]}"
+            if pushed is not None and op.name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                strings = (strings + [pushed])[-2:]
+            elif pushed is None:
+                strings = []
+            top = pushed
+            if name and not _STATE_DICT_GLOBALS.match(name) and name not in found:
+                found.append(name)
+        return [n.replace(" ", ".") for n in found]
+    except Exception:  # not a pickle, or cut short: nothing to tell beyond the loader's error
+        return []
 
 
 # what weights_only=True says when a file holds objects it will not build (a pickle that would run code)
