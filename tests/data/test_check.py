@@ -203,6 +203,30 @@ def test_same_scan_in_training_and_test_is_a_leak(clean_dataset):
     assert not rep.ok and any("leaks" in f.problem and "a.nii.gz" in f.problem for f in rep.errors)
 
 
+def test_a_copy_of_a_training_scan_under_another_name_is_a_leak_found_by_its_voxels(clean_dataset, nifti_writer):
+    """The test case is training case b saved again as float32 under another name and folder (and b also
+    a second time in training): found by content, not by path; across splits an error naming both, within
+    a split a warning."""
+    import nibabel as nib
+
+    root = clean_dataset.parent
+    b = nib.load(str(root / "imagesTr" / "b.nii.gz"))
+    nifti_writer(root / "imagesTs" / "new_patient.nii", np.asarray(b.dataobj, np.float32), affine=b.affine)
+    again = root / "imagesTr" / "b_again.nii.gz"
+    again.write_bytes((root / "imagesTr" / "b.nii.gz").read_bytes())
+    obj = json.loads(clean_dataset.read_text())
+    obj["test"] = [{"image": "imagesTs/new_patient.nii"}]
+    obj["training"].append({"image": "imagesTr/b_again.nii.gz", "label": "labelsTr/b.nii.gz"})
+    clean_dataset.write_text(json.dumps(obj))
+    rep = check_dataset(clean_dataset, roi=ROI)
+    leak = [f for f in rep.errors if Path(f.file).name == "new_patient.nii"]
+    assert len(leak) == 1 and "the same scan as case" in leak[0].problem and "b.nii.gz" in leak[0].problem
+    assert "two splits" in leak[0].problem and leak[0].split == "test"
+    twice = [f for f in findings_for(rep, "b_again.nii.gz") if f.severity == "warning"]
+    assert len(twice) == 1 and "counts twice" in twice[0].problem
+    assert not any("the same scan" in f.problem for f in rep.findings if Path(f.file).name in ("a.nii.gz", "c.nii.gz"))
+
+
 def test_all_problems_are_listed_not_only_the_first(clean_dataset, nifti_writer):
     root = clean_dataset.parent
     (root / "imagesTr" / "a.nii.gz").unlink()

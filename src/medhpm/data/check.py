@@ -189,6 +189,35 @@ def _check_label(
     info["labels"] = {int(v): int(c) for v, c in zip(values, counts)}
 
 
+def _check_duplicate(
+    rep: CheckReport, seen: dict[str, tuple[str, str, str]], split: str, case: str, path: str, arr: np.ndarray
+) -> None:
+    """The same scan under two names, found by its voxels (as read, reoriented to RAS, as float32: another
+    file name, format or integer type does not hide it): an error across splits (a test case that is a
+    training case makes the test a memory test), a warning within one (the scan counts twice)."""
+    import hashlib
+
+    if np.iscomplexobj(arr):
+        return
+    voxels = np.ascontiguousarray(arr, dtype=np.float32)
+    key = hashlib.sha256(str(voxels.shape).encode() + voxels.tobytes()).hexdigest()
+    if key not in seen:
+        seen[key] = (split, case, path)
+        return
+    first_split, first_case, first_path = seen[key]
+    where = f"case {first_case!r} of the {first_split} split ({first_path})"
+    if first_split != split:
+        rep.add(
+            "error",
+            split,
+            case,
+            path,
+            f"the same scan as {where}: identical voxels in two splits leak one into the other",
+        )
+    else:
+        rep.add("warning", split, case, path, f"the same scan as {where}: identical voxels, so it counts twice")
+
+
 def check_dataset(
     source: str | os.PathLike,
     num_classes: Optional[int] = None,
@@ -218,6 +247,7 @@ def check_dataset(
     target = tuple(float(s) for s in spacing) if spacing is not None else None
 
     todo = [(s, e) for s in SPLITS for e in dl[s]]
+    seen: dict[str, tuple[str, str, str]] = {}  # voxel fingerprint -> (split, case, path) of its first scan
     for i, (s, e) in enumerate(todo):
         case = e["case"]
         if progress is not None:
@@ -242,6 +272,7 @@ def check_dataset(
                 continue
             if key == "image":
                 _check_image(rep, s, case, path, arr, aff, info)
+                _check_duplicate(rep, seen, s, case, path, arr)
                 img_shape, img_aff = arr.shape, aff
                 sp = spacing_of(aff)
                 size = np.asarray(arr.shape, dtype=float)
