@@ -82,6 +82,48 @@ def test_dicom_folder_with_two_series(tmp_path, dicom_series_writer):
     assert_nothing_complete(tmp_path / "run")
 
 
+def _enhanced_ct(series_folder: Path, out: Path) -> Path:
+    """One multi-frame file (Enhanced CT Image Storage, NumberOfFrames) holding the frames of a series."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    files = sorted(series_folder.iterdir())
+    slices = [pydicom.dcmread(str(f)) for f in files]
+    ds = slices[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.NumberOfFrames = len(slices)
+    ds.PixelData = b"".join(s.PixelData for s in slices)
+    out.mkdir(parents=True)
+    ds.save_as(str(out / "enhanced.dcm"), enforce_file_format=True)
+    return out / "enhanced.dcm"
+
+
+@pytest.mark.parametrize("kind", ["multi-frame", "MR"])
+def test_a_dicom_object_that_is_not_a_ct_series_of_slices_is_refused(tmp_path, dicom_series_writer, kind):
+    """An Enhanced CT (multi-frame) file alone in a folder was read as a volume off its grid and trained /
+    segmented with exit 0; an MR series was read as CT. Both are refused, naming the file and why."""
+    import pydicom
+
+    vol = ct_volume((32, 32, 8))[0]
+    if kind == "multi-frame":
+        dicom_series_writer(tmp_path / "classic", vol)
+        bad = _enhanced_ct(tmp_path / "classic", tmp_path / "data" / "case0")
+        why = ["a multi-frame DICOM object (8 frames, Enhanced CT Image Storage)", "off its grid", "dcm2niix"]
+    else:
+        dicom_series_writer(tmp_path / "data" / "case0", vol)
+        for f in (tmp_path / "data" / "case0").iterdir():
+            ds = pydicom.dcmread(str(f))
+            ds.Modality = "MR"
+            ds.save_as(str(f))
+        bad = sorted((tmp_path / "data" / "case0").iterdir())[0]
+        why = ["Modality MR is not CT", "not read"]
+    res = _pretrain(tmp_path / "data", tmp_path / "run", "data.format=folder")
+    msg = assert_clean_error(res, *why)
+    assert str(bad.parent) in msg
+    assert_nothing_complete(tmp_path / "run")
+
+
 def test_label_of_another_shape_is_caught_before_training(tmp_path):
     dl = dataset_with(tmp_path / "data", bad_label=ct_volume((48, 48, 40))[1])
     res = _finetune(dl, tmp_path / "run")

@@ -81,11 +81,7 @@ class DicomSeriesReader(PydicomReader):
         self.has_series = False
         if not path.is_dir():
             ds = _dcmread(path, kw)
-            if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-                raise DataError(
-                    f"{path}: multi-frame DICOM is not supported (no per-slice geometry is read); "
-                    "convert it to NIfTI, e.g. with dcm2niix"
-                )
+            _check_single_frame_ct(path, [(ds, str(path))])
             self.filenames = [str(path)]
             return ds
         files = dicom_files_in(path)
@@ -112,6 +108,7 @@ class DicomSeriesReader(PydicomReader):
             )
         if not slices:
             raise DataError(f"{path}: none of its {len(files)} DICOM files holds pixel data")
+        _check_single_frame_ct(path, slices)
         by_uid: dict[str, int] = {}
         for ds, _ in slices:
             uid = str(getattr(ds, "SeriesInstanceUID", "<no SeriesInstanceUID>"))
@@ -133,6 +130,34 @@ class DicomSeriesReader(PydicomReader):
         # PydicomReader keeps a series as a nested list of its files (its own read() does the same)
         self.filenames = [[f for _, f in slices]]  # type: ignore[list-item]
         return [ds for ds, _ in slices]
+
+
+# Modalities of images that are not CT: a model trained on HU would segment them without meaning
+_NOT_CT = {"MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OP", "SM", "IO", "PX", "ES", "XC"}
+
+
+def _check_single_frame_ct(where: Path, slices: list) -> None:
+    """Refuse, naming the file, what this reader would read off its grid or without meaning: a multi-frame
+    object (Enhanced CT and its kin keep each frame's position in per-frame groups that a stack of
+    single-frame slices does not have: read as slices it lands off its grid) and an image of another
+    modality (MR, PET, ...). A missing Modality is not refused (many converters drop it)."""
+    for ds, f in slices:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if frames > 1:
+            kind = _CT_IMAGE_SOP_CLASSES.get(str(ds.get("SOPClassUID", "")))
+            raise DataError(
+                f"{f}: a multi-frame DICOM object ({frames} frames"
+                + (f", {kind}" if kind else "")
+                + ") is not read: its frames' positions are not those of a classic series of single-frame slices, "
+                "so the volume would be off its grid; convert it to NIfTI (e.g. with dcm2niix) or to single-frame "
+                f"CT slices, then give that (folder {where})"
+            )
+        modality = str(ds.get("Modality", "")).upper()
+        if modality in _NOT_CT:
+            raise DataError(
+                f"{f}: Modality {modality} is not CT; medhpm's models are trained on CT intensities (HU) and "
+                "would segment it without meaning, so it is not read"
+            )
 
 
 # CT Image Storage, Enhanced CT Image Storage, Legacy Converted Enhanced CT Image Storage
