@@ -411,6 +411,7 @@ def test_the_pretraining_length_specs_load_with_what_the_study_asks(name):
     spec = load_experiment(name if "/" not in name else str(root / name))
     assert spec["methods"] == ["scratch", "mae", "hpm_masked", "hpm_full"] and spec["pretrain_seeds"] == [0]
     assert len(spec["seeds"]) >= 8 and spec["grid"] == {"key": "finetune.labelled_cases", "values": [1, 3]}
+    assert {("hpm_masked", "hpm_full"), ("hpm_masked", "mae")} <= {tuple(p) for p in spec["pairs"]}
     jobs = planned_pretrainings(spec, root / "unused")
     assert [j["cfg"].pretrain.teacher_view for j in jobs] == ["masked", "masked", "full"]
     for j in jobs:
