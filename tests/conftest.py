@@ -9,6 +9,21 @@ import pytest
 from testkit import synthetic_ct as make_synthetic_ct
 
 REAL_CT = Path(__file__).parent / "data" / "real_ct"
+SLOW_SECONDS = 2.0  # a test that took longer in the last recorded full run is marked slow (make test-fast)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` the tests that ``tests/durations.json`` (written by ``tests/record_durations.py`` from
+    a full run on 2 cores) records at ``SLOW_SECONDS`` or more, beside those marked slow by hand."""
+    import json
+
+    path = Path(__file__).parent / "durations.json"
+    if not path.exists():
+        return
+    durations = json.loads(path.read_text())
+    for item in items:
+        if durations.get(item.nodeid, 0.0) >= SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

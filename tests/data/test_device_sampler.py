@@ -407,5 +407,5 @@ def test_refuses_what_it_does_not_implement(entries):
     with pytest.raises(ValueError, match=r"data\.cache=device serves training crops only"):
         make_dataset(entries, t, dataclasses.replace(cfg, cache="device"))
     assert load_config("demo", ["data.cache=device"]).data.cache == "device"
-    with pytest.raises(ConfigError, match="data.cache.*none, memory, disk or device"):
+    with pytest.raises(ConfigError, match="data.cache.*not one of none, memory, disk, device"):
         load_config("demo", ["data.cache=gpu"])

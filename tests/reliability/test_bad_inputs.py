@@ -349,7 +349,7 @@ def test_config_roi_not_divisible_by_the_patch(tmp_path, good_data):
 
 def test_config_mask_ratio_outside_0_1(tmp_path, good_data):
     res = _pretrain(good_data, tmp_path / "run", "pretrain.mask_ratio=1.0")
-    assert_clean_error(res, "config key 'pretrain.mask_ratio'", "1.0 is outside (0, 1)")
+    assert_clean_error(res, "config key 'pretrain.mask_ratio'", "1.0 is out of range: must lie in (0, 1)")
     assert not (tmp_path / "run").exists()
 
 

@@ -51,8 +51,8 @@ def test_a_folder_data_check_accepts_is_one_predict_finds_with_the_same_case_nam
 
 
 def test_a_datalist_gives_predict_the_case_names_the_data_check_reports(tmp_path, ct_case_writer):
-    for d in ("p1", "p2"):  # two images with one file name: named by their path below the datalist
-        ct_case_writer(tmp_path / d / "ct.nii.gz", shape=(20, 20, 12))
+    for i, d in enumerate(("p1", "p2")):  # two images with one file name: named by their path below the datalist
+        ct_case_writer(tmp_path / d / "ct.nii.gz", shape=(20, 20, 12), seed=i)  # two scans (data check compares voxels)
     js = tmp_path / "dataset.json"
     js.write_text(
         json.dumps(
