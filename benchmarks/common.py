@@ -153,6 +153,21 @@ def cpu_details(cpuinfo: str | None = None) -> dict:
     }
 
 
+def cpu_machine(threads: int) -> dict:
+    """The CPU benchmarks' machine record: the CPU, whether it has native bf16, the torch threads and
+    version, the load average when the result was written."""
+    from medhpm.runtime.device import cpu_has_native_bf16
+
+    return {
+        "cpu": cpu_model(),
+        **cpu_details(),
+        "native_bf16": cpu_has_native_bf16(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "loadavg": list(os.getloadavg()),
+    }
+
+
 def machine_info(device: str) -> dict:
     import monai
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import cpu_details, cpu_model, upper_median
+from benchmarks.common import cpu_machine, upper_median
 
 POLICIES = ("release", "reuse")
 
@@ -88,8 +88,6 @@ def summarise(children: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    from medhpm.runtime.device import cpu_has_native_bf16
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each kind per child")
@@ -129,14 +127,7 @@ def main(argv=None) -> dict:
         "name": "cpu_memory",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": time.time() - started,
-        "machine": {
-            "cpu": cpu_model(),
-            **cpu_details(),
-            "native_bf16": cpu_has_native_bf16(),
-            "threads": a.threads,
-            "torch": torch.__version__,
-            "loadavg": list(os.getloadavg()),
-        },
+        "machine": cpu_machine(a.threads),
         "settings": {
             "rounds": a.rounds,
             "steps": a.steps,

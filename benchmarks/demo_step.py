@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import count_flops, cpu_details, cpu_model, upper_median
+from benchmarks.common import count_flops, cpu_machine, upper_median
 
 
 def _instance_to_group_norm(module: torch.nn.Module) -> None:
@@ -194,8 +194,6 @@ def finetune_variant_names(variants: str = "", compile: bool = False, no_bf16: b
 
 
 def main(argv=None) -> dict:
-    from medhpm.runtime.device import cpu_has_native_bf16
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the demo uses 2)")
@@ -246,14 +244,7 @@ def main(argv=None) -> dict:
         "name": "demo_step",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": time.time() - started,
-        "machine": {
-            "cpu": cpu_model(),
-            **cpu_details(),
-            "native_bf16": cpu_has_native_bf16(),
-            "threads": a.threads,
-            "torch": torch.__version__,
-            "loadavg": list(os.getloadavg()),
-        },
+        "machine": cpu_machine(a.threads),
         "settings": {
             "rounds": a.rounds,
             "config": "demo",

@@ -129,6 +129,16 @@ def _named_folds(res: dict, train: list[dict]) -> dict:
     return res
 
 
+def _probe(encoder, vol_tr, vol_te, train: list, cfg: Config, device, settings: dict) -> tuple[dict, dict]:
+    """The probes of ``encoder`` (:func:`probe_tokens` with ``settings``, seeded with ``cfg.seed``) on the
+    tokens of the training and test volumes, their folds named by case; and the token counts."""
+    x_tr, y_tr, g_tr = _encode(encoder, vol_tr, cfg, device)
+    x_te, y_te, _ = _encode(encoder, vol_te, cfg, device)
+    res = probe_tokens(x_tr, y_tr, g_tr, x_te, y_te, cfg.finetune.num_classes, seed=cfg.seed, **settings)
+    counts = {"train_tokens": int(y_tr.numel()), "test_tokens": int(y_te.numel()), "token_dim": int(x_tr.shape[1])}
+    return _named_folds(res, train), counts
+
+
 def run_probe(
     cfg: Config,
     dataset: str | Path,
@@ -168,25 +178,8 @@ def run_probe(
     train, test, k, n = _cases(cfg, dataset, labelled_cases)
     device = _device(cfg)
     encoder = probe_encoder(cfg, init).to(device)
-    x_tr, y_tr, g_tr = _encode(encoder, _volumes(train, cfg), cfg, device)
-    x_te, y_te, _ = _encode(encoder, _volumes(test, cfg), cfg, device)
-    res = _named_folds(
-        probe_tokens(
-            x_tr,
-            y_tr,
-            g_tr,
-            x_te,
-            y_te,
-            cfg.finetune.num_classes,
-            strengths=strengths,
-            ks=ks,
-            folds=folds,
-            metric=metric,
-            steps=steps,
-            seed=cfg.seed,
-        ),
-        train,
-    )
+    settings = dict(strengths=strengths, ks=ks, folds=folds, metric=metric, steps=steps)
+    res, counts = _probe(encoder, _volumes(train, cfg), _volumes(test, cfg), train, cfg, device, settings)
     fixed = res["linear_fixed"]
     result = {
         "balanced_accuracy": fixed["balanced_accuracy"],
@@ -210,9 +203,7 @@ def run_probe(
         "training_cases": [e.get("case") for e in train],
         "training_cases_available": n,
         "test_cases": [e.get("case") for e in test],
-        "train_tokens": int(y_tr.numel()),
-        "test_tokens": int(y_te.numel()),
-        "token_dim": int(x_tr.shape[1]),
+        **counts,
         "steps": steps,
         "probe_version": PROBE_VERSION,
         "seconds": round(time.time() - t0, 2),
@@ -263,27 +254,12 @@ def run_noise_floor(
     def build(seed: int):
         return probe_encoder(replace(cfg, seed=seed)).to(device)
 
+    settings = dict(strengths=strengths, ks=ks, folds=folds, metric=metric, steps=steps)
+
     def probe(encoder) -> dict:
-        x_tr, y_tr, g_tr = _encode(encoder, vol_tr, cfg, device)
-        x_te, y_te, _ = _encode(encoder, vol_te, cfg, device)
-        counts.update(train_tokens=int(y_tr.numel()), test_tokens=int(y_te.numel()), token_dim=int(x_tr.shape[1]))
-        return _named_folds(
-            probe_tokens(
-                x_tr,
-                y_tr,
-                g_tr,
-                x_te,
-                y_te,
-                cfg.finetune.num_classes,
-                strengths=strengths,
-                ks=ks,
-                folds=folds,
-                metric=metric,
-                steps=steps,
-                seed=cfg.seed,
-            ),
-            train,
-        )
+        res, tokens = _probe(encoder, vol_tr, vol_te, train, cfg, device, settings)
+        counts.update(tokens)
+        return res
 
     floor = noise_floor(build, seeds, probe)
     result = {

@@ -371,7 +371,7 @@ def plan_predictions(
     and an output written onto an input (``-i DIR/scan.nii.gz -o DIR``) raise ValueError naming both."""
     writers = [OUTPUT_WRITERS[t] for t in output_types(output_type)]
     out_dir = Path(out_dir)
-    items = _list_inputs(Path(source), split)
+    items, data_set = _inputs(Path(source), split)
     if any(w.needs_dicom for w in writers):
         not_dicom = [str(src) for src, _ in items if not (src.is_dir() and is_dicom_series(src))]
         if not_dicom:
@@ -403,27 +403,11 @@ def plan_predictions(
         outputs += outs
         planned.append((src, name, outs[0]))
     outputs += [out_dir / STATISTICS_FILES[0], out_dir / STATISTICS_FILES[1]] if statistics else []
-    data_set = _data_set_files(Path(source))  # every split's scans and labels, not only those predicted
+    # the data set's files of every split are inputs too, not only the scans predicted
     refuse_overwriting_inputs(
         outputs, [Path(source), model, *(s for s, _ in items), *data_set], hint="choose another output folder with -o"
     )
     return planned
-
-
-def _data_set_files(source: Path) -> list[Path]:
-    """The files of the data set behind ``source`` (a datalist JSON or a data set folder): the images and
-    labels of every split, which no prediction may replace (predicting the test split into ``labelsTr``
-    would turn the ground truth into predictions). A single scan or a plain folder of scans has none."""
-    if source.is_file() and source.suffix.lower() != ".json":
-        return []
-    fmt = detect_format(source)
-    if fmt == "folder":
-        return []
-    files = []
-    for entries in load_datalist(source, format=fmt).values():
-        for e in entries if isinstance(entries, list) else []:
-            files += [Path(e[k]) for k in ("image", "label") if isinstance(e, dict) and e.get(k)]
-    return files
 
 
 def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
@@ -431,16 +415,29 @@ def _list_inputs(source: Path, split: str) -> list[tuple[Path, str]]:
     them (:func:`medhpm.data.datalist.load_datalist`): a plain folder gives all its scans (recursively,
     named by their path below it), a datalist JSON or a data set folder (MSD, nnU-Net, BTCV) the entries
     of ``split``. A single file is predicted whatever its name."""
+    return _inputs(source, split)[0]
+
+
+def _inputs(source: Path, split: str) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """:func:`_list_inputs`, and the files of the data set behind ``source`` (a datalist JSON or a data set
+    folder): the images and labels of every split, which no prediction may replace (predicting the test
+    split into ``labelsTr`` would turn the ground truth into predictions). A single scan or a plain folder
+    of scans has none. The datalist is read once for both."""
     if not source.exists():
         raise FileNotFoundError(f"input {source} does not exist")
     if source.is_file() and source.suffix.lower() != ".json":
-        return [(source, case_name(source))]
+        return [(source, case_name(source))], []
     fmt = detect_format(source)
     dl = load_datalist(source, format=fmt)
     entries = dl["training"] if fmt == "folder" else dl.get(split) or []
     if not entries:
         raise ValueError(f"datalist {source} has no {split!r} entries to predict")
-    return [(Path(e["image"]), e["case"]) for e in entries]
+    data_set: list[Path] = []
+    if fmt != "folder":
+        for split_entries in dl.values():
+            for e in split_entries if isinstance(split_entries, list) else []:
+                data_set += [Path(e[k]) for k in ("image", "label") if isinstance(e, dict) and e.get(k)]
+    return [(Path(e["image"]), e["case"]) for e in entries], data_set
 
 
 def _as_source(image, affine) -> tuple:
